@@ -1,0 +1,7 @@
+//! vhost-user-qcow2: a vhost-user-blk backend with its own qcow2 engine.
+//!
+//! Layers import downward only: `vhost` (transport) -> `virtio` (block requests) -> `qcow2`
+//! (engine) -> `storage`.
+
+pub mod qcow2;
+pub mod storage;

@@ -1,0 +1,179 @@
+//! Fault-injecting storage for crash-consistency tests.
+//!
+//! Every write goes to a volatile view (what a running process reads back) and is logged as
+//! unflushed. `flush` makes the log durable. After the configured number of writes the storage
+//! "crashes": that write and every later call fail with EIO. `crashed_image` then tells what a disk
+//! could hold after power loss: the durable state plus none, all, or a random subset of the writes
+//! that were never flushed.
+
+use super::{MemStorage, Storage};
+use std::io;
+use std::sync::{Mutex, MutexGuard};
+
+/// Which unflushed writes survive the crash.
+#[derive(Copy, Clone, Debug)]
+pub enum CrashMode {
+    /// Only what was flushed.
+    FlushedOnly,
+    /// Every write that completed, flushed or not.
+    AllWrites,
+    /// A pseudo-random subset of the unflushed writes (seeded, reproducible).
+    RandomSubset(u64),
+}
+
+struct State {
+    durable: Vec<u8>,
+    unflushed: Vec<(u64, Vec<u8>)>,
+    writes: u64,
+    crash_after: Option<u64>,
+    crashed: bool,
+    fail_next_flush: bool,
+}
+
+/// See the module documentation.
+pub struct FaultStorage {
+    view: MemStorage,
+    st: Mutex<State>,
+}
+
+fn eio() -> io::Error {
+    io::Error::from_raw_os_error(libc::EIO)
+}
+
+impl FaultStorage {
+    /// Start from `initial` (taken as durable); crash at write number `crash_after + 1`.
+    pub fn new(initial: Vec<u8>, crash_after: Option<u64>) -> Self {
+        FaultStorage {
+            view: MemStorage::from_vec(initial.clone()),
+            st: Mutex::new(State {
+                durable: initial,
+                unflushed: Vec::new(),
+                writes: 0,
+                crash_after,
+                crashed: false,
+                fail_next_flush: false,
+            }),
+        }
+    }
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    /// Number of writes seen so far.
+    pub fn writes(&self) -> u64 {
+        self.lock().writes
+    }
+    /// True once the crash point was passed.
+    pub fn crashed(&self) -> bool {
+        self.lock().crashed
+    }
+    /// Make the next flush fail with EIO (without crashing).
+    pub fn fail_next_flush(&self) {
+        self.lock().fail_next_flush = true;
+    }
+    /// The bytes a disk could hold after the crash.
+    pub fn crashed_image(&self, mode: CrashMode) -> Vec<u8> {
+        let st = self.lock();
+        let mut img = st.durable.clone();
+        let mut rng = match mode {
+            CrashMode::RandomSubset(seed) => seed | 1,
+            _ => 0,
+        };
+        for (off, data) in &st.unflushed {
+            let keep = match mode {
+                CrashMode::FlushedOnly => false,
+                CrashMode::AllWrites => true,
+                CrashMode::RandomSubset(_) => {
+                    // xorshift64
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    rng & 1 == 1
+                }
+            };
+            if keep {
+                let (o, e) = (*off as usize, *off as usize + data.len());
+                if img.len() < e {
+                    img.resize(e, 0);
+                }
+                img[o..e].copy_from_slice(data);
+            }
+        }
+        img
+    }
+}
+
+impl Storage for FaultStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if self.lock().crashed {
+            return Err(eio());
+        }
+        self.view.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let mut st = self.lock();
+        if st.crashed {
+            return Err(eio());
+        }
+        st.writes += 1;
+        if let Some(n) = st.crash_after {
+            if st.writes > n {
+                st.crashed = true;
+                return Err(eio());
+            }
+        }
+        st.unflushed.push((offset, buf.to_vec()));
+        self.view.write_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        let mut st = self.lock();
+        if st.crashed {
+            return Err(eio());
+        }
+        if st.fail_next_flush {
+            st.fail_next_flush = false;
+            return Err(eio());
+        }
+        st.unflushed.clear();
+        st.durable = self.view.snapshot();
+        Ok(())
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.view.len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        let mut st = self.lock();
+        if st.crashed {
+            return Err(eio());
+        }
+        // Length changes are treated as durable at once (as a metadata journal would make them).
+        self.view.set_len(len)?;
+        st.durable.resize(len as usize, 0);
+        Ok(())
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let end = offset.saturating_add(len).min(self.view.len()?);
+        if end <= offset {
+            return Ok(());
+        }
+        self.write_at(&vec![0u8; (end - offset) as usize], offset)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crash_keeps_only_flushed() {
+        let s = FaultStorage::new(vec![0; 16], Some(2));
+        s.write_at(&[1; 4], 0).unwrap();
+        s.flush().unwrap();
+        s.write_at(&[2; 4], 4).unwrap();
+        assert!(s.write_at(&[3; 4], 8).is_err());
+        assert!(s.crashed());
+        let img = s.crashed_image(CrashMode::FlushedOnly);
+        assert_eq!(&img[..12], &[1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0]);
+        let img = s.crashed_image(CrashMode::AllWrites);
+        assert_eq!(&img[..12], &[1, 1, 1, 1, 2, 2, 2, 2, 0, 0, 0, 0]);
+    }
+}
