@@ -3,5 +3,6 @@
 //! Layers import downward only: `vhost` (transport) -> `virtio` (block requests) -> `qcow2`
 //! (engine) -> `storage`.
 
+pub mod block;
 pub mod qcow2;
 pub mod storage;

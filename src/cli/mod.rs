@@ -1,0 +1,75 @@
+//! The command line: one file per subcommand. `anyhow` lives only here and in main.
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+pub mod check;
+pub mod create;
+pub mod info;
+pub mod serve;
+
+/// vhost-user-blk backend with its own qcow2 engine.
+#[derive(Parser, Debug)]
+#[command(name = "vhost-user-qcow2", version, about)]
+pub struct Args {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create a qcow2 v3 image.
+    Create(create::CreateArgs),
+    /// Show what an image holds.
+    Info(info::InfoArgs),
+    /// Check an image's consistency (exit 0 clean, 2 corruptions, 3 leaks only) and repair it.
+    Check(check::CheckArgs),
+    /// Serve an image as a vhost-user-blk device on a UNIX socket.
+    Serve(serve::ServeArgs),
+}
+
+/// Run a parsed command line; the exit code follows qemu-img where it has one.
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    match args.command {
+        Command::Create(a) => create::run(a),
+        Command::Info(a) => info::run(a),
+        Command::Check(a) => check::run(a),
+        Command::Serve(a) => serve::run(a),
+    }
+}
+
+/// Parse a size such as `8G`, `64K`, `512` (bytes; K/M/G/T are powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'B' => 1u64,
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                'P' => 1 << 50,
+                _ => return Err(format!("unknown size suffix in {s:?} (use K, M, G, T)")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    let n: u64 = num.trim().parse().map_err(|_| format!("not a size: {s:?}"))?;
+    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("8G"), Ok(8 << 30));
+        assert_eq!(parse_size("64k"), Ok(65536));
+        assert_eq!(parse_size("512"), Ok(512));
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+}
