@@ -1,0 +1,371 @@
+//! Read and write paths: plan under the metadata lock, move data outside it, link under it.
+
+use super::{compress, iov, Qcow2};
+use crate::qcow2::error::{Qcow2Error, Result};
+use crate::qcow2::format::L2Entry;
+use std::io::{IoSlice, IoSliceMut};
+
+/// Where a piece of a read comes from.
+#[derive(Clone, Copy, Debug)]
+enum Src {
+    Data(u64),
+    Zero,
+    Backing(u64),
+    Compressed { host: u64, size: u64, in_off: u64 },
+}
+
+/// Where the bytes of a partially written new cluster come from.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Cow {
+    Zero,
+    Backing,
+    Host(u64),
+    Compressed { host: u64, size: u64 },
+}
+
+#[derive(Debug)]
+enum WKind {
+    /// In place, into a cluster with refcount 1.
+    Direct(u64),
+    /// A whole new cluster (or a preallocated zero cluster, `reuse`), then linked.
+    Alloc { host: u64, cow: Cow, reuse: bool },
+}
+
+#[derive(Debug)]
+struct WChunk {
+    gc: u64,
+    in_off: u64,
+    buf_off: usize,
+    len: usize,
+    kind: WKind,
+}
+
+impl WChunk {
+    /// The host byte range this chunk writes.
+    fn host_range(&self, cs: u64) -> (u64, u64) {
+        match self.kind {
+            WKind::Direct(h) => (h + self.in_off, h + self.in_off + self.len as u64),
+            WKind::Alloc { host, .. } => (host, host + cs),
+        }
+    }
+}
+
+impl Qcow2 {
+    pub(crate) fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(e) if e <= self.g.size => Ok(()),
+            _ => Err(Qcow2Error::OutOfRange {
+                offset,
+                len,
+                capacity: self.g.size,
+            }),
+        }
+    }
+
+    /// Read `bufs.len()` bytes at guest `offset`.
+    pub fn read(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
+        let len = iov::len_mut(bufs);
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let cb = self.g.cluster_bits;
+        let cs = self.g.cluster_size();
+        let mut segs: Vec<(usize, usize, Src)> = Vec::new();
+        let seq = {
+            let mut m = self.lock();
+            let s = self.storage.as_ref();
+            let mut pos = offset;
+            let end = offset + len;
+            while pos < end {
+                let gc = pos >> cb;
+                let in_off = pos & (cs - 1);
+                let n = (cs - in_off).min(end - pos);
+                let src = match m.entry(s, gc)? {
+                    L2Entry::Normal { host, .. } => Src::Data(host.0 + in_off),
+                    L2Entry::Zero { .. } => Src::Zero,
+                    L2Entry::Unallocated if self.backing.is_some() => Src::Backing(pos),
+                    L2Entry::Unallocated => Src::Zero,
+                    L2Entry::Compressed { host, size } => Src::Compressed { host, size, in_off },
+                    L2Entry::Invalid(raw) => {
+                        return Err(Qcow2Error::corrupt(format!("invalid L2 entry {raw:#x}")))
+                    }
+                };
+                let buf_off = (pos - offset) as usize;
+                match (segs.last_mut(), src) {
+                    (Some((_, l, Src::Data(h))), Src::Data(h2)) if *h + *l as u64 == h2 => {
+                        *l += n as usize
+                    }
+                    (Some((_, l, Src::Zero)), Src::Zero) => *l += n as usize,
+                    (Some((_, l, Src::Backing(g))), Src::Backing(g2)) if *g + *l as u64 == g2 => {
+                        *l += n as usize
+                    }
+                    _ => segs.push((buf_off, n as usize, src)),
+                }
+                pos += n;
+            }
+            m.begin_io()
+        };
+        let r = self.read_segments(bufs, &segs);
+        self.lock().end_io(seq);
+        r
+    }
+
+    fn read_segments(
+        &self,
+        bufs: &mut [IoSliceMut<'_>],
+        segs: &[(usize, usize, Src)],
+    ) -> Result<()> {
+        for &(buf_off, len, src) in segs {
+            let mut sub = iov::slice_mut(bufs, buf_off, len);
+            match src {
+                Src::Data(h) => self.storage.readv_at(&mut sub, h)?,
+                Src::Zero => iov::fill_zero(&mut sub),
+                Src::Backing(g) => self.read_backing(g, &mut sub)?,
+                Src::Compressed { host, size, in_off } => {
+                    let cluster = self.decompress(host, size)?;
+                    iov::copy_into(&mut sub, &cluster[in_off as usize..in_off as usize + len]);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Read from the backing file; what lies past its end reads as zeros.
+    fn read_backing(&self, guest: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
+        let len = iov::len_mut(bufs);
+        let Some(b) = &self.backing else {
+            iov::fill_zero(bufs);
+            return Ok(());
+        };
+        let cap = b.capacity();
+        let inside = cap.saturating_sub(guest).min(len) as usize;
+        if inside > 0 {
+            let mut sub = iov::slice_mut(bufs, 0, inside);
+            b.read_vectored(guest, &mut sub)
+                .map_err(|e| Qcow2Error::Backing {
+                    path: "backing file".into(),
+                    source: Box::new(Qcow2Error::Io(std::io::Error::other(e.to_string()))),
+                })?;
+        }
+        if (inside as u64) < len {
+            let mut rest = iov::slice_mut(bufs, inside, len as usize - inside);
+            iov::fill_zero(&mut rest);
+        }
+        Ok(())
+    }
+
+    fn decompress(&self, host: u64, size: u64) -> Result<Vec<u8>> {
+        let cs = self.g.cluster_size();
+        if size > 2 * cs + 512 {
+            return Err(Qcow2Error::corrupt(format!(
+                "compressed cluster of {size} bytes"
+            )));
+        }
+        let mut input = vec![0u8; size as usize];
+        self.storage.read_at(&mut input, host)?;
+        let mut out = vec![0u8; cs as usize];
+        compress::decompress(self.header.compression_type, &input, &mut out)?;
+        Ok(out)
+    }
+
+    /// The bytes `range` of guest cluster `gc` as they were before a write replaces it.
+    fn cow_bytes(&self, cow: Cow, gc: u64, lo: u64, hi: u64) -> Result<Vec<u8>> {
+        let cs = self.g.cluster_size();
+        let mut buf = vec![0u8; (hi - lo) as usize];
+        match cow {
+            Cow::Zero => {}
+            Cow::Host(h) => self.storage.read_at(&mut buf, h + lo)?,
+            Cow::Backing => self.read_backing(gc * cs + lo, &mut [IoSliceMut::new(&mut buf)])?,
+            Cow::Compressed { host, size } => {
+                let c = self.decompress(host, size)?;
+                buf.copy_from_slice(&c[lo as usize..hi as usize]);
+            }
+        }
+        Ok(buf)
+    }
+
+    /// Write `bufs` at guest `offset`.
+    pub fn write(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
+        if self.read_only {
+            return Err(Qcow2Error::ReadOnly);
+        }
+        let len = iov::len(bufs);
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let (chunks, seq) = self.plan_write(offset, len)?;
+        let r = self.write_chunks(bufs, &chunks);
+        let mut m = self.lock();
+        let s = self.storage.as_ref();
+        let mut result = r;
+        for c in &chunks {
+            if let WKind::Alloc { host, reuse, .. } = c.kind {
+                if result.is_ok() {
+                    let linked = m.entry(s, c.gc).and_then(|old| {
+                        m.set_entry(
+                            s,
+                            c.gc,
+                            L2Entry::Normal {
+                                host: crate::qcow2::offsets::HostOffset(host),
+                                copied: true,
+                            },
+                        )?;
+                        if !reuse {
+                            if !matches!(
+                                old,
+                                L2Entry::Unallocated | L2Entry::Zero { host: None, .. }
+                            ) {
+                                m.stats.cow_clusters += 1;
+                            }
+                            m.release(s, old)?;
+                        }
+                        Ok(())
+                    });
+                    if let Err(e) = linked {
+                        result = Err(e);
+                    }
+                } else if !reuse {
+                    if let Err(e) = m.unalloc_data(s, host, 1) {
+                        log::error!("could not give back cluster at {host:#x}: {e}");
+                    }
+                }
+                m.inflight.remove(&c.gc);
+            }
+        }
+        m.end_io(seq);
+        drop(m);
+        self.cond.notify_all();
+        result
+    }
+
+    /// Map every cluster of the write; reserve new clusters for those that need one. Waits while
+    /// another request allocates one of the same guest clusters.
+    fn plan_write(&self, offset: u64, len: u64) -> Result<(Vec<WChunk>, u64)> {
+        let cb = self.g.cluster_bits;
+        let cs = self.g.cluster_size();
+        let s = self.storage.as_ref();
+        let mut m = self.lock();
+        'retry: loop {
+            let mut chunks = Vec::new();
+            let mut need = 0u64;
+            let mut pos = offset;
+            let end = offset + len;
+            while pos < end {
+                let gc = pos >> cb;
+                let in_off = pos & (cs - 1);
+                let n = (cs - in_off).min(end - pos);
+                let e = m.entry(s, gc)?;
+                let kind = match e {
+                    L2Entry::Normal { host, copied: true } => WKind::Direct(host.0),
+                    _ if m.inflight.contains(&gc) => {
+                        m = self.wait(m);
+                        continue 'retry;
+                    }
+                    L2Entry::Zero {
+                        host: Some(h),
+                        copied: true,
+                    } => WKind::Alloc {
+                        host: h.0,
+                        cow: Cow::Zero,
+                        reuse: true,
+                    },
+                    other => {
+                        need += 1;
+                        let cow = match other {
+                            L2Entry::Unallocated if self.backing.is_some() => Cow::Backing,
+                            L2Entry::Unallocated | L2Entry::Zero { .. } => Cow::Zero,
+                            L2Entry::Normal { host, .. } => Cow::Host(host.0),
+                            L2Entry::Compressed { host, size } => Cow::Compressed { host, size },
+                            L2Entry::Invalid(raw) => {
+                                return Err(Qcow2Error::corrupt(format!(
+                                    "invalid L2 entry {raw:#x}"
+                                )))
+                            }
+                        };
+                        WKind::Alloc {
+                            host: 0,
+                            cow,
+                            reuse: false,
+                        }
+                    }
+                };
+                chunks.push(WChunk {
+                    gc,
+                    in_off,
+                    buf_off: (pos - offset) as usize,
+                    len: n as usize,
+                    kind,
+                });
+                pos += n;
+            }
+            if need > 0 {
+                let mut next = m.alloc_data(s, need)?;
+                for c in chunks.iter_mut() {
+                    if let WKind::Alloc {
+                        host, reuse: false, ..
+                    } = &mut c.kind
+                    {
+                        *host = next;
+                        next += cs;
+                    }
+                }
+            }
+            for c in &chunks {
+                if matches!(c.kind, WKind::Alloc { .. }) {
+                    m.inflight.insert(c.gc);
+                }
+            }
+            let seq = m.begin_io();
+            return Ok((chunks, seq));
+        }
+    }
+
+    /// Write the planned chunks; host-contiguous chunks go out in one vectored write.
+    fn write_chunks(&self, bufs: &[IoSlice<'_>], chunks: &[WChunk]) -> Result<()> {
+        let cs = self.g.cluster_size();
+        // COW pieces for partial clusters, read before anything is written.
+        let mut pads: Vec<(Option<Vec<u8>>, Option<Vec<u8>>)> = Vec::with_capacity(chunks.len());
+        for c in chunks {
+            let pad = match c.kind {
+                WKind::Alloc { cow, .. } => {
+                    let head_end = c.in_off;
+                    let tail_start = c.in_off + c.len as u64;
+                    let head = (head_end > 0)
+                        .then(|| self.cow_bytes(cow, c.gc, 0, head_end))
+                        .transpose()?;
+                    let tail = (tail_start < cs)
+                        .then(|| self.cow_bytes(cow, c.gc, tail_start, cs))
+                        .transpose()?;
+                    (head, tail)
+                }
+                WKind::Direct(_) => (None, None),
+            };
+            pads.push(pad);
+        }
+        let mut i = 0;
+        while i < chunks.len() {
+            let start = chunks[i].host_range(cs).0;
+            let mut j = i;
+            while j + 1 < chunks.len()
+                && chunks[j].host_range(cs).1 == chunks[j + 1].host_range(cs).0
+            {
+                j += 1;
+            }
+            let mut iovs: Vec<IoSlice<'_>> = Vec::new();
+            for k in i..=j {
+                if let Some(h) = &pads[k].0 {
+                    iovs.push(IoSlice::new(h));
+                }
+                iovs.extend(iov::slice(bufs, chunks[k].buf_off, chunks[k].len));
+                if let Some(t) = &pads[k].1 {
+                    iovs.push(IoSlice::new(t));
+                }
+            }
+            self.storage.writev_at(&iovs, start)?;
+            i = j + 1;
+        }
+        Ok(())
+    }
+}

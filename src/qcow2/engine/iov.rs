@@ -1,0 +1,104 @@
+//! Helpers over scatter-gather lists: sub-ranges, fills and copies, without copying the data.
+
+use std::io::{IoSlice, IoSliceMut};
+
+pub(crate) fn len_mut(bufs: &[IoSliceMut<'_>]) -> u64 {
+    bufs.iter().map(|b| b.len() as u64).sum()
+}
+
+pub(crate) fn len(bufs: &[IoSlice<'_>]) -> u64 {
+    bufs.iter().map(|b| b.len() as u64).sum()
+}
+
+/// The bytes `start..start+len` of a list, as a new list borrowing the same memory.
+pub(crate) fn slice_mut<'a>(
+    bufs: &'a mut [IoSliceMut<'_>],
+    start: usize,
+    len: usize,
+) -> Vec<IoSliceMut<'a>> {
+    let mut out = Vec::new();
+    let end = start + len;
+    let mut pos = 0usize;
+    for b in bufs.iter_mut() {
+        let (lo, hi) = (pos, pos + b.len());
+        pos = hi;
+        if hi <= start || len == 0 {
+            continue;
+        }
+        if lo >= end {
+            break;
+        }
+        let s = start.max(lo) - lo;
+        let e = end.min(hi) - lo;
+        out.push(IoSliceMut::new(&mut b[s..e]));
+    }
+    out
+}
+
+/// Like `slice_mut`, for read-only lists.
+pub(crate) fn slice<'a>(bufs: &'a [IoSlice<'_>], start: usize, len: usize) -> Vec<IoSlice<'a>> {
+    let mut out = Vec::new();
+    let end = start + len;
+    let mut pos = 0usize;
+    for b in bufs.iter() {
+        let (lo, hi) = (pos, pos + b.len());
+        pos = hi;
+        if hi <= start || len == 0 {
+            continue;
+        }
+        if lo >= end {
+            break;
+        }
+        let s = start.max(lo) - lo;
+        let e = end.min(hi) - lo;
+        out.push(IoSlice::new(&b[s..e]));
+    }
+    out
+}
+
+pub(crate) fn fill_zero(bufs: &mut [IoSliceMut<'_>]) {
+    for b in bufs.iter_mut() {
+        b.fill(0);
+    }
+}
+
+/// Copy `src` into the list (up to the shorter of both).
+pub(crate) fn copy_into(bufs: &mut [IoSliceMut<'_>], src: &[u8]) {
+    let mut p = 0usize;
+    for b in bufs.iter_mut() {
+        let n = b.len().min(src.len() - p);
+        b[..n].copy_from_slice(&src[p..p + n]);
+        p += n;
+        if p == src.len() {
+            break;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slices_cross_segments() {
+        let mut a = [1u8; 4];
+        let mut b = [2u8; 4];
+        let mut c = [3u8; 4];
+        let mut v = [
+            IoSliceMut::new(&mut a),
+            IoSliceMut::new(&mut b),
+            IoSliceMut::new(&mut c),
+        ];
+        let s = slice_mut(&mut v, 2, 7);
+        let lens: Vec<usize> = s.iter().map(|x| x.len()).collect();
+        assert_eq!(lens, vec![2, 4, 1]);
+        let mut s = slice_mut(&mut v, 3, 3);
+        copy_into(&mut s, &[9, 9, 9]);
+        drop(s);
+        assert_eq!(a, [1, 1, 1, 9]);
+        assert_eq!(b, [9, 9, 2, 2]);
+        let r = [IoSlice::new(&c)];
+        assert_eq!(slice(&r, 4, 0).len(), 0);
+        assert_eq!(slice(&r, 1, 2)[0].len(), 2);
+    }
+}

@@ -1,0 +1,360 @@
+//! The metadata state behind the engine's one lock: L1 table, L2 cache, refcounts, the frees
+//! waiting for their unlink to be durable, and the guest clusters being allocated right now.
+//!
+//! Write ordering (docs/design.md): refcount blocks, then sync, then L2 tables, then sync, then
+//! L1 entries, then sync. A freed cluster's refcount drops only after the L2/L1 change that
+//! unlinked it is durable and after every data I/O that was planned before the unlink finished.
+
+use super::l2cache::L2Cache;
+use super::refcount::Refcounts;
+use crate::qcow2::error::{Qcow2Error, Result};
+use crate::qcow2::format::{self, L1Entry, L2Entry};
+use crate::storage::Storage;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+/// Fixed facts about an open image.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Geometry {
+    pub cluster_bits: u32,
+    pub l2_bits: u32,
+    pub size: u64,
+    pub version: u32,
+}
+
+impl Geometry {
+    pub fn cluster_size(&self) -> u64 {
+        1u64 << self.cluster_bits
+    }
+    pub fn l1_index(&self, gc: u64) -> usize {
+        (gc >> self.l2_bits) as usize
+    }
+    pub fn l2_index(&self, gc: u64) -> usize {
+        (gc & ((1u64 << self.l2_bits) - 1)) as usize
+    }
+}
+
+/// Counters kept under the lock.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct EngineStats {
+    pub l2_hits: u64,
+    pub l2_misses: u64,
+    pub clusters_allocated: u64,
+    pub clusters_freed: u64,
+    pub cow_clusters: u64,
+    pub metadata_flushes: u64,
+}
+
+pub(crate) struct Meta {
+    pub g: Geometry,
+    pub l1: Vec<u64>,
+    pub l1_offset: u64,
+    l1_dirty: BTreeSet<usize>,
+    pub l2: L2Cache,
+    pub rc: Refcounts,
+    /// Host clusters to decrement once the change that unlinked them is durable.
+    pending_unlink: Vec<u64>,
+    /// Host clusters whose unlink is durable, with the I/O sequence number at that time.
+    pending_io: Vec<(u64, u64)>,
+    /// Guest clusters with an allocation in flight.
+    pub inflight: HashSet<u64>,
+    io_seq: u64,
+    inflight_io: BTreeMap<u64, u32>,
+    file_len: u64,
+    pub stats: EngineStats,
+}
+
+/// How many unapplied frees make the engine flush on its own.
+const PENDING_FREE_LIMIT: usize = 4096;
+
+impl Meta {
+    pub(crate) fn new(
+        g: Geometry,
+        l1: Vec<u64>,
+        l1_offset: u64,
+        rc: Refcounts,
+        l2_cap: usize,
+        file_len: u64,
+    ) -> Meta {
+        Meta {
+            g,
+            l1,
+            l1_offset,
+            l1_dirty: BTreeSet::new(),
+            l2: L2Cache::new(l2_cap),
+            rc,
+            pending_unlink: Vec::new(),
+            pending_io: Vec::new(),
+            inflight: HashSet::new(),
+            io_seq: 0,
+            inflight_io: BTreeMap::new(),
+            file_len,
+            stats: EngineStats::default(),
+        }
+    }
+
+    /// Register a data I/O planned now; frees queued later wait for it.
+    pub(crate) fn begin_io(&mut self) -> u64 {
+        let s = self.io_seq;
+        self.io_seq += 1;
+        *self.inflight_io.entry(s).or_default() += 1;
+        s
+    }
+
+    pub(crate) fn end_io(&mut self, seq: u64) {
+        if let Some(n) = self.inflight_io.get_mut(&seq) {
+            *n -= 1;
+            if *n == 0 {
+                self.inflight_io.remove(&seq);
+            }
+        }
+    }
+
+    fn l1_entry(&self, gc: u64) -> Result<L1Entry> {
+        let i = self.g.l1_index(gc);
+        let raw = *self
+            .l1
+            .get(i)
+            .ok_or_else(|| Qcow2Error::corrupt("guest cluster beyond the L1 table"))?;
+        let e = L1Entry::decode(raw);
+        if e.reserved {
+            return Err(Qcow2Error::corrupt(format!(
+                "L1 entry {i} has reserved bits set ({raw:#x})"
+            )));
+        }
+        if let Some(off) = e.l2_offset {
+            if off.0 % self.g.cluster_size() != 0 {
+                return Err(Qcow2Error::corrupt(format!(
+                    "L2 table offset {off} is not cluster aligned"
+                )));
+            }
+        }
+        Ok(e)
+    }
+
+    /// Make room in the L2 cache, flushing metadata when every cached table is dirty.
+    fn make_room(&mut self, s: &dyn Storage) -> Result<()> {
+        while self.l2.full() {
+            if !self.l2.evict_clean() {
+                self.flush(s)?;
+                if !self.l2.evict_clean() {
+                    return Err(Qcow2Error::corrupt("L2 cache cannot evict"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn load_l2(&mut self, s: &dyn Storage, off: u64) -> Result<()> {
+        if self.l2.contains(off) {
+            self.stats.l2_hits += 1;
+            return Ok(());
+        }
+        self.stats.l2_misses += 1;
+        let cs = self.g.cluster_size();
+        let end = off.checked_add(cs).unwrap_or(u64::MAX);
+        if end > self.file_len {
+            self.file_len = s.len()?;
+        }
+        if end > self.file_len {
+            return Err(Qcow2Error::corrupt(format!(
+                "L2 table at {off:#x} lies past the end of the file"
+            )));
+        }
+        self.make_room(s)?;
+        let mut buf = vec![0u8; cs as usize];
+        s.read_at(&mut buf, off)?;
+        self.l2.insert(off, format::decode_table(&buf), false);
+        Ok(())
+    }
+
+    /// The L2 entry of guest cluster `gc`.
+    pub(crate) fn entry(&mut self, s: &dyn Storage, gc: u64) -> Result<L2Entry> {
+        let Some(off) = self.l1_entry(gc)?.l2_offset else {
+            return Ok(L2Entry::Unallocated);
+        };
+        self.load_l2(s, off.0)?;
+        let idx = self.g.l2_index(gc);
+        let raw = self
+            .l2
+            .get(off.0)
+            .and_then(|t| t.get(idx).copied())
+            .unwrap_or(0);
+        let e = L2Entry::decode(raw, self.g.cluster_bits);
+        match e {
+            L2Entry::Invalid(raw) => Err(Qcow2Error::corrupt(format!(
+                "L2 entry for guest cluster {gc} is invalid ({raw:#x})"
+            ))),
+            L2Entry::Normal { host, .. }
+            | L2Entry::Zero {
+                host: Some(host), ..
+            } if host.0 % self.g.cluster_size() != 0 => Err(Qcow2Error::corrupt(format!(
+                "L2 entry for guest cluster {gc} points at unaligned offset {host}"
+            ))),
+            e => Ok(e),
+        }
+    }
+
+    /// The offset of a writable (refcount 1, COPIED) L2 table for guest cluster `gc`,
+    /// allocating or copying one when needed.
+    fn writable_l2(&mut self, s: &dyn Storage, gc: u64) -> Result<u64> {
+        let i = self.g.l1_index(gc);
+        let e = self.l1_entry(gc)?;
+        let cs = self.g.cluster_size();
+        match e.l2_offset {
+            Some(off) if e.copied => {
+                self.load_l2(s, off.0)?;
+                Ok(off.0)
+            }
+            Some(off) => {
+                self.load_l2(s, off.0)?;
+                if self.rc.get(s, off.0 / cs)? == 1 {
+                    // Only the flag was missing.
+                    self.l1[i] = L1Entry::encode(off, true);
+                    self.l1_dirty.insert(i);
+                    return Ok(off.0);
+                }
+                let copy = self.l2.get(off.0).cloned().unwrap_or_default();
+                let new = self.rc.alloc(s, 1)? * cs;
+                self.stats.clusters_allocated += 1;
+                self.make_room(s)?;
+                self.l2.insert(new, copy, true);
+                self.l1[i] = L1Entry::encode(crate::qcow2::offsets::HostOffset(new), true);
+                self.l1_dirty.insert(i);
+                self.pending_unlink.push(off.0 / cs);
+                Ok(new)
+            }
+            None => {
+                let new = self.rc.alloc(s, 1)? * cs;
+                self.stats.clusters_allocated += 1;
+                self.make_room(s)?;
+                self.l2
+                    .insert(new, vec![0u64; 1usize << self.g.l2_bits], true);
+                self.l1[i] = L1Entry::encode(crate::qcow2::offsets::HostOffset(new), true);
+                self.l1_dirty.insert(i);
+                Ok(new)
+            }
+        }
+    }
+
+    /// Point guest cluster `gc` at `entry` (in the cache; durable at the next flush).
+    pub(crate) fn set_entry(&mut self, s: &dyn Storage, gc: u64, entry: L2Entry) -> Result<()> {
+        let off = self.writable_l2(s, gc)?;
+        let idx = self.g.l2_index(gc);
+        let cb = self.g.cluster_bits;
+        let t = self
+            .l2
+            .get(off)
+            .ok_or_else(|| Qcow2Error::corrupt("L2 table left the cache"))?;
+        t[idx] = entry.encode(cb);
+        self.l2.mark_dirty(off);
+        Ok(())
+    }
+
+    /// Queue the host clusters `entry` holds for release once its replacement is durable.
+    pub(crate) fn release(&mut self, s: &dyn Storage, entry: L2Entry) -> Result<()> {
+        let cs = self.g.cluster_size();
+        match entry {
+            L2Entry::Normal { host, .. }
+            | L2Entry::Zero {
+                host: Some(host), ..
+            } => self.pending_unlink.push(host.0 / cs),
+            L2Entry::Compressed { host, size } => {
+                let first = (host & !511) / cs;
+                let last = (host + size.max(1) - 1) / cs;
+                for c in first..=last {
+                    self.pending_unlink.push(c);
+                }
+            }
+            _ => {}
+        }
+        if self.pending_unlink.len() + self.pending_io.len() > PENDING_FREE_LIMIT {
+            self.flush(s)?;
+        }
+        Ok(())
+    }
+
+    /// Take `n` contiguous data clusters; returns the first host offset.
+    pub(crate) fn alloc_data(&mut self, s: &dyn Storage, n: u64) -> Result<u64> {
+        let c = self.rc.alloc(s, n)?;
+        self.stats.clusters_allocated += n;
+        Ok(c * self.g.cluster_size())
+    }
+
+    /// Give back clusters taken by `alloc_data` that were never linked.
+    pub(crate) fn unalloc_data(&mut self, s: &dyn Storage, host: u64, n: u64) -> Result<()> {
+        let cs = self.g.cluster_size();
+        for c in 0..n {
+            self.rc.add(s, host / cs + c, -1)?;
+        }
+        Ok(())
+    }
+
+    /// True when metadata changes wait in memory.
+    pub(crate) fn is_dirty(&self) -> bool {
+        self.rc.has_dirty() || self.l2.has_dirty() || !self.l1_dirty.is_empty()
+    }
+
+    /// Make every metadata change durable, in crash-safe order, then apply waiting frees.
+    pub(crate) fn flush(&mut self, s: &dyn Storage) -> Result<()> {
+        self.stats.metadata_flushes += 1;
+        if self.rc.has_dirty() {
+            self.rc.write_dirty(s)?;
+        }
+        let l2_dirty = self.l2.has_dirty();
+        let l1_dirty = !self.l1_dirty.is_empty();
+        if l2_dirty || l1_dirty {
+            // Data and refcounts reach the disk before the tables that point at them.
+            s.flush()?;
+            if l2_dirty {
+                self.l2.write_dirty(s)?;
+            }
+            if l1_dirty {
+                if l2_dirty {
+                    s.flush()?;
+                }
+                let idx: Vec<usize> = std::mem::take(&mut self.l1_dirty).into_iter().collect();
+                for i in idx {
+                    let off = self.l1_offset + i as u64 * 8;
+                    if let Err(e) = s.write_at(&self.l1[i].to_be_bytes(), off) {
+                        self.l1_dirty.insert(i);
+                        return Err(e.into());
+                    }
+                }
+            }
+        }
+        s.flush()?;
+        let seq = self.io_seq;
+        for c in std::mem::take(&mut self.pending_unlink) {
+            self.pending_io.push((seq, c));
+        }
+        // Decrements stay in memory until the next flush: a crash before then only leaks.
+        self.apply_frees(s)?;
+        self.file_len = s.len()?;
+        Ok(())
+    }
+
+    /// Decrement the refcounts of clusters whose unlink is durable and that no in-flight I/O can
+    /// still touch. Clusters that drop to zero are punched out of the file.
+    pub(crate) fn apply_frees(&mut self, s: &dyn Storage) -> Result<()> {
+        let oldest = self.inflight_io.keys().next().copied().unwrap_or(u64::MAX);
+        let cs = self.g.cluster_size();
+        let (ready, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending_io)
+            .into_iter()
+            .partition(|&(seq, _)| seq <= oldest);
+        self.pending_io = wait;
+        for (_, c) in ready {
+            if self.rc.add(s, c, -1)? == 0 {
+                self.stats.clusters_freed += 1;
+                if let Err(e) = s.punch_hole(c * cs, cs) {
+                    log::debug!("punch hole at cluster {c}: {e}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every host cluster offset that holds active metadata (for the checks above).
+    pub(crate) fn l1_len(&self) -> usize {
+        self.l1.len()
+    }
+}

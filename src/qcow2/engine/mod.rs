@@ -1,0 +1,293 @@
+//! The qcow2 engine: open, validate, and serve reads and writes of a qcow2 image.
+//!
+//! One mutex guards the metadata (`Meta`). A request takes it only to build a plan (which host
+//! ranges to touch); data moves between the caller's buffers and the file outside the lock.
+//! Allocating writes reserve their clusters first and link them in the L2 table after the data
+//! is written; a guest cluster being allocated is marked in flight so a second writer waits.
+
+mod backing;
+mod compress;
+mod io;
+mod iov;
+mod l2cache;
+mod meta;
+mod refcount;
+mod zero;
+
+pub use backing::resolve as resolve_backing;
+pub use meta::EngineStats;
+
+use crate::block::{BlockDevice, BlockError};
+use crate::qcow2::error::{Qcow2Error, Result};
+use crate::qcow2::format::{self, header::*, Header};
+use crate::storage::{FileStorage, Storage};
+use meta::{Geometry, Meta};
+use std::io::{IoSlice, IoSliceMut};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+/// Largest L1 table QEMU accepts (32 MiB).
+const MAX_L1_BYTES: u64 = 32 << 20;
+/// RAM the L2 cache may use by default.
+const L2_CACHE_BYTES: u64 = 16 << 20;
+
+/// An open qcow2 image.
+pub struct Qcow2 {
+    storage: Arc<dyn Storage>,
+    meta: Mutex<Meta>,
+    cond: Condvar,
+    g: Geometry,
+    header: Header,
+    backing: Option<Arc<dyn BlockDevice>>,
+    read_only: bool,
+    closed: AtomicBool,
+}
+
+impl Qcow2 {
+    /// Open the image file at `path`.
+    pub fn open(path: &Path, read_only: bool) -> Result<Qcow2> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)?;
+        let dir = path.parent().map(Path::to_path_buf);
+        Self::open_storage(
+            Arc::new(FileStorage::new(file)),
+            read_only,
+            dir.as_deref(),
+            0,
+        )
+    }
+
+    /// Open an image on any storage. Relative backing names resolve against `dir`.
+    pub fn open_storage(
+        storage: Arc<dyn Storage>,
+        read_only: bool,
+        dir: Option<&Path>,
+        depth: u32,
+    ) -> Result<Qcow2> {
+        let s = storage.as_ref();
+        let file_len = s.len()?;
+        let mut probe = [0u8; Header::PROBE_LEN];
+        s.read_at(&mut probe, 0)?;
+        if file_len < 72 {
+            return Err(format::FormatError::Truncated(file_len as usize).into());
+        }
+        let cb = Header::probe_cluster_bits(&probe)?;
+        let mut c0 = vec![0u8; (1usize << cb).min(file_len as usize)];
+        s.read_at(&mut c0, 0)?;
+        let h = Header::decode(&c0)?;
+        validate_features(&h, read_only)?;
+        let cs = h.cluster_size();
+        let l2_bits = cb - 3;
+        let needed_l1 = h.size.div_ceil(cs << l2_bits);
+        if (h.l1_size as u64) < needed_l1 {
+            return Err(Qcow2Error::corrupt(format!(
+                "L1 table has {} entries, the disk size needs {needed_l1}",
+                h.l1_size
+            )));
+        }
+        let l1_bytes = h.l1_size as u64 * 8;
+        if l1_bytes > MAX_L1_BYTES {
+            return Err(Qcow2Error::corrupt(format!(
+                "L1 table of {} entries is larger than 32 MiB",
+                h.l1_size
+            )));
+        }
+        if h.l1_size > 0 && (h.l1_table_offset % cs != 0 || h.l1_table_offset == 0) {
+            return Err(Qcow2Error::corrupt(format!(
+                "L1 table offset {:#x} is not cluster aligned",
+                h.l1_table_offset
+            )));
+        }
+        if h.l1_size > 0
+            && h.l1_table_offset
+                .checked_add(l1_bytes)
+                .is_none_or(|e| e > file_len)
+        {
+            return Err(Qcow2Error::corrupt(
+                "L1 table lies past the end of the file",
+            ));
+        }
+        let mut l1b = vec![0u8; l1_bytes as usize];
+        s.read_at(&mut l1b, h.l1_table_offset)?;
+        let l1 = format::decode_table(&l1b);
+        let rc = refcount::Refcounts::load(
+            s,
+            cb,
+            h.refcount_order,
+            h.refcount_table_offset,
+            h.refcount_table_clusters as u64,
+        )?;
+        let backing = match &h.backing_file {
+            Some(name) if !name.is_empty() => {
+                let path = backing::resolve(name, dir);
+                Some(backing::open(&path, h.backing_format().as_deref(), depth)?)
+            }
+            _ => None,
+        };
+        let g = Geometry {
+            cluster_bits: cb,
+            l2_bits,
+            size: h.size,
+            version: h.version,
+        };
+        let l2_cap = (L2_CACHE_BYTES / cs).clamp(16, (h.l1_size as u64).max(16)) as usize;
+        let meta = Meta::new(g, l1, h.l1_table_offset, rc, l2_cap, file_len);
+        let img = Qcow2 {
+            storage,
+            meta: Mutex::new(meta),
+            cond: Condvar::new(),
+            g,
+            header: h,
+            backing,
+            read_only,
+            closed: AtomicBool::new(false),
+        };
+        if !read_only && img.header.version >= 3 && img.header.autoclear_features != 0 {
+            // We keep no bitmaps or raw external data in sync: say so, as QEMU does for bits it
+            // does not know.
+            log::info!(
+                "clearing autoclear features {:#x} (not maintained by this program)",
+                img.header.autoclear_features
+            );
+            img.storage.write_at(&0u64.to_be_bytes(), 88)?;
+            img.storage.flush()?;
+        }
+        Ok(img)
+    }
+
+    /// The header as it was read at open.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        self.g.cluster_size()
+    }
+
+    /// Counters of the metadata layer.
+    pub fn stats(&self) -> EngineStats {
+        self.lock().stats
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Meta> {
+        // No code path panics while holding the lock; a poisoned lock still guards valid state.
+        self.meta.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wait<'a>(&self, g: MutexGuard<'a, Meta>) -> MutexGuard<'a, Meta> {
+        self.cond.wait(g).unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Make everything durable (data and metadata).
+    pub fn flush_all(&self) -> Result<()> {
+        let mut m = self.lock();
+        if m.is_dirty() {
+            m.flush(self.storage.as_ref())
+        } else {
+            Ok(self.storage.flush()?)
+        }
+    }
+
+    /// Close cleanly: all metadata written and synced. Later calls do nothing.
+    pub fn close(&self) -> Result<()> {
+        if self.read_only || self.closed.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let mut m = self.lock();
+        let s = self.storage.as_ref();
+        m.flush(s)?;
+        // Frees applied by that flush are written too, so the image has no leaks.
+        m.flush(s)?;
+        Ok(())
+    }
+}
+
+impl Drop for Qcow2 {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            log::error!("closing the image failed: {e}");
+        }
+    }
+}
+
+/// Refuse what this engine cannot serve, naming the feature.
+fn validate_features(h: &Header, read_only: bool) -> Result<()> {
+    if h.crypt_method != 0 {
+        return Err(Qcow2Error::Unsupported(format!(
+            "encryption (crypt_method {})",
+            h.crypt_method
+        )));
+    }
+    let inc = h.incompatible_features;
+    if inc & INCOMPAT_DATA_FILE != 0 || h.extension(EXT_DATA_FILE).is_some() {
+        return Err(Qcow2Error::Unsupported("external data file".into()));
+    }
+    if inc & INCOMPAT_EXTL2 != 0 {
+        return Err(Qcow2Error::Unsupported(
+            "extended L2 entries (subclusters)".into(),
+        ));
+    }
+    if inc & !INCOMPAT_KNOWN != 0 {
+        return Err(Qcow2Error::Unsupported(format!(
+            "unknown incompatible feature bits {:#x}",
+            inc & !INCOMPAT_KNOWN
+        )));
+    }
+    if h.compression_type != COMPRESSION_ZLIB && h.compression_type != COMPRESSION_ZSTD {
+        return Err(Qcow2Error::Unsupported(format!(
+            "compression type {}",
+            h.compression_type
+        )));
+    }
+    if h.extension(EXT_CRYPTO).is_some() {
+        return Err(Qcow2Error::Unsupported("encryption (LUKS header)".into()));
+    }
+    if !read_only && inc & INCOMPAT_CORRUPT != 0 {
+        return Err(Qcow2Error::MarkedCorrupt);
+    }
+    if !read_only && inc & INCOMPAT_DIRTY != 0 {
+        return Err(Qcow2Error::Dirty);
+    }
+    Ok(())
+}
+
+impl BlockDevice for Qcow2 {
+    fn capacity(&self) -> u64 {
+        self.g.size
+    }
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+    fn read_vectored(
+        &self,
+        offset: u64,
+        bufs: &mut [IoSliceMut<'_>],
+    ) -> std::result::Result<(), BlockError> {
+        Ok(self.read(offset, bufs)?)
+    }
+    fn write_vectored(
+        &self,
+        offset: u64,
+        bufs: &[IoSlice<'_>],
+    ) -> std::result::Result<(), BlockError> {
+        Ok(self.write(offset, bufs)?)
+    }
+    fn flush(&self) -> std::result::Result<(), BlockError> {
+        Ok(self.flush_all()?)
+    }
+    fn discard(&self, offset: u64, len: u64) -> std::result::Result<(), BlockError> {
+        Ok(self.zero_range(offset, len, zero::Mode::Discard)?)
+    }
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+    ) -> std::result::Result<(), BlockError> {
+        Ok(self.zero_range(offset, len, zero::Mode::Zero { unmap })?)
+    }
+}

@@ -1,0 +1,383 @@
+//! Refcount table and blocks: lookup, cluster allocation, and crash-safe growth.
+//!
+//! Refcount blocks are loaded on demand and kept in memory (they are 1/32768 of the image for
+//! 64 KiB clusters with 16-bit refcounts). Changes are made in memory and written by
+//! `write_dirty`; the caller orders that against L2 writes (see docs/design.md).
+//! New refcount blocks and a grown refcount table are written and synced before they are linked.
+
+use crate::qcow2::error::{Qcow2Error, Result};
+use crate::qcow2::format::{self, header, refblock};
+use crate::storage::Storage;
+use std::collections::HashMap;
+
+struct Block {
+    data: Vec<u8>,
+    dirty: bool,
+}
+
+/// In-memory view of the refcount structures.
+pub(crate) struct Refcounts {
+    cluster_bits: u32,
+    order: u32,
+    epb: u64,
+    max: u64,
+    table: Vec<u64>,
+    table_offset: u64,
+    table_clusters: u64,
+    blocks: HashMap<u64, Block>,
+    /// No cluster below this index is free.
+    free_hint: u64,
+    /// First cluster index past everything referenced by the refcount structures we know of.
+    pub(crate) allocations: u64,
+}
+
+/// Largest refcount table QEMU accepts (8 MiB).
+pub(crate) const MAX_REFTABLE_BYTES: u64 = 8 << 20;
+
+impl Refcounts {
+    pub(crate) fn load(
+        s: &dyn Storage,
+        cluster_bits: u32,
+        order: u32,
+        table_offset: u64,
+        table_clusters: u64,
+    ) -> Result<Refcounts> {
+        let cs = 1u64 << cluster_bits;
+        let bytes = table_clusters
+            .checked_mul(cs)
+            .filter(|&b| b > 0 && b <= MAX_REFTABLE_BYTES)
+            .ok_or_else(|| {
+                Qcow2Error::corrupt(format!(
+                    "refcount table of {table_clusters} clusters is empty or larger than 8 MiB"
+                ))
+            })?;
+        if table_offset == 0 || table_offset % cs != 0 {
+            return Err(Qcow2Error::corrupt(format!(
+                "refcount table offset {table_offset:#x} is not cluster aligned"
+            )));
+        }
+        let file_len = s.len()?;
+        if table_offset
+            .checked_add(bytes)
+            .is_none_or(|e| e > file_len.max(cs) + bytes)
+        {
+            return Err(Qcow2Error::corrupt(format!(
+                "refcount table at {table_offset:#x} lies past the end of the file"
+            )));
+        }
+        let mut buf = vec![0u8; bytes as usize];
+        s.read_at(&mut buf, table_offset)?;
+        let table = format::decode_table(&buf);
+        for (i, &e) in table.iter().enumerate() {
+            if e & (cs - 1) != 0 {
+                return Err(Qcow2Error::corrupt(format!(
+                    "refcount table entry {i} ({e:#x}) is not cluster aligned"
+                )));
+            }
+        }
+        Ok(Refcounts {
+            cluster_bits,
+            order,
+            epb: refblock::entries_per_block(cluster_bits, order),
+            max: refblock::max_refcount(order),
+            table,
+            table_offset,
+            table_clusters,
+            blocks: HashMap::new(),
+            free_hint: 0,
+            allocations: 0,
+        })
+    }
+
+    fn cs(&self) -> u64 {
+        1u64 << self.cluster_bits
+    }
+
+    /// Largest refcount a cluster can hold.
+    pub(crate) fn max_refcount(&self) -> u64 {
+        self.max
+    }
+
+    fn block(&mut self, s: &dyn Storage, b: u64) -> Result<Option<&mut Block>> {
+        if !self.blocks.contains_key(&b) {
+            let off = match self.table.get(b as usize) {
+                Some(&o) if o != 0 => o,
+                _ => return Ok(None),
+            };
+            let mut data = vec![0u8; self.cs() as usize];
+            s.read_at(&mut data, off)?;
+            self.blocks.insert(b, Block { data, dirty: false });
+        }
+        Ok(self.blocks.get_mut(&b))
+    }
+
+    /// Refcount of cluster `c`.
+    pub(crate) fn get(&mut self, s: &dyn Storage, c: u64) -> Result<u64> {
+        let (b, i, order) = (c / self.epb, (c % self.epb) as usize, self.order);
+        Ok(self
+            .block(s, b)?
+            .map_or(0, |blk| refblock::get(&blk.data, i, order)))
+    }
+
+    /// Set the refcount of cluster `c`, creating its refcount block when needed.
+    pub(crate) fn set(&mut self, s: &dyn Storage, c: u64, v: u64) -> Result<()> {
+        if v > self.max {
+            return Err(Qcow2Error::corrupt(format!(
+                "refcount overflow on cluster {c}"
+            )));
+        }
+        let (b, i, order) = (c / self.epb, (c % self.epb) as usize, self.order);
+        if self.block(s, b)?.is_none() {
+            if v == 0 {
+                return Ok(());
+            }
+            self.create_block(s, b)?;
+        }
+        let blk = self
+            .block(s, b)?
+            .ok_or_else(|| Qcow2Error::corrupt("refcount block vanished"))?;
+        refblock::set(&mut blk.data, i, order, v);
+        blk.dirty = true;
+        if v == 0 && c < self.free_hint {
+            self.free_hint = c;
+        }
+        Ok(())
+    }
+
+    /// Add `delta` (may be negative) to the refcount of cluster `c`; returns the new value.
+    pub(crate) fn add(&mut self, s: &dyn Storage, c: u64, delta: i64) -> Result<u64> {
+        let old = self.get(s, c)?;
+        let new = old.checked_add_signed(delta).ok_or_else(|| {
+            Qcow2Error::corrupt(format!(
+                "refcount of cluster {c} would underflow ({old}{delta:+})"
+            ))
+        })?;
+        self.set(s, c, new)?;
+        Ok(new)
+    }
+
+    /// Find and take `n` contiguous free clusters (refcount 0 -> 1). Returns the first index.
+    pub(crate) fn alloc(&mut self, s: &dyn Storage, n: u64) -> Result<u64> {
+        if n == 0 {
+            return Err(Qcow2Error::Invalid("zero-cluster allocation".into()));
+        }
+        'search: loop {
+            let mut start = self.free_hint;
+            let mut first_free = None;
+            let mut c = start;
+            while c < start + n {
+                // A missing block is created first; it takes the first cluster it covers, so the
+                // search starts again.
+                if self.block(s, c / self.epb)?.is_none() {
+                    self.create_block(s, c / self.epb)?;
+                    continue 'search;
+                }
+                if self.get(s, c)? != 0 {
+                    start = c + 1;
+                } else if first_free.is_none() {
+                    first_free = Some(c);
+                }
+                c += 1;
+            }
+            for k in start..start + n {
+                self.set(s, k, 1)?;
+            }
+            self.free_hint = match first_free {
+                Some(f) if f < start => f,
+                _ => start + n,
+            };
+            self.allocations = self.allocations.max(start + n);
+            return Ok(start);
+        }
+    }
+
+    /// Create refcount block `b` at the first cluster it covers (all of which are free, since the
+    /// block does not exist). The block is written and synced before the table links it.
+    fn create_block(&mut self, s: &dyn Storage, b: u64) -> Result<()> {
+        if b >= self.table.len() as u64 {
+            return self.grow(s, b);
+        }
+        let cs = self.cs();
+        let first = b
+            .checked_mul(self.epb)
+            .and_then(|c| c.checked_mul(cs))
+            .ok_or_else(|| Qcow2Error::corrupt("refcount block offset overflow"))?;
+        let mut data = vec![0u8; cs as usize];
+        refblock::set(&mut data, 0, self.order, 1);
+        s.write_at(&data, first)?;
+        s.flush()?;
+        self.table[b as usize] = first;
+        s.write_at(&first.to_be_bytes(), self.table_offset + b * 8)?;
+        s.flush()?;
+        self.blocks.insert(b, Block { data, dirty: false });
+        self.allocations = self.allocations.max(b * self.epb + 1);
+        log::debug!("new refcount block {b} at {first:#x}");
+        Ok(())
+    }
+
+    /// Grow the refcount table so that it covers block `b`: new blocks for `b..b+k` and the new
+    /// table are placed at the start of the area block `b` covers (free, since those blocks do not
+    /// exist), written and synced, then the header is switched (synced), then the old table freed.
+    fn grow(&mut self, s: &dyn Storage, b: u64) -> Result<()> {
+        let cs = self.cs();
+        let per_cluster = cs / 8;
+        let old_len = self.table.len() as u64;
+        let mut k = 1u64;
+        let (entries, t_clusters) = loop {
+            let want = (b + k).max(old_len.saturating_mul(2)).max(per_cluster);
+            let t = want.div_ceil(per_cluster);
+            if k * self.epb >= k + t {
+                break (t * per_cluster, t);
+            }
+            k += 1;
+        };
+        if t_clusters * cs > MAX_REFTABLE_BYTES {
+            return Err(Qcow2Error::Unsupported(
+                "the refcount table would exceed 8 MiB (image too large for its cluster size)"
+                    .into(),
+            ));
+        }
+        let first_cluster = b * self.epb;
+        let base = first_cluster
+            .checked_mul(cs)
+            .ok_or_else(|| Qcow2Error::corrupt("refcount area offset overflow"))?;
+        let used = k + t_clusters; // clusters taken by the new blocks and the table
+        let mut new_blocks = Vec::with_capacity(k as usize);
+        for j in 0..k {
+            let mut data = vec![0u8; cs as usize];
+            let lo = j * self.epb;
+            for idx in lo..(lo + self.epb).min(used) {
+                refblock::set(&mut data, (idx - lo) as usize, self.order, 1);
+            }
+            s.write_at(&data, base + j * cs)?;
+            new_blocks.push(data);
+        }
+        let mut table = self.table.clone();
+        table.resize(entries as usize, 0);
+        for j in 0..k {
+            table[(b + j) as usize] = base + j * cs;
+        }
+        let table_off = base + k * cs;
+        s.write_at(&format::encode_table(&table), table_off)?;
+        s.flush()?;
+        let mut hdr = [0u8; 12];
+        hdr[..8].copy_from_slice(&table_off.to_be_bytes());
+        hdr[8..].copy_from_slice(&(t_clusters as u32).to_be_bytes());
+        s.write_at(&hdr, header::OFF_REFCOUNT_TABLE)?;
+        s.flush()?;
+        let (old_off, old_clusters) = (self.table_offset, self.table_clusters);
+        self.table = table;
+        self.table_offset = table_off;
+        self.table_clusters = t_clusters;
+        for (j, data) in new_blocks.into_iter().enumerate() {
+            self.blocks
+                .insert(b + j as u64, Block { data, dirty: false });
+        }
+        self.allocations = self.allocations.max(first_cluster + used);
+        // The header no longer points at the old table: free its clusters.
+        for c in 0..old_clusters {
+            self.add(s, old_off / cs + c, -1)?;
+        }
+        log::info!(
+            "refcount table grown to {t_clusters} clusters at {table_off:#x} ({k} new blocks)"
+        );
+        Ok(())
+    }
+
+    /// True when some block has changes not yet written.
+    pub(crate) fn has_dirty(&self) -> bool {
+        self.blocks.values().any(|b| b.dirty)
+    }
+
+    /// Write every changed block (no sync: the caller orders it).
+    pub(crate) fn write_dirty(&mut self, s: &dyn Storage) -> Result<()> {
+        let mut keys: Vec<u64> = self
+            .blocks
+            .iter()
+            .filter(|(_, b)| b.dirty)
+            .map(|(&k, _)| k)
+            .collect();
+        keys.sort_unstable();
+        for k in keys {
+            let off = self.table[k as usize];
+            if let Some(blk) = self.blocks.get_mut(&k) {
+                s.write_at(&blk.data, off)?;
+                blk.dirty = false;
+            }
+        }
+        Ok(())
+    }
+
+    /// Where the refcount table lives (offset, clusters).
+    pub(crate) fn table_location(&self) -> (u64, u64) {
+        (self.table_offset, self.table_clusters)
+    }
+
+    /// Offsets of all refcount blocks.
+    pub(crate) fn block_offsets(&self) -> impl Iterator<Item = u64> + '_ {
+        self.table.iter().copied().filter(|&o| o != 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemStorage;
+
+    /// A minimal image: refcount table at cluster 1, one block at cluster 2 covering clusters 0-2.
+    fn setup(cluster_bits: u32, order: u32) -> (MemStorage, Refcounts) {
+        let cs = 1usize << cluster_bits;
+        let s = MemStorage::from_vec(vec![0u8; 3 * cs]);
+        s.write_at(&(2 * cs as u64).to_be_bytes(), cs as u64)
+            .unwrap();
+        let mut blk = vec![0u8; cs];
+        for i in 0..3 {
+            refblock::set(&mut blk, i, order, 1);
+        }
+        s.write_at(&blk, 2 * cs as u64).unwrap();
+        let r = Refcounts::load(&s, cluster_bits, order, cs as u64, 1).unwrap();
+        (s, r)
+    }
+
+    #[test]
+    fn alloc_skips_used_and_reuses_freed() {
+        let (s, mut r) = setup(16, 4);
+        assert_eq!(r.alloc(&s, 1).unwrap(), 3);
+        assert_eq!(r.alloc(&s, 4).unwrap(), 4);
+        r.add(&s, 5, -1).unwrap();
+        assert_eq!(r.alloc(&s, 1).unwrap(), 5);
+        assert_eq!(r.alloc(&s, 1).unwrap(), 8);
+    }
+
+    #[test]
+    fn grows_blocks_and_table_for_small_clusters() {
+        // 512-byte clusters, 64-bit refcounts: 64 clusters per block, 64 blocks per table cluster.
+        let (s, mut r) = setup(9, 6);
+        let mut got = Vec::new();
+        for _ in 0..20_000 {
+            got.push(r.alloc(&s, 1).unwrap());
+        }
+        got.sort_unstable();
+        got.dedup();
+        assert_eq!(got.len(), 20_000, "no cluster handed out twice");
+        r.write_dirty(&s).unwrap();
+        // Reload from disk: every handed-out cluster and all metadata is referenced.
+        let hdr_tab = r.table_location();
+        let mut r2 = Refcounts::load(&s, 9, 6, hdr_tab.0, hdr_tab.1).unwrap();
+        for &c in &got {
+            assert_eq!(r2.get(&s, c).unwrap(), 1, "cluster {c}");
+        }
+        for off in r.block_offsets().collect::<Vec<_>>() {
+            assert_eq!(
+                r2.get(&s, off / 512).unwrap(),
+                1,
+                "refcount block at {off:#x}"
+            );
+        }
+        for c in 0..hdr_tab.1 {
+            assert_eq!(r2.get(&s, hdr_tab.0 / 512 + c).unwrap(), 1, "table cluster");
+        }
+        // The first table (cluster 1) was freed when the table moved.
+        assert_eq!(r2.get(&s, 1).unwrap(), 0);
+    }
+}
