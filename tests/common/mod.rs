@@ -1,0 +1,46 @@
+//! Helpers shared by the integration tests: running qemu-img / qemu-io and comparing images.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::Command;
+
+/// Run a command; return (exit code, stdout + stderr).
+pub fn run(cmd: &str, args: &[&str]) -> (i32, String) {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd} (is it installed? ./run test installs it): {e}"));
+    let mut s = String::from_utf8_lossy(&out.stdout).into_owned();
+    s.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), s)
+}
+
+pub fn qemu_img(args: &[&str]) -> (i32, String) {
+    run("qemu-img", args)
+}
+
+/// `qemu-img check` must exit 0.
+pub fn assert_check_clean(img: &Path) {
+    let (code, out) = qemu_img(&["check", img.to_str().unwrap()]);
+    assert_eq!(code, 0, "qemu-img check {}:\n{out}", img.display());
+}
+
+/// `qemu-img compare` of a qcow2 image against a raw file must say identical.
+pub fn assert_same_as_raw(img: &Path, raw: &Path) {
+    let (code, out) = qemu_img(&["compare", "-f", "qcow2", "-F", "raw", img.to_str().unwrap(), raw.to_str().unwrap()]);
+    assert_eq!(code, 0, "qemu-img compare {} {}:\n{out}", img.display(), raw.display());
+}
+
+/// Run qemu-io commands on an image; assert success and no "Pattern verification failed".
+pub fn qemu_io(img: &Path, fmt: &str, cmds: &[&str]) -> String {
+    let mut args = vec!["-f", fmt];
+    for c in cmds {
+        args.push("-c");
+        args.push(c);
+    }
+    args.push(img.to_str().unwrap());
+    let (code, out) = run("qemu-io", &args);
+    assert_eq!(code, 0, "qemu-io {cmds:?}:\n{out}");
+    assert!(!out.contains("failed") && !out.contains("error"), "qemu-io {cmds:?}:\n{out}");
+    out
+}
