@@ -16,7 +16,8 @@ fn s(p: &Path) -> &str {
 
 fn read(q: &Qcow2, off: u64, len: usize) -> Vec<u8> {
     let mut b = vec![0u8; len];
-    q.read_vectored(off, &mut [IoSliceMut::new(&mut b)]).unwrap();
+    q.read_vectored(off, &mut [IoSliceMut::new(&mut b)])
+        .unwrap();
     b
 }
 
@@ -69,10 +70,18 @@ fn qemu_writes_we_read_we_write_qemu_reads() {
             let q = Qcow2::open(&img, true).unwrap();
             assert!(read(&q, 0, 1 << 20).iter().all(|&b| b == 0x11), "{opts}");
             let r = read(&q, 3 << 20, 8192);
-            assert!(r[..5000].iter().all(|&b| b == 0x22) && r[5000..].iter().all(|&b| b == 0), "{opts}");
+            assert!(
+                r[..5000].iter().all(|&b| b == 0x22) && r[5000..].iter().all(|&b| b == 0),
+                "{opts}"
+            );
             assert!(read(&q, 4 << 20, 1 << 20).iter().all(|&b| b == 0), "{opts}");
             assert!(read(&q, 10 << 20, 65536).iter().all(|&b| b == 0), "{opts}");
-            assert!(read(&q, (63 << 20) + (512 << 10), 512 << 10).iter().all(|&b| b == 0x44), "{opts}");
+            assert!(
+                read(&q, (63 << 20) + (512 << 10), 512 << 10)
+                    .iter()
+                    .all(|&b| b == 0x44),
+                "{opts}"
+            );
         }
         {
             let q = Qcow2::open(&img, false).unwrap();
@@ -117,7 +126,13 @@ fn internal_snapshot_clusters_are_copied_on_write() {
     qemu_io(
         &img,
         "qcow2",
-        &["read -P 0xaa 0 4096", "read -P 0xbb 4096 4096", "read -P 0xaa 8192 57344", "read -P 0 64k 64k", "read -P 0xcc 1M 1M"],
+        &[
+            "read -P 0xaa 0 4096",
+            "read -P 0xbb 4096 4096",
+            "read -P 0xaa 8192 57344",
+            "read -P 0 64k 64k",
+            "read -P 0xcc 1M 1M",
+        ],
     );
     // The snapshot still holds the old data.
     let (c, out) = qemu_img(&["snapshot", "-a", "snap1", s(&img)]);
@@ -138,7 +153,18 @@ fn compressed_clusters_zlib_and_zstd() {
         std::fs::write(&raw, &data).unwrap();
         let img = dir.path().join("c.qcow2");
         let opt = format!("compression_type={ctype}");
-        let (c, out) = qemu_img(&["convert", "-c", "-f", "raw", "-O", "qcow2", "-o", &opt, s(&raw), s(&img)]);
+        let (c, out) = qemu_img(&[
+            "convert",
+            "-c",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-o",
+            &opt,
+            s(&raw),
+            s(&img),
+        ]);
         assert_eq!(c, 0, "{out}");
         {
             let q = Qcow2::open(&img, false).unwrap();
@@ -162,11 +188,33 @@ fn backing_chain_with_relative_names() {
     let base = sub.join("base.raw");
     std::fs::write(&base, vec![0x10u8; 8 << 20]).unwrap();
     let mid = sub.join("mid.qcow2");
-    let (c, o) = qemu_img(&["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", s(&mid), "16M"]);
+    let (c, o) = qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        s(&mid),
+        "16M",
+    ]);
     assert_eq!(c, 0, "{o}");
     qemu_io(&mid, "qcow2", &["write -P 0x20 1M 1M"]);
     let top = sub.join("top.qcow2");
-    let (c, o) = qemu_img(&["create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", s(&top), "16M"]);
+    let (c, o) = qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "mid.qcow2",
+        "-F",
+        "qcow2",
+        s(&top),
+        "16M",
+    ]);
     assert_eq!(c, 0, "{o}");
     qemu_io(&top, "qcow2", &["write -P 0x30 1536k 4k"]);
     {
@@ -175,13 +223,25 @@ fn backing_chain_with_relative_names() {
         let r = read(&q, 1 << 20, 1 << 20);
         assert!(r[..512 << 10].iter().all(|&b| b == 0x20));
         assert!(r[512 << 10..(512 << 10) + 4096].iter().all(|&b| b == 0x30));
-        assert!(read(&q, 8 << 20, 8 << 20).iter().all(|&b| b == 0), "past the raw base: zeros");
+        assert!(
+            read(&q, 8 << 20, 8 << 20).iter().all(|&b| b == 0),
+            "past the raw base: zeros"
+        );
         // A partial write over backing data copies the rest of the cluster from the chain.
         write(&q, (1 << 20) + 100 * 512, &[0x40; 512]);
         q.close().unwrap();
     }
     assert_check_clean(&top);
-    qemu_io(&top, "qcow2", &["read -P 0x20 1M 51200", "read -P 0x40 1099776 512", "read -P 0x20 1100288 472576", "read -P 0x30 1536k 4k"]);
+    qemu_io(
+        &top,
+        "qcow2",
+        &[
+            "read -P 0x20 1M 51200",
+            "read -P 0x40 1099776 512",
+            "read -P 0x20 1100288 472576",
+            "read -P 0x30 1536k 4k",
+        ],
+    );
 }
 
 fn open_err(img: &Path, rw: bool) -> String {
@@ -199,8 +259,16 @@ fn unsupported_features_are_refused_by_name() {
     assert!(open_err(&img, true).contains("extended L2"));
     let img = d.join("e.qcow2");
     let (c, o) = qemu_img(&[
-        "create", "-q", "-f", "qcow2", "--object", "secret,id=s0,data=123456", "-o",
-        "encrypt.format=luks,encrypt.key-secret=s0", s(&img), "1M",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        "secret,id=s0,data=123456",
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=s0",
+        s(&img),
+        "1M",
     ]);
     assert_eq!(c, 0, "{o}");
     assert!(open_err(&img, true).contains("encryption"));
@@ -208,7 +276,11 @@ fn unsupported_features_are_refused_by_name() {
     let img = create(d, "df.qcow2", &format!("data_file={}", s(&df)), "1M");
     assert!(open_err(&img, true).contains("external data file"));
     // Unknown incompatible bit, corrupt bit (refused read-write only), dirty bit.
-    for (bit, rw_only, word) in [(1u64 << 40, false, "unknown incompatible"), (2, true, "corrupt"), (1, true, "dirty")] {
+    for (bit, rw_only, word) in [
+        (1u64 << 40, false, "unknown incompatible"),
+        (2, true, "corrupt"),
+        (1, true, "dirty"),
+    ] {
         let img = create(d, "b.qcow2", "", "1M");
         let mut bytes = std::fs::read(&img).unwrap();
         bytes[72..80].copy_from_slice(&bit.to_be_bytes());
@@ -234,10 +306,30 @@ fn damaged_images_give_errors_not_panics() {
     };
     let cases: Vec<(PathBuf, &str)> = vec![
         (poke("trunc", &|b| b.truncate(50)), "truncated"),
-        (poke("l1big", &|b| b[36..40].copy_from_slice(&0x7fff_ffffu32.to_be_bytes())), "L1"),
-        (poke("l1off", &|b| b[40..48].copy_from_slice(&(1u64 << 50).to_be_bytes())), "L1"),
-        (poke("rtbig", &|b| b[56..60].copy_from_slice(&0xffff_fff0u32.to_be_bytes())), "refcount table"),
-        (poke("rtoff", &|b| b[48..56].copy_from_slice(&0x1234u64.to_be_bytes())), "refcount table"),
+        (
+            poke("l1big", &|b| {
+                b[36..40].copy_from_slice(&0x7fff_ffffu32.to_be_bytes())
+            }),
+            "L1",
+        ),
+        (
+            poke("l1off", &|b| {
+                b[40..48].copy_from_slice(&(1u64 << 50).to_be_bytes())
+            }),
+            "L1",
+        ),
+        (
+            poke("rtbig", &|b| {
+                b[56..60].copy_from_slice(&0xffff_fff0u32.to_be_bytes())
+            }),
+            "refcount table",
+        ),
+        (
+            poke("rtoff", &|b| {
+                b[48..56].copy_from_slice(&0x1234u64.to_be_bytes())
+            }),
+            "refcount table",
+        ),
         (poke("magic", &|b| b[0] = b'X'), "magic"),
         (poke("cbits", &|b| b[23] = 40), "cluster_bits"),
     ];
@@ -252,15 +344,22 @@ fn damaged_images_give_errors_not_panics() {
     let q = Qcow2::open(&good, true).unwrap();
     drop(q);
     let l1_off = u64::from_be_bytes(orig[40..48].try_into().unwrap()) as usize;
-    let l2_off = (u64::from_be_bytes(orig[l1_off..l1_off + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00) as usize;
-    let p = poke("l2past", &|b| b[l2_off..l2_off + 8].copy_from_slice(&(0x8000_0000_0000_0000u64 | (1 << 40)).to_be_bytes()));
+    let l2_off = (u64::from_be_bytes(orig[l1_off..l1_off + 8].try_into().unwrap())
+        & 0x00ff_ffff_ffff_fe00) as usize;
+    let p = poke("l2past", &|b| {
+        b[l2_off..l2_off + 8].copy_from_slice(&(0x8000_0000_0000_0000u64 | (1 << 40)).to_be_bytes())
+    });
     let q = Qcow2::open(&p, false).unwrap();
     let mut buf = vec![0u8; 512];
     // Reading past EOF is harmless (zeros); what matters is no panic and no wild write.
     let _ = q.read_vectored(0, &mut [IoSliceMut::new(&mut buf)]);
-    let p = poke("l2unal", &|b| b[l2_off..l2_off + 8].copy_from_slice(&(0x8000_0000_0005_0200u64).to_be_bytes()));
+    let p = poke("l2unal", &|b| {
+        b[l2_off..l2_off + 8].copy_from_slice(&(0x8000_0000_0005_0200u64).to_be_bytes())
+    });
     let q = Qcow2::open(&p, false).unwrap();
-    let e = q.read_vectored(0, &mut [IoSliceMut::new(&mut buf)]).unwrap_err();
+    let e = q
+        .read_vectored(0, &mut [IoSliceMut::new(&mut buf)])
+        .unwrap_err();
     assert!(e.to_string().contains("unaligned"), "{e}");
     assert!(q.write_vectored(0, &[IoSlice::new(&buf)]).is_err());
     let _: Option<Qcow2Error> = None;

@@ -69,7 +69,11 @@ fn run_variant(v: Variant, seed: u64) {
                 // Split into up to 3 iovecs at random points.
                 let a = rng.random_range(0..=data.len());
                 let b = rng.random_range(a..=data.len());
-                let iov = [IoSlice::new(&data[..a]), IoSlice::new(&data[a..b]), IoSlice::new(&data[b..])];
+                let iov = [
+                    IoSlice::new(&data[..a]),
+                    IoSlice::new(&data[a..b]),
+                    IoSlice::new(&data[b..]),
+                ];
                 q.write_vectored(start, &iov).unwrap();
                 model[start as usize..(start + len) as usize].copy_from_slice(&data);
             }
@@ -78,7 +82,8 @@ fn run_variant(v: Variant, seed: u64) {
                 let a = rng.random_range(0..=buf.len());
                 {
                     let (x, y) = buf.split_at_mut(a);
-                    q.read_vectored(start, &mut [IoSliceMut::new(x), IoSliceMut::new(y)]).unwrap();
+                    q.read_vectored(start, &mut [IoSliceMut::new(x), IoSliceMut::new(y)])
+                        .unwrap();
                 }
                 assert!(
                     buf == model[start as usize..(start + len) as usize],
@@ -123,36 +128,106 @@ fn run_variant(v: Variant, seed: u64) {
 
 #[test]
 fn model_64k_clusters() {
-    run_variant(Variant { cluster_bits: 16, refcount_order: 4, version: 3, size: 64 << 20, backing: false, ops: 600 }, 1);
+    run_variant(
+        Variant {
+            cluster_bits: 16,
+            refcount_order: 4,
+            version: 3,
+            size: 64 << 20,
+            backing: false,
+            ops: 600,
+        },
+        1,
+    );
 }
 
 #[test]
 fn model_512b_clusters_1bit_refcounts_grow_refcount_table() {
     // 512-byte clusters and 1-bit refcounts force new refcount blocks and refcount table growth.
-    run_variant(Variant { cluster_bits: 9, refcount_order: 0, version: 3, size: 16 << 20, backing: false, ops: 800 }, 2);
+    run_variant(
+        Variant {
+            cluster_bits: 9,
+            refcount_order: 0,
+            version: 3,
+            size: 16 << 20,
+            backing: false,
+            ops: 800,
+        },
+        2,
+    );
 }
 
 #[test]
 fn model_4k_clusters_64bit_refcounts() {
-    run_variant(Variant { cluster_bits: 12, refcount_order: 6, version: 3, size: 32 << 20, backing: false, ops: 600 }, 3);
+    run_variant(
+        Variant {
+            cluster_bits: 12,
+            refcount_order: 6,
+            version: 3,
+            size: 32 << 20,
+            backing: false,
+            ops: 600,
+        },
+        3,
+    );
 }
 
 #[test]
 fn model_2m_clusters() {
-    run_variant(Variant { cluster_bits: 21, refcount_order: 4, version: 3, size: 128 << 20, backing: false, ops: 200 }, 4);
+    run_variant(
+        Variant {
+            cluster_bits: 21,
+            refcount_order: 4,
+            version: 3,
+            size: 128 << 20,
+            backing: false,
+            ops: 200,
+        },
+        4,
+    );
 }
 
 #[test]
 fn model_v2_image() {
-    run_variant(Variant { cluster_bits: 16, refcount_order: 4, version: 2, size: 32 << 20, backing: false, ops: 500 }, 5);
+    run_variant(
+        Variant {
+            cluster_bits: 16,
+            refcount_order: 4,
+            version: 2,
+            size: 32 << 20,
+            backing: false,
+            ops: 500,
+        },
+        5,
+    );
 }
 
 #[test]
 fn model_with_raw_backing_file() {
-    run_variant(Variant { cluster_bits: 16, refcount_order: 4, version: 3, size: 32 << 20, backing: true, ops: 500 }, 6);
+    run_variant(
+        Variant {
+            cluster_bits: 16,
+            refcount_order: 4,
+            version: 3,
+            size: 32 << 20,
+            backing: true,
+            ops: 500,
+        },
+        6,
+    );
 }
 
 #[test]
 fn model_v2_with_backing_file() {
-    run_variant(Variant { cluster_bits: 12, refcount_order: 4, version: 2, size: 8 << 20, backing: true, ops: 500 }, 7);
+    run_variant(
+        Variant {
+            cluster_bits: 12,
+            refcount_order: 4,
+            version: 2,
+            size: 8 << 20,
+            backing: true,
+            ops: 500,
+        },
+        7,
+    );
 }

@@ -83,7 +83,7 @@ pub fn create(s: &dyn Storage, o: &CreateOptions) -> Result<()> {
             "refcount bits must be 1, 2, 4, 8, 16, 32 or 64".into(),
         ));
     }
-    if o.size % 512 != 0 {
+    if !o.size.is_multiple_of(512) {
         return Err(Qcow2Error::Invalid(
             "the size must be a multiple of 512 bytes".into(),
         ));

@@ -1,8 +1,9 @@
 //! Fault-injecting storage for crash-consistency tests.
 //!
 //! Every write goes to a volatile view (what a running process reads back) and is logged as
-//! unflushed. `flush` makes the log durable. After the configured number of writes the storage
-//! "crashes": that write and every later call fail with EIO. `crashed_image` then tells what a disk
+//! unflushed. `flush` makes the log durable. Writes and flushes are both crash points: after the
+//! configured number of them the storage "crashes": that call and every later one fail with EIO
+//! (a crash at a flush means that flush made nothing durable). `crashed_image` then tells what a disk
 //! could hold after power loss: the durable state plus none, all, or a random subset of the writes
 //! that were never flushed.
 
@@ -41,7 +42,7 @@ fn eio() -> io::Error {
 }
 
 impl FaultStorage {
-    /// Start from `initial` (taken as durable); crash at write number `crash_after + 1`.
+    /// Start from `initial` (taken as durable); crash at write-or-flush number `crash_after + 1`.
     pub fn new(initial: Vec<u8>, crash_after: Option<u64>) -> Self {
         FaultStorage {
             view: MemStorage::from_vec(initial.clone()),
@@ -58,7 +59,7 @@ impl FaultStorage {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.st.lock().unwrap_or_else(|e| e.into_inner())
     }
-    /// Number of writes seen so far.
+    /// Number of writes and flushes seen so far (the crash points).
     pub fn writes(&self) -> u64 {
         self.lock().writes
     }
@@ -129,6 +130,13 @@ impl Storage for FaultStorage {
         if st.crashed {
             return Err(eio());
         }
+        st.writes += 1;
+        if let Some(n) = st.crash_after {
+            if st.writes > n {
+                st.crashed = true;
+                return Err(eio());
+            }
+        }
         if st.fail_next_flush {
             st.fail_next_flush = false;
             return Err(eio());
@@ -165,7 +173,7 @@ mod tests {
 
     #[test]
     fn crash_keeps_only_flushed() {
-        let s = FaultStorage::new(vec![0; 16], Some(2));
+        let s = FaultStorage::new(vec![0; 16], Some(3));
         s.write_at(&[1; 4], 0).unwrap();
         s.flush().unwrap();
         s.write_at(&[2; 4], 4).unwrap();

@@ -6,10 +6,9 @@ use std::process::Command;
 
 /// Run a command; return (exit code, stdout + stderr).
 pub fn run(cmd: &str, args: &[&str]) -> (i32, String) {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd} (is it installed? ./run test installs it): {e}"));
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| {
+        panic!("cannot run {cmd} (is it installed? ./run test installs it): {e}")
+    });
     let mut s = String::from_utf8_lossy(&out.stdout).into_owned();
     s.push_str(&String::from_utf8_lossy(&out.stderr));
     (out.status.code().unwrap_or(-1), s)
@@ -27,8 +26,22 @@ pub fn assert_check_clean(img: &Path) {
 
 /// `qemu-img compare` of a qcow2 image against a raw file must say identical.
 pub fn assert_same_as_raw(img: &Path, raw: &Path) {
-    let (code, out) = qemu_img(&["compare", "-f", "qcow2", "-F", "raw", img.to_str().unwrap(), raw.to_str().unwrap()]);
-    assert_eq!(code, 0, "qemu-img compare {} {}:\n{out}", img.display(), raw.display());
+    let (code, out) = qemu_img(&[
+        "compare",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        img.to_str().unwrap(),
+        raw.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        code,
+        0,
+        "qemu-img compare {} {}:\n{out}",
+        img.display(),
+        raw.display()
+    );
 }
 
 /// Run qemu-io commands on an image; assert success and no "Pattern verification failed".
@@ -41,6 +54,9 @@ pub fn qemu_io(img: &Path, fmt: &str, cmds: &[&str]) -> String {
     args.push(img.to_str().unwrap());
     let (code, out) = run("qemu-io", &args);
     assert_eq!(code, 0, "qemu-io {cmds:?}:\n{out}");
-    assert!(!out.contains("failed") && !out.contains("error"), "qemu-io {cmds:?}:\n{out}");
+    assert!(
+        !out.contains("failed") && !out.contains("error"),
+        "qemu-io {cmds:?}:\n{out}"
+    );
     out
 }

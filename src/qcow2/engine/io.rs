@@ -23,6 +23,9 @@ pub(crate) enum Cow {
     Compressed { host: u64, size: u64 },
 }
 
+/// Bytes written before and after the guest's data in a new cluster.
+type Pads = (Option<Vec<u8>>, Option<Vec<u8>>);
+
 #[derive(Debug)]
 enum WKind {
     /// In place, into a cluster with refcount 1.
@@ -326,7 +329,7 @@ impl Qcow2 {
     fn write_chunks(&self, bufs: &[IoSlice<'_>], chunks: &[WChunk]) -> Result<()> {
         let cs = self.g.cluster_size();
         // COW pieces for partial clusters, read before anything is written.
-        let mut pads: Vec<(Option<Vec<u8>>, Option<Vec<u8>>)> = Vec::with_capacity(chunks.len());
+        let mut pads: Vec<Pads> = Vec::with_capacity(chunks.len());
         for c in chunks {
             let pad = match c.kind {
                 WKind::Alloc { cow, .. } => {

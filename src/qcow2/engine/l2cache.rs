@@ -80,10 +80,6 @@ impl L2Cache {
         }
     }
 
-    pub(crate) fn remove(&mut self, off: u64) {
-        self.map.remove(&off);
-    }
-
     pub(crate) fn has_dirty(&self) -> bool {
         self.map.values().any(|s| s.dirty)
     }

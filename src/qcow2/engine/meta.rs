@@ -151,7 +151,7 @@ impl Meta {
         }
         self.stats.l2_misses += 1;
         let cs = self.g.cluster_size();
-        let end = off.checked_add(cs).unwrap_or(u64::MAX);
+        let end = off.saturating_add(cs);
         if end > self.file_len {
             self.file_len = s.len()?;
         }
@@ -351,10 +351,5 @@ impl Meta {
             }
         }
         Ok(())
-    }
-
-    /// Every host cluster offset that holds active metadata (for the checks above).
-    pub(crate) fn l1_len(&self) -> usize {
-        self.l1.len()
     }
 }

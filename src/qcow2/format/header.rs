@@ -143,7 +143,7 @@ impl Header {
             h.autoclear_features = be64(buf, 88);
             h.refcount_order = be32(buf, 96);
             h.header_length = be32(buf, 100);
-            if h.header_length < V3_HEADER_LEN || h.header_length % 8 != 0 {
+            if h.header_length < V3_HEADER_LEN || !h.header_length.is_multiple_of(8) {
                 return Err(FormatError::BadHeader(format!(
                     "header_length {} must be >= 104 and a multiple of 8",
                     h.header_length
