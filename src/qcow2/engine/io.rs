@@ -30,8 +30,14 @@ type Pads = (Option<Vec<u8>>, Option<Vec<u8>>);
 enum WKind {
     /// In place, into a cluster with refcount 1.
     Direct(u64),
-    /// A whole new cluster (or a preallocated zero cluster, `reuse`), then linked.
-    Alloc { host: u64, cow: Cow, reuse: bool },
+    /// A whole new cluster (or a preallocated zero cluster, `reuse`), then linked. `fresh`: the
+    /// cluster lies past the old end of the file and already reads as zeros.
+    Alloc {
+        host: u64,
+        cow: Cow,
+        reuse: bool,
+        fresh: bool,
+    },
 }
 
 #[derive(Debug)]
@@ -44,11 +50,18 @@ struct WChunk {
 }
 
 impl WChunk {
+    /// True when the rest of the cluster must be written around the guest's data.
+    fn padded(&self) -> bool {
+        matches!(self.kind, WKind::Alloc { cow, fresh, .. } if !(fresh && matches!(cow, Cow::Zero)))
+    }
+
     /// The host byte range this chunk writes.
     fn host_range(&self, cs: u64) -> (u64, u64) {
         match self.kind {
-            WKind::Direct(h) => (h + self.in_off, h + self.in_off + self.len as u64),
-            WKind::Alloc { host, .. } => (host, host + cs),
+            WKind::Alloc { host, .. } if self.padded() => (host, host + cs),
+            WKind::Direct(h) | WKind::Alloc { host: h, .. } => {
+                (h + self.in_off, h + self.in_off + self.len as u64)
+            }
         }
     }
 }
@@ -273,6 +286,7 @@ impl Qcow2 {
                         host: h.0,
                         cow: Cow::Zero,
                         reuse: true,
+                        fresh: false,
                     },
                     other => {
                         need += 1;
@@ -291,6 +305,7 @@ impl Qcow2 {
                             host: 0,
                             cow,
                             reuse: false,
+                            fresh: false,
                         }
                     }
                 };
@@ -304,13 +319,17 @@ impl Qcow2 {
                 pos += n;
             }
             if need > 0 {
-                let mut next = m.alloc_data(s, need)?;
+                let (mut next, past_eof) = m.alloc_data(s, need)?;
                 for c in chunks.iter_mut() {
                     if let WKind::Alloc {
-                        host, reuse: false, ..
+                        host,
+                        reuse: false,
+                        fresh,
+                        ..
                     } = &mut c.kind
                     {
                         *host = next;
+                        *fresh = past_eof;
                         next += cs;
                     }
                 }
@@ -332,7 +351,7 @@ impl Qcow2 {
         let mut pads: Vec<Pads> = Vec::with_capacity(chunks.len());
         for c in chunks {
             let pad = match c.kind {
-                WKind::Alloc { cow, .. } => {
+                WKind::Alloc { cow, .. } if c.padded() => {
                     let head_end = c.in_off;
                     let tail_start = c.in_off + c.len as u64;
                     let head = (head_end > 0)
@@ -343,7 +362,7 @@ impl Qcow2 {
                         .transpose()?;
                     (head, tail)
                 }
-                WKind::Direct(_) => (None, None),
+                _ => (None, None),
             };
             pads.push(pad);
         }

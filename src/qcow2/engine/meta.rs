@@ -273,11 +273,24 @@ impl Meta {
         Ok(())
     }
 
-    /// Take `n` contiguous data clusters; returns the first host offset.
-    pub(crate) fn alloc_data(&mut self, s: &dyn Storage, n: u64) -> Result<u64> {
+    /// Take `n` contiguous data clusters. Returns the first host offset, and whether they lie
+    /// past the old end of the file (so they read as zeros without being written).
+    ///
+    /// The file is grown to cover every allocation at once: the length only ever grows, to at
+    /// least the end of everything allocated, so it never cuts off a write in flight, and no
+    /// table ever points past the end of the file.
+    pub(crate) fn alloc_data(&mut self, s: &dyn Storage, n: u64) -> Result<(u64, bool)> {
+        let old_len = self.file_len.max(s.len()?);
         let c = self.rc.alloc(s, n)?;
         self.stats.clusters_allocated += n;
-        Ok(c * self.g.cluster_size())
+        let cs = self.g.cluster_size();
+        let host = c * cs;
+        let end = (self.rc.allocations * cs).max(host + n * cs);
+        if end > old_len {
+            s.set_len(end)?;
+            self.file_len = end;
+        }
+        Ok((host, host >= old_len))
     }
 
     /// Give back clusters taken by `alloc_data` that were never linked.
