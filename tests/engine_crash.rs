@@ -9,7 +9,7 @@ mod common;
 use std::io::{IoSlice, IoSliceMut};
 use std::sync::Arc;
 use vhost_user_qcow2::block::BlockDevice;
-use vhost_user_qcow2::qcow2::{create, CreateOptions, Qcow2};
+use vhost_user_qcow2::qcow2::{create, CreateOptions, OpenOptions, Qcow2};
 use vhost_user_qcow2::storage::{CrashMode, FaultStorage, MemStorage, Storage};
 
 const SIZE: u64 = 8 << 20;
@@ -51,11 +51,15 @@ fn script() -> Vec<Op> {
 
 /// Run the script until the storage fails. Returns the model as of the last completed flush and
 /// the sectors touched since.
-fn run(storage: Arc<FaultStorage>) -> (Vec<u8>, Vec<bool>) {
+fn run(storage: Arc<FaultStorage>, lazy: bool) -> (Vec<u8>, Vec<bool>) {
     let mut model = vec![0u8; SIZE as usize];
     let mut durable = model.clone();
     let mut touched = vec![false; (SIZE / 512) as usize];
-    let q = match Qcow2::open_storage(storage, false, None, 0) {
+    let opts = OpenOptions {
+        lazy_refcounts: Some(lazy),
+        ..Default::default()
+    };
+    let q = match Qcow2::open_storage(storage, &opts, None, 0) {
         Ok(q) => q,
         Err(_) => return (durable, touched),
     };
@@ -96,6 +100,18 @@ fn run(storage: Arc<FaultStorage>) -> (Vec<u8>, Vec<bool>) {
 
 #[test]
 fn every_crash_point_leaves_a_consistent_image() {
+    crash_points(false);
+}
+
+/// With lazy refcounts a crash may leave the image DIRTY with refcounts behind the tables: then
+/// `qemu-img check -r all` must make it clean with the data intact. Without DIRTY it must be as
+/// consistent as in strict mode.
+#[test]
+fn every_crash_point_with_lazy_refcounts_is_repairable() {
+    crash_points(true);
+}
+
+fn crash_points(lazy: bool) {
     let mem = MemStorage::new();
     let o = CreateOptions {
         size: SIZE,
@@ -106,7 +122,7 @@ fn every_crash_point_leaves_a_consistent_image() {
     let initial = mem.snapshot();
 
     let dry = Arc::new(FaultStorage::new(initial.clone(), None));
-    run(dry.clone());
+    run(dry.clone(), lazy);
     let total = dry.writes();
     assert!(
         total > 30,
@@ -118,7 +134,7 @@ fn every_crash_point_leaves_a_consistent_image() {
     let mut checked = 0;
     for n in 0..=total {
         let st = Arc::new(FaultStorage::new(initial.clone(), Some(n)));
-        let (durable, touched) = run(st.clone());
+        let (durable, touched) = run(st.clone(), lazy);
         for mode in [
             CrashMode::FlushedOnly,
             CrashMode::AllWrites,
@@ -126,14 +142,28 @@ fn every_crash_point_leaves_a_consistent_image() {
         ] {
             let bytes = st.crashed_image(mode);
             std::fs::write(&path, &bytes).unwrap();
+            let dirty = bytes[79] & 1 != 0;
+            assert!(lazy || !dirty, "strict mode never sets DIRTY");
+            let bytes = if dirty {
+                let (code, out) = common::qemu_img(&["check", "-r", "all", path.to_str().unwrap()]);
+                assert_eq!(code, 0, "crash after write {n} ({mode:?}): repair:\n{out}");
+                std::fs::read(&path).unwrap()
+            } else {
+                bytes
+            };
             let (code, out) = common::qemu_img(&["check", path.to_str().unwrap()]);
             assert!(
                 code == 0 || code == 3,
-                "crash after write {n} ({mode:?}): qemu-img check exit {code}\n{out}"
+                "crash after write {n} ({mode:?}, dirty {dirty}): qemu-img check exit {code}\n{out}"
             );
             // Every flushed sector not touched since reads back.
-            let q = Qcow2::open_storage(Arc::new(MemStorage::from_vec(bytes)), true, None, 0)
-                .unwrap_or_else(|e| panic!("crash after write {n} ({mode:?}): reopen: {e}"));
+            let q = Qcow2::open_storage(
+                Arc::new(MemStorage::from_vec(bytes)),
+                &OpenOptions::read_only(true),
+                None,
+                0,
+            )
+            .unwrap_or_else(|e| panic!("crash after write {n} ({mode:?}): reopen: {e}"));
             let mut disk = vec![0u8; SIZE as usize];
             q.read_vectored(0, &mut [IoSliceMut::new(&mut disk)])
                 .unwrap();
@@ -151,6 +181,44 @@ fn every_crash_point_leaves_a_consistent_image() {
 }
 
 #[test]
+fn lazy_refcounts_set_dirty_on_flush_and_clear_it_on_close() {
+    let mem = MemStorage::new();
+    create(
+        &mem,
+        &CreateOptions {
+            size: SIZE,
+            lazy_refcounts: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let st = Arc::new(FaultStorage::new(mem.snapshot(), None));
+    let q = Qcow2::open_storage(st.clone(), &OpenOptions::default(), None, 0).unwrap();
+    assert!(q.lazy_refcounts(), "follows the compatible bit");
+    let dirty = |st: &FaultStorage| st.crashed_image(CrashMode::FlushedOnly)[79] & 1 != 0;
+    q.write_vectored(0, &[IoSlice::new(&[7u8; 4096])]).unwrap();
+    assert!(!dirty(&st), "nothing written yet");
+    q.flush().unwrap();
+    assert!(
+        dirty(&st),
+        "L2 reached the disk before its refcounts: DIRTY must be set"
+    );
+    q.flush_refcounts().unwrap();
+    assert!(!dirty(&st), "refcounts written: DIRTY cleared");
+    q.write_vectored(1 << 20, &[IoSlice::new(&[8u8; 4096])])
+        .unwrap();
+    q.flush().unwrap();
+    assert!(dirty(&st));
+    q.close().unwrap();
+    assert!(!dirty(&st), "clean close clears DIRTY");
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("l.qcow2");
+    std::fs::write(&p, st.crashed_image(CrashMode::FlushedOnly)).unwrap();
+    common::assert_check_clean(&p);
+    common::qemu_io(&p, "qcow2", &["read -P 7 0 4096", "read -P 8 1M 4096"]);
+}
+
+#[test]
 fn failed_flush_is_reported_and_later_flush_recovers() {
     let mem = MemStorage::new();
     create(
@@ -162,7 +230,7 @@ fn failed_flush_is_reported_and_later_flush_recovers() {
     )
     .unwrap();
     let st = Arc::new(FaultStorage::new(mem.snapshot(), None));
-    let q = Qcow2::open_storage(st.clone(), false, None, 0).unwrap();
+    let q = Qcow2::open_storage(st.clone(), &OpenOptions::default(), None, 0).unwrap();
     q.write_vectored(0, &[IoSlice::new(&[9u8; 4096])]).unwrap();
     st.fail_next_flush();
     assert!(q.flush().is_err());

@@ -7,5 +7,5 @@ pub mod format;
 pub mod offsets;
 
 pub use create::{create, CreateOptions};
-pub use engine::{EngineStats, Qcow2};
+pub use engine::{EngineStats, OpenOptions, Qcow2};
 pub use error::Qcow2Error;

@@ -83,8 +83,13 @@ pub(crate) fn open(path: &Path, format: Option<&str>, depth: u32) -> Result<Arc<
     };
     if is_qcow2 {
         let dir = path.parent().map(Path::to_path_buf);
-        let img = Qcow2::open_storage(Arc::new(storage), true, dir.as_deref(), depth + 1)
-            .map_err(wrap)?;
+        let img = Qcow2::open_storage(
+            Arc::new(storage),
+            &super::OpenOptions::read_only(true),
+            dir.as_deref(),
+            depth + 1,
+        )
+        .map_err(wrap)?;
         Ok(Arc::new(img))
     } else {
         let size = storage.len().map_err(|e| wrap(e.into()))?;

@@ -219,6 +219,9 @@ impl Qcow2 {
         for c in &chunks {
             if let WKind::Alloc { host, reuse, .. } = c.kind {
                 if result.is_ok() {
+                    if c.padded() {
+                        m.data_before_l2 = true;
+                    }
                     let linked = m.entry(s, c.gc).and_then(|old| {
                         m.set_entry(
                             s,

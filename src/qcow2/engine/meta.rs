@@ -8,6 +8,7 @@
 use super::l2cache::L2Cache;
 use super::refcount::Refcounts;
 use crate::qcow2::error::{Qcow2Error, Result};
+use crate::qcow2::format::header::{INCOMPAT_DIRTY, OFF_INCOMPATIBLE};
 use crate::qcow2::format::{self, L1Entry, L2Entry};
 use crate::storage::Storage;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -61,6 +62,13 @@ pub(crate) struct Meta {
     inflight_io: BTreeMap<u64, u32>,
     file_len: u64,
     pub stats: EngineStats,
+    /// Lazy refcounts: refcount blocks are written by `write_refcounts`, not by `flush`.
+    pub lazy: bool,
+    /// The incompatible feature bits as they are on disk.
+    pub incompatible: u64,
+    /// A cluster was linked since the last sync whose data must reach the disk before its L2
+    /// entry (it had bytes to copy, or it was not fresh past the end of the file).
+    pub data_before_l2: bool,
 }
 
 /// How many unapplied frees make the engine flush on its own.
@@ -89,6 +97,9 @@ impl Meta {
             inflight_io: BTreeMap::new(),
             file_len,
             stats: EngineStats::default(),
+            lazy: false,
+            incompatible: 0,
+            data_before_l2: false,
         }
     }
 
@@ -310,14 +321,27 @@ impl Meta {
     /// Make every metadata change durable, in crash-safe order, then apply waiting frees.
     pub(crate) fn flush(&mut self, s: &dyn Storage) -> Result<()> {
         self.stats.metadata_flushes += 1;
-        if self.rc.has_dirty() {
-            self.rc.write_dirty(s)?;
-        }
         let l2_dirty = self.l2.has_dirty();
         let l1_dirty = !self.l1_dirty.is_empty();
+        let mut sync_first = self.data_before_l2;
+        if self.rc.has_dirty() {
+            if !self.lazy {
+                self.rc.write_dirty(s)?;
+                sync_first = true;
+            } else if (l2_dirty || l1_dirty) && self.incompatible & INCOMPAT_DIRTY == 0 {
+                // Tables are about to reach the disk ahead of their refcounts: mark the image
+                // dirty first, durably.
+                self.set_incompatible(s, self.incompatible | INCOMPAT_DIRTY)?;
+            }
+        }
         if l2_dirty || l1_dirty {
-            // Data and refcounts reach the disk before the tables that point at them.
-            s.flush()?;
+            // Data and refcounts reach the disk before the tables that point at them. With lazy
+            // refcounts and only fresh, zero-padded clusters linked, a lost data write reads as
+            // the zeros the guest saw before, so the sync is not needed.
+            if sync_first {
+                s.flush()?;
+            }
+            self.data_before_l2 = false;
             if l2_dirty {
                 self.l2.write_dirty(s)?;
             }
@@ -343,6 +367,26 @@ impl Meta {
         // Decrements stay in memory until the next flush: a crash before then only leaks.
         self.apply_frees(s)?;
         self.file_len = s.len()?;
+        Ok(())
+    }
+
+    /// Rewrite the incompatible feature bits in the header (synced).
+    fn set_incompatible(&mut self, s: &dyn Storage, bits: u64) -> Result<()> {
+        s.write_at(&bits.to_be_bytes(), OFF_INCOMPATIBLE)?;
+        s.flush()?;
+        self.incompatible = bits;
+        Ok(())
+    }
+
+    /// Write every held-back refcount change, sync, and clear the DIRTY bit.
+    pub(crate) fn write_refcounts(&mut self, s: &dyn Storage) -> Result<()> {
+        if self.rc.has_dirty() {
+            self.rc.write_dirty(s)?;
+            s.flush()?;
+        }
+        if self.incompatible & INCOMPAT_DIRTY != 0 {
+            self.set_incompatible(s, self.incompatible & !INCOMPAT_DIRTY)?;
+        }
         Ok(())
     }
 

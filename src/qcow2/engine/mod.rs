@@ -32,6 +32,24 @@ const MAX_L1_BYTES: u64 = 32 << 20;
 /// RAM the L2 cache may use by default.
 const L2_CACHE_BYTES: u64 = 16 << 20;
 
+/// How to open an image.
+#[derive(Clone, Debug, Default)]
+pub struct OpenOptions {
+    /// Refuse writes.
+    pub read_only: bool,
+    /// Lazy refcounts: None follows the image's compatible bit (v3 only).
+    pub lazy_refcounts: Option<bool>,
+}
+
+impl OpenOptions {
+    pub fn read_only(read_only: bool) -> Self {
+        OpenOptions {
+            read_only,
+            ..Default::default()
+        }
+    }
+}
+
 /// An open qcow2 image.
 pub struct Qcow2 {
     storage: Arc<dyn Storage>,
@@ -47,26 +65,27 @@ pub struct Qcow2 {
 impl Qcow2 {
     /// Open the image file at `path`.
     pub fn open(path: &Path, read_only: bool) -> Result<Qcow2> {
+        Self::open_with(path, &OpenOptions::read_only(read_only))
+    }
+
+    /// Open the image file at `path` with options.
+    pub fn open_with(path: &Path, opts: &OpenOptions) -> Result<Qcow2> {
         let file = std::fs::OpenOptions::new()
             .read(true)
-            .write(!read_only)
+            .write(!opts.read_only)
             .open(path)?;
         let dir = path.parent().map(Path::to_path_buf);
-        Self::open_storage(
-            Arc::new(FileStorage::new(file)),
-            read_only,
-            dir.as_deref(),
-            0,
-        )
+        Self::open_storage(Arc::new(FileStorage::new(file)), opts, dir.as_deref(), 0)
     }
 
     /// Open an image on any storage. Relative backing names resolve against `dir`.
     pub fn open_storage(
         storage: Arc<dyn Storage>,
-        read_only: bool,
+        opts: &OpenOptions,
         dir: Option<&Path>,
         depth: u32,
     ) -> Result<Qcow2> {
+        let read_only = opts.read_only;
         let s = storage.as_ref();
         let file_len = s.len()?;
         let mut probe = [0u8; Header::PROBE_LEN];
@@ -134,7 +153,13 @@ impl Qcow2 {
             version: h.version,
         };
         let l2_cap = (L2_CACHE_BYTES / cs).clamp(16, (h.l1_size as u64).max(16)) as usize;
-        let meta = Meta::new(g, l1, h.l1_table_offset, rc, l2_cap, file_len);
+        let mut meta = Meta::new(g, l1, h.l1_table_offset, rc, l2_cap, file_len);
+        meta.incompatible = h.incompatible_features;
+        meta.lazy = !read_only
+            && h.version >= 3
+            && opts
+                .lazy_refcounts
+                .unwrap_or(h.compatible_features & COMPAT_LAZY_REFCOUNTS != 0);
         let img = Qcow2 {
             storage,
             meta: Mutex::new(meta),
@@ -192,6 +217,20 @@ impl Qcow2 {
         }
     }
 
+    /// Write the refcount changes that lazy refcounts held back and clear the DIRTY bit. The
+    /// daemon calls this from its timer; close calls it too.
+    pub fn flush_refcounts(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.lock().write_refcounts(self.storage.as_ref())
+    }
+
+    /// True when lazy refcounts are in use.
+    pub fn lazy_refcounts(&self) -> bool {
+        self.lock().lazy
+    }
+
     /// Close cleanly: all metadata written and synced. Later calls do nothing.
     pub fn close(&self) -> Result<()> {
         if self.read_only || self.closed.swap(true, Ordering::SeqCst) {
@@ -202,7 +241,7 @@ impl Qcow2 {
         m.flush(s)?;
         // Frees applied by that flush are written too, so the image has no leaks.
         m.flush(s)?;
-        Ok(())
+        m.write_refcounts(s)
     }
 }
 
