@@ -8,7 +8,11 @@ use std::sync::RwLock;
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
     #[error("request {offset}+{len} is past the end of the disk ({capacity} bytes)")]
-    OutOfRange { offset: u64, len: u64, capacity: u64 },
+    OutOfRange {
+        offset: u64,
+        len: u64,
+        capacity: u64,
+    },
     #[error("the device is read-only")]
     ReadOnly,
     #[error("no space left for the image")]
@@ -42,7 +46,11 @@ pub trait BlockDevice: Send + Sync {
 pub fn check_range(offset: u64, len: u64, capacity: u64) -> Result<(), BlockError> {
     match offset.checked_add(len) {
         Some(end) if end <= capacity => Ok(()),
-        _ => Err(BlockError::OutOfRange { offset, len, capacity }),
+        _ => Err(BlockError::OutOfRange {
+            offset,
+            len,
+            capacity,
+        }),
     }
 }
 
@@ -54,7 +62,10 @@ pub struct MemDisk {
 
 impl MemDisk {
     pub fn new(size: usize, read_only: bool) -> Self {
-        MemDisk { data: RwLock::new(vec![0; size]), read_only }
+        MemDisk {
+            data: RwLock::new(vec![0; size]),
+            read_only,
+        }
     }
     /// A copy of the content.
     pub fn contents(&self) -> Vec<u8> {

@@ -60,7 +60,10 @@ impl Storage for FileStorage {
 
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "range overflow"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "range overflow",
+            ));
         };
         // SAFETY: fallocate only takes integers and a file descriptor we own.
         let r = unsafe {
@@ -177,7 +180,10 @@ impl Storage for FileStorage {
                 return Err(e);
             }
             if n == 0 {
-                return Err(io::Error::new(io::ErrorKind::WriteZero, "pwritev wrote nothing"));
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "pwritev wrote nothing",
+                ));
             }
             let mut n = n as usize;
             off += n as u64;
@@ -207,11 +213,13 @@ mod tests {
         let s = FileStorage::new(f);
         let a = vec![1u8; 3000];
         let b = vec![2u8; 5000];
-        s.writev_at(&[IoSlice::new(&a), IoSlice::new(&b)], 100).unwrap();
+        s.writev_at(&[IoSlice::new(&a), IoSlice::new(&b)], 100)
+            .unwrap();
         assert_eq!(s.len().unwrap(), 8100);
         let mut x = vec![9u8; 4000];
         let mut y = vec![9u8; 4200];
-        s.readv_at(&mut [IoSliceMut::new(&mut x), IoSliceMut::new(&mut y)], 100).unwrap();
+        s.readv_at(&mut [IoSliceMut::new(&mut x), IoSliceMut::new(&mut y)], 100)
+            .unwrap();
         assert!(x[..3000].iter().all(|&v| v == 1));
         assert!(x[3000..].iter().all(|&v| v == 2));
         assert!(y[..4000].iter().all(|&v| v == 2));

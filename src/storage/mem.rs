@@ -17,7 +17,9 @@ impl MemStorage {
     }
     /// Storage holding `data`.
     pub fn from_vec(data: Vec<u8>) -> Self {
-        MemStorage { data: Mutex::new(data) }
+        MemStorage {
+            data: Mutex::new(data),
+        }
     }
     /// A copy of the whole content.
     pub fn snapshot(&self) -> Vec<u8> {

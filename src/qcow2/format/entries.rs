@@ -41,7 +41,10 @@ pub enum L2Entry {
     /// Not allocated: read from the backing file, or zeros.
     Unallocated,
     /// Reads as zeros. `host` is kept for a preallocated zero cluster.
-    Zero { host: Option<HostOffset>, copied: bool },
+    Zero {
+        host: Option<HostOffset>,
+        copied: bool,
+    },
     /// Data at `host`.
     Normal { host: HostOffset, copied: bool },
     /// Compressed data at byte `host` (not aligned), `size` bytes (whole sectors as stored).
@@ -75,7 +78,10 @@ impl L2Entry {
         let off = raw & L2E_OFFSET_MASK;
         let copied = raw & OFLAG_COPIED != 0;
         if raw & OFLAG_ZERO != 0 {
-            return L2Entry::Zero { host: (off != 0).then_some(HostOffset(off)), copied };
+            return L2Entry::Zero {
+                host: (off != 0).then_some(HostOffset(off)),
+                copied,
+            };
         }
         if off == 0 {
             if copied {
@@ -83,7 +89,10 @@ impl L2Entry {
             }
             return L2Entry::Unallocated;
         }
-        L2Entry::Normal { host: HostOffset(off), copied }
+        L2Entry::Normal {
+            host: HostOffset(off),
+            copied,
+        }
     }
 
     pub fn encode(&self, cluster_bits: u32) -> u64 {
@@ -97,7 +106,9 @@ impl L2Entry {
             L2Entry::Compressed { host, size } => {
                 let (shift, mask) = compressed_fields(cluster_bits);
                 let sectors = ((host & 511) + size).div_ceil(512);
-                OFLAG_COMPRESSED | (((sectors - 1) & mask) << shift) | (host & ((1u64 << shift) - 1))
+                OFLAG_COMPRESSED
+                    | (((sectors - 1) & mask) << shift)
+                    | (host & ((1u64 << shift) - 1))
             }
             L2Entry::Invalid(raw) => raw,
         }
@@ -114,14 +125,20 @@ impl L2Entry {
 
     /// COPIED flag (false for entries that have none).
     pub fn copied(&self) -> bool {
-        matches!(*self, L2Entry::Normal { copied: true, .. } | L2Entry::Zero { copied: true, .. })
+        matches!(
+            *self,
+            L2Entry::Normal { copied: true, .. } | L2Entry::Zero { copied: true, .. }
+        )
     }
 
     /// The same entry with COPIED set or cleared (entries without a host cluster are unchanged).
     pub fn with_copied(self, copied: bool) -> L2Entry {
         match self {
             L2Entry::Normal { host, .. } => L2Entry::Normal { host, copied },
-            L2Entry::Zero { host: Some(h), .. } => L2Entry::Zero { host: Some(h), copied },
+            L2Entry::Zero { host: Some(h), .. } => L2Entry::Zero {
+                host: Some(h),
+                copied,
+            },
             e => e,
         }
     }
@@ -145,14 +162,32 @@ mod tests {
     fn l2_kinds() {
         let cb = 16;
         assert_eq!(L2Entry::decode(0, cb), L2Entry::Unallocated);
-        assert_eq!(L2Entry::decode(1, cb), L2Entry::Zero { host: None, copied: false });
-        let n = L2Entry::Normal { host: HostOffset(0x7_0000), copied: true };
+        assert_eq!(
+            L2Entry::decode(1, cb),
+            L2Entry::Zero {
+                host: None,
+                copied: false
+            }
+        );
+        let n = L2Entry::Normal {
+            host: HostOffset(0x7_0000),
+            copied: true,
+        };
         assert_eq!(L2Entry::decode(n.encode(cb), cb), n);
-        let z = L2Entry::Zero { host: Some(HostOffset(0x7_0000)), copied: true };
+        let z = L2Entry::Zero {
+            host: Some(HostOffset(0x7_0000)),
+            copied: true,
+        };
         assert_eq!(z.encode(cb), 0x8000_0000_0007_0001);
         assert_eq!(L2Entry::decode(z.encode(cb), cb), z);
-        assert!(matches!(L2Entry::decode(0x7_0000 | 2, cb), L2Entry::Invalid(_)));
-        assert!(matches!(L2Entry::decode(OFLAG_COPIED, cb), L2Entry::Invalid(_)));
+        assert!(matches!(
+            L2Entry::decode(0x7_0000 | 2, cb),
+            L2Entry::Invalid(_)
+        ));
+        assert!(matches!(
+            L2Entry::decode(OFLAG_COPIED, cb),
+            L2Entry::Invalid(_)
+        ));
         assert!(matches!(
             L2Entry::decode(OFLAG_COMPRESSED | OFLAG_COPIED, cb),
             L2Entry::Invalid(_)
@@ -162,7 +197,10 @@ mod tests {
     #[test]
     fn compressed_roundtrip() {
         for cb in [9u32, 12, 16, 21] {
-            let c = L2Entry::Compressed { host: 0x12_3456, size: 1024 - 0x56 };
+            let c = L2Entry::Compressed {
+                host: 0x12_3456,
+                size: 1024 - 0x56,
+            };
             let raw = c.encode(cb);
             assert_eq!(L2Entry::decode(raw, cb), c, "cluster_bits {cb}");
         }
@@ -170,7 +208,10 @@ mod tests {
         let raw = OFLAG_COMPRESSED | (3u64 << 54) | 0x10200;
         assert_eq!(
             L2Entry::decode(raw, 16),
-            L2Entry::Compressed { host: 0x10200, size: 4 * 512 }
+            L2Entry::Compressed {
+                host: 0x10200,
+                size: 4 * 512
+            }
         );
     }
 }

@@ -199,7 +199,9 @@ impl Header {
         if h.backing_file_offset != 0 {
             let start = h.backing_file_offset as usize;
             let len = h.backing_file_size as usize;
-            if h.backing_file_size > 1023 || h.backing_file_offset > limit as u64 || start + len > limit
+            if h.backing_file_size > 1023
+                || h.backing_file_offset > limit as u64
+                || start + len > limit
             {
                 return Err(FormatError::BadHeader(
                     "backing file name is outside the first cluster or longer than 1023 bytes"
@@ -231,8 +233,11 @@ impl Header {
 
     /// The backing format named by the backing-format extension.
     pub fn backing_format(&self) -> Option<String> {
-        self.extension(EXT_BACKING_FORMAT)
-            .map(|d| String::from_utf8_lossy(d).trim_end_matches('\0').to_string())
+        self.extension(EXT_BACKING_FORMAT).map(|d| {
+            String::from_utf8_lossy(d)
+                .trim_end_matches('\0')
+                .to_string()
+        })
     }
 
     /// Encode into a buffer of exactly one cluster. The backing file name is placed after the
@@ -256,7 +261,9 @@ impl Header {
         ext.extend_from_slice(&[0u8; 8]); // end marker
         let name = self.backing_file.as_deref().unwrap_or("").as_bytes();
         if name.len() > 1023 {
-            return Err(FormatError::BadHeader("backing file name longer than 1023".into()));
+            return Err(FormatError::BadHeader(
+                "backing file name longer than 1023".into(),
+            ));
         }
         if hl + ext.len() + name.len() > cs {
             return Err(FormatError::BadHeader(
@@ -346,8 +353,14 @@ mod tests {
             header_length: OUR_HEADER_LEN,
             compression_type: 0,
             extensions: vec![
-                HeaderExtension { kind: EXT_BACKING_FORMAT, data: b"raw".to_vec() },
-                HeaderExtension { kind: 0x1234_5678, data: vec![1, 2, 3, 4, 5] },
+                HeaderExtension {
+                    kind: EXT_BACKING_FORMAT,
+                    data: b"raw".to_vec(),
+                },
+                HeaderExtension {
+                    kind: 0x1234_5678,
+                    data: vec![1, 2, 3, 4, 5],
+                },
             ],
             backing_file: Some("base.img".into()),
         }
@@ -382,7 +395,10 @@ mod tests {
         // Extension running past the cluster.
         let mut b = sample().encode().unwrap();
         b[116..120].copy_from_slice(&0xffff_fff0u32.to_be_bytes());
-        assert!(matches!(Header::decode(&b), Err(FormatError::BadExtension(_))));
+        assert!(matches!(
+            Header::decode(&b),
+            Err(FormatError::BadExtension(_))
+        ));
     }
 
     #[test]

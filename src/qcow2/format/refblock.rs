@@ -72,7 +72,11 @@ mod tests {
                 set(&mut b, i, order, (i as u64 * 7 + 1) & max);
             }
             for i in 0..n {
-                assert_eq!(get(&b, i, order), (i as u64 * 7 + 1) & max, "order {order} i {i}");
+                assert_eq!(
+                    get(&b, i, order),
+                    (i as u64 * 7 + 1) & max,
+                    "order {order} i {i}"
+                );
             }
             set(&mut b, 3, order, max);
             assert_eq!(get(&b, 3, order), max);

@@ -37,7 +37,11 @@ pub fn decode_table(buf: &[u8], count: u32) -> Result<(Vec<Snapshot>, usize), Fo
             return Err(short());
         }
         let extra = &buf[p..p + extra_len];
-        let vm_state_size = if extra_len >= 8 { be64(extra, 0) } else { vm_state32 };
+        let vm_state_size = if extra_len >= 8 {
+            be64(extra, 0)
+        } else {
+            vm_state32
+        };
         let disk_size = (extra_len >= 16).then(|| be64(extra, 8));
         p += extra_len;
         let id = String::from_utf8_lossy(&buf[p..p + id_len]).into_owned();
@@ -45,7 +49,15 @@ pub fn decode_table(buf: &[u8], count: u32) -> Result<(Vec<Snapshot>, usize), Fo
         let name = String::from_utf8_lossy(&buf[p..p + name_len]).into_owned();
         p += name_len;
         off = (p + 7) & !7;
-        out.push(Snapshot { l1_table_offset, l1_size, id, name, date_sec, vm_state_size, disk_size });
+        out.push(Snapshot {
+            l1_table_offset,
+            l1_size,
+            id,
+            name,
+            date_sec,
+            vm_state_size,
+            disk_size,
+        });
     }
     Ok((out, off.min(buf.len())))
 }
