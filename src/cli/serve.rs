@@ -76,17 +76,27 @@ pub fn open_device(path: &Path, read_only: bool) -> anyhow::Result<OpenImage> {
         // >>> QCOW2 HOOK: the lead plugs the engine in here, e.g.
         //     let q = Qcow2::open(path, read_only)?;
         //     return Ok(OpenImage { granularity: q.cluster_size(), device: Arc::new(q), _lock: lock });
-        bail!("{} is a qcow2 image; the qcow2 engine is not wired into 'serve' yet", path.display());
+        bail!(
+            "{} is a qcow2 image; the qcow2 engine is not wired into 'serve' yet",
+            path.display()
+        );
     }
     let raw = RawDisk::open(path, read_only)
         .with_context(|| format!("cannot open image {}", path.display()))?;
-    Ok(OpenImage { device: Arc::new(raw), granularity: 4096, _lock: lock })
+    Ok(OpenImage {
+        device: Arc::new(raw),
+        granularity: 4096,
+        _lock: lock,
+    })
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let image = open_device(&args.image, args.read_only)?;
     let serial = args.serial.clone().unwrap_or_else(|| {
-        let stem = args.image.file_stem().map(|s| s.to_string_lossy().into_owned());
+        let stem = args
+            .image
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned());
         let mut s = stem.unwrap_or_default();
         s.truncate(20);
         s

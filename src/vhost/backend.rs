@@ -10,7 +10,9 @@ use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 use crate::virtio::{self, BlkConfig, DeviceCtx};
 
@@ -28,7 +30,12 @@ pub struct BlkBackend {
 
 impl BlkBackend {
     pub(crate) fn new(ctx: Arc<DeviceCtx>, mem: GuestMem, queue_size: usize) -> Self {
-        BlkBackend { ctx, mem, event_idx: AtomicBool::new(false), queue_size }
+        BlkBackend {
+            ctx,
+            mem,
+            event_idx: AtomicBool::new(false),
+            queue_size,
+        }
     }
 
     /// Serve every available chain of one queue; with EVENT_IDX, loop until no new chain
@@ -125,7 +132,10 @@ impl VhostUserBackend for BlkBackend {
                 self.ctx.writeback.store(*wce != 0, Ordering::Relaxed);
                 Ok(())
             }
-            _ => Err(io::Error::new(io::ErrorKind::InvalidInput, "read-only config field")),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "read-only config field",
+            )),
         }
     }
 

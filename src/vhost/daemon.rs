@@ -45,7 +45,11 @@ pub fn serve(device: Arc<dyn BlockDevice>, config: ServeConfig) -> Result<(), Vh
     validate(&config)?;
     // Block the signals before any thread exists, so every thread inherits the mask and the
     // signals arrive only through the signalfd.
-    let sigfd = if config.handle_signals { Some(signal_fd()?) } else { None };
+    let sigfd = if config.handle_signals {
+        Some(signal_fd()?)
+    } else {
+        None
+    };
 
     let limits = BlkConfig::new(
         device.capacity(),
@@ -72,14 +76,23 @@ pub fn serve(device: Arc<dyn BlockDevice>, config: ServeConfig) -> Result<(), Vh
     ep.add(done.as_raw_fd(), TOKEN_DONE)?;
     let mut timer = None;
     if let Some(tick) = config.tick.as_ref() {
-        let sys = |what| move |e: vmm_sys_util::errno::Error| VhostError::Io { what, source: e.into() };
+        let sys = |what| {
+            move |e: vmm_sys_util::errno::Error| VhostError::Io {
+                what,
+                source: e.into(),
+            }
+        };
         let mut t = TimerFd::new().map_err(sys("creating the timer"))?;
         t.reset(config.tick_interval, Some(config.tick_interval))
             .map_err(sys("arming the timer"))?;
         ep.add(t.as_raw_fd(), TOKEN_TIMER)?;
         timer = Some((t, tick));
     }
-    info!("serving on {} ({} queues)", config.socket.display(), config.num_queues);
+    info!(
+        "serving on {} ({} queues)",
+        config.socket.display(),
+        config.num_queues
+    );
 
     let mut conn: Option<Connection> = None;
     let mut events = vec![epoll::Event::new(epoll::Events::empty(), 0); 8];
@@ -87,7 +100,12 @@ pub fn serve(device: Arc<dyn BlockDevice>, config: ServeConfig) -> Result<(), Vh
         let n = match epoll::wait(ep.fd(), -1, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(VhostError::Io { what: "waiting for events", source: e }),
+            Err(e) => {
+                return Err(VhostError::Io {
+                    what: "waiting for events",
+                    source: e,
+                })
+            }
         };
         for ev in events.iter().take(n) {
             let token = ev.data; // a copy: Event is packed
@@ -156,7 +174,10 @@ pub fn serve(device: Arc<dyn BlockDevice>, config: ServeConfig) -> Result<(), Vh
 
 fn validate(c: &ServeConfig) -> Result<(), VhostError> {
     if c.num_queues == 0 || c.num_queues > 64 {
-        return Err(VhostError::Config(format!("num-queues must be 1..=64, not {}", c.num_queues)));
+        return Err(VhostError::Config(format!(
+            "num-queues must be 1..=64, not {}",
+            c.num_queues
+        )));
     }
     if !c.queue_size.is_power_of_two() || c.queue_size < 4 {
         return Err(VhostError::Config(format!(
@@ -165,7 +186,9 @@ fn validate(c: &ServeConfig) -> Result<(), VhostError> {
         )));
     }
     if c.tick.is_some() && c.tick_interval.is_zero() {
-        return Err(VhostError::Config("the tick interval must not be zero".into()));
+        return Err(VhostError::Config(
+            "the tick interval must not be zero".into(),
+        ));
     }
     Ok(())
 }
@@ -181,10 +204,16 @@ fn start_connection(
     done: &EventFd,
 ) -> Result<Connection, VhostError> {
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
-    let backend = Arc::new(BlkBackend::new(ctx.clone(), mem.clone(), usize::from(queue_size)));
+    let backend = Arc::new(BlkBackend::new(
+        ctx.clone(),
+        mem.clone(),
+        usize::from(queue_size),
+    ));
     let mut daemon = VhostUserDaemon::new("vhost-user-qcow2".into(), backend, mem)
         .map_err(|e| VhostError::Daemon(e.to_string()))?;
-    daemon.start(listener).map_err(|e| VhostError::Daemon(e.to_string()))?;
+    daemon
+        .start(listener)
+        .map_err(|e| VhostError::Daemon(e.to_string()))?;
     let shutdown = daemon.shutdown_handle();
     let done = done.try_clone().map_err(io_err("cloning an eventfd"))?;
     let waiter = thread::Builder::new()
@@ -232,9 +261,16 @@ fn bind_socket(path: &Path, mode: u32) -> Result<Listener, VhostError> {
             }
         }
     }
-    let l = UnixListener::bind(path).map_err(|source| VhostError::Bind { path: path.into(), source })?;
-    fs::set_permissions(path, fs::Permissions::from_mode(mode))
-        .map_err(|source| VhostError::Bind { path: path.into(), source })?;
+    let l = UnixListener::bind(path).map_err(|source| VhostError::Bind {
+        path: path.into(),
+        source,
+    })?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(|source| {
+        VhostError::Bind {
+            path: path.into(),
+            source,
+        }
+    })?;
     Ok(Listener::from(l))
 }
 
@@ -266,7 +302,10 @@ fn signal_fd() -> Result<OwnedFd, VhostError> {
         libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC)
     };
     if fd < 0 {
-        return Err(VhostError::Io { what: "creating a signalfd", source: io::Error::last_os_error() });
+        return Err(VhostError::Io {
+            what: "creating a signalfd",
+            source: io::Error::last_os_error(),
+        });
     }
     // SAFETY: `fd` is a fresh descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
@@ -277,7 +316,13 @@ fn read_signal(fd: &OwnedFd) -> Option<i32> {
     let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
     let size = std::mem::size_of::<libc::signalfd_siginfo>();
     // SAFETY: reading at most `size` bytes into `info`, which is `size` bytes long.
-    let n = unsafe { libc::read(fd.as_raw_fd(), (&mut info as *mut libc::signalfd_siginfo).cast(), size) };
+    let n = unsafe {
+        libc::read(
+            fd.as_raw_fd(),
+            (&mut info as *mut libc::signalfd_siginfo).cast(),
+            size,
+        )
+    };
     if n as usize == size {
         Some(info.ssi_signo as i32)
     } else {
@@ -290,7 +335,9 @@ struct Epoll(RawFd);
 
 impl Epoll {
     fn new() -> Result<Self, VhostError> {
-        epoll::create(true).map(Epoll).map_err(io_err("creating an epoll instance"))
+        epoll::create(true)
+            .map(Epoll)
+            .map_err(io_err("creating an epoll instance"))
     }
     fn fd(&self) -> RawFd {
         self.0

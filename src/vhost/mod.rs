@@ -28,7 +28,10 @@ pub enum VhostError {
     #[error("{0}")]
     Config(String),
     #[error("{what}: {source}")]
-    Io { what: &'static str, source: io::Error },
+    Io {
+        what: &'static str,
+        source: io::Error,
+    },
     #[error("vhost-user: {0}")]
     Daemon(String),
     #[error("closing the image failed: {0}")]
@@ -43,7 +46,9 @@ pub struct StopHandle {
 
 impl StopHandle {
     pub fn new() -> io::Result<Self> {
-        Ok(StopHandle { fd: Arc::new(EventFd::new(EFD_NONBLOCK)?) })
+        Ok(StopHandle {
+            fd: Arc::new(EventFd::new(EFD_NONBLOCK)?),
+        })
     }
     /// Ask the daemon to stop; safe to call more than once.
     pub fn stop(&self) {

@@ -157,7 +157,7 @@ fn rw_offset(dev: &dyn BlockDevice, req: &Request) -> Result<u64, BlockError> {
             len: req.data_len,
             capacity,
         })?;
-    if req.data_len % SECTOR_SIZE != 0 {
+    if !req.data_len.is_multiple_of(SECTOR_SIZE) {
         return Err(BlockError::OutOfRange {
             offset,
             len: req.data_len,
@@ -265,7 +265,7 @@ fn ranges<M: GuestMemoryBackend + ?Sized>(
         )
     };
     let seg_size = u64::from(SEGMENT_SIZE);
-    if req.data_len == 0 || req.data_len % seg_size != 0 {
+    if req.data_len == 0 || !req.data_len.is_multiple_of(seg_size) {
         debug!("{:?}: bad segment list length {}", req.kind, req.data_len);
         return Err(VIRTIO_BLK_S_IOERR);
     }
