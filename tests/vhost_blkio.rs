@@ -496,3 +496,97 @@ fn binary_reports_a_missing_image() {
     );
     let _ = std::io::stderr().flush();
 }
+
+/// A disk whose first MiB fails reads with EIO and whose second MiB fails writes with ENOSPC.
+struct FlakyDisk(MemDisk);
+
+impl BlockDevice for FlakyDisk {
+    fn capacity(&self) -> u64 {
+        self.0.capacity()
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn read_vectored(
+        &self,
+        offset: u64,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+    ) -> Result<(), vhost_user_qcow2::block::BlockError> {
+        if offset < 1 << 20 {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO).into());
+        }
+        self.0.read_vectored(offset, bufs)
+    }
+    fn write_vectored(
+        &self,
+        offset: u64,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Result<(), vhost_user_qcow2::block::BlockError> {
+        if (1 << 20..2 << 20).contains(&offset) {
+            return Err(vhost_user_qcow2::block::BlockError::NoSpace);
+        }
+        self.0.write_vectored(offset, bufs)
+    }
+    fn flush(&self) -> Result<(), vhost_user_qcow2::block::BlockError> {
+        Ok(())
+    }
+    fn discard(&self, o: u64, l: u64) -> Result<(), vhost_user_qcow2::block::BlockError> {
+        self.0.discard(o, l)
+    }
+    fn write_zeroes(
+        &self,
+        o: u64,
+        l: u64,
+        u: bool,
+    ) -> Result<(), vhost_user_qcow2::block::BlockError> {
+        self.0.write_zeroes(o, l, u)
+    }
+}
+
+#[test]
+fn image_errors_reach_the_guest_and_the_daemon_goes_on() {
+    let _serial = serial();
+    let server = Server::start(Arc::new(FlakyDisk(MemDisk::new(4 << 20, false))), 1);
+    let mut c = Client::connect(&server.socket, 1, false).unwrap();
+    for _ in 0..3 {
+        assert_ne!(c.read(0, 0, 0, 4096), 0, "EIO must reach the guest");
+        assert_ne!(
+            c.write(0, 1 << 20, 0, 4096),
+            0,
+            "ENOSPC must reach the guest"
+        );
+        c.buf(0, 4096).copy_from_slice(&pattern(3, 4096));
+        assert_eq!(c.write(0, 3 << 20, 0, 4096), 0);
+        c.buf(0, 4096).fill(0);
+        assert_eq!(c.read(0, 3 << 20, 0, 4096), 0);
+        assert_eq!(c.buf(0, 4096), pattern(3, 4096).as_slice());
+    }
+    drop(c);
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn the_timer_hook_ticks_on_the_main_loop() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let ticks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let stop = StopHandle::new().unwrap();
+    let mut cfg = ServeConfig::new(dir.path().join("t.sock"));
+    cfg.stop = Some(stop.clone());
+    cfg.tick_interval = Duration::from_millis(10);
+    let t = ticks.clone();
+    cfg.tick = Some(Box::new(move || {
+        t.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }));
+    let server = std::thread::spawn(move || serve(Arc::new(MemDisk::new(1 << 20, false)), cfg));
+    let t0 = Instant::now();
+    while ticks.load(std::sync::atomic::Ordering::Relaxed) < 3 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the tick never ran 3 times"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    stop.stop();
+    server.join().unwrap().unwrap();
+}

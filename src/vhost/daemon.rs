@@ -203,6 +203,11 @@ fn start_connection(
     listener: &mut Listener,
     done: &EventFd,
 ) -> Result<Connection, VhostError> {
+    // Each connection starts from the configured cache mode, as after a device reset.
+    ctx.writeback.store(
+        ctx.limits.writeback != 0,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
     let backend = Arc::new(BlkBackend::new(
         ctx.clone(),
