@@ -479,6 +479,28 @@ fn binary_serves_raw_image_and_exits_cleanly_on_sigterm() {
 }
 
 #[test]
+fn binary_exits_cleanly_on_sigint_when_idle() {
+    let _serial = serial();
+    let img = raw_image(1 << 20);
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("int.sock");
+    let mut child = spawn_binary(img.path(), &sock, &["--read-only"]);
+    wait_for(&sock);
+    // SAFETY (test): sending a signal to our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGHUP) }, 0);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP must not stop the daemon"
+    );
+    // SAFETY (test): as above.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let st = wait_exit(&mut child, Duration::from_secs(20));
+    assert!(st.success(), "{st:?}: {}", stderr_of(&mut child));
+    assert!(!sock.exists());
+}
+
+#[test]
 fn binary_reports_a_missing_image() {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();

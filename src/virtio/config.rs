@@ -51,9 +51,10 @@ impl BlkConfig {
     ) -> Self {
         BlkConfig {
             capacity: capacity_bytes / SECTOR_SIZE,
-            // With INDIRECT_DESC a chain may be longer than the ring, but keep the conservative
-            // value QEMU uses: room for the header and the status in a direct chain.
-            seg_max: u32::from(queue_size.max(3)) - 2,
+            // With INDIRECT_DESC a chain may be longer than the ring, but a VMM may pick a ring
+            // smaller than our maximum (128 is the usual default) and a driver may not use
+            // indirect tables: leave room for the header and the status in a 128-entry ring.
+            seg_max: u32::from(queue_size.clamp(4, 128)) - 2,
             blk_size: 512,
             physical_block_exp: 3,
             min_io_size: 1,

@@ -269,3 +269,67 @@ fn read_only_device_refuses_writes() {
         (513, VIRTIO_BLK_S_OK)
     );
 }
+
+/// Counts flushes; otherwise a MemDisk.
+struct CountingDisk(MemDisk, std::sync::atomic::AtomicUsize);
+
+impl BlockDevice for CountingDisk {
+    fn capacity(&self) -> u64 {
+        self.0.capacity()
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn read_vectored(
+        &self,
+        o: u64,
+        b: &mut [std::io::IoSliceMut<'_>],
+    ) -> Result<(), crate::block::BlockError> {
+        self.0.read_vectored(o, b)
+    }
+    fn write_vectored(
+        &self,
+        o: u64,
+        b: &[std::io::IoSlice<'_>],
+    ) -> Result<(), crate::block::BlockError> {
+        self.0.write_vectored(o, b)
+    }
+    fn flush(&self) -> Result<(), crate::block::BlockError> {
+        self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+    fn discard(&self, o: u64, l: u64) -> Result<(), crate::block::BlockError> {
+        self.0.discard(o, l)
+    }
+    fn write_zeroes(&self, o: u64, l: u64, u: bool) -> Result<(), crate::block::BlockError> {
+        self.0.write_zeroes(o, l, u)
+    }
+}
+
+#[test]
+fn writethrough_flushes_every_write() {
+    let mut e = env(false);
+    let disk = Arc::new(CountingDisk(
+        MemDisk::new(1 << 20, false),
+        Default::default(),
+    ));
+    let cfg = BlkConfig::new(1 << 20, 1, 16, 4096, false);
+    e.ctx = DeviceCtx::new(disk.clone(), cfg, "");
+    let flushes = || disk.1.load(std::sync::atomic::Ordering::Relaxed);
+    e.header(VIRTIO_BLK_T_OUT, 0);
+    assert_eq!(
+        e.run(&[(HDR, 16, R), (DATA, 512, R), (STATUS, 1, W)]),
+        (1, VIRTIO_BLK_S_OK)
+    );
+    assert_eq!(flushes(), 1);
+    e.header(VIRTIO_BLK_T_IN, 0);
+    e.run(&[(HDR, 16, R), (DATA, 512, W), (STATUS, 1, W)]);
+    assert_eq!(flushes(), 1, "reads do not flush");
+    // The driver turns the cache on (CONFIG_WCE): writes no longer flush.
+    e.ctx
+        .writeback
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    e.header(VIRTIO_BLK_T_OUT, 0);
+    e.run(&[(HDR, 16, R), (DATA, 512, R), (STATUS, 1, W)]);
+    assert_eq!(flushes(), 1);
+}
