@@ -40,6 +40,10 @@ pub trait BlockDevice: Send + Sync {
     fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError>;
     /// Make the range read as zeros; `unmap` allows freeing its space.
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), BlockError>;
+    /// Flush and release the device for a clean shutdown. The default only flushes.
+    fn close(&self) -> Result<(), BlockError> {
+        self.flush()
+    }
 }
 
 /// Check that `offset..offset+len` lies inside a disk of `capacity` bytes.

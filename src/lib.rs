@@ -5,4 +5,7 @@
 
 pub mod block;
 pub mod qcow2;
+pub mod raw;
 pub mod storage;
+pub mod vhost;
+pub mod virtio;

@@ -5,6 +5,7 @@ use std::io::{self, IoSlice, IoSliceMut};
 
 mod fault;
 mod file;
+pub mod lock;
 mod mem;
 
 pub use fault::{CrashMode, FaultStorage};

@@ -1,0 +1,183 @@
+//! The vhost-user-blk backend: `&self` with interior mutability, one worker thread per queue.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use log::{debug, warn};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::virtio::{self, BlkConfig, DeviceCtx};
+
+pub(crate) type GuestMem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+pub(crate) type Vring = VringRwLock<GuestMem>;
+
+/// One connection's backend. A fresh one is built for every VMM connection; the device context
+/// (block device, limits, writeback flag) is shared across connections.
+pub struct BlkBackend {
+    ctx: Arc<DeviceCtx>,
+    mem: GuestMem,
+    event_idx: AtomicBool,
+    queue_size: usize,
+}
+
+impl BlkBackend {
+    pub(crate) fn new(ctx: Arc<DeviceCtx>, mem: GuestMem, queue_size: usize) -> Self {
+        BlkBackend {
+            ctx,
+            mem,
+            event_idx: AtomicBool::new(false),
+            queue_size,
+        }
+    }
+
+    /// Serve every available chain of one queue; with EVENT_IDX, loop until no new chain
+    /// arrived while notifications were off. Signals the guest once per batch when needed.
+    fn process_queue(&self, vring: &Vring) -> io::Result<()> {
+        let event_idx = self.event_idx.load(Ordering::Acquire);
+        let mem = self.mem.memory();
+        let mut state = vring.get_mut();
+        loop {
+            if event_idx {
+                state.disable_notification().map_err(io::Error::other)?;
+            }
+            while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) {
+                let head = chain.head_index();
+                let used = virtio::process_chain(&self.ctx, &*mem, chain);
+                state.add_used(head, used).map_err(io::Error::other)?;
+            }
+            if !event_idx || !state.enable_notification().map_err(io::Error::other)? {
+                break;
+            }
+        }
+        if state.needs_notification().map_err(io::Error::other)? {
+            state.signal_used_queue()?;
+        }
+        Ok(())
+    }
+}
+
+/// The virtio feature bits this device offers.
+pub fn device_features(read_only: bool) -> u64 {
+    use virtio::*;
+    let bits = [
+        VIRTIO_F_VERSION_1,
+        VIRTIO_RING_F_EVENT_IDX,
+        VIRTIO_RING_F_INDIRECT_DESC,
+        VIRTIO_BLK_F_SEG_MAX,
+        VIRTIO_BLK_F_BLK_SIZE,
+        VIRTIO_BLK_F_FLUSH,
+        VIRTIO_BLK_F_TOPOLOGY,
+        VIRTIO_BLK_F_MQ,
+        VIRTIO_BLK_F_CONFIG_WCE,
+        VIRTIO_BLK_F_DISCARD,
+        VIRTIO_BLK_F_WRITE_ZEROES,
+    ];
+    let mut f = bits.iter().fold(0u64, |acc, b| acc | (1u64 << b));
+    if read_only {
+        f |= 1 << VIRTIO_BLK_F_RO;
+    }
+    f | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.ctx.limits.num_queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        self.queue_size
+    }
+
+    fn features(&self) -> u64 {
+        device_features(self.ctx.dev.read_only())
+    }
+
+    fn acked_features(&self, features: u64) {
+        debug!("driver acked features {features:#x}");
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Release);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let mut cfg: BlkConfig = self.ctx.limits.clone();
+        cfg.writeback = u8::from(self.ctx.writeback.load(Ordering::Relaxed));
+        cfg.read(offset, size)
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        // Only the writeback byte is writable (CONFIG_WCE).
+        match (offset, buf) {
+            (BlkConfig::WRITEBACK_OFFSET, [wce]) => {
+                debug!("driver set writeback cache to {wce}");
+                self.ctx.writeback.store(*wce != 0, Ordering::Relaxed);
+                Ok(())
+            }
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "read-only config field",
+            )),
+        }
+    }
+
+    fn update_memory(&self, _mem: GuestMem) -> io::Result<()> {
+        // `self.mem` is the daemon's GuestMemoryAtomic itself: the update is already visible.
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.num_queues()).map(|i| 1u64 << i).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                warn!("cannot create a worker exit event: {e}");
+                None
+            }
+        }
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            warn!("queue {thread_id}: unexpected event set {evset:?}");
+            return Ok(());
+        }
+        let Some(vring) = vrings.get(usize::from(device_event)) else {
+            warn!("queue {thread_id}: event for unknown vring {device_event}");
+            return Ok(());
+        };
+        // An error here is a broken ring (bad addresses from the driver). Returning it would end
+        // the worker thread for good; log it and keep the thread for the next kick instead.
+        if let Err(e) = self.process_queue(vring) {
+            warn!("queue {thread_id}: {e}");
+        }
+        Ok(())
+    }
+}
