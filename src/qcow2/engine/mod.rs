@@ -329,4 +329,7 @@ impl BlockDevice for Qcow2 {
     ) -> std::result::Result<(), BlockError> {
         Ok(self.zero_range(offset, len, zero::Mode::Zero { unmap })?)
     }
+    fn close(&self) -> std::result::Result<(), BlockError> {
+        Ok(Qcow2::close(self)?)
+    }
 }
