@@ -7,31 +7,47 @@
 //! Needs what `./run test` installs (qemu-system-x86 10, the cached kernel, fio, busybox-static,
 //! e2fsprogs); a missing tool fails the test, it is never skipped.
 //!
-//! `VHOST_QCOW2_E2E_BACKEND=qsd` runs the same test against qemu-storage-daemon instead (to check
-//! the harness itself).
+//! The same run against qemu-storage-daemon checks the harness itself (kernel, initramfs, QEMU),
+//! so that a failure of our daemon's test is known to be the daemon's. The two tests take turns
+//! (one TCG guest at a time on these 2-core machines).
 
 use std::fs;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::Mutex;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 const QUEUES: &str = "2";
 const GUEST_SH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e/guest.sh");
 
+/// One guest at a time.
+static GUEST: Mutex<()> = Mutex::new(());
+
+#[derive(Clone, Copy, Debug)]
+enum Which {
+    /// `vhost-user-qcow2 serve`.
+    Ours,
+    /// qemu-storage-daemon's vhost-user-blk export.
+    Qsd,
+}
+
 /// The backend process; killed if the test panics before it was stopped.
 struct Backend {
     child: Child,
     log: PathBuf,
-    name: String,
+    name: &'static str,
 }
 
 impl Backend {
-    fn start(img: &Path, sock: &Path, log: &Path) -> Backend {
-        let which = std::env::var("VHOST_QCOW2_E2E_BACKEND").unwrap_or_else(|_| "ours".into());
-        let mut cmd = match which.as_str() {
-            "ours" => {
+    fn start(which: Which, img: &Path, sock: &Path, log: &Path) -> Backend {
+        let name = match which {
+            Which::Ours => "vhost-user-qcow2",
+            Which::Qsd => "qemu-storage-daemon",
+        };
+        let mut cmd = match which {
+            Which::Ours => {
                 let mut c = Command::new(env!("CARGO_BIN_EXE_vhost-user-qcow2"));
                 c.arg("serve")
                     .arg("--image")
@@ -41,7 +57,7 @@ impl Backend {
                     .args(["--num-queues", QUEUES]);
                 c
             }
-            "qsd" => {
+            Which::Qsd => {
                 let mut c = Command::new("qemu-storage-daemon");
                 c.arg("--blockdev")
                     .arg(format!(
@@ -57,7 +73,6 @@ impl Backend {
                     ));
                 c
             }
-            other => panic!("VHOST_QCOW2_E2E_BACKEND must be 'ours' or 'qsd', not {other:?}"),
         };
         let out = fs::File::create(log).unwrap();
         let err = out.try_clone().unwrap();
@@ -67,11 +82,11 @@ impl Backend {
             .stderr(err)
             .env("RUST_LOG", "info")
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start the {which} backend: {e}"));
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
         Backend {
             child,
             log: log.to_owned(),
-            name: which,
+            name,
         }
     }
 
@@ -152,6 +167,16 @@ fn run(cmd: &mut Command) -> Output {
 #[test]
 #[ignore = "needs `vhost-user-qcow2 serve` (issue 3); run with --ignored"]
 fn qemu_guest_fio_and_ext4_on_vhost_user_qcow2() {
+    guest_run(Which::Ours);
+}
+
+#[test]
+fn qemu_guest_harness_with_qemu_storage_daemon() {
+    guest_run(Which::Qsd);
+}
+
+fn guest_run(which: Which) {
+    let _turn = GUEST.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("disk.qcow2");
     let sock = dir.path().join("vhost.sock");
@@ -163,7 +188,7 @@ fn qemu_guest_fio_and_ext4_on_vhost_user_qcow2() {
         .arg("1G"));
     assert!(out.status.success(), "qemu-img create failed");
 
-    let mut backend = Backend::start(&img, &sock, &dir.path().join("backend.log"));
+    let mut backend = Backend::start(which, &img, &sock, &dir.path().join("backend.log"));
     backend.wait_listening(&sock);
 
     let guest = run(Command::new("bash")
