@@ -191,26 +191,18 @@ fn guest_run(which: Which) {
     let mut backend = Backend::start(which, &img, &sock, &dir.path().join("backend.log"));
     backend.wait_listening(&sock);
 
-    let guest = run(Command::new("bash")
-        .arg(GUEST_SH)
-        .arg("boot")
-        .arg("--socket")
-        .arg(&sock)
-        .args(["--queues", QUEUES])
-        .arg("--log")
-        .arg(&serial));
-    let console = fs::read_to_string(&serial).unwrap_or_default();
-    let passed = console
-        .lines()
-        .any(|l| l.trim_end() == "VHOST-QCOW2-E2E: PASS");
+    // First boot: fio, mkfs, files. Second boot on the same backend process (a new VMM
+    // connection, as after a guest reboot or VMM restart): fsck and the files again.
+    let first = boot(&sock, &serial, "full");
+    let second = first.then(|| boot(&sock, &dir.path().join("serial2.log"), "reverify"));
 
     let status = backend.terminate();
     eprintln!("{} backend log:\n{}", backend.name, backend.log_text());
-    assert!(
-        guest.status.success() && passed,
-        "the guest run failed (harness {}, PASS marker {})",
-        guest.status,
-        if passed { "present" } else { "absent" }
+    assert!(first, "the guest run failed");
+    assert_eq!(
+        second,
+        Some(true),
+        "the second boot on the same backend (reconnect, re-read the files) failed"
     );
     assert_eq!(
         status.code(),
@@ -234,4 +226,27 @@ fn guest_run(which: Which) {
         verify.status.success(),
         "the files the guest wrote must read back from the image on the host"
     );
+}
+
+/// One guest boot through tests/e2e/guest.sh; true if the harness passed and the guest's console
+/// has the PASS marker.
+fn boot(sock: &Path, serial: &Path, mode: &str) -> bool {
+    let guest = run(Command::new("bash")
+        .arg(GUEST_SH)
+        .arg("boot")
+        .arg("--socket")
+        .arg(sock)
+        .args(["--queues", QUEUES, "--mode", mode])
+        .arg("--log")
+        .arg(serial));
+    let console = fs::read_to_string(serial).unwrap_or_default();
+    let marker = console
+        .lines()
+        .any(|l| l.trim_end() == "VHOST-QCOW2-E2E: PASS");
+    eprintln!(
+        "boot ({mode}): harness {}, PASS marker {}",
+        guest.status,
+        if marker { "present" } else { "absent" }
+    );
+    guest.status.success() && marker
 }

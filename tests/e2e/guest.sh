@@ -6,14 +6,18 @@
 #       their shared libraries, the virtio modules of the cached kernel, and tests/e2e/init.sh as
 #       /init. Prints its path.
 #   guest.sh boot --socket SOCK [--log FILE] [--queues N] [--timeout SECS] [--fio-size SIZE]
+#                 [--mode full|reverify]
 #       Boot the guest against a backend already listening on SOCK. Exit 0 only if the guest
 #       printed "VHOST-QCOW2-E2E: PASS"; non-zero on FAIL, a missing marker, or a timeout.
+#       full: fio, mkfs, files (see init.sh); reverify: a second boot on the same backend and
+#       disk that checks the filesystem and files the full boot left.
 #   guest.sh verify-image IMG LOG
 #       After the guest and backend are gone: convert IMG to raw with qemu-img, run the host's
 #       e2fsck on it, and compare every file's SHA-256 the guest printed (E2E-SUM lines in LOG)
 #       with the file read out of the image with debugfs.
 #   guest.sh run [--backend qsd|ours|'CMD'] [--queues N] [--keep DIR]
-#       The whole test in one go: fresh 1 GiB qcow2, start the backend, boot, SIGTERM the
+#       The whole test in one go: fresh 1 GiB qcow2, start the backend, boot (full), boot again
+#       on the same backend process (reverify: it must take a second connection), SIGTERM the
 #       backend (must exit 0), qemu-img check (must exit 0), verify-image. In CMD, $IMG and
 #       $SOCK are replaced by the image and socket paths. Default backend: qsd
 #       (qemu-storage-daemon); 'ours' is target/release/vhost-user-qcow2 serve.
@@ -123,7 +127,7 @@ cmd_initramfs() {
 }
 
 cmd_boot() {
-    local sock="" logf="" queues=2 timeout_s="${E2E_TIMEOUT:-600}" fio_size=64M
+    local sock="" logf="" queues=2 timeout_s="${E2E_TIMEOUT:-600}" fio_size=64M mode=full
     while [ $# -gt 0 ]; do
         case "$1" in
             --socket) sock="$2"; shift 2 ;;
@@ -131,6 +135,7 @@ cmd_boot() {
             --queues) queues="$2"; shift 2 ;;
             --timeout) timeout_s="$2"; shift 2 ;;
             --fio-size) fio_size="$2"; shift 2 ;;
+            --mode) mode="$2"; shift 2 ;;
             *) die "boot: unknown argument $1" ;;
         esac
     done
@@ -153,7 +158,7 @@ cmd_boot() {
         -chardev "socket,id=c,path=$sock"
         -device "vhost-user-blk-pci,chardev=c,num-queues=$queues"
         -kernel "$KDIR/vmlinuz" -initrd "$initrd"
-        -append "console=ttyS0 panic=-1 e2e.queues=$queues e2e.fio_size=$fio_size"
+        -append "console=ttyS0 panic=-1 e2e.queues=$queues e2e.fio_size=$fio_size e2e.mode=$mode"
         -nodefaults -nographic -serial "file:$logf" -monitor none -no-reboot
     )
     log "booting the guest (timeout ${timeout_s}s), serial log: $logf"
@@ -250,6 +255,10 @@ cmd_run() {
     # A separate process, so that its failures (die, set -e) come back here as a status and the
     # backend is still stopped and its log shown.
     bash "$HERE/guest.sh" boot --socket "$SOCK" --queues "$queues" --log "$dir/serial.log" || rc=$?
+    if [ "$rc" = 0 ]; then
+        bash "$HERE/guest.sh" boot --socket "$SOCK" --queues "$queues" --mode reverify \
+            --log "$dir/serial2.log" || rc=$?
+    fi
     kill -TERM "$pid" 2>/dev/null || true
     local brc=0
     wait "$pid" || brc=$?
@@ -269,5 +278,5 @@ case "${1:-}" in
     boot) shift; cmd_boot "$@" ;;
     verify-image) shift; [ $# = 2 ] || die "usage: verify-image IMG LOG"; cmd_verify_image "$@" ;;
     run) shift; cmd_run "$@" ;;
-    *) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+    *) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac

@@ -8,6 +8,9 @@
 # then powers the VM off. Parameters come from the kernel command line:
 #   e2e.queues=N   number of virtqueues the disk must have (default 2)
 #   e2e.fio_size=S size of each fio job's region (default 64M)
+#   e2e.mode=M     full (default): everything above, from an empty disk;
+#                  reverify: a later boot on the same disk (after the backend served another VMM
+#                  connection): fsck -n, then check the files the full run wrote (/SUMS).
 /bin/busybox mkdir -p /proc /sys /dev /tmp /mnt /etc /sbin /usr/bin /usr/sbin
 /bin/busybox --install -s
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
@@ -30,10 +33,12 @@ step() { echo "e2e: == $*"; }
 
 QUEUES=2
 FIO_SIZE=64M
+MODE=full
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         e2e.queues=*) QUEUES="${arg#e2e.queues=}" ;;
         e2e.fio_size=*) FIO_SIZE="${arg#e2e.fio_size=}" ;;
+        e2e.mode=*) MODE="${arg#e2e.mode=}" ;;
     esac
 done
 
@@ -63,6 +68,18 @@ irq_counts() {
     }' /proc/interrupts
 }
 echo "e2e: interrupts per virtqueue before fio: $(irq_counts)"
+
+if [ "$MODE" = reverify ]; then
+    step "fsck.ext4 -n -f (filesystem from an earlier boot)"
+    /usr/sbin/fsck.ext4 -n -f /dev/vda || fail "fsck.ext4 found problems (exit $?)"
+    mount -t ext4 -o ro /dev/vda /mnt || fail "mount ext4"
+    [ -s /mnt/SUMS ] || fail "no /SUMS on the filesystem"
+    (cd /mnt && sha256sum -c SUMS) >/tmp/check 2>&1 || { cat /tmp/check; fail "files differ from what the earlier boot wrote"; }
+    echo "e2e: $(wc -l </mnt/SUMS) files as written by the earlier boot"
+    umount /mnt || fail "umount"
+    finish PASS
+fi
+[ "$MODE" = full ] || fail "unknown e2e.mode=$MODE"
 
 CPUS="0-$(($(nproc) - 1))"
 step "fio randwrite 4k iodepth 16 x $QUEUES jobs, verify crc32c"
@@ -99,6 +116,7 @@ while [ "$n" -le 8 ]; do
     n=$((n + 1))
 done
 (cd /mnt && sha256sum file* dir/sub/*) >/tmp/sums || fail "sha256sum"
+cp /tmp/sums /mnt/SUMS || fail "write SUMS"
 sync || fail "sync"
 umount /mnt || fail "umount"
 
