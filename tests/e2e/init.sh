@@ -1,0 +1,134 @@
+#!/bin/busybox sh
+# shellcheck shell=dash
+# /init of the end-to-end test guest (packed into the initramfs by tests/e2e/guest.sh).
+# Loads the virtio modules, checks the vhost-user disk (/dev/vda) and its queues, runs fio with
+# verify over every queue, makes an ext4 filesystem, writes files of known content, syncs, checks
+# the filesystem, and prints exactly one result line on the serial console:
+#   VHOST-QCOW2-E2E: PASS            or    VHOST-QCOW2-E2E: FAIL <reason>
+# then powers the VM off. Parameters come from the kernel command line:
+#   e2e.queues=N   number of virtqueues the disk must have (default 2)
+#   e2e.fio_size=S size of each fio job's region (default 64M)
+#   e2e.mode=M     full (default): everything above, from an empty disk;
+#                  reverify: a later boot on the same disk (after the backend served another VMM
+#                  connection): fsck -n, then check the files the full run wrote (/SUMS).
+/bin/busybox mkdir -p /proc /sys /dev /tmp /mnt /etc /sbin /usr/bin /usr/sbin
+/bin/busybox --install -s
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+ln -sf /proc/mounts /etc/mtab
+
+MARK=VHOST-QCOW2-E2E
+finish() {
+    sync
+    echo "$MARK: $*"
+    sleep 1
+    poweroff -f
+    # poweroff returned: make the kernel panic, which exits QEMU (-no-reboot, panic=-1).
+    exit 1
+}
+fail() { finish "FAIL $*"; }
+step() { echo "e2e: == $*"; }
+
+QUEUES=2
+FIO_SIZE=64M
+MODE=full
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        e2e.queues=*) QUEUES="${arg#e2e.queues=}" ;;
+        e2e.fio_size=*) FIO_SIZE="${arg#e2e.fio_size=}" ;;
+        e2e.mode=*) MODE="${arg#e2e.mode=}" ;;
+    esac
+done
+
+step "loading virtio modules"
+for m in virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio virtio_pci virtio_blk; do
+    insmod "/modules/$m.ko" || fail "insmod $m"
+done
+
+i=0
+while [ ! -b /dev/vda ]; do
+    i=$((i + 1))
+    [ "$i" -le 100 ] || fail "no /dev/vda after 10 s"
+    sleep 0.1
+done
+echo "e2e: vda: $(cat /sys/block/vda/size) sectors, logical block $(cat /sys/block/vda/queue/logical_block_size)"
+
+nq=$(ls -d /sys/block/vda/mq/[0-9]* | wc -l)
+echo "e2e: vda has $nq queues"
+[ "$nq" = "$QUEUES" ] || fail "vda has $nq queues, expected $QUEUES"
+
+# Completions per virtqueue, from the MSI-X vectors' interrupt counts (virtioN-req.Q).
+irq_counts() {
+    awk '/-req\.[0-9]+$/ {
+        s = 0
+        for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) s += $i
+        printf "%s ", s
+    }' /proc/interrupts
+}
+echo "e2e: interrupts per virtqueue before fio: $(irq_counts)"
+
+if [ "$MODE" = reverify ]; then
+    step "fsck.ext4 -n -f (filesystem from an earlier boot)"
+    /usr/sbin/fsck.ext4 -n -f /dev/vda || fail "fsck.ext4 found problems (exit $?)"
+    mount -t ext4 -o ro /dev/vda /mnt || fail "mount ext4"
+    [ -s /mnt/SUMS ] || fail "no /SUMS on the filesystem"
+    (cd /mnt && sha256sum -c SUMS) >/tmp/check 2>&1 || { cat /tmp/check; fail "files differ from what the earlier boot wrote"; }
+    echo "e2e: $(wc -l </mnt/SUMS) files as written by the earlier boot"
+    umount /mnt || fail "umount"
+    finish PASS
+fi
+[ "$MODE" = full ] || fail "unknown e2e.mode=$MODE"
+
+CPUS="0-$(($(nproc) - 1))"
+step "fio randwrite 4k iodepth 16 x $QUEUES jobs, verify crc32c"
+# One job per CPU (cpus_allowed_policy=split): with 2 vCPUs and 2 queues each job lands on its
+# own hardware queue. offset_increment keeps the jobs' regions apart so that verify is exact.
+/usr/bin/fio --name=randwrite-verify --filename=/dev/vda --ioengine=libaio --direct=1 \
+    --rw=randwrite --bs=4k --iodepth=16 --size="$FIO_SIZE" --offset_increment="$FIO_SIZE" \
+    --numjobs="$QUEUES" --cpus_allowed="$CPUS" --cpus_allowed_policy=split --verify=crc32c --do_verify=1 \
+    --verify_fatal=1 --group_reporting || fail "fio randwrite verify (exit $?)"
+
+step "fio mixed block sizes 4k-256k, verify sha256"
+/usr/bin/fio --name=mixed-verify --filename=/dev/vda --ioengine=libaio --direct=1 \
+    --rw=randwrite --bsrange=4k-256k --iodepth=8 --size="$FIO_SIZE" --offset_increment="$FIO_SIZE" \
+    --offset="$FIO_SIZE" --numjobs="$QUEUES" --cpus_allowed="$CPUS" --cpus_allowed_policy=split --verify=sha256 \
+    --do_verify=1 --verify_fatal=1 --group_reporting || fail "fio mixed verify (exit $?)"
+
+counts=$(irq_counts)
+echo "e2e: interrupts per virtqueue after fio: $counts"
+[ "$(echo $counts | wc -w)" = "$QUEUES" ] || fail "expected $QUEUES request vectors in /proc/interrupts, got: $counts"
+for c in $counts; do
+    [ "$c" != 0 ] || fail "a virtqueue completed no request: $counts"
+done
+
+step "mkfs.ext4"
+/usr/sbin/mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 /dev/vda || fail "mkfs.ext4"
+mount -t ext4 /dev/vda /mnt || fail "mount ext4"
+
+step "writing files"
+mkdir -p /mnt/dir/sub || fail "mkdir"
+n=1
+while [ "$n" -le 8 ]; do
+    dd if=/dev/urandom of="/mnt/file$n" bs=64k count=$((n * 16)) 2>/dev/null || fail "dd file$n"
+    echo "small file $n" >"/mnt/dir/sub/small$n" || fail "write small$n"
+    n=$((n + 1))
+done
+(cd /mnt && sha256sum file* dir/sub/*) >/tmp/sums || fail "sha256sum"
+cp /tmp/sums /mnt/SUMS || fail "write SUMS"
+sync || fail "sync"
+umount /mnt || fail "umount"
+
+step "fsck.ext4 -n -f"
+/usr/sbin/fsck.ext4 -n -f /dev/vda || fail "fsck.ext4 found problems (exit $?)"
+
+step "reading the files back from disk"
+echo 3 >/proc/sys/vm/drop_caches
+mount -t ext4 -o ro /dev/vda /mnt || fail "remount ext4"
+(cd /mnt && sha256sum -c /tmp/sums) >/tmp/check 2>&1 || { cat /tmp/check; fail "checksums differ after remount"; }
+umount /mnt || fail "umount after check"
+# The host side compares these against the image (tests/e2e/guest.sh verify-image).
+while read -r sum name; do echo "E2E-SUM $sum $name"; done </tmp/sums
+
+finish PASS
