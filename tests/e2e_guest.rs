@@ -165,7 +165,6 @@ fn run(cmd: &mut Command) -> Output {
 }
 
 #[test]
-#[ignore = "needs `vhost-user-qcow2 serve` (issue 3); run with --ignored"]
 fn qemu_guest_fio_and_ext4_on_vhost_user_qcow2() {
     guest_run(Which::Ours);
 }

@@ -1,6 +1,6 @@
 //! `vhost-user-qcow2 serve`: serve an image as a vhost-user-blk device on a UNIX socket.
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::{Args, ValueEnum};
 use std::fs::File;
 use std::io::Read;
