@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: running qemu-img / qemu-io and comparing images.
 #![allow(dead_code)]
 
+pub mod client;
+
 use std::path::Path;
 use std::process::Command;
 
