@@ -92,6 +92,8 @@ pub(crate) fn run(
         let mut f = Findings::default();
         check_copied(st, &img, true, &mut f)?;
         st.flush()?;
+        // The active L1 table may have changed.
+        img = Image::load(st)?;
         log.check_errors += f.check_errors;
         log.messages.append(&mut f.messages);
     }
