@@ -494,6 +494,34 @@ fn entry_damage_agrees() {
         g.write(g.l1, g.read(g.l1) + 0x200);
         agree(&img);
 
+        // Overlaps and loops: a data entry pointing at the refcount table; refcount block
+        // pointers at the L1 table, past the end of the file, at the refcount table itself.
+        let img = copy(&base, "overlap.qcow2");
+        let g = Geo::new(&img);
+        g.write(g.l2_entry(0, 6), g.reftable | OFLAG_COPIED);
+        assert_eq!(agree(&img), 2, "{o}");
+        let img = copy(&base, "refblock-l1.qcow2");
+        let g = Geo::new(&img);
+        g.write(g.reftable + 8 * 3, g.l1);
+        assert_eq!(agree(&img), 2, "{o}");
+        assert_eq!(repair(&img, "all"), 0, "{o}");
+        assert_eq!(qemu_check(&img).0, 0, "{o}");
+        identical(&img, &base);
+        let img = copy(&base, "refblock-outside.qcow2");
+        let g = Geo::new(&img);
+        g.write(g.reftable + 8 * 3, 1u64 << 40);
+        assert_eq!(agree(&img), 2, "{o}");
+        assert_eq!(repair(&img, "all"), 0, "{o}");
+        assert_eq!(qemu_check(&img).0, 0, "{o}");
+        identical(&img, &base);
+        let img = copy(&base, "refblock-self.qcow2");
+        let g = Geo::new(&img);
+        g.write(g.reftable + 8 * 3, g.reftable);
+        assert_eq!(agree(&img), 2, "{o}");
+        assert_eq!(repair(&img, "all"), 0, "{o}");
+        assert_eq!(qemu_check(&img).0, 0, "{o}");
+        identical(&img, &base);
+
         // A refcount table entry with reserved bits.
         let img = copy(&base, "reftable.qcow2");
         let g = Geo::new(&img);
@@ -625,5 +653,73 @@ fn info_matches_qemu_img() {
             .cloned()
             .unwrap_or(Value::Array(vec![]));
         assert_eq!(os, qs, "snapshots on {}", img.display());
+    }
+}
+
+/// Crash the repair after every possible number of writes, keeping only flushed writes, all of
+/// them, or a random subset: the image must never be worse than before (no more corruptions in
+/// qemu-img's eyes), and a second repair must finish the job with the guest data intact.
+#[test]
+fn crash_during_repair_never_makes_things_worse() {
+    use vhost_user_qcow2::storage::{CrashMode, FaultStorage};
+    let d = tempfile::tempdir().unwrap();
+    let base = make(d.path(), "base.qcow2", "cluster_size=4k", "16M", DATA);
+    ok("qemu-img", &["snapshot", "-c", "one", s(&base)]);
+    ok("qemu-io", &["-f", "qcow2", "-c", "write -P 0x99 0 8k", s(&base)]);
+    let g = Geo::new(&base);
+    let shared = (g.read(g.l2_entry(0, 5)) & L2E_OFFSET_MASK) >> g.cb;
+    let private = (g.read(g.l2_entry(0, 0)) & L2E_OFFSET_MASK) >> g.cb;
+    assert_eq!((g.refcount(shared), g.refcount(private)), (2, 1));
+
+    // Two kinds of damage: fixable in place, and needing a rebuild.
+    let damages: [(&str, &dyn Fn(&Geo)); 2] = [
+        ("in-place", &|g: &Geo| {
+            g.set_refcount(shared, 3);
+            let at = g.l2_entry(0, 1);
+            g.write(at, g.read(at) & !OFLAG_COPIED);
+            g.set_refcount(private, 2);
+        }),
+        ("rebuild", &|g: &Geo| {
+            g.set_refcount(private, 0);
+            g.set_refcount(shared, 1);
+            let at = g.l2_entry(0, 1);
+            g.write(at, g.read(at) & !OFLAG_COPIED);
+        }),
+    ];
+    for (name, damage) in damages {
+        let img = copy(&base, "damaged.qcow2");
+        damage(&Geo::new(&img));
+        let (code0, v0) = qemu_check(&img);
+        assert_eq!(code0, 2, "{name}");
+        let corr0 = n(&v0, "corruptions");
+        let bytes = std::fs::read(&img).unwrap();
+        let all = Some(RepairMode::All);
+        let opts = CheckOptions { repair: all, mark_clean: true, progress: None };
+
+        let fs = FaultStorage::new(bytes.clone(), None);
+        assert!(check(&fs, &opts).unwrap().is_clean(), "{name}");
+        let total = fs.writes();
+        assert!(total > 0);
+        for crash_at in 0..total {
+            for mode in [
+                CrashMode::FlushedOnly,
+                CrashMode::AllWrites,
+                CrashMode::RandomSubset(crash_at * 31 + 7),
+            ] {
+                let fs = FaultStorage::new(bytes.clone(), Some(crash_at));
+                assert!(check(&fs, &opts).is_err(), "{name}: no crash at {crash_at}");
+                let p = d.path().join("crashed.qcow2");
+                std::fs::write(&p, fs.crashed_image(mode)).unwrap();
+                let (code, v) = qemu_check(&p);
+                assert!(
+                    matches!(code, 0 | 2 | 3) && n(&v, "corruptions") <= corr0,
+                    "{name}: crash after {crash_at} writes ({mode:?}) left {v}"
+                );
+                assert_eq!(repair(&p, "all"), 0, "{name}: {crash_at} {mode:?}");
+                assert_eq!(qemu_check(&p).0, 0, "{name}: {crash_at} {mode:?}");
+                identical(&p, &base);
+            }
+        }
+        eprintln!("{name}: crashed the repair at each of {total} writes");
     }
 }
