@@ -665,14 +665,18 @@ fn crash_during_repair_never_makes_things_worse() {
     let d = tempfile::tempdir().unwrap();
     let base = make(d.path(), "base.qcow2", "cluster_size=4k", "16M", DATA);
     ok("qemu-img", &["snapshot", "-c", "one", s(&base)]);
-    ok("qemu-io", &["-f", "qcow2", "-c", "write -P 0x99 0 8k", s(&base)]);
+    ok(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x99 0 8k", s(&base)],
+    );
     let g = Geo::new(&base);
     let shared = (g.read(g.l2_entry(0, 5)) & L2E_OFFSET_MASK) >> g.cb;
     let private = (g.read(g.l2_entry(0, 0)) & L2E_OFFSET_MASK) >> g.cb;
     assert_eq!((g.refcount(shared), g.refcount(private)), (2, 1));
 
     // Two kinds of damage: fixable in place, and needing a rebuild.
-    let damages: [(&str, &dyn Fn(&Geo)); 2] = [
+    type Damage<'a> = (&'a str, &'a dyn Fn(&Geo));
+    let damages: [Damage; 2] = [
         ("in-place", &|g: &Geo| {
             g.set_refcount(shared, 3);
             let at = g.l2_entry(0, 1);
@@ -694,7 +698,11 @@ fn crash_during_repair_never_makes_things_worse() {
         let corr0 = n(&v0, "corruptions");
         let bytes = std::fs::read(&img).unwrap();
         let all = Some(RepairMode::All);
-        let opts = CheckOptions { repair: all, mark_clean: true, progress: None };
+        let opts = CheckOptions {
+            repair: all,
+            mark_clean: true,
+            progress: None,
+        };
 
         let fs = FaultStorage::new(bytes.clone(), None);
         assert!(check(&fs, &opts).unwrap().is_clean(), "{name}");
@@ -729,12 +737,23 @@ fn crash_during_repair_never_makes_things_worse() {
 #[test]
 fn lazy_refcounts_crash_like_iotest_039() {
     let d = tempfile::tempdir().unwrap();
-    for o in ["compat=1.1,lazy_refcounts=on", "lazy_refcounts=on,cluster_size=512"] {
+    for o in [
+        "compat=1.1,lazy_refcounts=on",
+        "lazy_refcounts=on,cluster_size=512",
+    ] {
         let img = make(d.path(), "lazy.qcow2", o, "64M", &["write -P 0x11 0 64k"]);
         // qemu-io's "abort" kills it without a clean close.
         let out = run(
             "qemu-io",
-            &["-f", "qcow2", "-c", "write -P 0x5a 1M 512k", "-c", "abort", s(&img)],
+            &[
+                "-f",
+                "qcow2",
+                "-c",
+                "write -P 0x5a 1M 512k",
+                "-c",
+                "abort",
+                s(&img),
+            ],
         );
         assert!(!out.status.success());
         let g = Geo::new(&img);
@@ -748,9 +767,18 @@ fn lazy_refcounts_crash_like_iotest_039() {
         assert_eq!(repair(&img, "all"), 0, "{o}");
         assert_eq!(g.read(72) & 3, 0, "{o}: dirty/corrupt bits not cleared");
         assert_eq!(qemu_check(&img).0, 0, "{o}");
-        ok("qemu-io", &["-f", "qcow2", "-c", "read -P 0x5a 1M 512k", s(&img)]);
-        ok("qemu-io", &["-f", "qcow2", "-c", "read -P 0x11 0 64k", s(&img)]);
-        let o2 = run("qemu-io", &["-f", "qcow2", "-c", "read -P 0x5a 1M 512k", s(&img)]);
+        ok(
+            "qemu-io",
+            &["-f", "qcow2", "-c", "read -P 0x5a 1M 512k", s(&img)],
+        );
+        ok(
+            "qemu-io",
+            &["-f", "qcow2", "-c", "read -P 0x11 0 64k", s(&img)],
+        );
+        let o2 = run(
+            "qemu-io",
+            &["-f", "qcow2", "-c", "read -P 0x5a 1M 512k", s(&img)],
+        );
         assert!(!String::from_utf8_lossy(&o2.stdout).contains("Pattern verification failed"));
     }
 }
