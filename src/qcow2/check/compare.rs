@@ -92,6 +92,7 @@ pub(crate) fn check_copied(
     let what = if repair { "Repairing" } else { "ERROR" };
     let mut disk = OnDisk::new(st, img);
     let mut l2 = vec![0u8; cs as usize];
+    let guard = img.meta_guard(true);
     for (i, &l1e) in img.l1.iter().enumerate() {
         let l2_off = l1e & L1E_OFFSET_MASK;
         if l2_off == 0 {
@@ -153,8 +154,8 @@ pub(crate) fn check_copied(
         }
         if dirty > 0 {
             // Only rewrite a table that is where a table may be: aligned, inside the file,
-            // and not the header.
-            if l2_off & (cs - 1) != 0 || l2_off == 0 || l2_off >= img.file_len {
+            // and not the header or other metadata (QEMU's overlap check does the same).
+            if l2_off & (cs - 1) != 0 || l2_off >= img.file_len || guard.hits(l2_off >> cb) {
                 f.error(format!(
                     "ERROR: Could not write L2 table at {l2_off:#x}: not a valid table location"
                 ));

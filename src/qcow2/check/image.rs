@@ -233,3 +233,47 @@ impl Image {
         self.cb + 3 - self.header.refcount_order
     }
 }
+
+/// Clusters that hold metadata other than L2 tables, so that repair never rewrites an "L2
+/// table" that is really something else (a corrupt L1 entry can point anywhere).
+pub(crate) struct MetaGuard {
+    ranges: Vec<(u64, u64)>,
+    refblocks: std::collections::HashSet<u64>,
+}
+
+impl MetaGuard {
+    /// True when `cluster` holds the header, the refcount table or a block, the snapshot table
+    /// or (if asked for) an L1 table.
+    pub fn hits(&self, cluster: u64) -> bool {
+        self.refblocks.contains(&cluster)
+            || self.ranges.iter().any(|&(s, e)| (s..e).contains(&cluster))
+    }
+}
+
+impl Image {
+    pub fn meta_guard(&self, with_l1: bool) -> MetaGuard {
+        let cb = self.cb;
+        let range = |off: u64, len: u64| (off >> cb, off.saturating_add(len).div_ceil(self.cs));
+        let mut ranges = vec![
+            (0, 1),
+            range(self.header.refcount_table_offset, self.reftable_entries * 8),
+            range(self.header.snapshots_offset, self.snapshots_size),
+        ];
+        if with_l1 {
+            ranges.push(range(
+                self.header.l1_table_offset,
+                self.header.l1_size as u64 * 8,
+            ));
+            for s in &self.snapshots {
+                ranges.push(range(s.l1_table_offset, s.l1_size as u64 * 8));
+            }
+        }
+        let refblocks = self
+            .reftable
+            .iter()
+            .map(|e| (e & REFT_OFFSET_MASK) >> cb)
+            .filter(|&c| c != 0)
+            .collect();
+        MetaGuard { ranges, refblocks }
+    }
+}

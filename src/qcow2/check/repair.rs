@@ -37,7 +37,23 @@ pub(crate) fn run(
     // 1. Entries that reference nothing readable become zero clusters. This only drops
     //    references, so it goes first: a crash after it leaves leaks at worst.
     if mode == RepairMode::All && !first.fixes.is_empty() {
+        let (l1_guard, l2_guard) = (img.meta_guard(false), img.meta_guard(true));
         for fx in &first.fixes {
+            let cluster = fx.at >> img.cb;
+            let table_ok = if fx.in_l2 {
+                // The walk only records entries of aligned tables; this one must not be the
+                // header or any other metadata either.
+                !l2_guard.hits(cluster)
+            } else {
+                !l1_guard.hits(cluster)
+            };
+            if !table_ok || fx.at >= img.file_len {
+                log.note(format!(
+                    "Not repairing {}: the table overlaps other metadata",
+                    fx.why
+                ));
+                continue;
+            }
             log.note(format!("Repairing {}", fx.why));
             st.write_at(&fx.value.to_be_bytes(), fx.at)?;
         }

@@ -216,3 +216,27 @@ fn hostile_tables_do_not_panic() {
     }
     let _ = check(&MemStorage::from_vec(img), &CheckOptions::default());
 }
+
+#[test]
+fn repair_never_writes_into_other_metadata() {
+    // The L1 entry points at the refcount block as if it were an L2 table; an "entry" there
+    // looks like a data cluster past the end of the file. The entry fix (which runs while the
+    // block is still the refcount block) must not touch it.
+    let st = base_image();
+    with_data(&st);
+    st.write_at(&((1u64 << 40) | (1 << 63)).to_be_bytes(), 2 * CS + 64)
+        .unwrap();
+    st.write_at(&((2 * CS) | (1 << 63)).to_be_bytes(), 3 * CS + 8)
+        .unwrap();
+    let r = run(&st, None);
+    assert_eq!(r.exit_code(), 2, "{r:?}");
+    let r = run(&st, Some(RepairMode::All));
+    assert!(
+        r.messages
+            .iter()
+            .any(|m| m.starts_with("Not repairing L2 entry")),
+        "{r:?}"
+    );
+    // After the rebuild cluster 2 is only a (garbage) L2 table; nothing panics either way.
+    let _ = run(&st, Some(RepairMode::All));
+}

@@ -20,6 +20,8 @@ pub(crate) struct EntryFix {
     /// Byte offset of the entry in the file.
     pub at: u64,
     pub value: u64,
+    /// The entry is in an L2 table (else in an L1 table).
+    pub in_l2: bool,
     pub why: String,
 }
 
@@ -179,6 +181,7 @@ impl<'a> Walker<'a> {
                 self.f.fixes.push(EntryFix {
                     at: l1_off + 8 * i as u64,
                     value: 0,
+                    in_l2: false,
                     why: format!("L1 entry {i} points past the end of the file ({l2:#x})"),
                 });
             }
@@ -204,6 +207,9 @@ impl<'a> Walker<'a> {
             return Err(e.into());
         }
         let v3 = img.header.version >= 3;
+        // Repair only rewrites entries of tables that are where a table may be.
+        let fixable = l2_off != 0 && l2_off & (cs - 1) == 0;
+        let fixes_before = self.f.fixes.len();
         let mut next_contiguous = 0u64;
         for (i, c) in buf.chunks_exact(8).enumerate() {
             let mut a = [0u8; 8];
@@ -243,6 +249,7 @@ impl<'a> Walker<'a> {
                             self.f.fixes.push(EntryFix {
                                 at,
                                 value: OFLAG_ZERO,
+                                in_l2: true,
                                 why: format!("unaligned preallocated zero cluster {off:#x}"),
                             });
                         } else {
@@ -265,12 +272,16 @@ impl<'a> Walker<'a> {
                         self.f.fixes.push(EntryFix {
                             at,
                             value: if v3 { OFLAG_ZERO } else { 0 },
+                            in_l2: true,
                             why: format!("L2 entry points past the end of the file ({off:#x})"),
                         });
                     }
                 }
                 Kind::ZeroPlain | Kind::Unallocated => {}
             }
+        }
+        if !fixable {
+            self.f.fixes.truncate(fixes_before);
         }
         self.l2buf = buf;
         Ok(())
