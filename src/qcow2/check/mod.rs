@@ -10,6 +10,15 @@
 //!   blocks at the end of the file, switched in with one 12-byte header write), and fixes
 //!   OFLAG_COPIED in the active tables.
 //!
+//! The engine calls it on an image it has open exclusively (nothing else may write meanwhile),
+//! e.g. to repair a dirty lazy-refcounts image on a read-write open:
+//!
+//! ```text
+//! let opts = CheckOptions { repair: Some(RepairMode::All), mark_clean: true, progress: None };
+//! let report = check(storage.as_ref(), &opts)?;   // storage: Arc<dyn Storage>
+//! if !report.is_clean() { /* refuse to open read-write; report.messages say why */ }
+//! ```
+//!
 //! Write order during repair keeps a crash from making things worse: table entries that drop a
 //! reference are written (and flushed) before refcounts are lowered; a rebuilt refcount structure
 //! is written and flushed before the header points at it; COPIED is fixed only after the
