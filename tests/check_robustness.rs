@@ -267,12 +267,14 @@ fn engine_crash_leftovers_agree() {
     use std::io::IoSlice;
     use std::sync::Arc;
     use vhost_user_qcow2::block::BlockDevice;
+    use vhost_user_qcow2::qcow2::engine::OpenOptions as EngineOpen;
     use vhost_user_qcow2::qcow2::{create, CreateOptions, Qcow2};
     use vhost_user_qcow2::storage::{CrashMode, FaultStorage, MemStorage};
 
-    fn workload(st: Arc<FaultStorage>) {
-        let Ok(q) = Qcow2::open_storage(st, false, None, 0) else {
-            return;
+    /// Runs until the storage fails; returns how many flushes completed.
+    fn workload(st: Arc<FaultStorage>) -> usize {
+        let Ok(q) = Qcow2::open_storage(st, &EngineOpen::default(), None, 0) else {
+            return 0;
         };
         let ops: [(u64, u64, u8); 6] = [
             (0, 8192, 1),
@@ -282,20 +284,44 @@ fn engine_crash_leftovers_agree() {
             (5 << 20, 4096, 5),
             (7 << 20, 100 << 10, 6),
         ];
+        let mut flushes = 0;
         for (i, (off, len, v)) in ops.into_iter().enumerate() {
             if q.write_vectored(off, &[IoSlice::new(&vec![v; len as usize])])
                 .is_err()
             {
-                return;
+                return flushes;
             }
-            if i % 2 == 1 && q.flush().is_err() {
-                return;
+            if i % 2 == 1 {
+                if q.flush().is_err() {
+                    return flushes;
+                }
+                flushes += 1;
             }
             if i == 3 && q.discard(1 << 20, 4096).is_err() {
-                return;
+                return flushes;
             }
         }
         let _ = q.close();
+        flushes
+    }
+
+    /// (offset, length, byte) ranges that must read back once `flushes` flushes completed
+    /// (only ranges nothing touched after that flush).
+    fn durable(flushes: usize) -> Vec<(u64, u64, u8)> {
+        let steps: [&[(u64, u64, u8)]; 3] = [
+            &[
+                (0, 512, 1),
+                (1536, 8192 - 1536, 1),
+                ((1 << 20) + 4096, 8192, 2),
+            ],
+            &[(3 << 20, 64 << 10, 3), (512, 1024, 4)],
+            &[
+                (5 << 20, 4096, 5),
+                (7 << 20, 100 << 10, 6),
+                (1 << 20, 4096, 0),
+            ],
+        ];
+        steps[..flushes.min(3)].concat()
     }
 
     let d = tempfile::tempdir().unwrap();
@@ -316,7 +342,7 @@ fn engine_crash_leftovers_agree() {
         let mut codes = [0u32; 4];
         for n in 0..total {
             let st = Arc::new(FaultStorage::new(initial.clone(), Some(n)));
-            workload(st.clone());
+            let flushes = workload(st.clone());
             for mode in [CrashMode::FlushedOnly, CrashMode::RandomSubset(n * 13 + 5)] {
                 std::fs::write(&path, st.crashed_image(mode)).unwrap();
                 let code = agree(&path);
@@ -324,6 +350,16 @@ fn engine_crash_leftovers_agree() {
                 if code != 0 {
                     assert_eq!(repair(&path, "all"), 0, "lazy {lazy}, crash at {n}");
                     assert_eq!(qemu_check(&path).0, 0, "lazy {lazy}, crash at {n}");
+                }
+                // Nothing flushed is lost, repaired or not.
+                for (off, len, v) in durable(flushes) {
+                    let cmd = format!("read -P {v} {off} {len}");
+                    let o = run("qemu-io", &["-f", "qcow2", "-c", &cmd, s(&path)]);
+                    let out = String::from_utf8_lossy(&o.stdout);
+                    assert!(
+                        o.status.success() && !out.contains("verification failed"),
+                        "lazy {lazy}, crash at {n} ({mode:?}): {cmd}: {out}"
+                    );
                 }
             }
         }
