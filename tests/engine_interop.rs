@@ -275,11 +275,10 @@ fn unsupported_features_are_refused_by_name() {
     let df = d.join("data.raw");
     let img = create(d, "df.qcow2", &format!("data_file={}", s(&df)), "1M");
     assert!(open_err(&img, true).contains("external data file"));
-    // Unknown incompatible bit, corrupt bit (refused read-write only), dirty bit.
+    // Unknown incompatible bit, corrupt bit (refused read-write only).
     for (bit, rw_only, word) in [
         (1u64 << 40, false, "unknown incompatible"),
         (2, true, "corrupt"),
-        (1, true, "dirty"),
     ] {
         let img = create(d, "b.qcow2", "", "1M");
         let mut bytes = std::fs::read(&img).unwrap();
@@ -288,6 +287,54 @@ fn unsupported_features_are_refused_by_name() {
         assert!(open_err(&img, true).contains(word), "{word}");
         assert_eq!(Qcow2::open(&img, true).is_ok(), rw_only, "{word} read-only");
     }
+}
+
+/// QEMU iotest 039's "open for write auto-repairs": a dirty image whose refcounts lag behind its
+/// tables opens read-only as it is, and read-write after a repair, with the data intact.
+#[test]
+fn dirty_image_is_repaired_on_read_write_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = create(dir.path(), "d.qcow2", "lazy_refcounts=on", "64M");
+    // qemu-io with lazy refcounts, killed with abort: DIRTY stays set, refcounts are missing.
+    let (_, out) = common::run(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x5a 0 512k",
+            "-c",
+            "abort",
+            s(&img),
+        ],
+    );
+    let bytes = std::fs::read(&img).unwrap();
+    assert!(
+        bytes[79] & 1 != 0,
+        "qemu-io abort should leave DIRTY set: {out}"
+    );
+    let (code, _) = qemu_img(&["check", s(&img)]);
+    assert_eq!(code, 2, "refcounts lag behind the tables");
+    {
+        let q = Qcow2::open(&img, true).unwrap();
+        assert!(
+            read(&q, 0, 512 << 10).iter().all(|&b| b == 0x5a),
+            "read-only access works"
+        );
+    }
+    {
+        let q = Qcow2::open(&img, false).unwrap();
+        assert!(read(&q, 0, 512 << 10).iter().all(|&b| b == 0x5a));
+        write(&q, 1 << 20, &[0x6b; 4096]);
+        q.close().unwrap();
+    }
+    assert_eq!(std::fs::read(&img).unwrap()[79] & 1, 0, "DIRTY cleared");
+    assert_check_clean(&img);
+    qemu_io(
+        &img,
+        "qcow2",
+        &["read -P 0x5a 0 512k", "read -P 0x6b 1M 4k"],
+    );
 }
 
 #[test]

@@ -19,8 +19,6 @@ pub enum Qcow2Error {
         "the image is marked corrupt; repair it with `vhost-user-qcow2 check --repair all` first"
     )]
     MarkedCorrupt,
-    #[error("the image is marked dirty (lazy refcounts were in use); repair it with `vhost-user-qcow2 check --repair all`")]
-    Dirty,
     #[error("backing file {path}: {source}")]
     Backing {
         path: String,

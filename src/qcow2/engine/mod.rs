@@ -87,6 +87,9 @@ impl Qcow2 {
     ) -> Result<Qcow2> {
         let read_only = opts.read_only;
         let s = storage.as_ref();
+        if !read_only {
+            repair_if_dirty(s)?;
+        }
         let file_len = s.len()?;
         let mut probe = [0u8; Header::PROBE_LEN];
         s.read_at(&mut probe, 0)?;
@@ -253,6 +256,44 @@ impl Drop for Qcow2 {
     }
 }
 
+/// A dirty image (lazy refcounts, not closed cleanly) is repaired before a read-write open:
+/// refcounts rebuilt from the tables, COPIED flags fixed, DIRTY cleared.
+fn repair_if_dirty(s: &dyn Storage) -> Result<()> {
+    let mut probe = [0u8; Header::PROBE_LEN];
+    s.read_at(&mut probe, 0)?;
+    let version = u32::from_be_bytes([probe[4], probe[5], probe[6], probe[7]]);
+    let incompat = u64::from_be_bytes(probe[72..80].try_into().unwrap_or([0; 8]));
+    if version < 3 || incompat & INCOMPAT_DIRTY == 0 || incompat & INCOMPAT_CORRUPT != 0 {
+        return Ok(());
+    }
+    log::warn!("the image is dirty (lazy refcounts, not closed cleanly): repairing it");
+    let t0 = std::time::Instant::now();
+    let opts = crate::qcow2::check::CheckOptions {
+        repair: Some(crate::qcow2::check::RepairMode::All),
+        mark_clean: true,
+        progress: None,
+    };
+    let r = crate::qcow2::check::check(s, &opts)
+        .map_err(|e| Qcow2Error::corrupt(format!("repairing the dirty image failed: {e}")))?;
+    for m in r.messages.iter().take(20) {
+        log::info!("repair: {m}");
+    }
+    log::warn!(
+        "repair done in {:.2?}: {} corruptions and {} leaks fixed, {} corruptions left",
+        t0.elapsed(),
+        r.corruptions_fixed,
+        r.leaks_fixed,
+        r.corruptions
+    );
+    if r.corruptions > 0 {
+        return Err(Qcow2Error::corrupt(format!(
+            "{} corruptions remain after repair; run `vhost-user-qcow2 check` for details",
+            r.corruptions
+        )));
+    }
+    Ok(())
+}
+
 /// Refuse what this engine cannot serve, naming the feature.
 fn validate_features(h: &Header, read_only: bool) -> Result<()> {
     if h.crypt_method != 0 {
@@ -287,9 +328,6 @@ fn validate_features(h: &Header, read_only: bool) -> Result<()> {
     }
     if !read_only && inc & INCOMPAT_CORRUPT != 0 {
         return Err(Qcow2Error::MarkedCorrupt);
-    }
-    if !read_only && inc & INCOMPAT_DIRTY != 0 {
-        return Err(Qcow2Error::Dirty);
     }
     Ok(())
 }
