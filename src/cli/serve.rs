@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use vhost_user_qcow2::block::BlockDevice;
+use vhost_user_qcow2::qcow2::engine::OverlapMode;
 use vhost_user_qcow2::qcow2::{OpenOptions, Qcow2};
 use vhost_user_qcow2::raw::RawDisk;
 use vhost_user_qcow2::storage::lock::ImageLock;
@@ -43,6 +44,9 @@ pub struct ServeArgs {
     /// Seconds between writes of refcounts held back by lazy refcounts.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub refcount_flush_interval: u64,
+    /// Metadata overlap checks before every write: none, constant, cached or all.
+    #[arg(long, default_value = "all", value_parser = clap::value_parser!(OverlapMode))]
+    pub overlap_check: OverlapMode,
     /// Permission bits of the socket file, in octal.
     #[arg(long, default_value = "600", value_parser = parse_mode)]
     pub socket_mode: u32,
@@ -81,7 +85,12 @@ pub struct OpenImage {
 }
 
 /// Lock and open an image: qcow2 by its magic, anything else as raw.
-pub fn open_device(path: &Path, read_only: bool, lazy: Lazy) -> anyhow::Result<OpenImage> {
+pub fn open_device(
+    path: &Path,
+    read_only: bool,
+    lazy: Lazy,
+    overlap_check: OverlapMode,
+) -> anyhow::Result<OpenImage> {
     let mut magic = [0u8; 4];
     let n = File::open(path)
         .and_then(|mut f| f.read(&mut magic))
@@ -96,6 +105,7 @@ pub fn open_device(path: &Path, read_only: bool, lazy: Lazy) -> anyhow::Result<O
                 Lazy::Off => Some(false),
                 Lazy::Auto => None,
             },
+            overlap_check,
         };
         let q = Arc::new(
             Qcow2::open_with(path, &opts)
@@ -126,7 +136,12 @@ pub fn open_device(path: &Path, read_only: bool, lazy: Lazy) -> anyhow::Result<O
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let image = open_device(&args.image, args.read_only, args.lazy_refcounts)?;
+    let image = open_device(
+        &args.image,
+        args.read_only,
+        args.lazy_refcounts,
+        args.overlap_check,
+    )?;
     let serial = args.serial.clone().unwrap_or_else(|| {
         let stem = args
             .image

@@ -32,6 +32,12 @@ pub enum Qcow2Error {
     },
     #[error("the image is read-only")]
     ReadOnly,
+    #[error("metadata overlap: a write of {len} bytes at {offset:#x} would overwrite the {kind}")]
+    Overlap {
+        kind: &'static str,
+        offset: u64,
+        len: u64,
+    },
     #[error("invalid argument: {0}")]
     Invalid(String),
 }
@@ -58,6 +64,7 @@ impl From<Qcow2Error> for BlockError {
             },
             Qcow2Error::ReadOnly => BlockError::ReadOnly,
             Qcow2Error::Corrupt(m) => BlockError::Corrupt(m),
+            e @ Qcow2Error::Overlap { .. } => BlockError::Corrupt(e.to_string()),
             other => BlockError::Corrupt(other.to_string()),
         }
     }

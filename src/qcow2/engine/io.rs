@@ -203,6 +203,10 @@ impl Qcow2 {
 
     /// Write `bufs` at guest `offset`.
     pub fn write(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
+        self.note_error(self.write_inner(offset, bufs))
+    }
+
+    fn write_inner(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
         if self.read_only {
             return Err(Qcow2Error::ReadOnly);
         }
@@ -266,6 +270,9 @@ impl Qcow2 {
         let cs = self.g.cluster_size();
         let s = self.storage.as_ref();
         let mut m = self.lock();
+        if m.corrupt {
+            return Err(Qcow2Error::MarkedCorrupt);
+        }
         'retry: loop {
             let mut chunks = Vec::new();
             let mut need = 0u64;
@@ -335,6 +342,21 @@ impl Qcow2 {
                         *fresh = past_eof;
                         next += cs;
                     }
+                }
+            }
+            // Overlap checks: no data write may land on metadata.
+            for c in &chunks {
+                let (lo, hi) = c.host_range(cs);
+                if let Err(e) = m.rc.guard(lo, hi - lo, 0) {
+                    for c in &chunks {
+                        if let WKind::Alloc {
+                            host, reuse: false, ..
+                        } = c.kind
+                        {
+                            m.unalloc_data(s, host, 1)?;
+                        }
+                    }
+                    return Err(e);
                 }
             }
             for c in &chunks {

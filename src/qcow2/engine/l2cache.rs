@@ -84,8 +84,12 @@ impl L2Cache {
         self.map.values().any(|s| s.dirty)
     }
 
-    /// Write every dirty table (no sync).
-    pub(crate) fn write_dirty(&mut self, s: &dyn Storage) -> io::Result<()> {
+    /// Write every dirty table (no sync), each after `guard` allows it.
+    pub(crate) fn write_dirty<E: From<io::Error>>(
+        &mut self,
+        s: &dyn Storage,
+        guard: impl Fn(u64) -> Result<(), E>,
+    ) -> Result<(), E> {
         let mut keys: Vec<u64> = self
             .map
             .iter()
@@ -94,6 +98,7 @@ impl L2Cache {
             .collect();
         keys.sort_unstable();
         for k in keys {
+            guard(k)?;
             if let Some(slot) = self.map.get_mut(&k) {
                 s.write_at(&crate::qcow2::format::encode_table(&slot.entries), k)?;
                 slot.dirty = false;

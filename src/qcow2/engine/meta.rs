@@ -6,9 +6,10 @@
 //! unlinked it is durable and after every data I/O that was planned before the unlink finished.
 
 use super::l2cache::L2Cache;
+use super::overlap::kind;
 use super::refcount::Refcounts;
 use crate::qcow2::error::{Qcow2Error, Result};
-use crate::qcow2::format::header::{INCOMPAT_DIRTY, OFF_INCOMPATIBLE};
+use crate::qcow2::format::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY, OFF_INCOMPATIBLE};
 use crate::qcow2::format::{self, L1Entry, L2Entry};
 use crate::storage::Storage;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -66,6 +67,8 @@ pub(crate) struct Meta {
     pub lazy: bool,
     /// The incompatible feature bits as they are on disk.
     pub incompatible: u64,
+    /// An overlap check fired: no more metadata or data writes.
+    pub corrupt: bool,
     /// A cluster was linked since the last sync whose data must reach the disk before its L2
     /// entry (it had bytes to copy, or it was not fresh past the end of the file).
     pub data_before_l2: bool,
@@ -98,6 +101,7 @@ impl Meta {
             file_len,
             stats: EngineStats::default(),
             lazy: false,
+            corrupt: false,
             incompatible: 0,
             data_before_l2: false,
         }
@@ -225,8 +229,8 @@ impl Meta {
                     return Ok(off.0);
                 }
                 let copy = self.l2.get(off.0).cloned().unwrap_or_default();
-                let new = self.rc.alloc(s, 1)? * cs;
-                self.stats.clusters_allocated += 1;
+                let new = self.new_l2_cluster(s)?;
+                self.rc.map.remove(off.0 / cs, 1, kind::ACTIVE_L2);
                 self.make_room(s)?;
                 self.l2.insert(new, copy, true);
                 self.l1[i] = L1Entry::encode(crate::qcow2::offsets::HostOffset(new), true);
@@ -235,8 +239,7 @@ impl Meta {
                 Ok(new)
             }
             None => {
-                let new = self.rc.alloc(s, 1)? * cs;
-                self.stats.clusters_allocated += 1;
+                let new = self.new_l2_cluster(s)?;
                 self.make_room(s)?;
                 self.l2
                     .insert(new, vec![0u64; 1usize << self.g.l2_bits], true);
@@ -245,6 +248,20 @@ impl Meta {
                 Ok(new)
             }
         }
+    }
+
+    /// Take a cluster for a new L2 table and mark it in the overlap map.
+    fn new_l2_cluster(&mut self, s: &dyn Storage) -> Result<u64> {
+        let cs = self.g.cluster_size();
+        let new = self.rc.alloc(s, 1)? * cs;
+        self.stats.clusters_allocated += 1;
+        if let Err(e) = self.rc.guard(new, cs, 0) {
+            // A cluster with refcount 0 that holds metadata: the refcounts are wrong.
+            self.rc.add(s, new / cs, -1)?;
+            return Err(e);
+        }
+        self.rc.map.add(new / cs, 1, kind::ACTIVE_L2);
+        Ok(new)
     }
 
     /// Point guest cluster `gc` at `entry` (in the cache; durable at the next flush).
@@ -321,6 +338,10 @@ impl Meta {
     /// Make every metadata change durable, in crash-safe order, then apply waiting frees.
     pub(crate) fn flush(&mut self, s: &dyn Storage) -> Result<()> {
         self.stats.metadata_flushes += 1;
+        if self.corrupt {
+            // Nothing more is written into a corrupt image's metadata.
+            return Ok(s.flush()?);
+        }
         let l2_dirty = self.l2.has_dirty();
         let l1_dirty = !self.l1_dirty.is_empty();
         let mut sync_first = self.data_before_l2;
@@ -343,7 +364,9 @@ impl Meta {
             }
             self.data_before_l2 = false;
             if l2_dirty {
-                self.l2.write_dirty(s)?;
+                let (rc, cs) = (&self.rc, self.g.cluster_size());
+                self.l2
+                    .write_dirty(s, |off| rc.guard(off, cs, kind::ACTIVE_L2))?;
             }
             if l1_dirty {
                 if l2_dirty {
@@ -352,9 +375,13 @@ impl Meta {
                 let idx: Vec<usize> = std::mem::take(&mut self.l1_dirty).into_iter().collect();
                 for i in idx {
                     let off = self.l1_offset + i as u64 * 8;
-                    if let Err(e) = s.write_at(&self.l1[i].to_be_bytes(), off) {
+                    let r = self
+                        .rc
+                        .guard(off, 8, kind::ACTIVE_L1)
+                        .and_then(|_| Ok(s.write_at(&self.l1[i].to_be_bytes(), off)?));
+                    if let Err(e) = r {
                         self.l1_dirty.insert(i);
-                        return Err(e.into());
+                        return Err(e);
                     }
                 }
             }
@@ -378,8 +405,20 @@ impl Meta {
         Ok(())
     }
 
+    /// Set the CORRUPT bit (synced) after an overlap check fired; later writes are refused.
+    pub(crate) fn mark_corrupt(&mut self, s: &dyn Storage) -> Result<()> {
+        self.corrupt = true;
+        if self.g.version >= 3 && self.incompatible & INCOMPAT_CORRUPT == 0 {
+            self.set_incompatible(s, self.incompatible | INCOMPAT_CORRUPT)?;
+        }
+        Ok(())
+    }
+
     /// Write every held-back refcount change, sync, and clear the DIRTY bit.
     pub(crate) fn write_refcounts(&mut self, s: &dyn Storage) -> Result<()> {
+        if self.corrupt {
+            return Ok(());
+        }
         if self.rc.has_dirty() {
             self.rc.write_dirty(s)?;
             s.flush()?;

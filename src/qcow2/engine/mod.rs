@@ -11,17 +11,20 @@ mod io;
 mod iov;
 mod l2cache;
 mod meta;
+pub mod overlap;
 mod refcount;
 mod zero;
 
 pub use backing::resolve as resolve_backing;
 pub use meta::EngineStats;
+pub use overlap::OverlapMode;
 
 use crate::block::{BlockDevice, BlockError};
 use crate::qcow2::error::{Qcow2Error, Result};
 use crate::qcow2::format::{self, header::*, Header};
 use crate::storage::{FileStorage, Storage};
 use meta::{Geometry, Meta};
+use overlap::MetadataMap;
 use std::io::{IoSlice, IoSliceMut};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,6 +42,8 @@ pub struct OpenOptions {
     pub read_only: bool,
     /// Lazy refcounts: None follows the image's compatible bit (v3 only).
     pub lazy_refcounts: Option<bool>,
+    /// Which metadata every write is checked against.
+    pub overlap_check: OverlapMode,
 }
 
 impl OpenOptions {
@@ -60,7 +65,11 @@ pub struct Qcow2 {
     backing: Option<Arc<dyn BlockDevice>>,
     read_only: bool,
     closed: AtomicBool,
+    on_corrupt: Mutex<Option<CorruptionListener>>,
 }
+
+/// Called once when an overlap check marks the image corrupt, with a description.
+pub type CorruptionListener = Box<dyn Fn(&str) + Send + Sync>;
 
 impl Qcow2 {
     /// Open the image file at `path`.
@@ -135,13 +144,17 @@ impl Qcow2 {
         let mut l1b = vec![0u8; l1_bytes as usize];
         s.read_at(&mut l1b, h.l1_table_offset)?;
         let l1 = format::decode_table(&l1b);
-        let rc = refcount::Refcounts::load(
+        let mut rc = refcount::Refcounts::load(
             s,
             cb,
             h.refcount_order,
             h.refcount_table_offset,
             h.refcount_table_clusters as u64,
         )?;
+        if opts.overlap_check != OverlapMode::None {
+            rc.map = metadata_map(s, &h, &l1, &rc)?;
+        }
+        rc.check_mask = opts.overlap_check.mask();
         let backing = match &h.backing_file {
             Some(name) if !name.is_empty() => {
                 let path = backing::resolve(name, dir);
@@ -172,6 +185,7 @@ impl Qcow2 {
             backing,
             read_only,
             closed: AtomicBool::new(false),
+            on_corrupt: Mutex::new(None),
         };
         if !read_only && img.header.version >= 3 && img.header.autoclear_features != 0 {
             // We keep no bitmaps or raw external data in sync: say so, as QEMU does for bits it
@@ -212,12 +226,45 @@ impl Qcow2 {
 
     /// Make everything durable (data and metadata).
     pub fn flush_all(&self) -> Result<()> {
-        let mut m = self.lock();
-        if m.is_dirty() {
-            m.flush(self.storage.as_ref())
-        } else {
-            Ok(self.storage.flush()?)
+        let r = {
+            let mut m = self.lock();
+            if m.is_dirty() {
+                m.flush(self.storage.as_ref())
+            } else {
+                Ok(self.storage.flush()?)
+            }
+        };
+        self.note_error(r)
+    }
+
+    /// Be told when an overlap check marks the image corrupt (for QMP events).
+    pub fn set_corruption_listener(&self, f: CorruptionListener) {
+        *self.on_corrupt.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
+    }
+
+    /// True once an overlap check has fired: writes are refused, reads still work.
+    pub fn is_corrupt(&self) -> bool {
+        self.lock().corrupt
+    }
+
+    /// After an error: if it is an overlap, set the CORRUPT bit, log it and tell the listener.
+    pub(crate) fn note_error<T>(&self, r: Result<T>) -> Result<T> {
+        if let Err(e @ Qcow2Error::Overlap { .. }) = &r {
+            let msg = e.to_string();
+            log::error!("{msg}; marking the image corrupt (reads go on, writes are refused)");
+            if let Err(e2) = self.lock().mark_corrupt(self.storage.as_ref()) {
+                log::error!("could not set the corrupt bit: {e2}");
+            }
+            if let Some(f) = self
+                .on_corrupt
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+            {
+                f(&msg);
+            }
         }
+        r
     }
 
     /// Write the refcount changes that lazy refcounts held back and clear the DIRTY bit. The
@@ -254,6 +301,76 @@ impl Drop for Qcow2 {
             log::error!("closing the image failed: {e}");
         }
     }
+}
+
+/// Every metadata cluster of the image, by kind: header, active and inactive (snapshot) L1 and L2
+/// tables, refcount table and blocks, snapshot table, bitmap directory.
+fn metadata_map(
+    s: &dyn Storage,
+    h: &Header,
+    l1: &[u64],
+    rc: &refcount::Refcounts,
+) -> Result<MetadataMap> {
+    use overlap::kind;
+    let cs = h.cluster_size();
+    let clusters = |off: u64, len: u64| (off / cs, (off % cs + len).div_ceil(cs).max(1));
+    let mut m = MetadataMap::new();
+    m.add(0, 1, kind::HEADER);
+    let (f, n) = clusters(h.l1_table_offset, h.l1_size as u64 * 8);
+    m.add(f, n, kind::ACTIVE_L1);
+    let l2s = |m: &mut MetadataMap, table: &[u64], k: u16| {
+        for &e in table {
+            let off = e & format::entries::L1E_OFFSET_MASK;
+            if off != 0 {
+                m.add(off / cs, 1, k);
+            }
+        }
+    };
+    l2s(&mut m, l1, kind::ACTIVE_L2);
+    let (rt, rtc) = rc.table_location();
+    m.add(rt / cs, rtc, kind::REFCOUNT_TABLE);
+    for off in rc.block_offsets() {
+        m.add(off / cs, 1, kind::REFCOUNT_BLOCK);
+    }
+    if h.nb_snapshots > 0 {
+        let file_len = s.len()?;
+        let mut want = 64u64 << 10;
+        let (snaps, bytes) = loop {
+            let len = want.min(file_len.saturating_sub(h.snapshots_offset));
+            let mut buf = vec![0u8; len as usize];
+            s.read_at(&mut buf, h.snapshots_offset)?;
+            match format::snapshot::decode_table(&buf, h.nb_snapshots) {
+                Ok(r) => break r,
+                Err(_) if want < 64 << 20 && len == want => want *= 4,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let (f, n) = clusters(h.snapshots_offset, bytes as u64);
+        m.add(f, n, kind::SNAPSHOT_TABLE);
+        for sn in snaps {
+            let len = sn.l1_size as u64 * 8;
+            if len > MAX_L1_BYTES || sn.l1_table_offset % cs != 0 {
+                return Err(Qcow2Error::corrupt(format!(
+                    "snapshot {:?} has an invalid L1 table",
+                    sn.name
+                )));
+            }
+            let (f, n) = clusters(sn.l1_table_offset, len);
+            m.add(f, n, kind::INACTIVE_L1);
+            let mut buf = vec![0u8; len as usize];
+            s.read_at(&mut buf, sn.l1_table_offset)?;
+            l2s(&mut m, &format::decode_table(&buf), kind::INACTIVE_L2);
+        }
+    }
+    if let Some(ext) = h.extension(EXT_BITMAPS).filter(|e| e.len() >= 24) {
+        let size = u64::from_be_bytes(ext[8..16].try_into().unwrap_or([0; 8]));
+        let off = u64::from_be_bytes(ext[16..24].try_into().unwrap_or([0; 8]));
+        if size > 0 && size <= 64 << 20 {
+            let (f, n) = clusters(off, size);
+            m.add(f, n, kind::BITMAP_DIRECTORY);
+        }
+    }
+    Ok(m)
 }
 
 /// A dirty image (lazy refcounts, not closed cleanly) is repaired before a read-write open:

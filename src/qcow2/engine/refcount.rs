@@ -5,6 +5,7 @@
 //! `write_dirty`; the caller orders that against L2 writes (see docs/design.md).
 //! New refcount blocks and a grown refcount table are written and synced before they are linked.
 
+use super::overlap::{kind, MetadataMap, OverlapMode};
 use crate::qcow2::error::{Qcow2Error, Result};
 use crate::qcow2::format::{self, header, refblock};
 use crate::storage::Storage;
@@ -29,6 +30,10 @@ pub(crate) struct Refcounts {
     free_hint: u64,
     /// First cluster index past everything referenced by the refcount structures we know of.
     pub(crate) allocations: u64,
+    /// Where the metadata is (kept here since the allocator places refcount structures).
+    pub(crate) map: MetadataMap,
+    /// Kinds of metadata every write is checked against.
+    pub(crate) check_mask: u16,
 }
 
 /// Largest refcount table QEMU accepts (8 MiB).
@@ -86,11 +91,31 @@ impl Refcounts {
             blocks: HashMap::new(),
             free_hint: 0,
             allocations: 0,
+            map: MetadataMap::new(),
+            check_mask: OverlapMode::All.mask(),
         })
     }
 
     fn cs(&self) -> u64 {
         1u64 << self.cluster_bits
+    }
+
+    /// Refuse a write of `len` bytes at `off` that would touch metadata other than `ignore`.
+    pub(crate) fn guard(&self, off: u64, len: u64, ignore: u16) -> Result<()> {
+        let cb = self.cluster_bits;
+        let first = off >> cb;
+        let n = (off.saturating_add(len.max(1)) - 1) >> cb;
+        match self
+            .map
+            .find(first, n - first + 1, self.check_mask & !ignore)
+        {
+            None => Ok(()),
+            Some(o) => Err(Qcow2Error::Overlap {
+                kind: kind::name(o.kind),
+                offset: off,
+                len,
+            }),
+        }
     }
 
     fn block(&mut self, s: &dyn Storage, b: u64) -> Result<Option<&mut Block>> {
@@ -199,9 +224,12 @@ impl Refcounts {
             .ok_or_else(|| Qcow2Error::corrupt("refcount block offset overflow"))?;
         let mut data = vec![0u8; cs as usize];
         refblock::set(&mut data, 0, self.order, 1);
+        self.guard(first, cs, 0)?;
         s.write_at(&data, first)?;
         s.flush()?;
+        self.map.add(first / cs, 1, kind::REFCOUNT_BLOCK);
         self.table[b as usize] = first;
+        self.guard(self.table_offset + b * 8, 8, kind::REFCOUNT_TABLE)?;
         s.write_at(&first.to_be_bytes(), self.table_offset + b * 8)?;
         s.flush()?;
         self.blocks.insert(b, Block { data, dirty: false });
@@ -237,6 +265,7 @@ impl Refcounts {
             .checked_mul(cs)
             .ok_or_else(|| Qcow2Error::corrupt("refcount area offset overflow"))?;
         let used = k + t_clusters; // clusters taken by the new blocks and the table
+        self.guard(base, used * cs, 0)?;
         let mut new_blocks = Vec::with_capacity(k as usize);
         for j in 0..k {
             let mut data = vec![0u8; cs as usize];
@@ -260,6 +289,14 @@ impl Refcounts {
         hdr[8..].copy_from_slice(&(t_clusters as u32).to_be_bytes());
         s.write_at(&hdr, header::OFF_REFCOUNT_TABLE)?;
         s.flush()?;
+        self.map.add(first_cluster, k, kind::REFCOUNT_BLOCK);
+        self.map
+            .add(first_cluster + k, t_clusters, kind::REFCOUNT_TABLE);
+        self.map.remove(
+            self.table_offset / cs,
+            self.table_clusters,
+            kind::REFCOUNT_TABLE,
+        );
         let (old_off, old_clusters) = (self.table_offset, self.table_clusters);
         self.table = table;
         self.table_offset = table_off;
@@ -295,6 +332,7 @@ impl Refcounts {
         keys.sort_unstable();
         for k in keys {
             let off = self.table[k as usize];
+            self.guard(off, self.cs(), kind::REFCOUNT_BLOCK)?;
             if let Some(blk) = self.blocks.get_mut(&k) {
                 s.write_at(&blk.data, off)?;
                 blk.dirty = false;
@@ -304,13 +342,11 @@ impl Refcounts {
     }
 
     /// Where the refcount table lives (offset, clusters).
-    #[cfg(test)]
     pub(crate) fn table_location(&self) -> (u64, u64) {
         (self.table_offset, self.table_clusters)
     }
 
     /// Offsets of all refcount blocks.
-    #[cfg(test)]
     pub(crate) fn block_offsets(&self) -> impl Iterator<Item = u64> + '_ {
         self.table.iter().copied().filter(|&o| o != 0)
     }

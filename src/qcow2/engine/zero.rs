@@ -16,6 +16,10 @@ const BATCH: u64 = 4096;
 
 impl Qcow2 {
     pub(crate) fn zero_range(&self, offset: u64, len: u64, mode: Mode) -> Result<()> {
+        self.note_error(self.zero_range_inner(offset, len, mode))
+    }
+
+    fn zero_range_inner(&self, offset: u64, len: u64, mode: Mode) -> Result<()> {
         if self.read_only {
             return Err(Qcow2Error::ReadOnly);
         }
@@ -63,6 +67,9 @@ impl Qcow2 {
     fn zero_clusters(&self, from: u64, to: u64, mode: Mode) -> Result<()> {
         let s = self.storage.as_ref();
         let mut m = self.lock();
+        if m.corrupt {
+            return Err(Qcow2Error::MarkedCorrupt);
+        }
         while (from..to).any(|gc| m.inflight.contains(&gc)) {
             m = self.wait(m);
         }
