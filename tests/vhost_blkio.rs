@@ -89,7 +89,11 @@ fn two_queues_write_read_verify_at_depth() {
     let dev = Arc::new(RawDisk::open(img.path(), false).unwrap());
     let server = Server::start(dev, 2);
     let mut c = Client::connect(&server.socket, 2, false).unwrap();
-    // One worker thread per queue.
+    // One worker thread per queue (threads of an earlier test's daemon may still be exiting).
+    let t0 = Instant::now();
+    while threads_named("vring_worker") != 2 && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(threads_named("vring_worker"), 2);
     let bs = 64 * 1024;
     // Each queue writes DEPTH requests at once into its own half of the disk, several rounds.

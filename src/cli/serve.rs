@@ -39,11 +39,14 @@ pub struct ServeArgs {
     #[arg(long, value_enum, default_value_t = OnOff::On)]
     pub writeback: OnOff,
     /// Lazy refcounts: on, off, or auto (follow the image's lazy-refcounts bit).
-    #[arg(long, value_enum, default_value_t = Lazy::Auto)]
-    pub lazy_refcounts: Lazy,
+    #[arg(long, value_enum, default_value_t = OnOffAuto::Auto)]
+    pub lazy_refcounts: OnOffAuto,
     /// Seconds between writes of refcounts held back by lazy refcounts.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub refcount_flush_interval: u64,
+    /// Inline deduplication: on, off, or auto (what the image records).
+    #[arg(long, value_enum, default_value_t = OnOffAuto::Auto)]
+    pub dedup: OnOffAuto,
     /// Metadata overlap checks before every write: none, constant, cached or all.
     #[arg(long, default_value = "all", value_parser = clap::value_parser!(OverlapMode))]
     pub overlap_check: OverlapMode,
@@ -53,7 +56,7 @@ pub struct ServeArgs {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Lazy {
+pub enum OnOffAuto {
     On,
     Off,
     Auto,
@@ -88,8 +91,9 @@ pub struct OpenImage {
 pub fn open_device(
     path: &Path,
     read_only: bool,
-    lazy: Lazy,
+    lazy: OnOffAuto,
     overlap_check: OverlapMode,
+    dedup: OnOffAuto,
 ) -> anyhow::Result<OpenImage> {
     let mut magic = [0u8; 4];
     let n = File::open(path)
@@ -101,22 +105,24 @@ pub fn open_device(
         let opts = OpenOptions {
             read_only,
             lazy_refcounts: match lazy {
-                Lazy::On => Some(true),
-                Lazy::Off => Some(false),
-                Lazy::Auto => None,
+                OnOffAuto::On => Some(true),
+                OnOffAuto::Off => Some(false),
+                OnOffAuto::Auto => None,
             },
             overlap_check,
+            dedup: dedup == OnOffAuto::On,
         };
         let q = Arc::new(
             Qcow2::open_with(path, &opts)
                 .with_context(|| format!("cannot open image {}", path.display()))?,
         );
         log::info!(
-            "serving qcow2 image {} ({} bytes, {} byte clusters, lazy refcounts {})",
+            "serving qcow2 image {} ({} bytes, {} byte clusters, lazy refcounts {}, dedup {})",
             path.display(),
             q.capacity(),
             q.cluster_size(),
-            if q.lazy_refcounts() { "on" } else { "off" }
+            if q.lazy_refcounts() { "on" } else { "off" },
+            if q.dedup_enabled() { "on" } else { "off" }
         );
         return Ok(OpenImage {
             granularity: u32::try_from(q.cluster_size()).unwrap_or(u32::MAX),
@@ -141,6 +147,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         args.read_only,
         args.lazy_refcounts,
         args.overlap_check,
+        args.dedup,
     )?;
     let serial = args.serial.clone().unwrap_or_else(|| {
         let stem = args

@@ -123,7 +123,12 @@ impl Qcow2 {
             m.begin_io()
         };
         let r = self.read_segments(bufs, &segs);
-        self.lock().end_io(seq);
+        let mut m = self.lock();
+        m.end_io(seq);
+        if m.barrier_waiters > 0 {
+            drop(m);
+            self.cond.notify_all();
+        }
         r
     }
 
@@ -203,10 +208,20 @@ impl Qcow2 {
 
     /// Write `bufs` at guest `offset`.
     pub fn write(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
-        self.note_error(self.write_inner(offset, bufs))
+        if self.read_only {
+            return Err(Qcow2Error::ReadOnly);
+        }
+        self.check_range(offset, iov::len(bufs))?;
+        let r = if self.dedup_enabled() {
+            self.write_dedup(offset, bufs)
+        } else {
+            self.write_plain(offset, bufs)
+        };
+        self.note_error(r)
     }
 
-    fn write_inner(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
+    /// The write path without dedup.
+    pub(crate) fn write_plain(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
         if self.read_only {
             return Err(Qcow2Error::ReadOnly);
         }
@@ -242,7 +257,7 @@ impl Qcow2 {
                             ) {
                                 m.stats.cow_clusters += 1;
                             }
-                            m.release(s, old)?;
+                            m.release(s, c.gc, old)?;
                         }
                         Ok(())
                     });

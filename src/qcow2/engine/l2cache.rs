@@ -90,19 +90,30 @@ impl L2Cache {
         s: &dyn Storage,
         guard: impl Fn(u64) -> Result<(), E>,
     ) -> Result<(), E> {
-        let mut keys: Vec<u64> = self
+        let keys: Vec<u64> = self
             .map
             .iter()
             .filter(|(_, s)| s.dirty)
             .map(|(&k, _)| k)
             .collect();
+        self.write_tables(s, keys, guard)
+    }
+
+    /// Write the dirty tables among `keys` (no sync), each after `guard` allows it.
+    pub(crate) fn write_tables<E: From<io::Error>>(
+        &mut self,
+        s: &dyn Storage,
+        mut keys: Vec<u64>,
+        guard: impl Fn(u64) -> Result<(), E>,
+    ) -> Result<(), E> {
         keys.sort_unstable();
         for k in keys {
+            let Some(slot) = self.map.get_mut(&k).filter(|s| s.dirty) else {
+                continue;
+            };
             guard(k)?;
-            if let Some(slot) = self.map.get_mut(&k) {
-                s.write_at(&crate::qcow2::format::encode_table(&slot.entries), k)?;
-                slot.dirty = false;
-            }
+            s.write_at(&crate::qcow2::format::encode_table(&slot.entries), k)?;
+            slot.dirty = false;
         }
         Ok(())
     }

@@ -12,7 +12,7 @@ use crate::qcow2::error::{Qcow2Error, Result};
 use crate::qcow2::format::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY, OFF_INCOMPATIBLE};
 use crate::qcow2::format::{self, L1Entry, L2Entry};
 use crate::storage::Storage;
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 /// Fixed facts about an open image.
 #[derive(Clone, Copy, Debug)]
@@ -69,6 +69,21 @@ pub(crate) struct Meta {
     pub incompatible: u64,
     /// An overlap check fired: no more metadata or data writes.
     pub corrupt: bool,
+    /// Inline deduplication state, when it is on.
+    pub dedup: Option<super::dedup::Dedup>,
+    /// Threads waiting for older I/O to finish (dedup verification): reads must wake them.
+    pub barrier_waiters: usize,
+    /// Host clusters a dedup link is verifying: their frees wait.
+    pub pinned: HashSet<u64>,
+    /// Host clusters shared by dedup links, with the active guest clusters that point at them;
+    /// when a refcount falls back to 1 the survivor gets COPIED again.
+    pub shared: HashMap<u64, Vec<u64>>,
+    /// L2 tables whose COPIED flags were cleared: written (and synced) before other L2 tables,
+    /// so no new reference to a cluster reaches the disk before the old one lost COPIED.
+    pub l2_first: BTreeSet<u64>,
+    /// A survivor got COPIED back: the next flush writes refcounts and tables inside a DIRTY
+    /// window, since no order of those two writes is consistent on its own.
+    copied_fixup: bool,
     /// A cluster was linked since the last sync whose data must reach the disk before its L2
     /// entry (it had bytes to copy, or it was not fresh past the end of the file).
     pub data_before_l2: bool,
@@ -102,6 +117,12 @@ impl Meta {
             stats: EngineStats::default(),
             lazy: false,
             corrupt: false,
+            dedup: None,
+            barrier_waiters: 0,
+            pinned: HashSet::new(),
+            shared: HashMap::new(),
+            l2_first: BTreeSet::new(),
+            copied_fixup: false,
             incompatible: 0,
             data_before_l2: false,
         }
@@ -279,8 +300,13 @@ impl Meta {
     }
 
     /// Queue the host clusters `entry` holds for release once its replacement is durable.
-    pub(crate) fn release(&mut self, s: &dyn Storage, entry: L2Entry) -> Result<()> {
+    pub(crate) fn release(&mut self, s: &dyn Storage, gc: u64, entry: L2Entry) -> Result<()> {
         let cs = self.g.cluster_size();
+        if let L2Entry::Normal { host, .. } = entry {
+            if let Some(list) = self.shared.get_mut(&(host.0 / cs)) {
+                list.retain(|&g| g != gc);
+            }
+        }
         match entry {
             L2Entry::Normal { host, .. }
             | L2Entry::Zero {
@@ -345,6 +371,10 @@ impl Meta {
         let l2_dirty = self.l2.has_dirty();
         let l1_dirty = !self.l1_dirty.is_empty();
         let mut sync_first = self.data_before_l2;
+        let fixup = self.copied_fixup;
+        if fixup && self.incompatible & INCOMPAT_DIRTY == 0 {
+            self.set_incompatible(s, self.incompatible | INCOMPAT_DIRTY)?;
+        }
         if self.rc.has_dirty() {
             if !self.lazy {
                 self.rc.write_dirty(s)?;
@@ -365,6 +395,12 @@ impl Meta {
             self.data_before_l2 = false;
             if l2_dirty {
                 let (rc, cs) = (&self.rc, self.g.cluster_size());
+                if !self.l2_first.is_empty() {
+                    let first: Vec<u64> = std::mem::take(&mut self.l2_first).into_iter().collect();
+                    self.l2
+                        .write_tables(s, first, |off| rc.guard(off, cs, kind::ACTIVE_L2))?;
+                    s.flush()?;
+                }
                 self.l2
                     .write_dirty(s, |off| rc.guard(off, cs, kind::ACTIVE_L2))?;
             }
@@ -387,6 +423,12 @@ impl Meta {
             }
         }
         s.flush()?;
+        if fixup {
+            self.copied_fixup = false;
+            if !self.lazy {
+                self.set_incompatible(s, self.incompatible & !INCOMPAT_DIRTY)?;
+            }
+        }
         let seq = self.io_seq;
         for c in std::mem::take(&mut self.pending_unlink) {
             self.pending_io.push((seq, c));
@@ -405,6 +447,46 @@ impl Meta {
         Ok(())
     }
 
+    /// Set or clear COPIED on guest cluster `gc` if it still points at host cluster `hc`.
+    pub(crate) fn set_copied(
+        &mut self,
+        s: &dyn Storage,
+        gc: u64,
+        hc: u64,
+        copied: bool,
+    ) -> Result<()> {
+        let cs = self.g.cluster_size();
+        if let L2Entry::Normal { host, copied: c } = self.entry(s, gc)? {
+            if host.0 / cs == hc && c != copied {
+                self.set_entry(s, gc, L2Entry::Normal { host, copied })?;
+                if !copied {
+                    if let Some(off) = self.l2_offset(gc) {
+                        self.l2_first.insert(off);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The L2 table offset of guest cluster `gc`, if it has one.
+    fn l2_offset(&self, gc: u64) -> Option<u64> {
+        self.l1
+            .get(self.g.l1_index(gc))
+            .and_then(|&e| L1Entry::decode(e).l2_offset)
+            .map(|o| o.0)
+    }
+
+    /// Sequence number of the oldest data I/O still in flight.
+    pub(crate) fn oldest_io(&self) -> u64 {
+        self.inflight_io.keys().next().copied().unwrap_or(u64::MAX)
+    }
+
+    /// The sequence number the next I/O will get.
+    pub(crate) fn next_io(&self) -> u64 {
+        self.io_seq
+    }
+
     /// Set the CORRUPT bit (synced) after an overlap check fired; later writes are refused.
     pub(crate) fn mark_corrupt(&mut self, s: &dyn Storage) -> Result<()> {
         self.corrupt = true;
@@ -418,6 +500,12 @@ impl Meta {
     pub(crate) fn write_refcounts(&mut self, s: &dyn Storage) -> Result<()> {
         if self.corrupt {
             return Ok(());
+        }
+        // Tables first: no refcount written below may run ahead of a COPIED flag it implies
+        // (a flush can give a survivor COPIED back; the next one writes it).
+        self.flush(s)?;
+        if self.copied_fixup {
+            self.flush(s)?;
         }
         if self.rc.has_dirty() {
             self.rc.write_dirty(s)?;
@@ -438,12 +526,37 @@ impl Meta {
             .into_iter()
             .partition(|&(seq, _)| seq <= oldest);
         self.pending_io = wait;
-        for (_, c) in ready {
-            if self.rc.add(s, c, -1)? == 0 {
-                self.stats.clusters_freed += 1;
-                if let Err(e) = s.punch_hole(c * cs, cs) {
-                    log::debug!("punch hole at cluster {c}: {e}");
+        for (seq, c) in ready {
+            if self.pinned.contains(&c) {
+                // A dedup link is verifying this cluster: free it later.
+                self.pending_io.push((seq, c));
+                continue;
+            }
+            match self.rc.add(s, c, -1)? {
+                0 => {
+                    self.shared.remove(&c);
+                    self.stats.clusters_freed += 1;
+                    if let Err(e) = s.punch_hole(c * cs, cs) {
+                        log::debug!("punch hole at cluster {c}: {e}");
+                    }
                 }
+                1 => {
+                    if let Some(list) = self.shared.remove(&c) {
+                        // The one entry still pointing at the cluster gets COPIED back.
+                        let mut alive = Vec::new();
+                        for g in list {
+                            if matches!(self.entry(s, g)?, L2Entry::Normal { host, .. } if host.0 / cs == c)
+                            {
+                                alive.push(g);
+                            }
+                        }
+                        if let [survivor] = alive[..] {
+                            self.set_copied(s, survivor, c, true)?;
+                            self.copied_fixup = true;
+                        }
+                    }
+                }
+                _ => {}
             }
         }
         Ok(())

@@ -7,6 +7,7 @@
 
 mod backing;
 mod compress;
+pub mod dedup;
 mod io;
 mod iov;
 mod l2cache;
@@ -16,6 +17,7 @@ mod refcount;
 mod zero;
 
 pub use backing::resolve as resolve_backing;
+pub use dedup::DedupStats;
 pub use meta::EngineStats;
 pub use overlap::OverlapMode;
 
@@ -44,6 +46,8 @@ pub struct OpenOptions {
     pub lazy_refcounts: Option<bool>,
     /// Which metadata every write is checked against.
     pub overlap_check: OverlapMode,
+    /// Inline deduplication (qcow2 v3 images only).
+    pub dedup: bool,
 }
 
 impl OpenOptions {
@@ -176,6 +180,15 @@ impl Qcow2 {
             && opts
                 .lazy_refcounts
                 .unwrap_or(h.compatible_features & COMPAT_LAZY_REFCOUNTS != 0);
+        if opts.dedup && !read_only {
+            if h.version < 3 {
+                return Err(Qcow2Error::Unsupported(
+                    "deduplication needs a qcow2 v3 image (compat 1.1)".into(),
+                ));
+            }
+            meta.dedup = Some(dedup::Dedup::new(meta.rc.max_refcount()));
+            dedup::rebuild(s, &mut meta)?;
+        }
         let img = Qcow2 {
             storage,
             meta: Mutex::new(meta),

@@ -100,6 +100,11 @@ impl Refcounts {
         1u64 << self.cluster_bits
     }
 
+    /// Largest refcount a cluster can hold.
+    pub(crate) fn max_refcount(&self) -> u64 {
+        self.max
+    }
+
     /// Refuse a write of `len` bytes at `off` that would touch metadata other than `ignore`.
     pub(crate) fn guard(&self, off: u64, len: u64, ignore: u16) -> Result<()> {
         let cb = self.cluster_bits;

@@ -108,7 +108,7 @@ impl Qcow2 {
             if new != old {
                 m.set_entry(s, gc, new)?;
                 if new.host_cluster() != old.host_cluster() {
-                    m.release(s, old)?;
+                    m.release(s, gc, old)?;
                 }
             }
         }

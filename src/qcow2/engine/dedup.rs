@@ -1,0 +1,415 @@
+//! Inline deduplication in the write path.
+//!
+//! Each whole cluster a guest writes is hashed (SHA-256). The index maps hashes to guest
+//! clusters that held that content when it was indexed; it is only a hint. A hint is used only
+//! after the candidate cluster has been read back and compared byte for byte with the new data,
+//! while nothing can change it:
+//!
+//! 1. under the lock: the candidate host cluster is pinned (its frees wait), COPIED is cleared on
+//!    the candidate's entry (so no new write goes to it in place), and we wait until every data
+//!    I/O planned before that moment has finished;
+//! 2. outside the lock: the candidate is read and compared;
+//! 3. under the lock: refcount + 1, the new entry without COPIED, the old entry released.
+//!
+//! So a false dedup is impossible whatever the index says.
+//! All-zero clusters become zero clusters. Partial-cluster writes read the rest of the cluster
+//! first. Sharing stops below half the refcount maximum (room for snapshots).
+//!
+//! A guest cluster rewritten with the content it already has is found the same way (its own
+//! hint) and costs one read and no write. Skipping the read too would need the full hash of every
+//! cluster's current content in RAM: a hint alone can be stale, since a rewritten cluster's old
+//! hash stays in the index until a lookup finds it stale.
+
+use super::meta::Meta;
+use super::{iov, Qcow2};
+use crate::qcow2::error::{Qcow2Error, Result};
+use crate::qcow2::format::{L1Entry, L2Entry};
+use crate::qcow2::offsets::HostOffset;
+use crate::storage::Storage;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::io::{IoSlice, IoSliceMut};
+
+/// Counters of the dedup layer.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct DedupStats {
+    /// Clusters written as a reference to an existing cluster.
+    pub clusters_deduplicated: u64,
+    /// Clusters written as new, unique data.
+    pub clusters_unique: u64,
+    /// All-zero clusters turned into zero clusters.
+    pub zero_clusters: u64,
+    /// Rewrites of a cluster with the content it already had (no I/O).
+    pub identical_rewrites: u64,
+    /// Bytes not written thanks to the above.
+    pub bytes_saved: u64,
+    /// Partial-cluster writes that read the rest of their cluster first.
+    pub partial_cluster_reads: u64,
+    /// Hashes in the index.
+    pub index_entries: u64,
+    /// RAM used by the index.
+    pub index_ram_bytes: u64,
+    /// Links not made because the cluster was shared to the cap.
+    pub refcount_cap_hits: u64,
+    /// Index hints found stale (content differed, or the cluster moved on).
+    pub stale_hints_rejected: u64,
+}
+
+/// The hint index: hash -> guest clusters that held that content.
+#[derive(Default)]
+pub(crate) struct HintIndex {
+    map: HashMap<u64, Vec<u64>>,
+    entries: u64,
+}
+
+fn tag(h: &[u8; 32]) -> u64 {
+    u64::from_le_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]])
+}
+
+impl HintIndex {
+    fn lookup(&self, h: &[u8; 32]) -> Vec<u64> {
+        self.map.get(&tag(h)).cloned().unwrap_or_default()
+    }
+    fn insert(&mut self, h: &[u8; 32], gc: u64) {
+        let v = self.map.entry(tag(h)).or_default();
+        if !v.contains(&gc) {
+            v.push(gc);
+            self.entries += 1;
+        }
+    }
+    fn remove(&mut self, h: &[u8; 32], gc: u64) {
+        if let Some(v) = self.map.get_mut(&tag(h)) {
+            let before = v.len();
+            v.retain(|&g| g != gc);
+            self.entries -= (before - v.len()) as u64;
+            if v.is_empty() {
+                self.map.remove(&tag(h));
+            }
+        }
+    }
+    fn ram_bytes(&self) -> u64 {
+        (self.map.capacity() * (8 + 24 + 8)
+            + self.map.values().map(|v| v.capacity() * 8).sum::<usize>()) as u64
+    }
+}
+
+/// Dedup state, kept under the metadata lock.
+pub(crate) struct Dedup {
+    index: HintIndex,
+    pub stats: DedupStats,
+    /// Largest refcount a dedup link may produce.
+    cap: u64,
+}
+
+impl Dedup {
+    pub(crate) fn new(max_refcount: u64) -> Dedup {
+        Dedup {
+            index: HintIndex::default(),
+            stats: DedupStats::default(),
+            cap: (max_refcount / 2).max(1),
+        }
+    }
+    pub(crate) fn snapshot_stats(&self) -> DedupStats {
+        let mut s = self.stats;
+        s.index_entries = self.index.entries;
+        s.index_ram_bytes = self.index.ram_bytes();
+        s
+    }
+}
+
+/// At open: find the clusters shared by more than one active entry (when such a refcount falls
+/// back to 1 the survivor must get COPIED back), and index the content of every data cluster.
+/// This reads all allocated data once.
+pub(crate) fn rebuild(s: &dyn Storage, m: &mut Meta) -> Result<()> {
+    let t0 = std::time::Instant::now();
+    let cs = m.g.cluster_size();
+    let per_table = 1u64 << m.g.l2_bits;
+    let guest_clusters = m.g.size.div_ceil(cs);
+    let mut hashes: HashMap<u64, [u8; 32]> = HashMap::new();
+    let mut buf = vec![0u8; cs as usize];
+    let mut d = m
+        .dedup
+        .take()
+        .ok_or_else(|| Qcow2Error::Invalid("dedup is off".into()))?;
+    for i in 0..m.l1.len() as u64 {
+        if L1Entry::decode(m.l1[i as usize]).l2_offset.is_none() {
+            continue;
+        }
+        for gc in i * per_table..((i + 1) * per_table).min(guest_clusters) {
+            let L2Entry::Normal { host, copied } = m.entry(s, gc)? else {
+                continue;
+            };
+            let hc = host.0 / cs;
+            if !copied && m.rc.get(s, hc)? >= 2 {
+                m.shared.entry(hc).or_default().push(gc);
+            }
+            let h = match hashes.get(&hc) {
+                Some(h) => *h,
+                None => {
+                    s.read_at(&mut buf, host.0)?;
+                    let h = hash(&buf);
+                    hashes.insert(hc, h);
+                    h
+                }
+            };
+            d.index.insert(&h, gc);
+        }
+    }
+    log::info!(
+        "dedup index rebuilt from {} data clusters in {:.2?}",
+        hashes.len(),
+        t0.elapsed()
+    );
+    m.dedup = Some(d);
+    Ok(())
+}
+
+/// Holds guest cluster `gc` for one writer; released (with a wake-up) on drop.
+struct ClusterGuard<'a> {
+    q: &'a Qcow2,
+    gc: u64,
+}
+
+impl Drop for ClusterGuard<'_> {
+    fn drop(&mut self) {
+        self.q.lock().inflight.remove(&self.gc);
+        self.q.cond.notify_all();
+    }
+}
+
+fn hash(buf: &[u8]) -> [u8; 32] {
+    Sha256::digest(buf).into()
+}
+
+impl Qcow2 {
+    /// True when inline dedup is on.
+    pub fn dedup_enabled(&self) -> bool {
+        self.lock().dedup.is_some()
+    }
+
+    /// Dedup counters, when dedup is on.
+    pub fn dedup_stats(&self) -> Option<DedupStats> {
+        self.lock().dedup.as_ref().map(Dedup::snapshot_stats)
+    }
+
+    fn hold_cluster(&self, gc: u64) -> ClusterGuard<'_> {
+        let mut m = self.lock();
+        while m.inflight.contains(&gc) {
+            m = self.wait(m);
+        }
+        m.inflight.insert(gc);
+        ClusterGuard { q: self, gc }
+    }
+
+    /// The write path with dedup on: cluster by cluster.
+    pub(crate) fn write_dedup(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
+        let cs = self.g.cluster_size();
+        let len = iov::len(bufs);
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let gc = pos / cs;
+            let in_off = pos % cs;
+            let n = (cs - in_off).min(end - pos);
+            let sub = iov::slice(bufs, (pos - offset) as usize, n as usize);
+            if (gc + 1) * cs > self.g.size {
+                // The last cluster of a disk whose size is not a cluster multiple.
+                self.write_plain(pos, &sub)?;
+            } else {
+                let guard = self.hold_cluster(gc);
+                let mut buf = vec![0u8; cs as usize];
+                if n < cs {
+                    self.read(gc * cs, &mut [IoSliceMut::new(&mut buf)])?;
+                    if let Some(d) = self.lock().dedup.as_mut() {
+                        d.stats.partial_cluster_reads += 1;
+                    }
+                }
+                let mut p = in_off as usize;
+                for b in &sub {
+                    buf[p..p + b.len()].copy_from_slice(b);
+                    p += b.len();
+                }
+                self.dedup_cluster(gc, &buf)?;
+                drop(guard);
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Write one whole cluster `buf` to guest cluster `gc` (held by the caller).
+    fn dedup_cluster(&self, gc: u64, buf: &[u8]) -> Result<()> {
+        let s = self.storage.as_ref();
+        let cs = self.g.cluster_size();
+        if buf.iter().all(|&b| b == 0) {
+            let mut m = self.lock();
+            let old = m.entry(s, gc)?;
+            if !matches!(old, L2Entry::Zero { host: None, .. }) {
+                m.set_entry(
+                    s,
+                    gc,
+                    L2Entry::Zero {
+                        host: None,
+                        copied: false,
+                    },
+                )?;
+                m.release(s, gc, old)?;
+            }
+            if let Some(d) = m.dedup.as_mut() {
+                d.stats.zero_clusters += 1;
+                d.stats.bytes_saved += cs;
+            }
+            return Ok(());
+        }
+        let h = hash(buf);
+        let mut m = self.lock();
+        'candidates: loop {
+            let cur = m.entry(s, gc)?;
+            let Some(d) = m.dedup.as_ref() else {
+                return Err(Qcow2Error::Invalid("dedup is off".into()));
+            };
+            let _ = cur;
+            for cand in d.index.lookup(&h) {
+                if cand != gc && m.inflight.contains(&cand) {
+                    // Its writer is linking it right now: wait, then look again.
+                    m = self.wait(m);
+                    continue 'candidates;
+                }
+                let (host, copied) = match m.entry(s, cand)? {
+                    L2Entry::Normal { host, copied } => (host.0, copied),
+                    _ => {
+                        self.drop_hint(&mut m, &h, cand);
+                        continue;
+                    }
+                };
+                let hc = host / cs;
+                let cap = m.dedup.as_ref().map_or(0, |d| d.cap);
+                if m.rc.get(s, hc)? >= cap {
+                    if let Some(d) = m.dedup.as_mut() {
+                        d.stats.refcount_cap_hits += 1;
+                    }
+                    continue;
+                }
+                // 1. Freeze the candidate: pinned, no COPIED, older I/O finished.
+                m.pinned.insert(hc);
+                // (Our own cluster needs no freezing: we hold it.)
+                let copied = copied && cand != gc;
+                if copied {
+                    m.set_copied(s, cand, hc, false)?;
+                }
+                let barrier = m.next_io();
+                m.barrier_waiters += 1;
+                while m.oldest_io() < barrier {
+                    m = self.wait(m);
+                }
+                m.barrier_waiters -= 1;
+                let seq = m.begin_io();
+                drop(m);
+                // 2. Compare.
+                let mut theirs = vec![0u8; cs as usize];
+                let read = s.read_at(&mut theirs, host);
+                m = self.lock();
+                m.end_io(seq);
+                m.pinned.remove(&hc);
+                read?;
+                let same = theirs == buf && m.rc.get(s, hc)? >= 1;
+                if !same {
+                    if copied && m.rc.get(s, hc)? == 1 {
+                        m.set_copied(s, cand, hc, true)?;
+                    }
+                    self.drop_hint(&mut m, &h, cand);
+                    continue 'candidates;
+                }
+                // 3. Link.
+                let cur = m.entry(s, gc)?;
+                let cand_alive = matches!(m.entry(s, cand)?,
+                    L2Entry::Normal { host: h2, .. } if h2.0 == host);
+                let identical = cur.host_cluster().map(|o| o.0) == Some(host);
+                if !identical {
+                    m.rc.add(s, hc, 1)?;
+                    m.set_entry(
+                        s,
+                        gc,
+                        L2Entry::Normal {
+                            host: HostOffset(host),
+                            copied: false,
+                        },
+                    )?;
+                    m.release(s, gc, cur)?;
+                    let list = m.shared.entry(hc).or_default();
+                    if cand_alive && !list.contains(&cand) {
+                        list.push(cand);
+                    }
+                    list.push(gc);
+                }
+                if let Some(d) = m.dedup.as_mut() {
+                    // Both hold the content now: either can serve as the hint later.
+                    d.index.insert(&h, gc);
+                    if identical {
+                        d.stats.identical_rewrites += 1;
+                    } else {
+                        d.stats.clusters_deduplicated += 1;
+                    }
+                    d.stats.bytes_saved += cs;
+                }
+                let _ = cand_alive;
+                return Ok(());
+            }
+            break;
+        }
+        // Unique data: in place when the cluster is ours alone, else a new cluster.
+        let cur = m.entry(s, gc)?;
+        let (host, fresh_alloc) = match cur {
+            L2Entry::Normal { host, copied: true } => (host.0, false),
+            _ => (m.alloc_data(s, 1)?.0, true),
+        };
+        if let Err(e) = m.rc.guard(host, cs, 0) {
+            if fresh_alloc {
+                m.unalloc_data(s, host, 1)?;
+            }
+            return Err(e);
+        }
+        if let Some(d) = m.dedup.as_mut() {
+            // Indexed before the data lands, so a concurrent writer of the same content waits
+            // for this one and links to it instead of writing a second copy.
+            d.index.insert(&h, gc);
+        }
+        let seq = m.begin_io();
+        drop(m);
+        let w = s.write_at(buf, host);
+        let mut m = self.lock();
+        m.end_io(seq);
+        if let Err(e) = w {
+            if fresh_alloc {
+                m.unalloc_data(s, host, 1)?;
+            }
+            if let Some(d) = m.dedup.as_mut() {
+                d.index.remove(&h, gc);
+            }
+            return Err(e.into());
+        }
+        if fresh_alloc {
+            m.set_entry(
+                s,
+                gc,
+                L2Entry::Normal {
+                    host: HostOffset(host),
+                    copied: true,
+                },
+            )?;
+            m.release(s, gc, cur)?;
+            m.data_before_l2 = true;
+        }
+        if let Some(d) = m.dedup.as_mut() {
+            d.stats.clusters_unique += 1;
+        }
+        Ok(())
+    }
+
+    fn drop_hint(&self, m: &mut Meta, h: &[u8; 32], cand: u64) {
+        if let Some(d) = m.dedup.as_mut() {
+            d.index.remove(h, cand);
+            d.stats.stale_hints_rejected += 1;
+        }
+    }
+}

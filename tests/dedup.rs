@@ -1,0 +1,259 @@
+//! Inline deduplication against a model: duplicate-heavy random workloads, then `qemu-img check`
+//! exit 0 (no leaks either), `qemu-img compare` equal, and one physical cluster per distinct
+//! content. Also two threads writing the same content at once, QEMU snapshots of a dedup image,
+//! and an image changed behind our back by qemu-io.
+
+mod common;
+
+use rand::{Rng, SeedableRng};
+use std::collections::HashSet;
+use std::io::{IoSlice, IoSliceMut};
+use std::path::Path;
+use std::sync::{Arc, Barrier};
+use vhost_user_qcow2::block::BlockDevice;
+use vhost_user_qcow2::qcow2::{create, CreateOptions, OpenOptions, Qcow2};
+use vhost_user_qcow2::storage::FileStorage;
+
+const CS: u64 = 65536;
+
+fn new_image(path: &Path, size: u64) {
+    let o = CreateOptions {
+        size,
+        ..Default::default()
+    };
+    create(&FileStorage::new(std::fs::File::create(path).unwrap()), &o).unwrap();
+}
+
+fn open(path: &Path) -> Qcow2 {
+    Qcow2::open_with(
+        path,
+        &OpenOptions {
+            dedup: true,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+/// Distinct host clusters holding data, from `qemu-img map`.
+fn physical_clusters(img: &Path) -> usize {
+    let (c, out) = common::qemu_img(&["map", "--output", "json", img.to_str().unwrap()]);
+    assert_eq!(c, 0, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let mut set = HashSet::new();
+    for e in v.as_array().unwrap() {
+        if e["data"] == true && e["zero"] == false {
+            let (off, len) = (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+            for k in 0..len / CS {
+                set.insert(off + k * CS);
+            }
+        }
+    }
+    set.len()
+}
+
+fn pattern(k: u8) -> Vec<u8> {
+    (0..CS as usize)
+        .map(|i| (i as u8).wrapping_mul(k | 1).wrapping_add(k))
+        .collect()
+}
+
+#[test]
+fn duplicate_heavy_random_workload_matches_the_model() {
+    for seed in 1..=3u64 {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("d.qcow2");
+        let raw = dir.path().join("d.raw");
+        let size = 32 << 20;
+        new_image(&img, size);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let pats: Vec<Vec<u8>> = (0..6).map(pattern).collect();
+        let mut model = vec![0u8; size as usize];
+        let mut q = open(&img);
+        let mut deduplicated = 0;
+        let clusters = size / CS;
+        for _ in 0..600 {
+            let gc = rng.random_range(0..clusters);
+            match rng.random_range(0..100) {
+                0..=59 => {
+                    // Whole clusters of one of a few contents (sometimes zeros), one or more.
+                    let n = rng.random_range(1..=3u64).min(clusters - gc);
+                    let mut data = Vec::new();
+                    for _ in 0..n {
+                        if rng.random_range(0..10) == 0 {
+                            data.extend(std::iter::repeat_n(0u8, CS as usize));
+                        } else {
+                            data.extend_from_slice(&pats[rng.random_range(0..pats.len())]);
+                        }
+                    }
+                    q.write_vectored(gc * CS, &[IoSlice::new(&data)]).unwrap();
+                    model[(gc * CS) as usize..(gc * CS) as usize + data.len()]
+                        .copy_from_slice(&data);
+                }
+                60..=74 => {
+                    // Partial writes: the rest of the cluster is read first.
+                    let off = gc * CS + rng.random_range(0..CS / 512) * 512;
+                    let len = (rng.random_range(1..=16u64) * 512).min(size - off);
+                    let v: u8 = rng.random_range(1..4);
+                    let data = vec![v; len as usize];
+                    q.write_vectored(off, &[IoSlice::new(&data)]).unwrap();
+                    model[off as usize..(off + len) as usize].copy_from_slice(&data);
+                }
+                75..=84 => {
+                    let mut buf = vec![0u8; CS as usize];
+                    q.read_vectored(gc * CS, &mut [IoSliceMut::new(&mut buf)])
+                        .unwrap();
+                    assert!(
+                        buf == model[(gc * CS) as usize..((gc + 1) * CS) as usize],
+                        "seed {seed}: cluster {gc}"
+                    );
+                }
+                85..=89 => {
+                    q.discard(gc * CS, CS).unwrap();
+                    model[(gc * CS) as usize..((gc + 1) * CS) as usize].fill(0);
+                }
+                90..=94 => {
+                    q.write_zeroes(gc * CS, CS, rng.random_bool(0.5)).unwrap();
+                    model[(gc * CS) as usize..((gc + 1) * CS) as usize].fill(0);
+                }
+                95..=97 => q.flush().unwrap(),
+                _ => {
+                    deduplicated += q.dedup_stats().unwrap().clusters_deduplicated;
+                    q.close().unwrap();
+                    drop(q);
+                    common::assert_check_clean(&img);
+                    q = open(&img);
+                }
+            }
+        }
+        let stats = q.dedup_stats().unwrap();
+        q.close().unwrap();
+        drop(q);
+        deduplicated += stats.clusters_deduplicated;
+        assert!(
+            deduplicated > 50,
+            "{deduplicated} links; last session {stats:?}"
+        );
+        std::fs::write(&raw, &model).unwrap();
+        common::assert_check_clean(&img);
+        common::assert_same_as_raw(&img, &raw);
+        let distinct: HashSet<&[u8]> = model
+            .chunks(CS as usize)
+            .filter(|c| c.iter().any(|&b| b != 0))
+            .collect();
+        assert_eq!(
+            physical_clusters(&img),
+            distinct.len(),
+            "seed {seed}: one cluster per content; {stats:?}"
+        );
+    }
+}
+
+#[test]
+fn two_writers_of_the_same_content_at_once_share_one_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("c.qcow2");
+    new_image(&img, 64 << 20);
+    let q = Arc::new(open(&img));
+    let rounds = 100u64;
+    let barrier = Arc::new(Barrier::new(2));
+    let hs: Vec<_> = (0..2u64)
+        .map(|t| {
+            let (q, barrier) = (q.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                for r in 0..rounds {
+                    let data = pattern((r % 200) as u8 + 7);
+                    barrier.wait();
+                    q.write_vectored((t * rounds + r) * CS, &[IoSlice::new(&data)])
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for h in hs {
+        h.join().unwrap();
+    }
+    q.close().unwrap();
+    drop(q);
+    common::assert_check_clean(&img);
+    assert_eq!(
+        physical_clusters(&img),
+        rounds as usize,
+        "each content once, refcount 2"
+    );
+    let mut args = vec!["-f", "qcow2"];
+    let cmds: Vec<String> = (0..rounds)
+        .flat_map(|r| [r, rounds + r].map(|gc| format!("read -P 0 {} 0", gc * CS)))
+        .collect();
+    for c in &cmds {
+        args.push("-c");
+        args.push(c);
+    }
+    let q = Qcow2::open(&img, true).unwrap();
+    for r in 0..rounds {
+        for gc in [r, rounds + r] {
+            let mut buf = vec![0u8; CS as usize];
+            q.read_vectored(gc * CS, &mut [IoSliceMut::new(&mut buf)])
+                .unwrap();
+            assert!(buf == pattern((r % 200) as u8 + 7), "cluster {gc}");
+        }
+    }
+}
+
+#[test]
+fn qemu_snapshot_of_a_dedup_image_then_more_dedup_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("s.qcow2");
+    let raw = dir.path().join("s.raw");
+    new_image(&img, 16 << 20);
+    let mut model = vec![0u8; 16 << 20];
+    let mut put = |q: &Qcow2, gc: u64, k: u8| {
+        let d = pattern(k);
+        q.write_vectored(gc * CS, &[IoSlice::new(&d)]).unwrap();
+        model[(gc * CS) as usize..((gc + 1) * CS) as usize].copy_from_slice(&d);
+    };
+    let q = open(&img);
+    for gc in 0..20 {
+        put(&q, gc, (gc % 3) as u8);
+    }
+    q.close().unwrap();
+    drop(q);
+    let (c, o) = common::qemu_img(&["snapshot", "-c", "s1", img.to_str().unwrap()]);
+    assert_eq!(c, 0, "{o}");
+    let q = open(&img);
+    for gc in 10..40 {
+        put(&q, gc, (gc % 5) as u8);
+    }
+    q.discard(0, 2 * CS).unwrap();
+    model[..2 * CS as usize].fill(0);
+    q.close().unwrap();
+    drop(q);
+    std::fs::write(&raw, &model).unwrap();
+    common::assert_check_clean(&img);
+    common::assert_same_as_raw(&img, &raw);
+}
+
+#[test]
+fn image_changed_by_qemu_io_between_sessions_is_never_linked_wrongly() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("x.qcow2");
+    new_image(&img, 16 << 20);
+    let a = pattern(1);
+    let q = open(&img);
+    q.write_vectored(0, &[IoSlice::new(&a)]).unwrap();
+    q.close().unwrap();
+    drop(q);
+    // QEMU rewrites cluster 0 in place (it is COPIED) with other content.
+    common::qemu_io(&img, "qcow2", &["write -P 0x77 0 64k"]);
+    let q = open(&img);
+    q.write_vectored(CS, &[IoSlice::new(&a)]).unwrap();
+    q.close().unwrap();
+    drop(q);
+    common::assert_check_clean(&img);
+    common::qemu_io(&img, "qcow2", &["read -P 0x77 0 64k"]);
+    let q = Qcow2::open(&img, true).unwrap();
+    let mut buf = vec![0u8; CS as usize];
+    q.read_vectored(CS, &mut [IoSliceMut::new(&mut buf)])
+        .unwrap();
+    assert!(buf == a);
+}
