@@ -14,7 +14,7 @@ const CS: usize = 65536;
 
 /// Cluster `i`'s content: every other cluster repeats one of 4 patterns, the rest are unique.
 fn content(i: usize, round: usize) -> Vec<u8> {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         pattern(1000 + (i / 2 % 4) as u64, CS)
     } else {
         pattern((round * 100_000 + i) as u64, CS)
