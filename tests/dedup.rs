@@ -257,3 +257,47 @@ fn image_changed_by_qemu_io_between_sessions_is_never_linked_wrongly() {
         .unwrap();
     assert!(buf == a);
 }
+
+#[test]
+fn offline_dedup_of_a_converted_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("src.raw");
+    let img = dir.path().join("c.qcow2");
+    let mut data = Vec::new();
+    for i in 0..128u8 {
+        match i % 4 {
+            0 => data.extend(std::iter::repeat_n(0u8, CS as usize)),
+            1 | 2 => data.extend_from_slice(&pattern(i % 3)),
+            _ => data.extend_from_slice(&pattern(100 + i)),
+        }
+    }
+    std::fs::write(&raw, &data).unwrap();
+    let (c, o) = common::qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    assert_eq!(c, 0, "{o}");
+    assert_eq!(
+        physical_clusters(&img),
+        96,
+        "qemu-img convert keeps every non-zero cluster"
+    );
+    let (c, out) = common::run(
+        env!("CARGO_BIN_EXE_vhost-user-qcow2"),
+        &["dedup", img.to_str().unwrap()],
+    );
+    assert_eq!(c, 0, "{out}");
+    assert!(out.contains("MiB saved"), "{out}");
+    common::assert_check_clean(&img);
+    common::assert_same_as_raw(&img, &raw);
+    let distinct: HashSet<&[u8]> = data
+        .chunks(CS as usize)
+        .filter(|c| c.iter().any(|&b| b != 0))
+        .collect();
+    assert_eq!(physical_clusters(&img), distinct.len());
+}

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 pub mod check;
 pub mod create;
+pub mod dedup;
 pub mod info;
 pub mod serve;
 
@@ -26,6 +27,8 @@ pub enum Command {
     Check(check::CheckArgs),
     /// Serve an image as a vhost-user-blk device on a UNIX socket.
     Serve(serve::ServeArgs),
+    /// Deduplicate an existing image offline (for example one made by qemu-img convert).
+    Dedup(dedup::DedupArgs),
 }
 
 /// Run a parsed command line; the exit code follows qemu-img where it has one.
@@ -35,6 +38,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Command::Info(a) => info::run(a),
         Command::Check(a) => check::run(a),
         Command::Serve(a) => serve::run(a),
+        Command::Dedup(a) => dedup::run(a),
     }
 }
 

@@ -269,7 +269,10 @@ impl Qcow2 {
                 return Err(Qcow2Error::Invalid("dedup is off".into()));
             };
             let _ = cur;
-            for cand in d.index.lookup(&h) {
+            // Other clusters first: linking to one frees ours if it held a separate copy.
+            let mut cands = d.index.lookup(&h);
+            cands.sort_by_key(|&c| c == gc);
+            for cand in cands {
                 if cand != gc && m.inflight.contains(&cand) {
                     // Its writer is linking it right now: wait, then look again.
                     m = self.wait(m);
@@ -404,6 +407,31 @@ impl Qcow2 {
             d.stats.clusters_unique += 1;
         }
         Ok(())
+    }
+
+    /// Deduplicate the data already in the image (offline): every allocated cluster goes
+    /// through the dedup path as if the guest rewrote it. `progress(done, total, bytes_saved)`.
+    pub fn dedup_existing(&self, progress: &mut dyn FnMut(u64, u64, u64)) -> Result<DedupStats> {
+        let cs = self.g.cluster_size();
+        let total = self.g.size / cs;
+        let s = self.storage.as_ref();
+        let mut buf = vec![0u8; cs as usize];
+        for gc in 0..total {
+            let guard = self.hold_cluster(gc);
+            let entry = self.lock().entry(s, gc)?;
+            if let L2Entry::Normal { .. } | L2Entry::Compressed { .. } = entry {
+                self.read(gc * cs, &mut [IoSliceMut::new(&mut buf)])?;
+                self.dedup_cluster(gc, &buf)?;
+            }
+            drop(guard);
+            if gc % 256 == 0 || gc + 1 == total {
+                let saved = self.dedup_stats().map_or(0, |d| d.bytes_saved);
+                progress(gc + 1, total, saved);
+            }
+        }
+        self.flush_all()?;
+        self.dedup_stats()
+            .ok_or_else(|| Qcow2Error::Invalid("dedup is off".into()))
     }
 
     fn drop_hint(&self, m: &mut Meta, h: &[u8; 32], cand: u64) {
