@@ -342,6 +342,21 @@ impl DedupIndex {
         }
     }
 
+    /// Shrinks every shard loaded below [`GROW_TO_LOAD`] to that load, one shard at a time (for
+    /// after a load into an index presized from an upper bound, or after many removals).
+    pub fn shrink_to_fit(&mut self) {
+        for s in &mut self.shards {
+            let want = if s.len == 0 {
+                0
+            } else {
+                ((s.len as f64 / GROW_TO_LOAD).ceil() as usize).max(MIN_CAPACITY)
+            };
+            if want < s.cap() {
+                s.rehash(want);
+            }
+        }
+    }
+
     /// Forgets every entry pointing at `cluster` when its hash is not known. O(entries): for
     /// rare bulk invalidation only.
     pub fn remove_cluster_slow(&mut self, cluster: u64) -> u64 {

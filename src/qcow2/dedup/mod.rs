@@ -72,7 +72,9 @@ pub struct LoadReport {
 }
 
 /// Builds the RAM index from the persistent index clusters (index cluster `k` is `clusters[k]`).
-/// Bad clusters are skipped and reported, never fatal: the index is a hint.
+/// Bad clusters are skipped and reported, never fatal: the index is a hint. `capacity_hint` (an
+/// upper bound on the entries, such as the number of host clusters) presizes the RAM index; it is
+/// shrunk to its working load at the end.
 pub fn load<'a>(
     clusters: impl IntoIterator<Item = &'a [u8]>,
     cluster_bits: u32,
@@ -101,6 +103,7 @@ pub fn load<'a>(
             }
         }
     }
+    idx.shrink_to_fit();
     (idx, rep)
 }
 

@@ -199,6 +199,15 @@ fn ram_per_entry_1m() {
         pre.ram_bytes() as f64 / n as f64
     );
     assert!(pre.ram_bytes() as f64 / n as f64 <= 8.0);
+    // Shrinking after many removals keeps every entry.
+    for (i, x) in hashes.iter().enumerate().step_by(2) {
+        assert!(idx.remove(x, i as u64 + 1));
+    }
+    idx.shrink_to_fit();
+    assert!(idx.ram_bytes() as f64 / idx.len() as f64 <= 8.0);
+    for (i, x) in hashes.iter().enumerate() {
+        assert_eq!(idx.contains(x, i as u64 + 1), i % 2 == 1);
+    }
 }
 
 #[test]
@@ -484,6 +493,7 @@ fn open_time_1m_entries() {
     let (idx, rep) = load(enc.clusters.iter().map(|b| &b[..]), bits, 1, n);
     let s = t.elapsed().as_secs_f64();
     assert_eq!(rep.entries, n);
+    assert!(idx.ram_bytes() as f64 / n as f64 <= 8.0);
     println!(
         "dedup index load of 1M entries from {} index clusters ({} MiB): {:.3}s, \
          {:.3} B/entry",
