@@ -143,7 +143,7 @@ impl Shard {
     }
 
     /// Inserts into a shard that has room for at least one more entry.
-    fn insert_slot(&mut self, v: u64) {
+    fn insert_slot(&mut self, v: u64) -> bool {
         let cap = self.cap();
         let mut pos = self.home(slot_tag(v));
         let mut cur = v;
@@ -155,7 +155,7 @@ impl Shard {
             if slot_cluster(s) == 0 {
                 self.set(pos, cur);
                 self.len += 1;
-                return;
+                return true;
             }
             let sd = self.dist(self.home(slot_tag(s)), pos);
             if sd < d {
@@ -166,8 +166,9 @@ impl Shard {
             pos = self.next(pos);
             d += 1;
         }
-        // Unreachable with load < 1: the caller grows the shard first.
-        debug_assert!(false, "dedup index shard full");
+        // Unreachable with load < 1 (the caller grows the shard first); losing a hint is harmless.
+        log::error!("dedup index shard full: entry dropped");
+        false
     }
 
     /// Removes the slot at `pos` and shifts the following run back.
@@ -312,9 +313,11 @@ impl DedupIndex {
         if s.needs_growth() {
             s.grow();
         }
-        s.insert_slot(pack(tag, cluster));
-        self.len += 1;
-        Ok(true)
+        let inserted = s.insert_slot(pack(tag, cluster));
+        if inserted {
+            self.len += 1;
+        }
+        Ok(inserted)
     }
 
     /// Forgets (hash, cluster): its cluster was freed or rewritten. Returns whether it was there.

@@ -142,7 +142,7 @@ pub fn rebuild<'a>(
     generation: u64,
     host_clusters: u64,
 ) -> Result<(DedupIndex, EncodedIndex), DedupError> {
-    let want = 1usize << cluster_bits;
+    let want = 1usize << cluster_bits.clamp(9, 21);
     let mut idx = DedupIndex::new();
     let mut records = Vec::new();
     let mut last = None;

@@ -284,9 +284,15 @@ pub fn trust(autoclear: u64, ext: &DedupExtension, now: &SealInput) -> Trust {
     }
 }
 
+/// Cluster sizes qcow2 allows (512 B to 2 MiB). Values outside are clamped so that no arithmetic
+/// here can overflow or divide by zero; the engine has validated the header long before.
+fn cluster_size(cluster_bits: u32) -> usize {
+    1usize << cluster_bits.clamp(9, 21)
+}
+
 /// Records per index cluster for a cluster size.
 pub fn records_per_cluster(cluster_bits: u32) -> u64 {
-    ((1u64 << cluster_bits) - INDEX_HEADER_LEN as u64) / RECORD_LEN as u64
+    ((cluster_size(cluster_bits) - INDEX_HEADER_LEN) / RECORD_LEN) as u64
 }
 
 /// Index clusters needed to cover `host_clusters` host clusters.
@@ -341,7 +347,7 @@ impl IndexCluster {
 
     /// Encodes into a buffer of exactly one cluster.
     pub fn encode(&self, cluster_bits: u32) -> Vec<u8> {
-        let size = 1usize << cluster_bits;
+        let size = cluster_size(cluster_bits);
         let mut b = vec![0u8; size];
         b[0..4].copy_from_slice(&INDEX_MAGIC.to_be_bytes());
         b[8..16].copy_from_slice(&self.generation.to_be_bytes());
@@ -369,7 +375,7 @@ impl IndexCluster {
         generation: u64,
         k: u64,
     ) -> Result<Self, PersistError> {
-        let size = 1usize << cluster_bits;
+        let size = cluster_size(cluster_bits);
         if b.len() < size {
             return Err(PersistError::Truncated(b.len()));
         }
