@@ -132,40 +132,103 @@ pub fn encode_records(
     (EncodedIndex { clusters }, dropped)
 }
 
+/// Streaming rebuild: feed (host cluster, bytes) in increasing host cluster order; each call
+/// returns the index clusters that are complete, as (index cluster number, encoded bytes), so the
+/// engine can write them as it goes. RAM: the growing [`DedupIndex`] plus one index cluster.
+pub struct IndexBuilder {
+    idx: DedupIndex,
+    cluster_bits: u32,
+    generation: u64,
+    /// Index clusters to produce in all (covering `host_clusters`).
+    total: u64,
+    host_clusters: u64,
+    cur: IndexCluster,
+    cur_no: u64,
+    last: Option<u64>,
+}
+
+impl IndexBuilder {
+    /// `host_clusters`: how many host clusters the index covers (clusters beyond are not indexed).
+    /// `capacity_hint`: an upper bound on unique clusters, to presize the RAM index.
+    pub fn new(cluster_bits: u32, generation: u64, host_clusters: u64, capacity_hint: u64) -> Self {
+        IndexBuilder {
+            idx: DedupIndex::with_capacity(capacity_hint),
+            cluster_bits,
+            generation,
+            total: persist::index_clusters_for(cluster_bits, host_clusters),
+            host_clusters,
+            cur: IndexCluster::empty(cluster_bits, generation, 0),
+            cur_no: 0,
+            last: None,
+        }
+    }
+
+    /// Completes the current index cluster and any empty ones up to (not including) `upto`.
+    fn advance(&mut self, upto: u64, out: &mut Vec<(u64, Vec<u8>)>) {
+        while self.cur_no < upto.min(self.total) {
+            out.push((self.cur_no, self.cur.encode(self.cluster_bits)));
+            self.cur_no += 1;
+            self.cur = IndexCluster::empty(self.cluster_bits, self.generation, self.cur_no);
+        }
+    }
+
+    /// Adds one data cluster (all-zero clusters are skipped).
+    pub fn push(
+        &mut self,
+        host_cluster: u64,
+        data: &[u8],
+    ) -> Result<Vec<(u64, Vec<u8>)>, DedupError> {
+        let want = 1usize << self.cluster_bits.clamp(9, 21);
+        if data.len() != want {
+            return Err(DedupError::BadClusterLen {
+                got: data.len(),
+                want,
+            });
+        }
+        if self.last.is_some_and(|l| host_cluster <= l) {
+            return Err(DedupError::OutOfOrder(host_cluster));
+        }
+        self.last = Some(host_cluster);
+        let mut out = Vec::new();
+        if host_cluster >= self.host_clusters || is_zero(data) {
+            return Ok(out);
+        }
+        let (k, i) = persist::locate(self.cluster_bits, host_cluster);
+        self.advance(k, &mut out);
+        let h = hash_cluster(data);
+        if self.idx.insert(&h, host_cluster).is_ok() {
+            self.cur.set(i, Some(&h));
+        }
+        Ok(out)
+    }
+
+    /// Ends the rebuild: the RAM index (shrunk to its working load) and the remaining index
+    /// clusters.
+    pub fn finish(mut self) -> (DedupIndex, Vec<(u64, Vec<u8>)>) {
+        let mut out = Vec::new();
+        self.advance(self.total, &mut out);
+        self.idx.shrink_to_fit();
+        (self.idx, out)
+    }
+}
+
 /// Rebuilds the index from data: `data` yields (host cluster, its bytes) for every data cluster
 /// the engine wants indexed (refcount >= 1, below the share cap), in increasing host cluster
 /// order. All-zero clusters are skipped. Returns the RAM index and the persistent index covering
-/// `host_clusters` host clusters.
+/// `host_clusters` host clusters. Keeps every encoded index cluster in memory: for big images use
+/// [`IndexBuilder`] and write the clusters as they come.
 pub fn rebuild<'a>(
     data: impl IntoIterator<Item = (u64, &'a [u8])>,
     cluster_bits: u32,
     generation: u64,
     host_clusters: u64,
 ) -> Result<(DedupIndex, EncodedIndex), DedupError> {
-    let want = 1usize << cluster_bits.clamp(9, 21);
-    let mut idx = DedupIndex::new();
-    let mut records = Vec::new();
-    let mut last = None;
+    let mut b = IndexBuilder::new(cluster_bits, generation, host_clusters, 0);
+    let mut clusters = Vec::new();
     for (c, bytes) in data {
-        if bytes.len() != want {
-            return Err(DedupError::BadClusterLen {
-                got: bytes.len(),
-                want,
-            });
-        }
-        if last.is_some_and(|l| c <= l) {
-            return Err(DedupError::OutOfOrder(c));
-        }
-        last = Some(c);
-        if is_zero(bytes) {
-            continue;
-        }
-        let h = hash_cluster(bytes);
-        if c < host_clusters && idx.insert(&h, c).is_ok() {
-            records.push((c, h));
-        }
+        clusters.extend(b.push(c, bytes)?.into_iter().map(|(_, v)| v));
     }
-    let n = persist::index_clusters_for(cluster_bits, host_clusters);
-    let (enc, _) = encode_records(records, cluster_bits, generation, n);
-    Ok((idx, enc))
+    let (idx, rest) = b.finish();
+    clusters.extend(rest.into_iter().map(|(_, v)| v));
+    Ok((idx, EncodedIndex { clusters }))
 }

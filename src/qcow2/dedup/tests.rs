@@ -461,6 +461,40 @@ fn rebuild_encode_load_round_trip() {
     let (none, rep) = load(enc.clusters.iter().map(|b| &b[..]), bits, 10, host);
     assert!(none.is_empty());
     assert_eq!(rep.bad_clusters.len(), enc.clusters.len());
+    // The streaming builder yields the same clusters in order, as they complete.
+    let mut b = IndexBuilder::new(bits, 9, host, host);
+    let mut got = Vec::new();
+    let mut first_emit = None;
+    for (c, d) in &data {
+        let out = b.push(*c, d).unwrap();
+        if first_emit.is_none() && !out.is_empty() {
+            first_emit = Some(*c);
+        }
+        got.extend(out);
+    }
+    let (sidx, rest) = b.finish();
+    got.extend(rest);
+    assert_eq!(
+        first_emit,
+        Some(rpc),
+        "cluster 0 is emitted when cluster rpc arrives"
+    );
+    assert_eq!(
+        got.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
+        (0..enc.clusters.len() as u64).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        got.into_iter().map(|(_, v)| v).collect::<Vec<_>>(),
+        enc.clusters
+    );
+    assert_eq!(sidx.len(), nonzero);
+    // Sparse input: index clusters with no data are still produced (empty).
+    let one = cluster_data(bits, 5);
+    let (_, sparse) = rebuild([(host - 1, &one[..])], bits, 9, host).unwrap();
+    assert_eq!(sparse.clusters.len(), enc.clusters.len());
+    let (l, rep) = load(sparse.clusters.iter().map(|b| &b[..]), bits, 9, 0);
+    assert_eq!((l.len(), rep.entries), (1, 1));
+    assert!(l.contains(&hash_cluster(&one), host - 1));
     // Input errors.
     let short = [0u8; 10];
     assert!(matches!(
