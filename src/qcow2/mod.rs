@@ -2,6 +2,7 @@
 
 pub mod check;
 pub mod create;
+pub mod dedup;
 pub mod engine;
 pub mod error;
 pub mod format;
