@@ -22,11 +22,11 @@
 
 use super::meta::Meta;
 use super::{iov, Qcow2};
+use crate::qcow2::dedup::{hash_cluster, is_zero, DedupIndex};
 use crate::qcow2::error::{Qcow2Error, Result};
 use crate::qcow2::format::{L1Entry, L2Entry};
 use crate::qcow2::offsets::HostOffset;
 use crate::storage::Storage;
-use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::io::{IoSlice, IoSliceMut};
 
@@ -55,41 +55,31 @@ pub struct DedupStats {
     pub stale_hints_rejected: u64,
 }
 
-/// The hint index: hash -> guest clusters that held that content.
+/// The hint index: hash -> guest clusters that held that content, in the compact index of
+/// `qcow2::dedup` (under 8 bytes per entry). It stores guest cluster + 1 (0 marks a free slot).
 #[derive(Default)]
 pub(crate) struct HintIndex {
-    map: HashMap<u64, Vec<u64>>,
-    entries: u64,
-}
-
-fn tag(h: &[u8; 32]) -> u64 {
-    u64::from_le_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]])
+    inner: DedupIndex,
 }
 
 impl HintIndex {
     fn lookup(&self, h: &[u8; 32]) -> Vec<u64> {
-        self.map.get(&tag(h)).cloned().unwrap_or_default()
+        self.inner.lookup(h).into_iter().map(|c| c - 1).collect()
     }
     fn insert(&mut self, h: &[u8; 32], gc: u64) {
-        let v = self.map.entry(tag(h)).or_default();
-        if !v.contains(&gc) {
-            v.push(gc);
-            self.entries += 1;
+        if !self.inner.contains(h, gc + 1) {
+            // A guest cluster past the index's reach is simply not indexed (written unshared).
+            let _ = self.inner.insert(h, gc + 1);
         }
     }
     fn remove(&mut self, h: &[u8; 32], gc: u64) {
-        if let Some(v) = self.map.get_mut(&tag(h)) {
-            let before = v.len();
-            v.retain(|&g| g != gc);
-            self.entries -= (before - v.len()) as u64;
-            if v.is_empty() {
-                self.map.remove(&tag(h));
-            }
-        }
+        self.inner.remove(h, gc + 1);
+    }
+    fn len(&self) -> u64 {
+        self.inner.len()
     }
     fn ram_bytes(&self) -> u64 {
-        (self.map.capacity() * (8 + 24 + 8)
-            + self.map.values().map(|v| v.capacity() * 8).sum::<usize>()) as u64
+        self.inner.ram_bytes()
     }
 }
 
@@ -111,7 +101,7 @@ impl Dedup {
     }
     pub(crate) fn snapshot_stats(&self) -> DedupStats {
         let mut s = self.stats;
-        s.index_entries = self.index.entries;
+        s.index_entries = self.index.len();
         s.index_ram_bytes = self.index.ram_bytes();
         s
     }
@@ -178,7 +168,7 @@ impl Drop for ClusterGuard<'_> {
 }
 
 fn hash(buf: &[u8]) -> [u8; 32] {
-    Sha256::digest(buf).into()
+    hash_cluster(buf)
 }
 
 impl Qcow2 {
@@ -241,7 +231,7 @@ impl Qcow2 {
     fn dedup_cluster(&self, gc: u64, buf: &[u8]) -> Result<()> {
         let s = self.storage.as_ref();
         let cs = self.g.cluster_size();
-        if buf.iter().all(|&b| b == 0) {
+        if is_zero(buf) {
             let mut m = self.lock();
             let old = m.entry(s, gc)?;
             if !matches!(old, L2Entry::Zero { host: None, .. }) {
@@ -269,9 +259,18 @@ impl Qcow2 {
                 return Err(Qcow2Error::Invalid("dedup is off".into()));
             };
             let _ = cur;
-            // Other clusters first: linking to one frees ours if it held a separate copy.
-            let mut cands = d.index.lookup(&h);
-            cands.sort_by_key(|&c| c == gc);
+            // The most shared copy first, our own cluster last: linking to it frees ours if it
+            // held a separate copy, and separate copies of one content converge on one cluster.
+            let mut cands: Vec<(bool, u64, u64)> = Vec::new();
+            for c in d.index.lookup(&h) {
+                let rc = match m.entry(s, c)? {
+                    L2Entry::Normal { host, .. } => m.rc.get(s, host.0 / cs)?,
+                    _ => 0,
+                };
+                cands.push((c == gc, u64::MAX - rc, c));
+            }
+            cands.sort_unstable();
+            let cands: Vec<u64> = cands.into_iter().map(|(_, _, c)| c).collect();
             for cand in cands {
                 if cand != gc && m.inflight.contains(&cand) {
                     // Its writer is linking it right now: wait, then look again.
