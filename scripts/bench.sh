@@ -127,7 +127,7 @@ base_image() {
     kind=${spec%%:*}
     opts=""
     [ "$kind" != "$spec" ] && opts=${spec#*:}
-    path=$WORK/base/$(printf '%s' "$spec" | tr -c 'A-Za-z0-9_.=-' '_').qcow2
+    path=$WORK/base/$(printf '%s' "$spec-$FILL_SIZE-$ALLOC_SIZE" | tr -c 'A-Za-z0-9_.=-' '_').qcow2
     if [ ! -f "$path" ]; then
         case "$kind" in
             fresh)
@@ -159,6 +159,14 @@ row() {
     ROW_VARIANTS+=("${variants[*]}")
 }
 
+# Rows the later issues will add look like this (the flags of ours are theirs to define):
+#   row "4k randwrite+flush QD1 lazy" fresh 1 nopin \
+#       "--workload randwrite --bs 4k --iodepth 1 --stride 64k --no-repeat --flush-every 1 --runtime {runtime}" \
+#       "lazy=ours:--lazy-refcounts on" "nolazy=ours:--lazy-refcounts off" \
+#       "qsd-lazy=qsd:,lazy-refcounts=on" "qsd=qsd:,lazy-refcounts=off"
+#   row "64k dedup 50% QD32 2q" fresh:cluster_size=64k 2 nopin \
+#       "--workload randwrite --bs 64k --iodepth 32 --no-repeat --dedup-ratio 50 --runtime {runtime}" \
+#       "dedup=ours:--dedup on" "nodedup=ours:--dedup off" "qsd=qsd"
 define_rows() {
     local q
     for q in $QUEUES; do
@@ -220,6 +228,8 @@ run_one() {
     local -a taskset_cmd=()
     [ "$pin" = pin ] && taskset_cmd=(taskset -c 0)
     daemon_cmd "$kind" "$extra" "$img" "$sock" "$queues"
+    local load
+    load=$(cut -d' ' -f1 /proc/loadavg)
     "${taskset_cmd[@]}" "${CMD[@]}" >"$log" 2>&1 &
     DAEMON_PID=$!
     local waited=0 error="" client_out="" cpu="null" cpu_user="null" rss="null"
@@ -258,17 +268,22 @@ run_one() {
     fi
     wait "$DAEMON_PID" 2>/dev/null || true
     DAEMON_PID=""
+    # Space the image takes on disk after the daemon closed it (allocated blocks, not its length).
+    local disk_bytes
+    disk_bytes=$(stat -c '%b %B' "$img" | awk '{ print $1 * $2 }')
     rm -f "$img" "$sock"
     [ -z "$client_out" ] && client_out=null
     {
         printf '{"row":%s,"variant":%s,"kind":%s,"round":%d,"queues":%d,' \
             "$(json_str "$name")" "$(json_str "$label")" "$(json_str "$kind")" "$round" "$queues"
-        printf '"cpu_s":%s,"cpu_user_s":%s,"rss_kib":%s,"client":%s' "$cpu" "$cpu_user" "$rss" "$client_out"
+        printf '"loadavg":%s,"cpu_s":%s,"cpu_user_s":%s,"rss_kib":%s,"disk_bytes":%s,"client":%s' \
+            "$load" "$cpu" "$cpu_user" "$rss" "${disk_bytes:-null}" "$client_out"
         [ -n "$error" ] && printf ',"error":%s' "$(json_str "$error")"
         printf '}\n'
     } >>"$RESULTS"
     if [ -n "$error" ]; then
-        echo "bench.sh: $name / $label round $round: $error (log: $log)" >&2
+        echo "bench.sh: $name / $label round $round: $error; last lines of $log:" >&2
+        tail -n 5 "$log" | sed 's/^/    /' >&2
         return 0
     fi
     local iops

@@ -21,6 +21,10 @@ pub struct Run {
     pub cpu_s: Option<f64>,
     pub ios: Option<f64>,
     pub rss_kib: Option<f64>,
+    /// Bytes the image occupied on disk after the run.
+    pub disk_bytes: Option<f64>,
+    /// 1-minute load average of the machine when the run started.
+    pub loadavg: Option<f64>,
     pub failed: bool,
 }
 
@@ -58,6 +62,8 @@ pub fn parse_runs(text: &str) -> Result<Vec<Run>, String> {
             ios: c("ios"),
             cpu_s: num(&v, "cpu_s"),
             rss_kib: num(&v, "rss_kib"),
+            disk_bytes: num(&v, "disk_bytes"),
+            loadavg: num(&v, "loadavg"),
             failed,
         });
     }
@@ -107,9 +113,9 @@ pub fn render(runs: &[Run]) -> String {
     let mut out = String::new();
     out.push_str(
         "| row | variant | IOPS | MB/s | p50 µs | p99 µs | daemon CPU s | CPU µs/IO | \
-         peak RSS MiB | IOPS vs ref | runs ok |\n",
+         peak RSS MiB | image MiB on disk | IOPS vs ref | runs ok |\n",
     );
-    out.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
+    out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for row in ordered(runs.iter().map(|r| r.row.as_str())) {
         let in_row: Vec<&Run> = runs.iter().filter(|r| r.row == row).collect();
         let variants = ordered(in_row.iter().map(|r| r.variant.as_str()));
@@ -140,7 +146,7 @@ pub fn render(runs: &[Run]) -> String {
             };
             let _ = writeln!(
                 out,
-                "| {row} | {v} | {} | {} | {} | {} | {} | {} | {} | {ratio} | {ok}/{} |",
+                "| {row} | {v} | {} | {} | {} | {} | {} | {} | {} | {} | {ratio} | {ok}/{} |",
                 fmt_spread(&collect(&rs, |r| r.iops)),
                 fmt_spread(&collect(&rs, |r| r.mbps)),
                 fmt_spread(&collect(&rs, |r| r.p50_us)),
@@ -148,9 +154,23 @@ pub fn render(runs: &[Run]) -> String {
                 fmt_spread(&collect(&rs, |r| r.cpu_s)),
                 fmt_spread(&cpu_per_io),
                 rss.map_or("-".to_string(), fmt_num),
+                fmt_spread(&collect(&rs, |r| r.disk_bytes.map(|b| b / 1048576.0))),
                 rs.len(),
             );
         }
+    }
+    let loads: Vec<f64> = runs.iter().filter_map(|r| r.loadavg).collect();
+    if !loads.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nMachine load (1-min load average at the start of each run): {}{}",
+            fmt_spread(&loads),
+            if loads.iter().any(|&l| l > 1.5) {
+                "; above 1.5 other work shared the CPUs, so compare only within a row"
+            } else {
+                ""
+            }
+        );
     }
     out
 }
@@ -161,7 +181,7 @@ mod tests {
 
     fn line(row: &str, variant: &str, iops: f64, cpu: f64) -> String {
         format!(
-            r#"{{"row":"{row}","variant":"{variant}","round":1,"cpu_s":{cpu},"rss_kib":20480,
+            r#"{{"row":"{row}","variant":"{variant}","round":1,"cpu_s":{cpu},"rss_kib":20480,"disk_bytes":3145728,
             "client":{{"iops":{iops},"mbps":1.0,"lat_p50_us":10,"lat_p99_us":20,"ios":1000,"errors":0}}}}"#
         )
         .replace('\n', "")
@@ -174,7 +194,7 @@ mod tests {
             line("r1", "qsd", 100.0, 2.0),
             line("r1", "ours", 300.0, 1.0),
             line("r1", "qsd", 100.0, 2.0),
-            line("r1", "ours", 250.0, 1.0),
+            line("r1", "ours", 250.0, 1.0).replace("\"round\":1,", "\"round\":3,\"loadavg\":2.5,"),
             String::new(),
             r#"{"row":"r2","variant":"ours","round":1,"client":null,"error":"daemon died"}"#
                 .to_string(),
@@ -185,7 +205,8 @@ mod tests {
         assert!(runs[5].failed);
         let table = render(&runs);
         let lines: Vec<&str> = table.lines().collect();
-        assert_eq!(lines.len(), 5, "{table}");
+        assert_eq!(lines.len(), 7, "{table}");
+        assert!(lines[6].contains("2.50; above 1.5"), "{}", lines[6]);
         assert!(
             lines[2].starts_with("| r1 | ours | 250 (200-300) |"),
             "{}",
@@ -195,7 +216,11 @@ mod tests {
         assert!(lines[2].contains("| 1000 |"), "cpu per io: {}", lines[2]);
         assert!(lines[2].ends_with("| 3/3 |"));
         assert!(lines[3].contains("| 1.00 (ref) |"));
-        assert!(lines[3].contains("| 20.0 |"), "rss MiB: {}", lines[3]);
+        assert!(
+            lines[3].contains("| 20.0 | 3.00 |"),
+            "rss, disk MiB: {}",
+            lines[3]
+        );
         assert!(lines[4].starts_with("| r2 | ours | - |"), "{}", lines[4]);
         assert!(lines[4].ends_with("| 0/1 |"));
     }
