@@ -74,7 +74,7 @@ else
     ROUNDS=${ROUNDS:-3}
     RUNTIME=${RUNTIME:-5}
     FILL_SIZE=1G
-    ALLOC_SIZE=4G
+    ALLOC_SIZE=8G        # 131072 allocating 4 KiB writes at most; up to 8 GiB of disk per run
 fi
 
 for tool in qemu-img qemu-storage-daemon taskset; do
