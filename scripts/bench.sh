@@ -1,0 +1,319 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark: our vhost-user-blk daemon vs qemu-storage-daemon (qsd), same qcow2
+# image (a fresh copy per run), same libblkio client (examples/bench), interleaved runs
+# (ours, qsd, then qsd, ours, ...) for several rounds; prints a Markdown table of the medians and the
+# spread (min-max) over the rounds, with the daemon's CPU seconds (utime+stime from /proc/PID/stat)
+# and peak RSS (VmHWM).
+#
+# Usage: scripts/bench.sh [--quick] [--rounds N] [--runtime SECS] [--queues "1 2"]
+#                         [--rows REGEX] [--out DIR] [--no-build] [--keep]
+#   --quick     1 round, short runs, small images (about a minute and a half in all)
+#   --rows      only rows whose name matches the (grep -E) regex, e.g. --rows 'randread'
+#   --out DIR   where images, sockets, logs and results.jsonl go (default: a new temp dir,
+#               removed at the end unless --keep); results.jsonl and table.md are copied to
+#               target/bench/ in any case
+#
+# Environment:
+#   BENCH_OURS_CMD   command template of "ours"; placeholders {image} {socket} {queues} {extra}.
+#                    Default: <target>/release/vhost-user-qcow2 serve --image {image}
+#                             --socket {socket} --num-queues {queues} {extra}
+#   BENCH_QSD_CMD    the same for qemu-storage-daemon; {extra} goes into the qcow2 --blockdev
+#                    (",opt=val,..."). Default: see QSD_CMD_DEFAULT below.
+#   BENCH_OURS=qsd   run qemu-storage-daemon in the "ours" slot too. This validates the whole
+#                    harness before `serve` exists, and measures the noise of the machine (the
+#                    two columns should then agree within the spread):
+#                        BENCH_OURS=qsd scripts/bench.sh --quick
+#   CARGO_TARGET_DIR where cargo puts the binaries (default: ./target)
+#
+# Adding rows (later issues: lazy refcounts, overlap checks, dedup): call `row` in define_rows:
+#   row NAME IMAGE QUEUES PIN "CLIENT ARGS" [VARIANT...]
+#     IMAGE    fresh[:QEMU-IMG-OPTS] (empty image) or filled[:QEMU-IMG-OPTS] (random data over
+#              the whole disk, all clusters allocated), e.g. fresh:lazy_refcounts=on,cluster_size=4k
+#     QUEUES   virtqueues (daemon --num-queues, client --num-queues: one client thread each)
+#     PIN      pin: client and daemon on CPU 0 (taskset; for QD1 latency); nopin otherwise
+#     VARIANT  LABEL=KIND[:EXTRA]; KIND is ours or qsd; EXTRA is added to the daemon command
+#              ({extra}), e.g. "ours-lazy=ours:--lazy-refcounts on" "qsd-lazy=qsd:,lazy-refcounts=on".
+#              Default variants: ours=ours qsd=qsd. The IOPS ratio is taken against "qsd".
+#   The client gets --socket and --num-queues from here; the row passes the rest
+#   (see examples/bench/main.rs for the options: --workload --bs --iodepth --stride --no-repeat
+#   --size --dedup-ratio --flush-every ...). {runtime} in CLIENT ARGS is the run time in seconds.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+QUICK=0
+ROUNDS=""
+RUNTIME=""
+QUEUES="1 2"
+ROWS_RE=""
+OUT=""
+BUILD=1
+KEEP=0
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --quick) QUICK=1 ;;
+        --rounds) ROUNDS=$2; shift ;;
+        --runtime) RUNTIME=$2; shift ;;
+        --queues) QUEUES=$2; shift ;;
+        --rows) ROWS_RE=$2; shift ;;
+        --out) OUT=$2; shift ;;
+        --no-build) BUILD=0 ;;
+        --keep) KEEP=1 ;;
+        -h|--help) sed -n '2,45p' "$0"; exit 0 ;;
+        *) echo "bench.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+if [ "$QUICK" = 1 ]; then
+    ROUNDS=${ROUNDS:-1}
+    RUNTIME=${RUNTIME:-1}
+    FILL_SIZE=256M      # virtual size of the data-filled image (read and overwrite rows)
+    ALLOC_SIZE=1G       # virtual size of the fresh image (allocating rows)
+else
+    ROUNDS=${ROUNDS:-3}
+    RUNTIME=${RUNTIME:-5}
+    FILL_SIZE=1G
+    ALLOC_SIZE=8G        # 131072 allocating 4 KiB writes at most; up to 8 GiB of disk per run
+fi
+
+for tool in qemu-img qemu-storage-daemon taskset; do
+    command -v "$tool" >/dev/null || { echo "bench.sh: $tool not found (apt-get install qemu-utils util-linux)" >&2; exit 1; }
+done
+
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+if [ "$BUILD" = 1 ]; then
+    cargo build --release --examples --bins >&2
+fi
+CLIENT=$TARGET/release/examples/bench
+[ -x "$CLIENT" ] || { echo "bench.sh: $CLIENT missing (build with cargo build --release --examples)" >&2; exit 1; }
+
+OURS_CMD_DEFAULT="$TARGET/release/vhost-user-qcow2 serve --image {image} --socket {socket} --num-queues {queues} {extra}"
+QSD_CMD_DEFAULT="qemu-storage-daemon --blockdev driver=file,node-name=f0,filename={image},cache.direct=off,discard=unmap --blockdev driver=qcow2,node-name=d0,file=f0{extra} --export type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={socket},writable=on,num-queues={queues}"
+QSD_CMD=${BENCH_QSD_CMD:-$QSD_CMD_DEFAULT}
+OURS_CMD=${BENCH_OURS_CMD:-$OURS_CMD_DEFAULT}
+if [ "${BENCH_OURS:-}" = qsd ]; then
+    OURS_CMD=$QSD_CMD
+    echo "bench.sh: BENCH_OURS=qsd: qemu-storage-daemon runs in both slots (harness check)" >&2
+fi
+
+if [ -n "$OUT" ]; then
+    WORK=$OUT
+    mkdir -p "$WORK"
+else
+    WORK=$(mktemp -d /var/tmp/vhost-user-qcow2-bench.XXXXXX)
+fi
+mkdir -p "$WORK/logs" "$WORK/base"
+RESULTS=$WORK/results.jsonl
+: >"$RESULTS"
+DAEMON_PID=""
+cleanup() {
+    if [ -n "$DAEMON_PID" ] && kill -0 "$DAEMON_PID" 2>/dev/null; then
+        kill -KILL "$DAEMON_PID" 2>/dev/null || true
+    fi
+    rm -f "$WORK"/run.img "$WORK"/run.sock
+    if [ "$KEEP" = 0 ] && [ -z "$OUT" ]; then
+        rm -rf "$WORK"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+CLK_TCK=$(getconf CLK_TCK)
+
+# base_image SPEC -> prints the path of a cached base image for SPEC (fresh[:opts]|filled[:opts]).
+base_image() {
+    local spec=$1 kind opts path
+    kind=${spec%%:*}
+    opts=""
+    [ "$kind" != "$spec" ] && opts=${spec#*:}
+    path=$WORK/base/$(printf '%s' "$spec-$FILL_SIZE-$ALLOC_SIZE" | tr -c 'A-Za-z0-9_.=-' '_').qcow2
+    if [ ! -f "$path" ]; then
+        case "$kind" in
+            fresh)
+                qemu-img create -q -f qcow2 ${opts:+-o "$opts"} "$path" "$ALLOC_SIZE" >&2 ;;
+            filled)
+                # Incompressible, never-repeating data in every cluster (no zero or duplicate
+                # cluster a daemon could shortcut).
+                head -c "$(numfmt --from=iec "$FILL_SIZE")" /dev/urandom >"$WORK/base/fill.raw"
+                qemu-img convert -q -f raw -O qcow2 ${opts:+-o "$opts"} "$WORK/base/fill.raw" "$path" >&2
+                rm -f "$WORK/base/fill.raw" ;;
+            *) echo "bench.sh: unknown image kind in '$spec'" >&2; return 1 ;;
+        esac
+    fi
+    printf '%s\n' "$path"
+}
+
+# Row table, filled by define_rows.
+ROW_NAMES=() ROW_IMAGES=() ROW_QUEUES=() ROW_PINS=() ROW_CLIENT=() ROW_VARIANTS=()
+row() {
+    local name=$1 image=$2 queues=$3 pin=$4 client=$5
+    shift 5
+    local variants=("$@")
+    [ ${#variants[@]} -eq 0 ] && variants=("ours=ours" "qsd=qsd")
+    if [ -n "$ROWS_RE" ] && ! grep -qE -- "$ROWS_RE" <<<"$name"; then
+        return 0
+    fi
+    ROW_NAMES+=("$name") ROW_IMAGES+=("$image") ROW_QUEUES+=("$queues") ROW_PINS+=("$pin") ROW_CLIENT+=("$client")
+    local IFS=$'\x1f'
+    ROW_VARIANTS+=("${variants[*]}")
+}
+
+# Rows the later issues will add look like this (the flags of ours are theirs to define):
+#   row "4k randwrite+flush QD1 lazy" fresh 1 nopin \
+#       "--workload randwrite --bs 4k --iodepth 1 --stride 64k --no-repeat --flush-every 1 --runtime {runtime}" \
+#       "lazy=ours:--lazy-refcounts on" "nolazy=ours:--lazy-refcounts off" \
+#       "qsd-lazy=qsd:,lazy-refcounts=on" "qsd=qsd:,lazy-refcounts=off"
+#   row "64k dedup 50% QD32 2q" fresh:cluster_size=64k 2 nopin \
+#       "--workload randwrite --bs 64k --iodepth 32 --no-repeat --dedup-ratio 50 --runtime {runtime}" \
+#       "dedup=ours:--dedup on" "nodedup=ours:--dedup off" "qsd=qsd"
+define_rows() {
+    local q
+    for q in $QUEUES; do
+        row "4k randread QD1 ${q}q pinned" filled "$q" pin \
+            "--workload randread --bs 4k --iodepth 1 --runtime {runtime}"
+        row "4k randread QD32 ${q}q" filled "$q" nopin \
+            "--workload randread --bs 4k --iodepth 32 --runtime {runtime}"
+        # Every write lands in a cluster not allocated before (64 KiB clusters, stride 64 KiB).
+        row "4k randwrite QD32 ${q}q allocating" fresh "$q" nopin \
+            "--workload randwrite --bs 4k --iodepth 32 --stride 64k --no-repeat --runtime {runtime}"
+        row "4k randwrite QD32 ${q}q overwrite" filled "$q" nopin \
+            "--workload randwrite --bs 4k --iodepth 32 --runtime {runtime}"
+        # One sequential pass over a fresh image (stops at the end of the disk or the run time).
+        row "1M seqwrite QD8 ${q}q" fresh "$q" nopin \
+            "--workload seqwrite --bs 1M --iodepth 8 --no-repeat --runtime {runtime}"
+    done
+}
+
+# Daemon command for KIND with EXTRA, as an array in CMD.
+daemon_cmd() {
+    local kind=$1 extra=$2 img=$3 sock=$4 queues=$5 tmpl
+    case "$kind" in
+        ours) tmpl=$OURS_CMD
+              # Our CLI flags make no sense to qsd standing in for us.
+              [ "${BENCH_OURS:-}" = qsd ] && extra="" ;;
+        qsd) tmpl=$QSD_CMD ;;
+        *) echo "bench.sh: unknown daemon kind '$kind'" >&2; return 1 ;;
+    esac
+    tmpl=${tmpl//\{image\}/$img}
+    tmpl=${tmpl//\{socket\}/$sock}
+    tmpl=${tmpl//\{queues\}/$queues}
+    tmpl=${tmpl//\{extra\}/$extra}
+    read -r -a CMD <<<"$tmpl"
+}
+
+json_str() { # minimal JSON string escaping for names and messages
+    local s=${1//\\/\\\\}
+    s=${s//\"/\\\"}
+    s=${s//$'\n'/ }
+    printf '"%s"' "$s"
+}
+
+# run_one ROW_INDEX VARIANT QUEUES ROUND: one daemon start, one client run, one results line.
+run_one() {
+    local i=$1 variant=$2 queues=$3 round=$4
+    local name=${ROW_NAMES[$i]} pin=${ROW_PINS[$i]} client_args=${ROW_CLIENT[$i]}
+    local label=${variant%%=*} spec=${variant#*=}
+    local kind=${spec%%:*} extra=""
+    [ "$kind" != "$spec" ] && extra=${spec#*:}
+    local img=$WORK/run.img sock=$WORK/run.sock
+    local log
+    log=$WORK/logs/$(printf '%s' "$name-$label-r$round" | tr -c 'A-Za-z0-9_.-' '_').log
+    local base
+    base=$(base_image "${ROW_IMAGES[$i]}")
+    cp --sparse=always "$base" "$img"
+    sync "$img"
+    rm -f "$sock"
+
+    local -a taskset_cmd=()
+    [ "$pin" = pin ] && taskset_cmd=(taskset -c 0)
+    daemon_cmd "$kind" "$extra" "$img" "$sock" "$queues"
+    local load
+    load=$(cut -d' ' -f1 /proc/loadavg)
+    "${taskset_cmd[@]}" "${CMD[@]}" >"$log" 2>&1 &
+    DAEMON_PID=$!
+    local waited=0 error="" client_out="" cpu="null" cpu_user="null" rss="null"
+    while [ ! -S "$sock" ]; do
+        if ! kill -0 "$DAEMON_PID" 2>/dev/null; then error="daemon exited at start"; break; fi
+        if [ $waited -ge 100 ]; then error="no socket after 10 s"; break; fi
+        sleep 0.1
+        waited=$((waited + 1))
+    done
+    if [ -z "$error" ]; then
+        local args=${client_args//\{runtime\}/$RUNTIME}
+        # shellcheck disable=SC2086 # the row's client arguments are meant to be split
+        if ! client_out=$("${taskset_cmd[@]}" "$CLIENT" --socket "$sock" --num-queues "$queues" $args 2>>"$log"); then
+            error="client failed: $(tail -n 1 "$log")"
+        fi
+        if [ -r "/proc/$DAEMON_PID/stat" ]; then
+            local stat
+            stat=$(<"/proc/$DAEMON_PID/stat")
+            stat=${stat##*) }
+            read -r -a f <<<"$stat"
+            # After "pid (comm) ": f[0] is field 3 (state), so utime (14) is f[11], stime (15) f[12].
+            cpu=$(awk -v u="${f[11]}" -v s="${f[12]}" -v t="$CLK_TCK" 'BEGIN { printf "%.3f", (u + s) / t }')
+            cpu_user=$(awk -v u="${f[11]}" -v t="$CLK_TCK" 'BEGIN { printf "%.3f", u / t }')
+            rss=$(awk '/^VmHWM:/ { print $2 }' "/proc/$DAEMON_PID/status")
+            rss=${rss:-null}
+        fi
+    fi
+    if kill -0 "$DAEMON_PID" 2>/dev/null; then
+        kill -TERM "$DAEMON_PID" 2>/dev/null || true
+        local n=0
+        while kill -0 "$DAEMON_PID" 2>/dev/null && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+        if kill -0 "$DAEMON_PID" 2>/dev/null; then
+            kill -KILL "$DAEMON_PID" 2>/dev/null || true
+            error=${error:-"daemon ignored SIGTERM for 10 s"}
+        fi
+    fi
+    wait "$DAEMON_PID" 2>/dev/null || true
+    DAEMON_PID=""
+    # Space the image takes on disk after the daemon closed it (allocated blocks, not its length).
+    local disk_bytes
+    disk_bytes=$(stat -c '%b %B' "$img" | awk '{ print $1 * $2 }')
+    rm -f "$img" "$sock"
+    [ -z "$client_out" ] && client_out=null
+    {
+        printf '{"row":%s,"variant":%s,"kind":%s,"round":%d,"queues":%d,' \
+            "$(json_str "$name")" "$(json_str "$label")" "$(json_str "$kind")" "$round" "$queues"
+        printf '"loadavg":%s,"cpu_s":%s,"cpu_user_s":%s,"rss_kib":%s,"disk_bytes":%s,"client":%s' \
+            "$load" "$cpu" "$cpu_user" "$rss" "${disk_bytes:-null}" "$client_out"
+        [ -n "$error" ] && printf ',"error":%s' "$(json_str "$error")"
+        printf '}\n'
+    } >>"$RESULTS"
+    if [ -n "$error" ]; then
+        echo "bench.sh: $name / $label round $round: $error; last lines of $log:" >&2
+        tail -n 5 "$log" | sed 's/^/    /' >&2
+        return 0
+    fi
+    local iops
+    iops=$(grep -o '"iops":[0-9.]*' <<<"$client_out" | cut -d: -f2)
+    printf 'bench.sh: %-36s %-10s round %d: %8.0f IOPS, daemon CPU %s s (user %s)\n' "$name" "$label" "$round" "${iops:-0}" "$cpu" "$cpu_user" >&2
+}
+
+define_rows
+echo "bench.sh: ${#ROW_NAMES[@]} rows, $ROUNDS round(s), ${RUNTIME}s per run, work dir $WORK" >&2
+for i in "${!ROW_NAMES[@]}"; do
+    IFS=$'\x1f' read -r -a variants <<<"${ROW_VARIANTS[$i]}"
+    for ((round = 1; round <= ROUNDS; round++)); do
+        # ABBA order (ours, qsd | qsd, ours | ...): a drift of the machine, or a run that leaves
+        # work behind for the next one (page cache writeback, freed extents), favours no side.
+        order=("${variants[@]}")
+        if [ $((round % 2)) = 0 ]; then
+            order=()
+            for ((k = ${#variants[@]} - 1; k >= 0; k--)); do order+=("${variants[$k]}"); done
+        fi
+        for v in "${order[@]}"; do
+            run_one "$i" "$v" "${ROW_QUEUES[$i]}" "$round"
+        done
+    done
+done
+
+mkdir -p "$TARGET/bench"
+"$CLIENT" --report "$RESULTS" | tee "$WORK/table.md"
+cp "$RESULTS" "$WORK/table.md" "$TARGET/bench/"
+echo "bench.sh: results in $TARGET/bench/results.jsonl and $TARGET/bench/table.md" >&2
+if grep -q '"error"' "$RESULTS"; then
+    echo "bench.sh: some runs failed (see above)" >&2
+    exit 1
+fi
