@@ -1,0 +1,65 @@
+//! [`ImageControl`] for the images the daemon serves: a qcow2 image through the engine, a raw
+//! file, or anything else (tests) with no engine behind it.
+
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+use super::commands::{EngineStatsInfo, ImageControl};
+use crate::qcow2::info::image_info;
+use crate::qcow2::Qcow2;
+use crate::storage::FileStorage;
+
+/// A qcow2 image served by the engine.
+pub struct Qcow2Control {
+    pub engine: Arc<Qcow2>,
+    pub path: PathBuf,
+}
+
+impl ImageControl for Qcow2Control {
+    fn engine_stats(&self) -> Option<EngineStatsInfo> {
+        Some(self.engine.stats().into())
+    }
+
+    /// `info` on the file as it is now, through a read-only descriptor of its own (the
+    /// header, L1 and refcount tables are read; no cluster data).
+    fn image_info(&self) -> Result<Value, String> {
+        let file = File::open(&self.path)
+            .map_err(|e| format!("cannot open {}: {e}", self.path.display()))?;
+        let actual = file.metadata().map(|m| m.blocks() * 512).ok();
+        let mut info = image_info(&FileStorage::new(file)).map_err(|e| e.to_string())?;
+        info.filename = self.path.display().to_string();
+        info.actual_size = actual;
+        serde_json::to_value(&info).map_err(|e| e.to_string())
+    }
+}
+
+/// A raw file (or any device without an engine): size and file name only.
+pub struct PlainControl {
+    pub path: PathBuf,
+    pub format: &'static str,
+    pub capacity: u64,
+}
+
+impl ImageControl for PlainControl {
+    fn engine_stats(&self) -> Option<EngineStatsInfo> {
+        None
+    }
+
+    fn image_info(&self) -> Result<Value, String> {
+        let actual = std::fs::metadata(&self.path).map(|m| m.blocks() * 512).ok();
+        let mut v = json!({
+            "virtual-size": self.capacity,
+            "filename": self.path.display().to_string(),
+            "format": self.format,
+            "dirty-flag": false,
+        });
+        if let (Some(a), Value::Object(m)) = (actual, &mut v) {
+            m.insert("actual-size".into(), json!(a));
+        }
+        Ok(v)
+    }
+}
