@@ -1,15 +1,17 @@
-//! The control socket driven by the `qemu.qmp` Python package's async client (tests/
-//! qmp_client.py): the real-world QMP library must connect, negotiate, query and quit. Fails,
-//! never skips, when python3 or qemu.qmp is missing (`./run test` installs them).
+//! The control socket driven by the `qemu.qmp` Python package: its async client (tests/
+//! qmp_client.py) and its `qmp-shell` must connect, negotiate, query and quit. Fails, never
+//! skips, when python3 or qemu.qmp is missing (`./run test` installs them).
 
 mod common;
 
 use common::client::*;
-use std::process::Command;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-#[test]
-fn qemu_qmp_async_client_queries_and_quits() {
+/// A fresh 64 MiB image served with 2 queues and a control socket: (dir, image, control, child).
+fn start() -> (tempfile::TempDir, PathBuf, PathBuf, Child) {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("d.qcow2");
     let out = Command::new(env!("CARGO_BIN_EXE_vhost-user-qcow2"))
@@ -18,30 +20,67 @@ fn qemu_qmp_async_client_queries_and_quits() {
         .unwrap();
     assert!(out.status.success());
     let ctl = dir.path().join("c.sock");
-    let mut child = spawn_binary(
+    let child = spawn_binary(
         &img,
         &dir.path().join("v.sock"),
         &["--num-queues", "2", "--control", ctl.to_str().unwrap()],
     );
     wait_for(&ctl);
+    (dir, img, ctl, child)
+}
+
+/// The daemon exits 0 and leaves a clean image.
+fn finish(mut child: Child, img: &Path) {
+    let st = wait_exit(&mut child, Duration::from_secs(30));
+    let log = stderr_of(&mut child);
+    assert!(st.success(), "exit status {st:?}; log:\n{log}");
+    common::assert_check_clean(img);
+}
+
+#[test]
+fn qmp_shell_queries_and_quits() {
+    let (_dir, img, ctl, child) = start();
+    let mut sh = Command::new("python3")
+        .args(["-m", "qemu.qmp.qmp_shell"])
+        .arg(&ctl)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run python3 (./run test installs it): {e}"));
+    sh.stdin
+        .take()
+        .unwrap()
+        .write_all(b"query-status\ndedup-set-mode mode=inline\nquery-stats\nquit\n")
+        .unwrap();
+    let out = sh.wait_with_output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "qmp-shell failed:\n{text}");
+    assert!(text.contains("\"status\": \"running\""), "{text}");
+    assert!(
+        text.contains("deduplication is not enabled on this image"),
+        "{text}"
+    );
+    assert!(text.contains("\"latency-histogram\""), "{text}");
+    finish(child, &img);
+}
+
+#[test]
+fn qemu_qmp_async_client_queries_and_quits() {
+    let (_dir, img, ctl, child) = start();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/qmp_client.py");
     let out = Command::new("python3")
         .arg(script)
         .arg(&ctl)
         .output()
         .unwrap_or_else(|e| panic!("cannot run python3 (./run test installs it): {e}"));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
         "qmp_client.py failed (is qemu.qmp installed? ./run test installs it):\n{text}"
     );
     assert!(text.contains("OK"), "{text}");
-    let st = wait_exit(&mut child, Duration::from_secs(30));
-    let log = stderr_of(&mut child);
-    assert!(st.success(), "exit status {st:?}; log:\n{log}");
-    common::assert_check_clean(&img);
+    finish(child, &img);
 }

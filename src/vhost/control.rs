@@ -114,7 +114,7 @@ impl ControlServer {
                 }
             };
             if self.clients.len() >= MAX_CLIENTS {
-                warn!("control socket: more than {MAX_CLIENTS} clients, closing the new one");
+                debug!("control socket: more than {MAX_CLIENTS} clients, closing the new one");
                 continue; // dropping it closes it
             }
             if let Err(e) = stream.set_nonblocking(true) {
