@@ -77,6 +77,8 @@ pub struct Version {
 struct Scan {
     /// Bytes of `buf` already scanned.
     pos: usize,
+    /// Where the message being scanned starts (after the whitespace before it).
+    start: usize,
     depth: usize,
     in_str: bool,
     escape: bool,
@@ -125,14 +127,26 @@ impl Session {
         out: &mut Vec<u8>,
     ) -> Result<(), TooLong> {
         self.buf.extend_from_slice(data);
-        while let Some(end) = self.next_message()? {
-            let msg: Vec<u8> = self.buf.drain(..end).collect();
-            self.scan = Scan::default();
-            let reply = match serde_json::from_slice::<Value>(&msg) {
+        // Messages are parsed in place and the buffer is shifted once per call, so a chunk
+        // full of small messages or of whitespace costs linear time.
+        while let Some((start, end)) = self.next_message()? {
+            let parsed = serde_json::from_slice::<Value>(&self.buf[start..end]);
+            self.scan = Scan {
+                pos: end,
+                start: end,
+                ..Scan::default()
+            };
+            let reply = match parsed {
                 Ok(v) => self.request(v, h),
                 Err(e) => error_reply(QmpError::generic(format!("JSON parse error, {e}")), None),
             };
             out.extend_from_slice(&line(&reply));
+        }
+        let cut = self.scan.start;
+        if cut > 0 {
+            self.buf.drain(..cut);
+            self.scan.pos -= cut;
+            self.scan.start = 0;
         }
         if self.buf.len() > MAX_MESSAGE {
             return Err(TooLong);
@@ -140,9 +154,9 @@ impl Session {
         Ok(())
     }
 
-    /// Scan on from where the last call stopped; return the end of the first complete message.
-    /// Whitespace between messages is dropped.
-    fn next_message(&mut self) -> Result<Option<usize>, TooLong> {
+    /// Scan on from where the last call stopped; return the bounds of the first complete
+    /// message. Whitespace between messages is skipped.
+    fn next_message(&mut self) -> Result<Option<(usize, usize)>, TooLong> {
         let s = &mut self.scan;
         while s.pos < self.buf.len() {
             let b = self.buf[s.pos];
@@ -155,7 +169,7 @@ impl Session {
                 } else if b == b'"' {
                     s.in_str = false;
                     if s.depth == 0 {
-                        return Ok(Some(s.pos));
+                        return Ok(Some((s.start, s.pos)));
                     }
                 }
                 continue;
@@ -164,7 +178,7 @@ impl Session {
                 // A bare token ends at whitespace or at the start of something else.
                 if b.is_ascii_whitespace() || matches!(b, b'{' | b'[' | b'"') {
                     s.pos -= 1;
-                    return Ok(Some(s.pos));
+                    return Ok(Some((s.start, s.pos)));
                 }
                 continue;
             }
@@ -178,15 +192,12 @@ impl Session {
                 }
                 b'}' | b']' => {
                     if s.depth <= 1 {
-                        return Ok(Some(s.pos));
+                        return Ok(Some((s.start, s.pos)));
                     }
                     s.depth -= 1;
                 }
-                _ if s.depth == 0 && b.is_ascii_whitespace() => {
-                    // Between messages: drop it.
-                    self.buf.drain(..s.pos);
-                    s.pos = 0;
-                }
+                // Between messages: not part of the next one.
+                _ if s.depth == 0 && b.is_ascii_whitespace() => s.start = s.pos,
                 _ if s.depth == 0 => s.bare = true,
                 _ => {}
             }

@@ -199,3 +199,41 @@ fn events_have_qemus_shape() {
     assert!(v["timestamp"]["seconds"].as_u64().unwrap() > 1_600_000_000);
     assert!(v["timestamp"]["microseconds"].as_u64().unwrap() < 1_000_000);
 }
+
+#[test]
+fn floods_of_whitespace_or_tiny_messages_stay_linear() {
+    let (mut s, mut h) = negotiated();
+    // 8 MiB of whitespace in 64 KiB chunks: nothing buffered, nothing answered, quickly.
+    let t0 = std::time::Instant::now();
+    let ws = vec![b' '; 65536];
+    for _ in 0..128 {
+        assert!(feed(&mut s, &mut h, &ws).unwrap().is_empty());
+    }
+    // 64 KiB chunks of back-to-back messages.
+    let chunk = br#"{"execute":"echo"}"#.repeat(65536 / 18);
+    let mut n = 0;
+    for _ in 0..16 {
+        n += feed(&mut s, &mut h, &chunk).unwrap().len();
+    }
+    assert_eq!(n, 16 * (65536 / 18));
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        t0.elapsed()
+    );
+}
+
+#[test]
+fn whitespace_and_newlines_between_messages() {
+    let (mut s, mut h) = negotiated();
+    let r = feed(
+        &mut s,
+        &mut h,
+        b"\r\n  {\"execute\": \"echo\", \"id\": 1}\n\n\t{\"execute\":\n\"echo\"}\r\n",
+    )
+    .unwrap();
+    assert_eq!(
+        r,
+        vec![json!({"return": {}, "id": 1}), json!({"return": {}})]
+    );
+}
