@@ -138,6 +138,14 @@ impl Daemon {
     fn img(&self) -> PathBuf {
         self.dir.path().join("d.qcow2")
     }
+    /// Panic with the daemon's log when `ok` is false.
+    fn check(&mut self, ok: bool, what: &str) {
+        if !ok {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            panic!("{what}; daemon log:\n{}", stderr_of(&mut self.child));
+        }
+    }
     fn alive(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
     }
@@ -169,7 +177,7 @@ impl Drop for Daemon {
 
 #[test]
 fn commands_answer_and_quit_leaves_a_clean_image() {
-    let d = Daemon::start(&[]);
+    let mut d = Daemon::start(&[]);
     let mode = std::fs::metadata(d.ctl()).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
     let mut q = Qmp::connect(&d.ctl());
@@ -209,9 +217,11 @@ fn commands_answer_and_quit_leaves_a_clean_image() {
     let data = pattern(1, 65536);
     c.buf(0, 65536).copy_from_slice(&data);
     for i in 0..4u64 {
-        assert_eq!(c.write(0, i * 65536, 0, 65536), 0);
+        let r = c.write(0, i * 65536, 0, 65536);
+        d.check(r == 0, &format!("write {i} returned {r}"));
     }
-    assert_eq!(c.read(0, 0, 65536, 65536), 0);
+    let r = c.read(0, 0, 65536, 65536);
+    d.check(r == 0, &format!("read returned {r}"));
     let s = q.ok("query-stats");
     let q0 = &s["queues"][0];
     assert_eq!(q0["write-requests"], 4, "{s}");
@@ -350,6 +360,15 @@ fn stale_control_socket_replaced_live_one_refused() {
         Daemon { child, dir }
     };
     wait_for(&d.sock());
+    // The stale file was there from the start: wait until the daemon's own socket answers.
+    let t0 = Instant::now();
+    while UnixStream::connect(d.ctl()).is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "control socket never answered"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     Qmp::connect(&d.ctl()).ok("query-status");
     // Live: a second daemon on the same control socket is refused.
     let img2 = d.dir.path().join("e.qcow2");
