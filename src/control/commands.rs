@@ -31,7 +31,7 @@ pub const COMMANDS: &[&str] = &[
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct StatusInfo {
-    /// "running", or "shutdown" once a shutdown has begun.
+    /// "running" (the daemon stops answering once it shuts down).
     pub status: String,
     pub running: bool,
     pub singlestep: bool,
