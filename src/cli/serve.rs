@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use vhost_user_qcow2::block::BlockDevice;
+use vhost_user_qcow2::control::{self, ImageControl, PlainControl, Qcow2Control};
 use vhost_user_qcow2::qcow2::engine::OverlapMode;
 use vhost_user_qcow2::qcow2::{OpenOptions, Qcow2};
 use vhost_user_qcow2::raw::RawDisk;
@@ -53,6 +54,14 @@ pub struct ServeArgs {
     /// Permission bits of the socket file, in octal.
     #[arg(long, default_value = "600", value_parser = parse_mode)]
     pub socket_mode: u32,
+    /// A QMP control socket (mode 0600) for query-status, query-stats, query-image,
+    /// query-dedup, dedup-pause/-resume/-set-mode and quit; a stale socket file is replaced.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// Seconds between one-line I/O statistics summaries in the log (info level); 0: none.
+    #[arg(long, default_value_t = 0, value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(0..=86400))]
+    pub stats_interval: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -173,6 +182,31 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 log::error!("writing lazy refcounts failed: {e}");
             }
         }));
+    }
+    cfg.stats_interval = std::time::Duration::from_secs(args.stats_interval);
+    let control: Box<dyn ImageControl> = match image.qcow2.clone() {
+        Some(engine) => Box::new(Qcow2Control {
+            engine,
+            path: args.image.clone(),
+        }),
+        None => Box::new(PlainControl {
+            path: args.image.clone(),
+            format: "raw",
+            capacity: image.device.capacity(),
+        }),
+    };
+    cfg.image = Some(control);
+    // The engine's events (BLOCK_IMAGE_CORRUPTED) go through `events`; the daemon forwards
+    // whatever arrives on the receiver to the control clients.
+    let (events, rx) = control::channel().context("creating the event queue")?;
+    if let Some(q) = &image.qcow2 {
+        q.set_corruption_listener(Box::new(move |msg| {
+            events.image_corrupted("qcow2", msg, None, None, true);
+        }));
+    }
+    if let Some(path) = &args.control {
+        cfg.control = Some(path.clone());
+        cfg.events = Some(rx);
     }
     vhost::serve(image.device.clone(), cfg)?;
     Ok(ExitCode::SUCCESS)

@@ -40,7 +40,7 @@ impl BlkBackend {
 
     /// Serve every available chain of one queue; with EVENT_IDX, loop until no new chain
     /// arrived while notifications were off. Signals the guest once per batch when needed.
-    fn process_queue(&self, vring: &Vring) -> io::Result<()> {
+    fn process_queue(&self, queue: usize, vring: &Vring) -> io::Result<()> {
         let event_idx = self.event_idx.load(Ordering::Acquire);
         let mem = self.mem.memory();
         let mut state = vring.get_mut();
@@ -50,7 +50,7 @@ impl BlkBackend {
             }
             while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) {
                 let head = chain.head_index();
-                let used = virtio::process_chain(&self.ctx, &*mem, chain);
+                let used = virtio::process_chain(&self.ctx, queue, &*mem, chain);
                 state.add_used(head, used).map_err(io::Error::other)?;
             }
             if !event_idx || !state.enable_notification().map_err(io::Error::other)? {
@@ -175,7 +175,7 @@ impl VhostUserBackend for BlkBackend {
         };
         // An error here is a broken ring (bad addresses from the driver). Returning it would end
         // the worker thread for good; log it and keep the thread for the next kick instead.
-        if let Err(e) = self.process_queue(vring) {
+        if let Err(e) = self.process_queue(usize::from(device_event), vring) {
             warn!("queue {thread_id}: {e}");
         }
         Ok(())

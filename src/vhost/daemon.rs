@@ -1,20 +1,17 @@
 //! The daemon's main thread: one epoll loop over the signals (signalfd), the listening socket,
-//! the end of the current connection, a stop event and a periodic timer.
+//! the end of the current connection, a stop event, a periodic timer, and the control socket
+//! with its clients and event queue.
 //!
 //! One VMM connection is served at a time, each by a fresh `VhostUserDaemon` (with its own
 //! worker threads) on the same listening socket, so a VMM can disconnect and come back.
 
-use std::fs;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use log::{debug, info, warn};
+use log::{info, warn};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -22,9 +19,12 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::backend::BlkBackend;
+use super::control::ControlServer;
+use super::sys::{bind_socket, read_signal, signal_fd, Epoll, SocketFile};
 use super::{ServeConfig, StopHandle, VhostError};
 use crate::block::BlockDevice;
-use crate::virtio::{BlkConfig, DeviceCtx};
+use crate::control::{DaemonView, Event, ImageControl, PlainControl, StatusInfo};
+use crate::virtio::{BlkConfig, DeviceCtx, QueueSnapshot};
 
 const TOKEN_LISTEN: u64 = 1;
 const TOKEN_SIGNAL: u64 = 2;
@@ -38,10 +38,170 @@ struct Connection {
     shutdown: Option<vhost_user_backend::ShutdownHandle>,
 }
 
-/// Serve `device` on `config.socket` until SIGINT/SIGTERM (when `config.handle_signals`) or the
-/// stop handle fires. Then: stop taking requests, let in-flight ones finish, flush, close the
-/// device, remove the socket.
-pub fn serve(device: Arc<dyn BlockDevice>, config: ServeConfig) -> Result<(), VhostError> {
+/// The daemon's answers to the control socket.
+struct View<'a> {
+    ctx: &'a DeviceCtx,
+    connected: bool,
+    quit: bool,
+}
+
+impl DaemonView for View<'_> {
+    fn status(&self) -> StatusInfo {
+        StatusInfo {
+            status: "running".into(),
+            running: true,
+            singlestep: false,
+            vmm_connected: self.connected,
+            read_only: self.ctx.dev.read_only(),
+        }
+    }
+    fn queue_stats(&self) -> Vec<QueueSnapshot> {
+        queue_stats(self.ctx)
+    }
+    fn quit(&mut self) {
+        self.quit = true;
+    }
+}
+
+fn queue_stats(ctx: &DeviceCtx) -> Vec<QueueSnapshot> {
+    ctx.stats
+        .iter()
+        .enumerate()
+        .map(|(i, q)| q.snapshot(u16::try_from(i).unwrap_or(u16::MAX)))
+        .collect()
+}
+
+/// The periodic jobs on the timer: the caller's tick and the statistics line, each every so
+/// many timer periods.
+struct Periodic<'a> {
+    timer: TimerFd,
+    expirations: u64,
+    tick: Option<(&'a super::Tick, u64)>,
+    stats_every: u64,
+    last: StatsLine,
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+impl<'a> Periodic<'a> {
+    fn new(config: &'a ServeConfig, ep: &Epoll) -> Result<Option<Self>, VhostError> {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1);
+        let tick_ms = config.tick.as_ref().map(|_| ms(config.tick_interval));
+        let stats_ms = (!config.stats_interval.is_zero()).then(|| ms(config.stats_interval));
+        let period = match (tick_ms, stats_ms) {
+            (None, None) => return Ok(None),
+            (Some(a), None) | (None, Some(a)) => a,
+            (Some(a), Some(b)) => gcd(a, b),
+        };
+        let sys = |what| {
+            move |e: vmm_sys_util::errno::Error| VhostError::Io {
+                what,
+                source: e.into(),
+            }
+        };
+        let mut timer = TimerFd::new().map_err(sys("creating the timer"))?;
+        let d = Duration::from_millis(period);
+        timer.reset(d, Some(d)).map_err(sys("arming the timer"))?;
+        ep.add(timer.as_raw_fd(), TOKEN_TIMER)?;
+        Ok(Some(Periodic {
+            timer,
+            expirations: 0,
+            tick: config.tick.as_ref().zip(tick_ms.map(|t| t / period)),
+            stats_every: stats_ms.map_or(0, |s| s / period),
+            last: StatsLine::default(),
+        }))
+    }
+
+    fn fire(&mut self, ctx: &DeviceCtx, image: Option<&dyn ImageControl>) {
+        let n = match self.timer.wait() {
+            Ok(n) if n > 0 => n,
+            _ => return,
+        };
+        let before = self.expirations;
+        self.expirations += n;
+        let due = |every: u64| every > 0 && self.expirations / every > before / every;
+        if let Some((tick, every)) = self.tick {
+            if due(every) {
+                tick();
+            }
+        }
+        if due(self.stats_every) {
+            self.last.log(ctx, image);
+        }
+    }
+}
+
+/// The one-line I/O summary at info level: what happened since the previous line.
+#[derive(Default)]
+struct StatsLine {
+    io: QueueSnapshot,
+    engine: Option<crate::control::EngineStatsInfo>,
+    at: Option<std::time::Instant>,
+}
+
+impl StatsLine {
+    fn log(&mut self, ctx: &DeviceCtx, image: Option<&dyn ImageControl>) {
+        let mut now = QueueSnapshot::default();
+        for q in queue_stats(ctx) {
+            now.add(&q);
+        }
+        let t = std::time::Instant::now();
+        let secs = self
+            .at
+            .map_or(0.0, |a| t.duration_since(a).as_secs_f64())
+            .max(0.001);
+        let d = |a: u64, b: u64| a.saturating_sub(b);
+        let p = &self.io;
+        let reqs = d(now.requests, p.requests);
+        let mut line = format!(
+            "io: {reqs} requests ({:.0}/s; {} reads, {} writes, {} flushes, {} discards/zeroes), \
+             {} KiB read, {} KiB written, {} errors",
+            reqs as f64 / secs,
+            d(now.read_requests, p.read_requests),
+            d(now.write_requests, p.write_requests),
+            d(now.flush_requests, p.flush_requests),
+            d(now.discard_requests, p.discard_requests)
+                + d(now.write_zeroes_requests, p.write_zeroes_requests),
+            d(now.bytes_read, p.bytes_read) >> 10,
+            d(now.bytes_written, p.bytes_written) >> 10,
+            d(now.errors, p.errors),
+        );
+        let engine = image.and_then(|i| i.engine_stats());
+        if let Some(e) = engine {
+            let o = self.engine.unwrap_or(crate::control::EngineStatsInfo {
+                l2_cache_hits: 0,
+                l2_cache_misses: 0,
+                clusters_allocated: 0,
+                clusters_freed: 0,
+                cow_clusters: 0,
+                metadata_flushes: 0,
+            });
+            line.push_str(&format!(
+                "; engine: {} L2 hits, {} misses, {} clusters allocated, {} freed, {} metadata flushes",
+                d(e.l2_cache_hits, o.l2_cache_hits),
+                d(e.l2_cache_misses, o.l2_cache_misses),
+                d(e.clusters_allocated, o.clusters_allocated),
+                d(e.clusters_freed, o.clusters_freed),
+                d(e.metadata_flushes, o.metadata_flushes),
+            ));
+        }
+        info!("{line}");
+        self.io = now;
+        self.engine = engine;
+        self.at = Some(t);
+    }
+}
+
+/// Serve `device` on `config.socket` until SIGINT/SIGTERM (when `config.handle_signals`), the
+/// stop handle fires, or a control client sends `quit`. Then: stop taking requests, let
+/// in-flight ones finish, flush, close the device, remove the sockets.
+pub fn serve(device: Arc<dyn BlockDevice>, mut config: ServeConfig) -> Result<(), VhostError> {
     validate(&config)?;
     // Block the signals before any thread exists, so every thread inherits the mask and the
     // signals arrive only through the signalfd.
@@ -59,7 +219,7 @@ pub fn serve(device: Arc<dyn BlockDevice>, config: ServeConfig) -> Result<(), Vh
         config.writeback,
     );
     let ctx = Arc::new(DeviceCtx::new(device.clone(), limits, &config.serial));
-    let mut listener = bind_socket(&config.socket, config.socket_mode)?;
+    let mut listener = Listener::from(bind_socket(&config.socket, config.socket_mode)?);
     let socket = SocketFile(config.socket.clone());
 
     let ep = Epoll::new()?;
@@ -74,20 +234,23 @@ pub fn serve(device: Arc<dyn BlockDevice>, config: ServeConfig) -> Result<(), Vh
     ep.add(stop.fd.as_raw_fd(), TOKEN_STOP)?;
     let done = EventFd::new(EFD_NONBLOCK).map_err(io_err("creating an eventfd"))?;
     ep.add(done.as_raw_fd(), TOKEN_DONE)?;
-    let mut timer = None;
-    if let Some(tick) = config.tick.as_ref() {
-        let sys = |what| {
-            move |e: vmm_sys_util::errno::Error| VhostError::Io {
-                what,
-                source: e.into(),
-            }
-        };
-        let mut t = TimerFd::new().map_err(sys("creating the timer"))?;
-        t.reset(config.tick_interval, Some(config.tick_interval))
-            .map_err(sys("arming the timer"))?;
-        ep.add(t.as_raw_fd(), TOKEN_TIMER)?;
-        timer = Some((t, tick));
-    }
+    let image = config.image.take();
+    let events = config.events.take();
+    // Without a control socket the image's counters still feed the statistics line.
+    let (mut control, image) = match config.control.as_deref() {
+        Some(path) => {
+            let image = image.unwrap_or_else(|| {
+                Box::new(PlainControl {
+                    path: Default::default(),
+                    format: "raw",
+                    capacity: device.capacity(),
+                })
+            });
+            (Some(ControlServer::new(path, image, events, &ep)?), None)
+        }
+        None => (None, image),
+    };
+    let mut periodic = Periodic::new(&config, &ep)?;
     info!(
         "serving on {} ({} queues)",
         config.socket.display(),
@@ -95,8 +258,8 @@ pub fn serve(device: Arc<dyn BlockDevice>, config: ServeConfig) -> Result<(), Vh
     );
 
     let mut conn: Option<Connection> = None;
-    let mut events = vec![epoll::Event::new(epoll::Events::empty(), 0); 8];
-    'main: loop {
+    let mut events = vec![epoll::Event::new(epoll::Events::empty(), 0); 32];
+    let reason = 'main: loop {
         let n = match epoll::wait(ep.fd(), -1, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -137,7 +300,7 @@ pub fn serve(device: Arc<dyn BlockDevice>, config: ServeConfig) -> Result<(), Vh
                             Some(libc::SIGHUP) => info!("SIGHUP ignored"),
                             Some(sig) => {
                                 info!("signal {sig}: shutting down");
-                                break 'main;
+                                break 'main "host-signal";
                             }
                             None => {}
                         }
@@ -145,19 +308,44 @@ pub fn serve(device: Arc<dyn BlockDevice>, config: ServeConfig) -> Result<(), Vh
                 }
                 TOKEN_STOP => {
                     info!("stop requested: shutting down");
-                    break 'main;
+                    break 'main "host-signal";
                 }
                 TOKEN_TIMER => {
-                    if let Some((t, tick)) = timer.as_mut() {
-                        let _ = t.wait();
-                        tick();
+                    if let Some(p) = periodic.as_mut() {
+                        let img = match &control {
+                            Some(c) => Some(c.image()),
+                            None => image.as_deref(),
+                        };
+                        p.fire(&ctx, img);
                     }
                 }
-                _ => {}
+                t => {
+                    if let Some(c) = control.as_mut() {
+                        let mut view = View {
+                            ctx: &ctx,
+                            connected: conn.is_some(),
+                            quit: false,
+                        };
+                        c.handle(t, &ep, &mut view);
+                        if view.quit {
+                            info!("quit on the control socket: shutting down");
+                            break 'main "host-qmp-quit";
+                        }
+                    }
+                }
             }
         }
-    }
+    };
 
+    if let Some(c) = control.as_mut() {
+        c.broadcast(
+            &Event::new(
+                "SHUTDOWN",
+                serde_json::json!({"guest": false, "reason": reason}),
+            ),
+            &ep,
+        );
+    }
     if let Some(c) = conn.take() {
         if let Some(h) = &c.shutdown {
             h.shutdown();
@@ -169,6 +357,8 @@ pub fn serve(device: Arc<dyn BlockDevice>, config: ServeConfig) -> Result<(), Vh
     device.flush().map_err(VhostError::Close)?;
     device.close().map_err(VhostError::Close)?;
     info!("image closed cleanly");
+    // The control clients see their connection end only now, with the image closed.
+    drop(control);
     Ok(())
 }
 
@@ -242,126 +432,6 @@ fn end_connection(c: Connection) {
         Ok(Ok(())) => info!("VMM disconnected"),
         Ok(Err(e)) => info!("VMM connection ended: {e}"),
         Err(_) => warn!("the connection thread panicked"),
-    }
-}
-
-/// Bind the listening socket: a live socket is refused, a stale one replaced, anything else
-/// at the path left alone. The socket gets `mode`.
-fn bind_socket(path: &Path, mode: u32) -> Result<Listener, VhostError> {
-    if let Ok(md) = fs::symlink_metadata(path) {
-        if !md.file_type().is_socket() {
-            return Err(VhostError::Config(format!(
-                "{} exists and is not a socket; not replacing it",
-                path.display()
-            )));
-        }
-        match UnixStream::connect(path) {
-            Ok(_) => return Err(VhostError::SocketInUse { path: path.into() }),
-            Err(e) => {
-                debug!("replacing stale socket {} ({e})", path.display());
-                fs::remove_file(path).map_err(|source| VhostError::Bind {
-                    path: path.into(),
-                    source,
-                })?;
-            }
-        }
-    }
-    let l = UnixListener::bind(path).map_err(|source| VhostError::Bind {
-        path: path.into(),
-        source,
-    })?;
-    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(|source| {
-        VhostError::Bind {
-            path: path.into(),
-            source,
-        }
-    })?;
-    Ok(Listener::from(l))
-}
-
-/// Removes the socket file when dropped.
-struct SocketFile(PathBuf);
-
-impl Drop for SocketFile {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(&self.0);
-    }
-}
-
-fn signal_fd() -> Result<OwnedFd, VhostError> {
-    // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid sigset_t owned by this frame; the calls only write to it and to
-    // this thread's signal mask; signalfd returns a new descriptor or -1.
-    let fd = unsafe {
-        libc::sigemptyset(&mut set);
-        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-            libc::sigaddset(&mut set, s);
-        }
-        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
-            return Err(VhostError::Io {
-                what: "blocking signals",
-                source: io::Error::last_os_error(),
-            });
-        }
-        libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC)
-    };
-    if fd < 0 {
-        return Err(VhostError::Io {
-            what: "creating a signalfd",
-            source: io::Error::last_os_error(),
-        });
-    }
-    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn read_signal(fd: &OwnedFd) -> Option<i32> {
-    // SAFETY: signalfd_siginfo is plain data; all-zero is valid.
-    let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-    let size = std::mem::size_of::<libc::signalfd_siginfo>();
-    // SAFETY: reading at most `size` bytes into `info`, which is `size` bytes long.
-    let n = unsafe {
-        libc::read(
-            fd.as_raw_fd(),
-            (&mut info as *mut libc::signalfd_siginfo).cast(),
-            size,
-        )
-    };
-    if n as usize == size {
-        Some(info.ssi_signo as i32)
-    } else {
-        None
-    }
-}
-
-/// An owned epoll descriptor (the `epoll` crate hands out raw ones).
-struct Epoll(RawFd);
-
-impl Epoll {
-    fn new() -> Result<Self, VhostError> {
-        epoll::create(true)
-            .map(Epoll)
-            .map_err(io_err("creating an epoll instance"))
-    }
-    fn fd(&self) -> RawFd {
-        self.0
-    }
-    fn add(&self, fd: RawFd, token: u64) -> Result<(), VhostError> {
-        let ev = epoll::Event::new(epoll::Events::EPOLLIN, token);
-        epoll::ctl(self.0, epoll::ControlOptions::EPOLL_CTL_ADD, fd, ev)
-            .map_err(io_err("registering with epoll"))
-    }
-    fn del(&self, fd: RawFd) -> Result<(), VhostError> {
-        let ev = epoll::Event::new(epoll::Events::empty(), 0);
-        epoll::ctl(self.0, epoll::ControlOptions::EPOLL_CTL_DEL, fd, ev)
-            .map_err(io_err("unregistering from epoll"))
-    }
-}
-
-impl Drop for Epoll {
-    fn drop(&mut self) {
-        let _ = epoll::close(self.0);
     }
 }
 

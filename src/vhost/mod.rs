@@ -1,6 +1,7 @@
 //! The vhost-user transport: a `VhostUserBackend` with one worker thread per queue
 //! ([`backend`]), and the daemon's main loop ([`serve`]): signals, one connection at a time on
-//! one socket, reconnects, a periodic timer, clean shutdown.
+//! one socket, reconnects, a periodic timer, the QMP control socket ([`control`]), clean
+//! shutdown.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -13,10 +14,15 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::block::BlockError;
 
 mod backend;
+mod control;
 mod daemon;
+mod sys;
 
 pub use backend::{device_features, BlkBackend};
+pub use control::MAX_CLIENTS;
 pub use daemon::{serve, DEFAULT_TICK};
+
+use crate::control::{EventReceiver, ImageControl};
 
 /// Errors of the transport and the daemon loop.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +95,14 @@ pub struct ServeConfig {
     pub tick: Option<Tick>,
     /// An extra way to stop the daemon.
     pub stop: Option<StopHandle>,
+    /// The QMP control socket to listen on (mode 0600), if any.
+    pub control: Option<PathBuf>,
+    /// What the control socket and the statistics line report about the image.
+    pub image: Option<Box<dyn ImageControl>>,
+    /// Events to forward to the control socket's clients.
+    pub events: Option<EventReceiver>,
+    /// Period of the one-line I/O summary at info level; zero for none.
+    pub stats_interval: Duration,
 }
 
 impl ServeConfig {
@@ -106,6 +120,10 @@ impl ServeConfig {
             tick_interval: DEFAULT_TICK,
             tick: None,
             stop: None,
+            control: None,
+            image: None,
+            events: None,
+            stats_interval: Duration::ZERO,
         }
     }
 }

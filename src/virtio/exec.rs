@@ -4,6 +4,7 @@
 use std::io::{IoSlice, IoSliceMut};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use log::{debug, warn};
 use virtio_queue::desc::split::Descriptor;
@@ -11,6 +12,7 @@ use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestMemoryBackend};
 
 use super::request::{parse_chain, ParseError, Request, RequestType, Segment};
+use super::stats::QueueStats;
 use super::{
     BlkConfig, ID_BYTES, SECTOR_SIZE, SEGMENT_SIZE, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
     VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
@@ -26,6 +28,8 @@ pub struct DeviceCtx {
     pub id: [u8; ID_BYTES],
     /// Writeback cache on; when off every write is flushed before it completes.
     pub writeback: AtomicBool,
+    /// Request counters, one per queue.
+    pub stats: Box<[QueueStats]>,
 }
 
 impl DeviceCtx {
@@ -34,11 +38,15 @@ impl DeviceCtx {
         let n = serial.len().min(ID_BYTES);
         id[..n].copy_from_slice(&serial.as_bytes()[..n]);
         let writeback = AtomicBool::new(limits.writeback != 0);
+        let stats = (0..limits.num_queues.max(1))
+            .map(|_| QueueStats::default())
+            .collect();
         DeviceCtx {
             dev,
             limits,
             id,
             writeback,
+            stats,
         }
     }
 }
@@ -55,25 +63,38 @@ impl Done {
     }
 }
 
-/// Parse and run one chain; write its status. Returns the used length for the used ring
-/// (bytes written into device-writable buffers, status byte included; 0 if there is no status).
-pub fn process_chain<M, I>(ctx: &DeviceCtx, mem: &M, descs: I) -> u32
+/// Parse and run one chain of queue `queue`; write its status and count it in that queue's
+/// statistics. Returns the used length for the used ring (bytes written into device-writable
+/// buffers, status byte included; 0 if there is no status).
+pub fn process_chain<M, I>(ctx: &DeviceCtx, queue: usize, mem: &M, descs: I) -> u32
 where
     M: GuestMemoryBackend + ?Sized,
     I: IntoIterator<Item = Descriptor>,
 {
+    let start = Instant::now();
+    let stats = ctx.stats.get(queue);
     let req = match parse_chain(mem, descs) {
         Ok(r) => r,
         Err(ParseError::NoStatus) => {
             debug!("dropping a chain without a status byte");
+            if let Some(s) = stats {
+                s.record(None, 0, false, start.elapsed());
+            }
             return 0;
         }
         Err(ParseError::Malformed { status, reason }) => {
             debug!("malformed request: {reason}");
+            if let Some(s) = stats {
+                s.record(None, 0, false, start.elapsed());
+            }
             return finish(mem, status, Done::status(VIRTIO_BLK_S_IOERR));
         }
     };
     let done = execute(ctx, mem, &req);
+    if let Some(s) = stats {
+        let ok = done.status == VIRTIO_BLK_S_OK;
+        s.record(Some(req.kind), req.data_len, ok, start.elapsed());
+    }
     finish(mem, req.status, done)
 }
 

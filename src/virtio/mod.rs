@@ -8,10 +8,12 @@
 mod config;
 mod exec;
 mod request;
+mod stats;
 
 pub use config::{BlkConfig, CONFIG_SPACE_SIZE};
 pub use exec::{process_chain, DeviceCtx};
 pub use request::{parse_chain, ParseError, Request, RequestType, Segment};
+pub use stats::{Histogram, QueueSnapshot, QueueStats, LATENCY_BOUNDS_US};
 
 /// Bytes per virtio-blk sector (fixed by the spec, whatever the block size).
 pub const SECTOR_SIZE: u64 = 512;

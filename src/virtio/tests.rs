@@ -46,7 +46,7 @@ impl Env {
             .map(|&(a, l, f)| RawDescriptor::from(SplitDescriptor::new(a, l, f, 0)))
             .collect();
         let chain = q.build_desc_chain(&raw).unwrap();
-        let used = process_chain(&self.ctx, &self.mem, chain);
+        let used = process_chain(&self.ctx, 0, &self.mem, chain);
         (used, self.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap())
     }
 }

@@ -172,9 +172,27 @@ fn hash(buf: &[u8]) -> [u8; 32] {
 }
 
 impl Qcow2 {
-    /// True when inline dedup is on.
+    /// True when inline dedup is on (and not paused).
     pub fn dedup_enabled(&self) -> bool {
-        self.lock().dedup.is_some()
+        !self.dedup_paused.load(std::sync::atomic::Ordering::Relaxed) && self.lock().dedup.is_some()
+    }
+
+    /// True when dedup was paused (writes then go the plain way; shared clusters stay right).
+    pub fn dedup_paused(&self) -> bool {
+        self.dedup_paused.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Pause or resume inline dedup. An error when the image is not served with dedup.
+    pub fn set_dedup_paused(&self, paused: bool) -> Result<()> {
+        if self.lock().dedup.is_none() {
+            return Err(Qcow2Error::Invalid(
+                "deduplication is not enabled on this image".into(),
+            ));
+        }
+        self.dedup_paused
+            .store(paused, std::sync::atomic::Ordering::Relaxed);
+        log::info!("inline dedup {}", if paused { "paused" } else { "resumed" });
+        Ok(())
     }
 
     /// Dedup counters, when dedup is on.

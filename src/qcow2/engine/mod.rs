@@ -70,6 +70,7 @@ pub struct Qcow2 {
     read_only: bool,
     closed: AtomicBool,
     on_corrupt: Mutex<Option<CorruptionListener>>,
+    dedup_paused: AtomicBool,
 }
 
 /// Called once when an overlap check marks the image corrupt, with a description.
@@ -199,6 +200,7 @@ impl Qcow2 {
             read_only,
             closed: AtomicBool::new(false),
             on_corrupt: Mutex::new(None),
+            dedup_paused: AtomicBool::new(false),
         };
         if !read_only && img.header.version >= 3 && img.header.autoclear_features != 0 {
             // We keep no bitmaps or raw external data in sync: say so, as QEMU does for bits it

@@ -1,0 +1,120 @@
+//! [`ImageControl`] for the images the daemon serves: a qcow2 image through the engine, a raw
+//! file, or anything else (tests) with no engine behind it.
+
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+use super::commands::{DedupInfo, DedupMode, EngineStatsInfo, ImageControl, DEDUP_NOT_ENABLED};
+use crate::qcow2::info::image_info;
+use crate::qcow2::Qcow2;
+use crate::storage::FileStorage;
+
+/// A qcow2 image served by the engine.
+pub struct Qcow2Control {
+    pub engine: Arc<Qcow2>,
+    pub path: PathBuf,
+}
+
+impl Qcow2Control {
+    fn set_paused(&self, paused: bool) -> Result<(), String> {
+        if self.engine.dedup_stats().is_none() {
+            return Err(DEDUP_NOT_ENABLED.into());
+        }
+        self.engine
+            .set_dedup_paused(paused)
+            .map_err(|e| e.to_string())
+    }
+}
+
+impl ImageControl for Qcow2Control {
+    fn engine_stats(&self) -> Option<EngineStatsInfo> {
+        Some(self.engine.stats().into())
+    }
+
+    fn dedup_info(&self) -> DedupInfo {
+        let Some(d) = self.engine.dedup_stats() else {
+            return DedupInfo::default();
+        };
+        DedupInfo {
+            mode: if self.engine.dedup_paused() {
+                DedupMode::Off
+            } else {
+                DedupMode::Inline
+            },
+            running: false,
+            paused: self.engine.dedup_paused(),
+            clusters_deduplicated: d.clusters_deduplicated,
+            clusters_written_unique: d.clusters_unique,
+            zero_clusters_detected: d.zero_clusters,
+            bytes_saved: d.bytes_saved,
+            partial_cluster_reads: d.partial_cluster_reads,
+            index_entries: d.index_entries,
+            index_ram_bytes: d.index_ram_bytes,
+            refcount_cap_hits: d.refcount_cap_hits,
+            stale_hints_rejected: d.stale_hints_rejected,
+            pending_clusters: 0,
+        }
+    }
+
+    fn dedup_pause(&self) -> Result<(), String> {
+        self.set_paused(true)
+    }
+
+    fn dedup_resume(&self) -> Result<(), String> {
+        self.set_paused(false)
+    }
+
+    fn dedup_set_mode(&self, mode: DedupMode) -> Result<(), String> {
+        match mode {
+            DedupMode::Off => self.dedup_pause(),
+            DedupMode::Inline => self.dedup_resume(),
+            DedupMode::Background if self.engine.dedup_stats().is_none() => {
+                Err(DEDUP_NOT_ENABLED.into())
+            }
+            DedupMode::Background => Err("background deduplication is not implemented yet".into()),
+        }
+    }
+
+    /// `info` on the file as it is now, through a read-only descriptor of its own (the
+    /// header, L1 and refcount tables are read; no cluster data).
+    fn image_info(&self) -> Result<Value, String> {
+        let file = File::open(&self.path)
+            .map_err(|e| format!("cannot open {}: {e}", self.path.display()))?;
+        let actual = file.metadata().map(|m| m.blocks() * 512).ok();
+        let mut info = image_info(&FileStorage::new(file)).map_err(|e| e.to_string())?;
+        info.filename = self.path.display().to_string();
+        info.actual_size = actual;
+        serde_json::to_value(&info).map_err(|e| e.to_string())
+    }
+}
+
+/// A raw file (or any device without an engine): size and file name only.
+pub struct PlainControl {
+    pub path: PathBuf,
+    pub format: &'static str,
+    pub capacity: u64,
+}
+
+impl ImageControl for PlainControl {
+    fn engine_stats(&self) -> Option<EngineStatsInfo> {
+        None
+    }
+
+    fn image_info(&self) -> Result<Value, String> {
+        let actual = std::fs::metadata(&self.path).map(|m| m.blocks() * 512).ok();
+        let mut v = json!({
+            "virtual-size": self.capacity,
+            "filename": self.path.display().to_string(),
+            "format": self.format,
+            "dirty-flag": false,
+        });
+        if let (Some(a), Value::Object(m)) = (actual, &mut v) {
+            m.insert("actual-size".into(), json!(a));
+        }
+        Ok(v)
+    }
+}
