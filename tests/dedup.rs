@@ -28,7 +28,7 @@ fn open(path: &Path) -> Qcow2 {
     Qcow2::open_with(
         path,
         &OpenOptions {
-            dedup: true,
+            dedup: Some(true),
             ..Default::default()
         },
     )

@@ -152,3 +152,43 @@ fn sigkill_during_dedup_writes_then_restart() {
         common::assert_check_clean(&img);
     }
 }
+
+#[test]
+fn setting_and_counters_persist_in_the_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("p.qcow2");
+    let sock = dir.path().join("p.sock");
+    let p = img.to_str().unwrap();
+    let (c, o) = common::run(BIN, &["create", p, "--size", "64M", "--dedup"]);
+    assert_eq!(c, 0, "{o}");
+    let info = |img: &str| -> serde_json::Value {
+        let (c, o) = common::run(BIN, &["info", img, "--output", "json"]);
+        assert_eq!(c, 0, "{o}");
+        serde_json::from_str(&o).unwrap()
+    };
+    assert_eq!(info(p)["dedup"]["mode"], "inline");
+    assert_eq!(info(p)["dedup"]["clusters-deduplicated"], 0);
+    // No --dedup flag: the image's setting applies.
+    let mut child = spawn_binary(&img, &sock, &["--num-queues", "2"]);
+    wait_for(&sock);
+    let mut cl = Client::connect(&sock, 2, false).unwrap();
+    write_all(&mut cl, 40, 0);
+    drop(cl);
+    // SAFETY (test): signalling our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    assert!(wait_exit(&mut child, Duration::from_secs(30)).success());
+    let d = &info(p)["dedup"];
+    assert_eq!(d["clusters-written-unique"], 24, "{d}");
+    assert_eq!(d["clusters-deduplicated"], 16, "{d}");
+    assert_eq!(d["bytes-saved"], 16 * CS as u64, "{d}");
+    common::assert_check_clean(&img);
+    // Stock QEMU keeps reading, writing and converting it; our extension survives its writes.
+    common::qemu_io(&img, "qcow2", &["write -P 3 32M 64k", "read -P 3 32M 64k"]);
+    common::assert_check_clean(&img);
+    assert_eq!(info(p)["dedup"]["clusters-deduplicated"], 16);
+    let out = dir.path().join("conv.qcow2");
+    let (c, o) = common::qemu_img(&["convert", "-O", "qcow2", p, out.to_str().unwrap()]);
+    assert_eq!(c, 0, "{o}");
+    let (c, o) = common::qemu_img(&["compare", p, out.to_str().unwrap()]);
+    assert_eq!(c, 0, "{o}");
+}

@@ -65,7 +65,7 @@ fn run(storage: Arc<FaultStorage>, lazy: bool, dedup: bool) -> (Vec<u8>, Vec<boo
     let mut touched = vec![false; (SIZE / 512) as usize];
     let opts = OpenOptions {
         lazy_refcounts: Some(lazy),
-        dedup,
+        dedup: Some(dedup),
         ..Default::default()
     };
     let q = match Qcow2::open_storage(storage, &opts, None, 0) {

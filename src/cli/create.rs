@@ -33,6 +33,9 @@ pub struct CreateArgs {
     /// Format of the backing file.
     #[arg(long, value_parser = ["qcow2", "raw"])]
     pub backing_format: Option<String>,
+    /// Record inline deduplication as the image's setting (`serve` then dedups by default).
+    #[arg(long)]
+    pub dedup: bool,
     /// Overwrite an existing file.
     #[arg(long)]
     pub force: bool,
@@ -90,6 +93,7 @@ pub fn run(a: CreateArgs) -> anyhow::Result<ExitCode> {
         lazy_refcounts: a.lazy_refcounts,
         version,
         backing: backing.map(|(n, f, _)| (n, f)),
+        dedup: a.dedup,
     };
     let file = std::fs::OpenOptions::new()
         .read(true)

@@ -21,7 +21,7 @@ pub fn run(a: DedupArgs) -> anyhow::Result<ExitCode> {
     let q = Qcow2::open_with(
         &a.image,
         &OpenOptions {
-            dedup: true,
+            dedup: Some(true),
             ..Default::default()
         },
     )

@@ -92,6 +92,16 @@ fn print_human(i: &ImageInfo) {
     if let Some(e) = d.extended_l2 {
         println!("    extended l2: {e}");
     }
+    if let Some(d) = &i.dedup {
+        println!(
+            "dedup: {}, {} clusters deduplicated, {} written unique, {} zero, {} saved",
+            d.mode,
+            d.clusters_deduplicated,
+            d.clusters_written_unique,
+            d.zero_clusters_detected,
+            human_size(d.bytes_saved)
+        );
+    }
     if i.dirty_flag {
         println!("    dirty: true");
     }

@@ -119,7 +119,11 @@ pub fn open_device(
                 OnOffAuto::Auto => None,
             },
             overlap_check,
-            dedup: dedup == OnOffAuto::On,
+            dedup: match dedup {
+                OnOffAuto::On => Some(true),
+                OnOffAuto::Off => Some(false),
+                OnOffAuto::Auto => None,
+            },
         };
         let q = Arc::new(
             Qcow2::open_with(path, &opts)

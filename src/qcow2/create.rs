@@ -17,6 +17,8 @@ pub struct CreateOptions {
     pub version: u32,
     /// Backing file name as stored in the image, and its format.
     pub backing: Option<(String, String)>,
+    /// Record inline deduplication as this image's setting (our own header extension).
+    pub dedup: bool,
 }
 
 impl Default for CreateOptions {
@@ -28,6 +30,7 @@ impl Default for CreateOptions {
             lazy_refcounts: false,
             version: 3,
             backing: None,
+            dedup: false,
         }
     }
 }
@@ -117,6 +120,20 @@ pub fn create(s: &dyn Storage, o: &CreateOptions) -> Result<()> {
         extensions.push(HeaderExtension {
             kind: EXT_FEATURE_TABLE,
             data: Header::feature_name_table(),
+        });
+    }
+    if o.dedup {
+        use super::dedup::persist::{DedupExtension, DedupMode, EXT_DEDUP};
+        if o.version < 3 {
+            return Err(Qcow2Error::Invalid(
+                "deduplication needs compat 1.1 (qcow2 v3)".into(),
+            ));
+        }
+        let cap = (refblock::max_refcount(o.refcount_order) / 2).min(u32::MAX as u64) as u32;
+        let ext = DedupExtension::new(DedupMode::Inline, o.cluster_bits, cap);
+        extensions.push(HeaderExtension {
+            kind: EXT_DEDUP,
+            data: ext.encode(),
         });
     }
     let h = Header {

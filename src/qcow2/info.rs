@@ -73,6 +73,44 @@ pub struct ImageInfo {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backing_filename_format: Option<String>,
     pub dirty_flag: bool,
+    /// Deduplication as recorded in the image (our header extension), when present.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dedup: Option<DedupRecorded>,
+}
+
+/// The dedup setting and the counters of all sessions so far, from the image.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct DedupRecorded {
+    pub mode: String,
+    pub clusters_deduplicated: u64,
+    pub clusters_written_unique: u64,
+    pub zero_clusters_detected: u64,
+    pub bytes_saved: u64,
+    pub partial_cluster_reads: u64,
+    pub refcount_cap_hits: u64,
+    pub stale_hints_rejected: u64,
+}
+
+fn dedup_recorded(h: &crate::qcow2::format::Header) -> Option<DedupRecorded> {
+    use crate::qcow2::dedup::persist::{DedupExtension, DedupMode, EXT_DEDUP};
+    let e = DedupExtension::decode(h.extension(EXT_DEDUP)?).ok()?;
+    let c = e.counters;
+    Some(DedupRecorded {
+        mode: match e.mode {
+            DedupMode::Off => "off",
+            DedupMode::Inline => "inline",
+            DedupMode::Background => "background",
+        }
+        .to_string(),
+        clusters_deduplicated: c.deduplicated,
+        clusters_written_unique: c.written_unique,
+        zero_clusters_detected: c.zero_detected,
+        bytes_saved: c.bytes_saved,
+        partial_cluster_reads: c.partial_reads,
+        refcount_cap_hits: c.cap_hits,
+        stale_hints_rejected: c.stale_rejected,
+    })
 }
 
 fn be(b: &[u8], o: usize, n: usize) -> u64 {
@@ -155,5 +193,6 @@ pub fn image_info(st: &dyn Storage) -> Result<ImageInfo, InfoError> {
         backing_filename: h.backing_file.clone(),
         backing_filename_format: h.backing_format(),
         dirty_flag: h.incompatible_features & INCOMPAT_DIRTY != 0,
+        dedup: dedup_recorded(h),
     })
 }

@@ -150,6 +150,21 @@ fn check_crc(stored: u32, bytes: &[u8]) -> Result<(), PersistError> {
 }
 
 impl DedupExtension {
+    /// A fresh extension: `mode`, no index area, counters at zero.
+    pub fn new(mode: DedupMode, cluster_bits: u32, share_cap: u32) -> Self {
+        DedupExtension {
+            mode,
+            paused: false,
+            cluster_bits,
+            share_cap,
+            index_offset: 0,
+            index_clusters: 0,
+            generation: 0,
+            seal: 0,
+            counters: DedupCounters::default(),
+        }
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let mut b = vec![0u8; EXT_LEN];
         let mut flags = self.mode.bits();

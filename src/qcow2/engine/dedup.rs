@@ -22,8 +22,10 @@
 
 use super::meta::Meta;
 use super::{iov, Qcow2};
+use crate::qcow2::dedup::persist::{DedupExtension, DedupMode, EXT_DEDUP};
 use crate::qcow2::dedup::{hash_cluster, is_zero, DedupIndex};
 use crate::qcow2::error::{Qcow2Error, Result};
+use crate::qcow2::format::Header;
 use crate::qcow2::format::{L1Entry, L2Entry};
 use crate::qcow2::offsets::HostOffset;
 use crate::storage::Storage;
@@ -89,12 +91,15 @@ pub(crate) struct Dedup {
     pub stats: DedupStats,
     /// Largest refcount a dedup link may produce.
     cap: u64,
+    /// The image's recorded setting and counters (our header extension), as found at open.
+    pub recorded: Option<DedupExtension>,
 }
 
 impl Dedup {
     pub(crate) fn new(max_refcount: u64) -> Dedup {
         Dedup {
             index: HintIndex::default(),
+            recorded: None,
             stats: DedupStats::default(),
             cap: (max_refcount / 2).max(1),
         }
@@ -151,6 +156,43 @@ pub(crate) fn rebuild(s: &dyn Storage, m: &mut Meta) -> Result<()> {
         t0.elapsed()
     );
     m.dedup = Some(d);
+    Ok(())
+}
+
+/// At a clean close: record dedup as the image's setting, with the counters of every session so
+/// far, in our header extension (an extension QEMU keeps but does not read; no feature bit).
+/// An extension of the same size is rewritten in place; a new one rewrites cluster 0 as QEMU does.
+pub(crate) fn record(s: &dyn Storage, d: &Dedup, cluster_bits: u32) -> Result<()> {
+    let cap = d.cap.min(u32::MAX as u64) as u32;
+    let mut ext = d
+        .recorded
+        .clone()
+        .unwrap_or_else(|| DedupExtension::new(DedupMode::Inline, cluster_bits, cap));
+    ext.mode = DedupMode::Inline;
+    let st = d.snapshot_stats();
+    let c = &mut ext.counters;
+    c.deduplicated += st.clusters_deduplicated + st.identical_rewrites;
+    c.written_unique += st.clusters_unique;
+    c.zero_detected += st.zero_clusters;
+    c.bytes_saved += st.bytes_saved;
+    c.partial_reads += st.partial_cluster_reads;
+    c.cap_hits += st.refcount_cap_hits;
+    c.stale_rejected += st.stale_hints_rejected;
+    let data = ext.encode();
+    let mut c0 = vec![0u8; 1usize << cluster_bits];
+    s.read_at(&mut c0, 0)?;
+    let header = crate::qcow2::format::Header::decode(&c0)?;
+    match Header::extension_offset(&c0, EXT_DEDUP) {
+        Some(off) if header.extension(EXT_DEDUP).map(<[u8]>::len) == Some(data.len()) => {
+            s.write_at(&data, off as u64)?;
+        }
+        _ => {
+            let mut h = header;
+            h.set_extension(EXT_DEDUP, Some(data));
+            s.write_at(&h.encode()?, 0)?;
+        }
+    }
+    s.flush()?;
     Ok(())
 }
 

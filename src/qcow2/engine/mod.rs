@@ -46,8 +46,8 @@ pub struct OpenOptions {
     pub lazy_refcounts: Option<bool>,
     /// Which metadata every write is checked against.
     pub overlap_check: OverlapMode,
-    /// Inline deduplication (qcow2 v3 images only).
-    pub dedup: bool,
+    /// Inline deduplication (qcow2 v3 images only): None follows the image's recorded setting.
+    pub dedup: Option<bool>,
 }
 
 impl OpenOptions {
@@ -181,13 +181,23 @@ impl Qcow2 {
             && opts
                 .lazy_refcounts
                 .unwrap_or(h.compatible_features & COMPAT_LAZY_REFCOUNTS != 0);
-        if opts.dedup && !read_only {
+        let recorded = h
+            .extension(crate::qcow2::dedup::persist::EXT_DEDUP)
+            .and_then(|d| crate::qcow2::dedup::persist::DedupExtension::decode(d).ok());
+        let want_dedup = opts.dedup.unwrap_or_else(|| {
+            recorded
+                .as_ref()
+                .is_some_and(|e| e.mode != crate::qcow2::dedup::persist::DedupMode::Off)
+        });
+        if want_dedup && !read_only {
             if h.version < 3 {
                 return Err(Qcow2Error::Unsupported(
                     "deduplication needs a qcow2 v3 image (compat 1.1)".into(),
                 ));
             }
-            meta.dedup = Some(dedup::Dedup::new(meta.rc.max_refcount()));
+            let mut d = dedup::Dedup::new(meta.rc.max_refcount());
+            d.recorded = recorded;
+            meta.dedup = Some(d);
             dedup::rebuild(s, &mut meta)?;
         }
         let img = Qcow2 {
@@ -306,7 +316,13 @@ impl Qcow2 {
         m.flush(s)?;
         // Frees applied by that flush are written too, so the image has no leaks.
         m.flush(s)?;
-        m.write_refcounts(s)
+        m.write_refcounts(s)?;
+        if let Some(d) = m.dedup.as_ref() {
+            if !m.corrupt {
+                dedup::record(s, d, self.g.cluster_bits)?;
+            }
+        }
+        Ok(())
     }
 }
 

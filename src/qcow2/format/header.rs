@@ -215,6 +215,24 @@ impl Header {
         Ok(h)
     }
 
+    /// Byte offset in cluster 0 of extension `kind`'s data, if present (`buf` as for `decode`).
+    pub fn extension_offset(buf: &[u8], kind: u32) -> Option<usize> {
+        let h = Header::decode(buf).ok()?;
+        let limit = buf.len().min(h.cluster_size() as usize);
+        let mut off = h.header_length as usize;
+        while off + 8 <= limit {
+            let (k, len) = (be32(buf, off), be32(buf, off + 4) as usize);
+            if k == EXT_END {
+                return None;
+            }
+            if k == kind {
+                return Some(off + 8);
+            }
+            off += 8 + ((len + 7) & !7);
+        }
+        None
+    }
+
     /// The data of extension `kind`, if present.
     pub fn extension(&self, kind: u32) -> Option<&[u8]> {
         self.extensions
