@@ -139,7 +139,15 @@ fn sigkill_during_dedup_writes_then_restart() {
         wait_for(&sock);
         let mut cl = Client::connect(&sock, 2, false).unwrap();
         for i in 0..n {
-            assert_eq!(cl.read(i % 2, (i * CS) as u64, 0, CS), 0);
+            let r = cl.read(i % 2, (i * CS) as u64, 0, CS);
+            if r != 0 {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "lazy {lazy}: read of cluster {i} failed ({r}); daemon log:\n{}",
+                    stderr_of(&mut child)
+                );
+            }
             assert!(
                 cl.buf(0, CS) == content(i, 0).as_slice(),
                 "lazy {lazy}: cluster {i} lost"
