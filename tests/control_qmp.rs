@@ -125,18 +125,6 @@ fn error_class(v: &Value) -> &str {
         .unwrap_or_else(|| panic!("not an error: {v}"))
 }
 
-fn create_image(path: &Path) {
-    let out = Command::new(BIN)
-        .args(["create", path.to_str().unwrap(), "--size", "64M"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 struct Daemon {
     child: Child,
     dir: tempfile::TempDir,
@@ -146,7 +134,7 @@ impl Daemon {
     fn start(extra: &[&str]) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("d.qcow2");
-        create_image(&img);
+        common::create_with_cli(&img, "64M", &[]);
         let ctl = dir.path().join("c.sock");
         let mut args = vec!["--control", ctl.to_str().unwrap()];
         args.extend_from_slice(extra);
@@ -412,7 +400,7 @@ fn many_clients_at_once_each_get_their_own_answers() {
 fn stale_control_socket_replaced_live_one_refused() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("d.qcow2");
-    create_image(&img);
+    common::create_with_cli(&img, "64M", &[]);
     let ctl = dir.path().join("c.sock");
     // Stale: a socket file nobody listens on.
     drop(UnixListener::bind(&ctl).unwrap());
@@ -437,7 +425,7 @@ fn stale_control_socket_replaced_live_one_refused() {
     Qmp::connect(&d.ctl()).ok("query-status");
     // Live: a second daemon on the same control socket is refused.
     let img2 = d.dir.path().join("e.qcow2");
-    create_image(&img2);
+    common::create_with_cli(&img2, "64M", &[]);
     let out = Command::new(BIN)
         .args(["serve", "--image", img2.to_str().unwrap(), "--socket"])
         .arg(d.dir.path().join("v2.sock"))
@@ -525,7 +513,7 @@ fn injected_corruption_event_reaches_every_negotiated_client() {
 fn overlap_check_hit_is_a_qmp_event() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("h.qcow2");
-    create_image(&img);
+    common::create_with_cli(&img, "64M", &[]);
     common::qemu_io(&img, "qcow2", &["write -P 5 0 1M"]);
     // Point guest cluster 1 at the refcount table, as a COPIED data cluster.
     let mut b = std::fs::read(&img).unwrap();

@@ -35,23 +35,6 @@ fn open(path: &Path) -> Qcow2 {
     .unwrap()
 }
 
-/// Distinct host clusters holding data, from `qemu-img map`.
-fn physical_clusters(img: &Path) -> usize {
-    let (c, out) = common::qemu_img(&["map", "--output", "json", img.to_str().unwrap()]);
-    assert_eq!(c, 0, "{out}");
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let mut set = HashSet::new();
-    for e in v.as_array().unwrap() {
-        if e["data"] == true && e["zero"] == false {
-            let (off, len) = (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap());
-            for k in 0..len / CS {
-                set.insert(off + k * CS);
-            }
-        }
-    }
-    set.len()
-}
-
 fn pattern(k: u8) -> Vec<u8> {
     (0..CS as usize)
         .map(|i| (i as u8).wrapping_mul(k | 1).wrapping_add(k))
@@ -142,7 +125,7 @@ fn duplicate_heavy_random_workload_matches_the_model() {
             .filter(|c| c.iter().any(|&b| b != 0))
             .collect();
         assert_eq!(
-            physical_clusters(&img),
+            common::physical_clusters(&img, CS),
             distinct.len(),
             "seed {seed}: one cluster per content; {stats:?}"
         );
@@ -177,7 +160,7 @@ fn two_writers_of_the_same_content_at_once_share_one_cluster() {
     drop(q);
     common::assert_check_clean(&img);
     assert_eq!(
-        physical_clusters(&img),
+        common::physical_clusters(&img, CS),
         rounds as usize,
         "each content once, refcount 2"
     );
@@ -283,7 +266,7 @@ fn offline_dedup_of_a_converted_image() {
     ]);
     assert_eq!(c, 0, "{o}");
     assert_eq!(
-        physical_clusters(&img),
+        common::physical_clusters(&img, CS),
         96,
         "qemu-img convert keeps every non-zero cluster"
     );
@@ -299,5 +282,5 @@ fn offline_dedup_of_a_converted_image() {
         .chunks(CS as usize)
         .filter(|c| c.iter().any(|&b| b != 0))
         .collect();
-    assert_eq!(physical_clusters(&img), distinct.len());
+    assert_eq!(common::physical_clusters(&img, CS), distinct.len());
 }

@@ -5,8 +5,6 @@ mod common;
 
 use blkio::ReqFlags;
 use common::client::*;
-use std::collections::HashSet;
-use std::path::Path;
 use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_vhost-user-qcow2");
@@ -19,22 +17,6 @@ fn content(i: usize, round: usize) -> Vec<u8> {
     } else {
         pattern((round * 100_000 + i) as u64, CS)
     }
-}
-
-fn physical_clusters(img: &Path) -> usize {
-    let (c, out) = common::qemu_img(&["map", "-U", "--output", "json", img.to_str().unwrap()]);
-    assert_eq!(c, 0, "{out}");
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let mut set = HashSet::new();
-    for e in v.as_array().unwrap() {
-        if e["data"] == true && e["zero"] == false {
-            let (off, len) = (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap());
-            for k in 0..len / CS as u64 {
-                set.insert(off + k * CS as u64);
-            }
-        }
-    }
-    set.len()
 }
 
 /// Write clusters `0..n` over two queues, `DEPTH` requests in flight per queue.
@@ -66,8 +48,7 @@ fn half_duplicate_workload_over_two_queues() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("d.qcow2");
     let sock = dir.path().join("d.sock");
-    let (c, o) = common::run(BIN, &["create", img.to_str().unwrap(), "--size", "64M"]);
-    assert_eq!(c, 0, "{o}");
+    common::create_with_cli(&img, "64M", &[]);
     let mut child = spawn_binary(&img, &sock, &["--num-queues", "2", "--dedup", "on"]);
     wait_for(&sock);
     let mut cl = Client::connect(&sock, 2, false).unwrap();
@@ -84,7 +65,7 @@ fn half_duplicate_workload_over_two_queues() {
     assert!(st.success(), "{}", stderr_of(&mut child));
     common::assert_check_clean(&img);
     // 100 unique clusters + 4 repeated contents: within 2% of the ideal.
-    let phys = physical_clusters(&img);
+    let phys = common::physical_clusters(&img, CS as u64);
     assert_eq!(phys, n / 2 + 4, "physical clusters");
     let raw = dir.path().join("d.raw");
     let mut model = vec![0u8; 64 << 20];
@@ -101,8 +82,7 @@ fn sigkill_during_dedup_writes_then_restart() {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("k.qcow2");
         let sock = dir.path().join("k.sock");
-        let (c, o) = common::run(BIN, &["create", img.to_str().unwrap(), "--size", "64M"]);
-        assert_eq!(c, 0, "{o}");
+        common::create_with_cli(&img, "64M", &[]);
         let args = [
             "--num-queues",
             "2",
@@ -167,8 +147,7 @@ fn setting_and_counters_persist_in_the_image() {
     let img = dir.path().join("p.qcow2");
     let sock = dir.path().join("p.sock");
     let p = img.to_str().unwrap();
-    let (c, o) = common::run(BIN, &["create", p, "--size", "64M", "--dedup"]);
-    assert_eq!(c, 0, "{o}");
+    common::create_with_cli(&img, "64M", &["--dedup"]);
     let info = |img: &str| -> serde_json::Value {
         let (c, o) = common::run(BIN, &["info", img, "--output", "json"]);
         assert_eq!(c, 0, "{o}");

@@ -6,22 +6,7 @@ mod common;
 
 use blkio::ReqFlags;
 use common::client::*;
-use std::path::Path;
 use std::time::Duration;
-
-fn create_image(path: &Path, size: &str, extra: &[&str]) {
-    let mut args = vec!["create", path.to_str().unwrap(), "--size", size];
-    args.extend_from_slice(extra);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vhost-user-qcow2"))
-        .args(&args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn sigterm_and_wait(child: &mut std::process::Child) {
     // SAFETY (test): sending a signal to our own child.
@@ -38,7 +23,7 @@ fn two_queues_into_the_same_clusters_then_clean_shutdown() {
     let raw = dir.path().join("model.raw");
     let sock = dir.path().join("d.sock");
     let size = 64usize << 20;
-    create_image(&img, "64M", &["--cluster-size", "64K"]);
+    common::create_with_cli(&img, "64M", &["--cluster-size", "64K"]);
     let mut child = spawn_binary(&img, &sock, &["--num-queues", "2"]);
     wait_for(&sock);
     let mut c = Client::connect(&sock, 2, false).unwrap();

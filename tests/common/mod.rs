@@ -62,3 +62,29 @@ pub fn qemu_io(img: &Path, fmt: &str, cmds: &[&str]) -> String {
     );
     out
 }
+
+/// `vhost-user-qcow2 create PATH --size SIZE EXTRA...`, which must succeed.
+pub fn create_with_cli(path: &Path, size: &str, extra: &[&str]) {
+    let mut args = vec!["create", path.to_str().unwrap(), "--size", size];
+    args.extend_from_slice(extra);
+    let (code, out) = run(env!("CARGO_BIN_EXE_vhost-user-qcow2"), &args);
+    assert_eq!(code, 0, "create {}: {out}", path.display());
+}
+
+/// Distinct host clusters (of `cs` bytes) holding data, from `qemu-img map` (works while the
+/// image is in use).
+pub fn physical_clusters(img: &Path, cs: u64) -> usize {
+    let (c, out) = qemu_img(&["map", "-U", "--output", "json", img.to_str().unwrap()]);
+    assert_eq!(c, 0, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let mut set = std::collections::HashSet::new();
+    for e in v.as_array().unwrap() {
+        if e["data"] == true && e["zero"] == false {
+            let (off, len) = (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+            for k in 0..len / cs {
+                set.insert(off + k * cs);
+            }
+        }
+    }
+    set.len()
+}

@@ -255,13 +255,15 @@ impl Qcow2 {
     pub(crate) fn write_dedup(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
         let cs = self.g.cluster_size();
         let len = iov::len(bufs);
-        let end = offset + len;
-        let mut pos = offset;
-        while pos < end {
-            let gc = pos / cs;
-            let in_off = pos % cs;
-            let n = (cs - in_off).min(end - pos);
-            let sub = iov::slice(bufs, (pos - offset) as usize, n as usize);
+        for iov::Chunk {
+            gc,
+            in_off,
+            n,
+            buf_off,
+        } in iov::chunks(offset, len, self.g.cluster_bits)
+        {
+            let pos = offset + buf_off as u64;
+            let sub = iov::slice(bufs, buf_off, n as usize);
             if (gc + 1) * cs > self.g.size {
                 // The last cluster of a disk whose size is not a cluster multiple.
                 self.write_plain(pos, &sub)?;
@@ -282,7 +284,6 @@ impl Qcow2 {
                 self.dedup_cluster(gc, &buf)?;
                 drop(guard);
             }
-            pos += n;
         }
         Ok(())
     }

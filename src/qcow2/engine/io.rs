@@ -86,17 +86,18 @@ impl Qcow2 {
             return Ok(());
         }
         let cb = self.g.cluster_bits;
-        let cs = self.g.cluster_size();
         let mut segs: Vec<(usize, usize, Src)> = Vec::new();
         let seq = {
             let mut m = self.lock();
             let s = self.storage.as_ref();
-            let mut pos = offset;
-            let end = offset + len;
-            while pos < end {
-                let gc = pos >> cb;
-                let in_off = pos & (cs - 1);
-                let n = (cs - in_off).min(end - pos);
+            for iov::Chunk {
+                gc,
+                in_off,
+                n,
+                buf_off,
+            } in iov::chunks(offset, len, cb)
+            {
+                let pos = offset + buf_off as u64;
                 let src = match m.entry(s, gc)? {
                     L2Entry::Normal { host, .. } => Src::Data(host.0 + in_off),
                     L2Entry::Zero { .. } => Src::Zero,
@@ -107,7 +108,6 @@ impl Qcow2 {
                         return Err(Qcow2Error::corrupt(format!("invalid L2 entry {raw:#x}")))
                     }
                 };
-                let buf_off = (pos - offset) as usize;
                 match (segs.last_mut(), src) {
                     (Some((_, l, Src::Data(h))), Src::Data(h2)) if *h + *l as u64 == h2 => {
                         *l += n as usize
@@ -118,7 +118,6 @@ impl Qcow2 {
                     }
                     _ => segs.push((buf_off, n as usize, src)),
                 }
-                pos += n;
             }
             m.begin_io()
         };
@@ -291,12 +290,13 @@ impl Qcow2 {
         'retry: loop {
             let mut chunks = Vec::new();
             let mut need = 0u64;
-            let mut pos = offset;
-            let end = offset + len;
-            while pos < end {
-                let gc = pos >> cb;
-                let in_off = pos & (cs - 1);
-                let n = (cs - in_off).min(end - pos);
+            for iov::Chunk {
+                gc,
+                in_off,
+                n,
+                buf_off,
+            } in iov::chunks(offset, len, cb)
+            {
                 let e = m.entry(s, gc)?;
                 let kind = match e {
                     L2Entry::Normal { host, copied: true } => WKind::Direct(host.0),
@@ -337,11 +337,10 @@ impl Qcow2 {
                 chunks.push(WChunk {
                     gc,
                     in_off,
-                    buf_off: (pos - offset) as usize,
+                    buf_off,
                     len: n as usize,
                     kind,
                 });
-                pos += n;
             }
             if need > 0 {
                 let (mut next, past_eof) = m.alloc_data(s, need)?;

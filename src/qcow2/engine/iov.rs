@@ -2,6 +2,38 @@
 
 use std::io::{IoSlice, IoSliceMut};
 
+/// One cluster's share of a byte range: guest cluster, offset in it, length, offset in the
+/// request.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Chunk {
+    pub gc: u64,
+    pub in_off: u64,
+    pub n: u64,
+    pub buf_off: usize,
+}
+
+/// Split `offset..offset+len` at cluster boundaries.
+pub(crate) fn chunks(offset: u64, len: u64, cluster_bits: u32) -> impl Iterator<Item = Chunk> {
+    let cs = 1u64 << cluster_bits;
+    let end = offset + len;
+    let mut pos = offset;
+    std::iter::from_fn(move || {
+        if pos >= end {
+            return None;
+        }
+        let in_off = pos & (cs - 1);
+        let n = (cs - in_off).min(end - pos);
+        let c = Chunk {
+            gc: pos >> cluster_bits,
+            in_off,
+            n,
+            buf_off: (pos - offset) as usize,
+        };
+        pos += n;
+        Some(c)
+    })
+}
+
 pub(crate) fn len_mut(bufs: &[IoSliceMut<'_>]) -> u64 {
     bufs.iter().map(|b| b.len() as u64).sum()
 }
