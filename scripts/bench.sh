@@ -183,6 +183,31 @@ define_rows() {
         row "1M seqwrite QD8 ${q}q" fresh "$q" nopin \
             "--workload seqwrite --bs 1M --iodepth 8 --no-repeat --runtime {runtime}"
     done
+    # Lazy refcounts (issue 4): allocating 4 KiB writes, each followed by a FLUSH.
+    local d
+    for d in 1 8; do
+        row "4k randwrite+flush QD$d alloc lazy" fresh 1 nopin \
+            "--workload randwrite --bs 4k --iodepth $d --stride 64k --no-repeat --flush-every 1 --runtime {runtime}" \
+            "lazy=ours:--lazy-refcounts on" "nolazy=ours:--lazy-refcounts off" \
+            "qsd-lazy=qsd:,lazy-refcounts=on" "qsd=qsd:,lazy-refcounts=off"
+    done
+    # Overlap checks (issue 5): all (our default) against none.
+    row "4k randwrite QD32 alloc overlap" fresh 1 nopin \
+        "--workload randwrite --bs 4k --iodepth 32 --stride 64k --no-repeat --runtime {runtime}" \
+        "all=ours:--overlap-check all" "none=ours:--overlap-check none"
+    row "4k randwrite QD32 overwrite overlap" filled 1 nopin \
+        "--workload randwrite --bs 4k --iodepth 32 --runtime {runtime}" \
+        "all=ours:--overlap-check all" "none=ours:--overlap-check none"
+    # Dedup (issue 6): whole-cluster writes with 100%, 50% and 0% duplicate content, 2 queues.
+    local pct
+    for pct in 100 50 0; do
+        row "64k dedup $pct% QD32 2q" fresh 2 nopin \
+            "--workload randwrite --bs 64k --iodepth 32 --no-repeat --dedup-ratio $pct --runtime {runtime}" \
+            "dedup=ours:--dedup on" "nodedup=ours:--dedup off" "qsd=qsd"
+        row "4k-cluster dedup $pct% QD32 2q" fresh:cluster_size=4096 2 nopin \
+            "--workload randwrite --bs 4k --iodepth 32 --no-repeat --dedup-ratio $pct --runtime {runtime}" \
+            "dedup=ours:--dedup on" "nodedup=ours:--dedup off" "qsd=qsd"
+    done
 }
 
 # Daemon command for KIND with EXTRA, as an array in CMD.
