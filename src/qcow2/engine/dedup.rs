@@ -6,8 +6,8 @@
 //! while nothing can change it:
 //!
 //! 1. under the lock: the candidate host cluster is pinned (its frees wait), COPIED is cleared on
-//!    the candidate's entry (so no new write goes to it in place), and we wait until every data
-//!    I/O planned before that moment has finished;
+//!    the candidate's entry (so no new write goes to it in place), and if it had COPIED we wait
+//!    until every data I/O planned before that moment has finished;
 //! 2. outside the lock: the candidate is read and compared;
 //! 3. under the lock: refcount + 1, the new entry without COPIED, the old entry released.
 //!
@@ -84,6 +84,9 @@ impl HintIndex {
         self.inner.ram_bytes()
     }
 }
+
+/// Hints kept per content (see the link step).
+const MAX_HINTS: usize = 4;
 
 /// Dedup state, kept under the metadata lock.
 pub(crate) struct Dedup {
@@ -331,6 +334,7 @@ impl Qcow2 {
                 cands.push((c == gc, u64::MAX - rc, c));
             }
             cands.sort_unstable();
+            let n_cands = cands.len();
             let cands: Vec<u64> = cands.into_iter().map(|(_, _, c)| c).collect();
             for cand in cands {
                 if cand != gc && m.inflight.contains(&cand) {
@@ -355,17 +359,23 @@ impl Qcow2 {
                 }
                 // 1. Freeze the candidate: pinned, no COPIED, older I/O finished.
                 m.pinned.insert(hc);
-                // (Our own cluster needs no freezing: we hold it.)
+                // (Our own cluster keeps COPIED: we hold it.)
+                let copied_flag = copied;
                 let copied = copied && cand != gc;
                 if copied {
                     m.set_copied(s, cand, hc, false)?;
                 }
-                let barrier = m.next_io();
-                m.barrier_waiters += 1;
-                while m.oldest_io() < barrier {
-                    m = self.wait(m);
+                if copied_flag {
+                    // Writes planned while the entry still had COPIED may be writing into the
+                    // cluster in place: let them finish. A cluster without COPIED has had none
+                    // since the link that cleared it waited here.
+                    let barrier = m.next_io();
+                    m.barrier_waiters += 1;
+                    while m.oldest_io() < barrier {
+                        m = self.wait(m);
+                    }
+                    m.barrier_waiters -= 1;
                 }
-                m.barrier_waiters -= 1;
                 let seq = m.begin_io();
                 drop(m);
                 // 2. Compare.
@@ -406,8 +416,12 @@ impl Qcow2 {
                     list.push(gc);
                 }
                 if let Some(d) = m.dedup.as_mut() {
-                    // Both hold the content now: either can serve as the hint later.
-                    d.index.insert(&h, gc);
+                    // Both hold the content now: either can serve as the hint later. A few
+                    // hints per content are enough to survive rewrites of the first ones; more
+                    // would only make every lookup of a popular content longer.
+                    if n_cands < MAX_HINTS {
+                        d.index.insert(&h, gc);
+                    }
                     if identical {
                         d.stats.identical_rewrites += 1;
                     } else {
