@@ -62,6 +62,8 @@ pub(crate) struct Meta {
     io_seq: u64,
     inflight_io: BTreeMap<u64, u32>,
     file_len: u64,
+    /// Nothing at or past this offset was ever written since open (it reads as zeros).
+    zero_from: u64,
     pub stats: EngineStats,
     /// Lazy refcounts: refcount blocks are written by `write_refcounts`, not by `flush`.
     pub lazy: bool,
@@ -89,6 +91,9 @@ pub(crate) struct Meta {
     pub data_before_l2: bool,
 }
 
+/// How much the file grows at least when allocations pass its end.
+const GROW_STEP: u64 = 4 << 20;
+
 /// How many unapplied frees make the engine flush on its own.
 const PENDING_FREE_LIMIT: usize = 4096;
 
@@ -114,6 +119,7 @@ impl Meta {
             io_seq: 0,
             inflight_io: BTreeMap::new(),
             file_len,
+            zero_from: file_len,
             stats: EngineStats::default(),
             lazy: false,
             corrupt: false,
@@ -334,17 +340,25 @@ impl Meta {
     /// least the end of everything allocated, so it never cuts off a write in flight, and no
     /// table ever points past the end of the file.
     pub(crate) fn alloc_data(&mut self, s: &dyn Storage, n: u64) -> Result<(u64, bool)> {
-        let old_len = self.file_len.max(s.len()?);
+        let cs = self.g.cluster_size();
+        // Past every cluster ever allocated (L2 tables and refcount blocks included) and past the
+        // file as it was at open, nothing was written.
+        let zero_from = self.zero_from.max(self.rc.allocations * cs);
         let c = self.rc.alloc(s, n)?;
         self.stats.clusters_allocated += n;
-        let cs = self.g.cluster_size();
         let host = c * cs;
         let end = (self.rc.allocations * cs).max(host + n * cs);
-        if end > old_len {
-            s.set_len(end)?;
-            self.file_len = end;
+        self.zero_from = zero_from.max(end);
+        if end > self.file_len {
+            // Grow in steps: a size change on every allocation would make every sync commit it.
+            let target = end
+                .max(self.file_len.saturating_add(GROW_STEP))
+                .div_ceil(cs)
+                * cs;
+            s.set_len(target)?;
+            self.file_len = target;
         }
-        Ok((host, host >= old_len))
+        Ok((host, host >= zero_from))
     }
 
     /// Give back clusters taken by `alloc_data` that were never linked.
