@@ -47,7 +47,7 @@ kernel_check() {
 
 find_module() {
     local f
-    f="$(find "$KDIR/modules" -name "$1.ko" -o -name "$1.ko.xz" -o -name "$1.ko.zst" | head -1)"
+    f="$(find "$KDIR/modules" -name "$1.ko" -o -name "$1.ko.xz" -o -name "$1.ko.zst" | sed -n 1p)"
     [ -n "$f" ] || die "kernel module $1 not found under $KDIR/modules"
     echo "$f"
 }
@@ -171,10 +171,10 @@ cmd_boot() {
         die "FAIL: the guest did not finish within ${timeout_s}s (hung?); serial log: $logf"
     fi
     [ "$rc" = 0 ] || die "FAIL: QEMU exited with status $rc; serial log: $logf"
-    if tr -d '\r' <"$logf" | grep -q "^$MARK: FAIL"; then
-        die "FAIL: the guest reported: $(tr -d '\r' <"$logf" | grep "^$MARK: FAIL" | head -1)"
+    if tr -d '\r' <"$logf" | grep "^$MARK: FAIL" >/dev/null; then
+        die "FAIL: the guest reported: $(tr -d '\r' <"$logf" | grep "^$MARK: FAIL" | sed -n 1p)"
     fi
-    tr -d '\r' <"$logf" | grep -qx "$MARK: PASS" \
+    tr -d '\r' <"$logf" | grep -x "$MARK: PASS" >/dev/null \
         || die "FAIL: no '$MARK: PASS' line on the guest's console; serial log: $logf"
     log "PASS: the guest finished its checks"
 }
