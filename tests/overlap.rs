@@ -178,3 +178,29 @@ fn metadata_writes_are_guarded() {
         "refcount block untouched"
     );
 }
+
+/// Past the map's memory cap the snapshots' tables stop being tracked (with a warning); the other
+/// kinds are still checked.
+#[test]
+fn over_the_map_cap_snapshot_tables_are_dropped_and_the_rest_still_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = std::fs::read(hostile_base(dir.path())).unwrap();
+    let img = dir.path().join("cap.qcow2");
+    let t = targets(&base);
+    for (name, target, refused) in [
+        ("inactive L2 table", t[6].1, false),
+        ("refcount table", t[2].1, true),
+    ] {
+        let mut bytes = base.clone();
+        poke(&mut bytes, target);
+        std::fs::write(&img, &bytes).unwrap();
+        let opts = OpenOptions {
+            overlap_map_cap: Some(1),
+            ..Default::default()
+        };
+        let q = Qcow2::open_with(&img, &opts).unwrap();
+        let r = q.write_vectored(65536, &[IoSlice::new(&[0xee; 512])]);
+        assert_eq!(r.is_err(), refused, "{name}: {r:?}");
+        drop(q);
+    }
+}

@@ -34,6 +34,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 /// Largest L1 table QEMU accepts (32 MiB).
 const MAX_L1_BYTES: u64 = 32 << 20;
+/// Most RAM the overlap map may take at open by default.
+const OVERLAP_MAP_CAP: usize = 64 << 20;
 /// RAM the L2 cache may use by default.
 const L2_CACHE_BYTES: u64 = 16 << 20;
 
@@ -46,6 +48,9 @@ pub struct OpenOptions {
     pub lazy_refcounts: Option<bool>,
     /// Which metadata every write is checked against.
     pub overlap_check: OverlapMode,
+    /// Most RAM the overlap map may take at open (None: 64 MiB). Past it the snapshots' tables
+    /// (the only kind not bounded by the disk size) are not tracked, and a warning says so.
+    pub overlap_map_cap: Option<usize>,
     /// Inline deduplication (qcow2 v3 images only): None follows the image's recorded setting.
     pub dedup: Option<bool>,
 }
@@ -156,10 +161,12 @@ impl Qcow2 {
             h.refcount_table_offset,
             h.refcount_table_clusters as u64,
         )?;
+        let mut untracked = 0;
         if opts.overlap_check != OverlapMode::None {
-            rc.map = metadata_map(s, &h, &l1, &rc)?;
+            let cap = opts.overlap_map_cap.unwrap_or(OVERLAP_MAP_CAP);
+            (rc.map, untracked) = metadata_map(s, &h, &l1, &rc, cap)?;
         }
-        rc.check_mask = opts.overlap_check.mask();
+        rc.check_mask = opts.overlap_check.mask() & !untracked;
         let backing = match &h.backing_file {
             Some(name) if !name.is_empty() => {
                 let path = backing::resolve(name, dir);
@@ -341,7 +348,8 @@ fn metadata_map(
     h: &Header,
     l1: &[u64],
     rc: &refcount::Refcounts,
-) -> Result<MetadataMap> {
+    cap: usize,
+) -> Result<(MetadataMap, u16)> {
     use overlap::kind;
     let cs = h.cluster_size();
     let clusters = |off: u64, len: u64| (off / cs, (off % cs + len).div_ceil(cs).max(1));
@@ -362,6 +370,14 @@ fn metadata_map(
     m.add(rt / cs, rtc, kind::REFCOUNT_TABLE);
     for off in rc.block_offsets() {
         m.add(off / cs, 1, kind::REFCOUNT_BLOCK);
+    }
+    if let Some(ext) = h.extension(EXT_BITMAPS).filter(|e| e.len() >= 24) {
+        let size = u64::from_be_bytes(ext[8..16].try_into().unwrap_or([0; 8]));
+        let off = u64::from_be_bytes(ext[16..24].try_into().unwrap_or([0; 8]));
+        if size > 0 && size <= 64 << 20 {
+            let (f, n) = clusters(off, size);
+            m.add(f, n, kind::BITMAP_DIRECTORY);
+        }
     }
     if h.nb_snapshots > 0 {
         let file_len = s.len()?;
@@ -386,22 +402,29 @@ fn metadata_map(
                     sn.name
                 )));
             }
+            if m.ram_bytes() > cap {
+                let k = kind::INACTIVE_L1 | kind::INACTIVE_L2;
+                m.strip(k);
+                log::warn!(
+                    "overlap checks: the metadata map passed {cap} bytes; the {} internal \
+                     snapshots' L1 and L2 tables are not checked",
+                    h.nb_snapshots
+                );
+                return Ok((m, k));
+            }
             let (f, n) = clusters(sn.l1_table_offset, len);
             m.add(f, n, kind::INACTIVE_L1);
             let mut buf = vec![0u8; len as usize];
             s.read_at(&mut buf, sn.l1_table_offset)?;
             l2s(&mut m, &format::decode_table(&buf), kind::INACTIVE_L2);
         }
-    }
-    if let Some(ext) = h.extension(EXT_BITMAPS).filter(|e| e.len() >= 24) {
-        let size = u64::from_be_bytes(ext[8..16].try_into().unwrap_or([0; 8]));
-        let off = u64::from_be_bytes(ext[16..24].try_into().unwrap_or([0; 8]));
-        if size > 0 && size <= 64 << 20 {
-            let (f, n) = clusters(off, size);
-            m.add(f, n, kind::BITMAP_DIRECTORY);
+        if m.ram_bytes() > cap {
+            m.strip(kind::INACTIVE_L1 | kind::INACTIVE_L2);
+            log::warn!("overlap checks: the metadata map passed {cap} bytes; internal snapshots' tables are not checked");
+            return Ok((m, kind::INACTIVE_L1 | kind::INACTIVE_L2));
         }
     }
-    Ok(m)
+    Ok((m, 0))
 }
 
 /// A dirty image (lazy refcounts, not closed cleanly) is repaired before a read-write open:

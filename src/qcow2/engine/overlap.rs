@@ -184,6 +184,29 @@ impl MetadataMap {
         self.find(cluster, 1, kind::ALL).map_or(0, |o| o.kind)
     }
 
+    /// Forget kinds `k` everywhere (the fallback when the map would pass its cap).
+    pub fn strip(&mut self, k: u16) {
+        for list in self.windows.values_mut() {
+            let old = std::mem::take(list);
+            let mut out: Vec<u64> = Vec::with_capacity(old.len());
+            for f in old {
+                let nk = f_kind(f) & !k;
+                if nk == 0 {
+                    continue;
+                }
+                let (s, l) = (f_start(f), f_len(f));
+                match out.last_mut() {
+                    Some(last) if f_kind(*last) == nk && f_start(*last) + f_len(*last) == s => {
+                        *last = frag(f_start(*last), f_len(*last) + l, nk);
+                    }
+                    _ => out.push(frag(s, l, nk)),
+                }
+            }
+            *list = out;
+        }
+        self.windows.retain(|_, v| !v.is_empty());
+    }
+
     /// Memory used, in bytes (fragment lists and the window index).
     pub fn ram_bytes(&self) -> usize {
         // A B-tree node holds up to 11 entries of (u64, Vec) = 32 bytes; count the entries'
@@ -325,6 +348,20 @@ mod tests {
                 assert_eq!(m.find(q, ql, qm).map(|o| o.cluster), want);
             }
         }
+    }
+
+    #[test]
+    fn strip_forgets_one_kind_and_keeps_the_rest() {
+        let mut m = MetadataMap::new();
+        m.add(10, 5, kind::INACTIVE_L2);
+        m.add(12, 5, kind::ACTIVE_L2);
+        m.add(WSIZE + 3, 1, kind::INACTIVE_L1);
+        m.strip(kind::INACTIVE_L1 | kind::INACTIVE_L2);
+        assert_eq!(m.kinds(10), 0);
+        assert_eq!(m.kinds(12), kind::ACTIVE_L2);
+        assert_eq!(m.kinds(16), kind::ACTIVE_L2);
+        assert_eq!(m.kinds(WSIZE + 3), 0);
+        assert_eq!(m.fragments(), 1);
     }
 
     /// A 1 TiB image with 64 KiB clusters, fully allocated: 2048 L2 tables spread among the data,
