@@ -43,7 +43,7 @@ pub struct DedupStats {
     pub zero_clusters: u64,
     /// Rewrites of a cluster with the content it already had (no I/O).
     pub identical_rewrites: u64,
-    /// Bytes not written thanks to the above.
+    /// Space saved: clusters linked plus zero clusters detected, in bytes.
     pub bytes_saved: u64,
     /// Partial-cluster writes that read the rest of their cluster first.
     pub partial_cluster_reads: u64,
@@ -174,7 +174,7 @@ pub(crate) fn record(s: &dyn Storage, d: &Dedup, cluster_bits: u32) -> Result<()
     ext.mode = DedupMode::Inline;
     let st = d.snapshot_stats();
     let c = &mut ext.counters;
-    c.deduplicated += st.clusters_deduplicated + st.identical_rewrites;
+    c.deduplicated += st.clusters_deduplicated;
     c.written_unique += st.clusters_unique;
     c.zero_detected += st.zero_clusters;
     c.bytes_saved += st.bytes_saved;
@@ -422,12 +422,13 @@ impl Qcow2 {
                     if n_cands < MAX_HINTS {
                         d.index.insert(&h, gc);
                     }
+                    // Space saved counts links only: an identical rewrite saves a write, not space.
                     if identical {
                         d.stats.identical_rewrites += 1;
                     } else {
                         d.stats.clusters_deduplicated += 1;
+                        d.stats.bytes_saved += cs;
                     }
-                    d.stats.bytes_saved += cs;
                 }
                 let _ = cand_alive;
                 return Ok(());
