@@ -22,6 +22,7 @@ pub fn run(a: DedupArgs) -> anyhow::Result<ExitCode> {
         &a.image,
         &OpenOptions {
             dedup: Some(true),
+            dedup_index_at_open: Some(false),
             ..Default::default()
         },
     )

@@ -124,7 +124,7 @@ pub fn open_device(
                 OnOffAuto::Off => Some(false),
                 OnOffAuto::Auto => None,
             },
-            overlap_map_cap: None,
+            ..Default::default()
         };
         let q = Arc::new(
             Qcow2::open_with(path, &opts)

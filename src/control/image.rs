@@ -21,9 +21,6 @@ pub struct Qcow2Control {
 
 impl Qcow2Control {
     fn set_paused(&self, paused: bool) -> Result<(), String> {
-        if self.engine.dedup_stats().is_none() {
-            return Err(DEDUP_NOT_ENABLED.into());
-        }
         self.engine
             .set_dedup_paused(paused)
             .map_err(|e| e.to_string())
@@ -72,7 +69,7 @@ impl ImageControl for Qcow2Control {
         match mode {
             DedupMode::Off => self.dedup_pause(),
             DedupMode::Inline => self.dedup_resume(),
-            DedupMode::Background if self.engine.dedup_stats().is_none() => {
+            DedupMode::Background if !self.engine.dedup_available() => {
                 Err(DEDUP_NOT_ENABLED.into())
             }
             DedupMode::Background => Err("background deduplication is not implemented yet".into()),

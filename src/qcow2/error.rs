@@ -38,6 +38,8 @@ pub enum Qcow2Error {
         offset: u64,
         len: u64,
     },
+    #[error("deduplication is not enabled on this image")]
+    DedupOff,
     #[error("invalid argument: {0}")]
     Invalid(String),
 }

@@ -117,18 +117,15 @@ impl Dedup {
 
 /// At open: find the clusters shared by more than one active entry (when such a refcount falls
 /// back to 1 the survivor must get COPIED back), and index the content of every data cluster.
-/// This reads all allocated data once.
-pub(crate) fn rebuild(s: &dyn Storage, m: &mut Meta) -> Result<()> {
+/// With `hash_data` this reads all allocated data once.
+pub(crate) fn rebuild(s: &dyn Storage, m: &mut Meta, hash_data: bool) -> Result<()> {
     let t0 = std::time::Instant::now();
     let cs = m.g.cluster_size();
     let per_table = 1u64 << m.g.l2_bits;
     let guest_clusters = m.g.size.div_ceil(cs);
     let mut hashes: HashMap<u64, [u8; 32]> = HashMap::new();
     let mut buf = vec![0u8; cs as usize];
-    let mut d = m
-        .dedup
-        .take()
-        .ok_or_else(|| Qcow2Error::Invalid("dedup is off".into()))?;
+    let mut d = m.dedup.take().ok_or(Qcow2Error::DedupOff)?;
     for i in 0..m.l1.len() as u64 {
         if L1Entry::decode(m.l1[i as usize]).l2_offset.is_none() {
             continue;
@@ -140,6 +137,9 @@ pub(crate) fn rebuild(s: &dyn Storage, m: &mut Meta) -> Result<()> {
             let hc = host.0 / cs;
             if !copied && m.rc.get(s, hc)? >= 2 {
                 m.shared.entry(hc).or_default().push(gc);
+            }
+            if !hash_data {
+                continue;
             }
             let h = match hashes.get(&hc) {
                 Some(h) => *h,
@@ -219,7 +219,13 @@ fn hash(buf: &[u8]) -> [u8; 32] {
 impl Qcow2 {
     /// True when inline dedup is on (and not paused).
     pub fn dedup_enabled(&self) -> bool {
-        !self.dedup_paused.load(std::sync::atomic::Ordering::Relaxed) && self.lock().dedup.is_some()
+        // No lock: every write asks.
+        self.dedup_on && !self.dedup_paused.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// True when the image is served with dedup (paused or not).
+    pub fn dedup_available(&self) -> bool {
+        self.dedup_on
     }
 
     /// True when dedup was paused (writes then go the plain way; shared clusters stay right).
@@ -229,10 +235,8 @@ impl Qcow2 {
 
     /// Pause or resume inline dedup. An error when the image is not served with dedup.
     pub fn set_dedup_paused(&self, paused: bool) -> Result<()> {
-        if self.lock().dedup.is_none() {
-            return Err(Qcow2Error::Invalid(
-                "deduplication is not enabled on this image".into(),
-            ));
+        if !self.dedup_on {
+            return Err(Qcow2Error::DedupOff);
         }
         self.dedup_paused
             .store(paused, std::sync::atomic::Ordering::Relaxed);
@@ -258,6 +262,9 @@ impl Qcow2 {
     pub(crate) fn write_dedup(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
         let cs = self.g.cluster_size();
         let len = iov::len(bufs);
+        // One cluster buffer for the request: a full cluster overwrites all of it, a partial
+        // one reads the whole cluster first.
+        let mut buf = vec![0u8; cs as usize];
         for iov::Chunk {
             gc,
             in_off,
@@ -272,7 +279,6 @@ impl Qcow2 {
                 self.write_plain(pos, &sub)?;
             } else {
                 let guard = self.hold_cluster(gc);
-                let mut buf = vec![0u8; cs as usize];
                 if n < cs {
                     self.read(gc * cs, &mut [IoSliceMut::new(&mut buf)])?;
                     if let Some(d) = self.lock().dedup.as_mut() {
@@ -293,9 +299,17 @@ impl Qcow2 {
 
     /// Write one whole cluster `buf` to guest cluster `gc` (held by the caller).
     fn dedup_cluster(&self, gc: u64, buf: &[u8]) -> Result<()> {
+        if is_zero(buf) {
+            return self.make_zero_cluster(gc);
+        }
+        self.link_or_write(gc, buf, &hash(buf))
+    }
+
+    /// Turn guest cluster `gc` (held by the caller) into a zero cluster.
+    fn make_zero_cluster(&self, gc: u64) -> Result<()> {
         let s = self.storage.as_ref();
         let cs = self.g.cluster_size();
-        if is_zero(buf) {
+        {
             let mut m = self.lock();
             let old = m.entry(s, gc)?;
             if !matches!(old, L2Entry::Zero { host: None, .. }) {
@@ -313,16 +327,21 @@ impl Qcow2 {
                 d.stats.zero_clusters += 1;
                 d.stats.bytes_saved += cs;
             }
-            return Ok(());
         }
-        let h = hash(buf);
+        Ok(())
+    }
+
+    /// Write whole cluster `buf` with hash `h` to guest cluster `gc` (held by the caller): a link
+    /// to an identical cluster if one is proven, else unique data.
+    fn link_or_write(&self, gc: u64, buf: &[u8], h: &[u8; 32]) -> Result<()> {
+        let s = self.storage.as_ref();
+        let cs = self.g.cluster_size();
+        let h = *h;
         let mut m = self.lock();
         'candidates: loop {
-            let cur = m.entry(s, gc)?;
             let Some(d) = m.dedup.as_ref() else {
-                return Err(Qcow2Error::Invalid("dedup is off".into()));
+                return Err(Qcow2Error::DedupOff);
             };
-            let _ = cur;
             // The most shared copy first, our own cluster last: linking to it frees ours if it
             // held a separate copy, and separate copies of one content converge on one cluster.
             let mut cands: Vec<(bool, u64, u64)> = Vec::new();
@@ -430,7 +449,6 @@ impl Qcow2 {
                         d.stats.bytes_saved += cs;
                     }
                 }
-                let _ = cand_alive;
                 return Ok(());
             }
             break;
@@ -484,8 +502,10 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Deduplicate the data already in the image (offline): every allocated cluster goes
-    /// through the dedup path as if the guest rewrote it. `progress(done, total, bytes_saved)`.
+    /// Deduplicate the data already in the image (offline): each allocated cluster is read and
+    /// hashed once; the first copy of a content is indexed where it is, later copies go through
+    /// the link path. Open with `dedup_index_at_open: false`: this pass builds the index.
+    /// `progress(done, total, bytes_saved)`.
     pub fn dedup_existing(&self, progress: &mut dyn FnMut(u64, u64, u64)) -> Result<DedupStats> {
         let cs = self.g.cluster_size();
         let total = self.g.size / cs;
@@ -496,7 +516,24 @@ impl Qcow2 {
             let entry = self.lock().entry(s, gc)?;
             if let L2Entry::Normal { .. } | L2Entry::Compressed { .. } = entry {
                 self.read(gc * cs, &mut [IoSliceMut::new(&mut buf)])?;
-                self.dedup_cluster(gc, &buf)?;
+                if is_zero(&buf) {
+                    self.make_zero_cluster(gc)?;
+                } else {
+                    let h = hash(&buf);
+                    let first = {
+                        let mut m = self.lock();
+                        let d = m.dedup.as_mut().ok_or(Qcow2Error::DedupOff)?;
+                        let first = d.index.lookup(&h).is_empty();
+                        if first {
+                            // The first copy of this content stays where it is.
+                            d.index.insert(&h, gc);
+                        }
+                        first
+                    };
+                    if !first {
+                        self.link_or_write(gc, &buf, &h)?;
+                    }
+                }
             }
             drop(guard);
             if gc % 256 == 0 || gc + 1 == total {
@@ -505,8 +542,7 @@ impl Qcow2 {
             }
         }
         self.flush_all()?;
-        self.dedup_stats()
-            .ok_or_else(|| Qcow2Error::Invalid("dedup is off".into()))
+        self.dedup_stats().ok_or(Qcow2Error::DedupOff)
     }
 
     fn drop_hint(&self, m: &mut Meta, h: &[u8; 32], cand: u64) {

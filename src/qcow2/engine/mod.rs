@@ -53,6 +53,9 @@ pub struct OpenOptions {
     pub overlap_map_cap: Option<usize>,
     /// Inline deduplication (qcow2 v3 images only): None follows the image's recorded setting.
     pub dedup: Option<bool>,
+    /// With dedup: build the hint index at open by hashing every allocated cluster (true for
+    /// `serve`; offline dedup builds it as it goes). Default (None): true.
+    pub dedup_index_at_open: Option<bool>,
 }
 
 impl OpenOptions {
@@ -76,6 +79,8 @@ pub struct Qcow2 {
     closed: AtomicBool,
     on_corrupt: Mutex<Option<CorruptionListener>>,
     dedup_paused: AtomicBool,
+    /// Dedup state exists (fixed at open): the write path asks this, not the locked state.
+    dedup_on: bool,
 }
 
 /// Called once when an overlap check marks the image corrupt, with a description.
@@ -106,20 +111,13 @@ impl Qcow2 {
     ) -> Result<Qcow2> {
         let read_only = opts.read_only;
         let s = storage.as_ref();
-        if !read_only {
-            repair_if_dirty(s)?;
-        }
-        let file_len = s.len()?;
-        let mut probe = [0u8; Header::PROBE_LEN];
-        s.read_at(&mut probe, 0)?;
-        if file_len < 72 {
-            return Err(format::FormatError::Truncated(file_len as usize).into());
-        }
-        let cb = Header::probe_cluster_bits(&probe)?;
-        let mut c0 = vec![0u8; (1usize << cb).min(file_len as usize)];
-        s.read_at(&mut c0, 0)?;
-        let h = Header::decode(&c0)?;
+        let (mut h, mut file_len) = read_header(s)?;
         validate_features(&h, read_only)?;
+        if !read_only && h.version >= 3 && h.incompatible_features & INCOMPAT_DIRTY != 0 {
+            repair_dirty(s)?;
+            (h, file_len) = read_header(s)?;
+        }
+        let cb = h.cluster_bits;
         let cs = h.cluster_size();
         let l2_bits = cb - 3;
         let needed_l1 = h.size.div_ceil(cs << l2_bits);
@@ -205,8 +203,9 @@ impl Qcow2 {
             let mut d = dedup::Dedup::new(meta.rc.max_refcount());
             d.recorded = recorded;
             meta.dedup = Some(d);
-            dedup::rebuild(s, &mut meta)?;
+            dedup::rebuild(s, &mut meta, opts.dedup_index_at_open.unwrap_or(true))?;
         }
+        let dedup_on = meta.dedup.is_some();
         let img = Qcow2 {
             storage,
             meta: Mutex::new(meta),
@@ -218,6 +217,7 @@ impl Qcow2 {
             closed: AtomicBool::new(false),
             on_corrupt: Mutex::new(None),
             dedup_paused: AtomicBool::new(false),
+            dedup_on,
         };
         if !read_only && img.header.version >= 3 && img.header.autoclear_features != 0 {
             // We keep no bitmaps or raw external data in sync: say so, as QEMU does for bits it
@@ -320,9 +320,8 @@ impl Qcow2 {
         }
         let mut m = self.lock();
         let s = self.storage.as_ref();
-        m.flush(s)?;
-        // Frees applied by that flush are written too, so the image has no leaks.
-        m.flush(s)?;
+        // Flushes the tables, applies the frees they made durable, writes every refcount
+        // (those decrements included, so the image has no leaks) and clears DIRTY.
         m.write_refcounts(s)?;
         if let Some(d) = m.dedup.as_ref() {
             if !m.corrupt {
@@ -427,16 +426,24 @@ fn metadata_map(
     Ok((m, 0))
 }
 
-/// A dirty image (lazy refcounts, not closed cleanly) is repaired before a read-write open:
-/// refcounts rebuilt from the tables, COPIED flags fixed, DIRTY cleared.
-fn repair_if_dirty(s: &dyn Storage) -> Result<()> {
+/// The decoded header (cluster 0) and the file length.
+fn read_header(s: &dyn Storage) -> Result<(Header, u64)> {
+    let file_len = s.len()?;
+    if file_len < 72 {
+        return Err(format::FormatError::Truncated(file_len as usize).into());
+    }
     let mut probe = [0u8; Header::PROBE_LEN];
     s.read_at(&mut probe, 0)?;
-    let version = u32::from_be_bytes([probe[4], probe[5], probe[6], probe[7]]);
-    let incompat = u64::from_be_bytes(probe[72..80].try_into().unwrap_or([0; 8]));
-    if version < 3 || incompat & INCOMPAT_DIRTY == 0 || incompat & INCOMPAT_CORRUPT != 0 {
-        return Ok(());
-    }
+    let cb = Header::probe_cluster_bits(&probe)?;
+    let mut c0 = vec![0u8; (1usize << cb).min(file_len as usize)];
+    s.read_at(&mut c0, 0)?;
+    Ok((Header::decode(&c0)?, file_len))
+}
+
+/// A dirty image (lazy refcounts, not closed cleanly) is repaired before a read-write open:
+/// refcounts rebuilt from the tables, COPIED flags fixed, DIRTY cleared. The caller has already
+/// refused what we cannot serve (and the corrupt bit).
+fn repair_dirty(s: &dyn Storage) -> Result<()> {
     log::warn!("the image is dirty (lazy refcounts, not closed cleanly): repairing it");
     let t0 = std::time::Instant::now();
     let opts = crate::qcow2::check::CheckOptions {
