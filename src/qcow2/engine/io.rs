@@ -272,8 +272,14 @@ impl Qcow2 {
             }
         }
         m.end_io(seq);
+        // Waiters: writers of a guest cluster this request allocated, and dedup verifiers
+        // waiting for older I/O. An in-place write has neither: no wake-up syscall for it.
+        let wake =
+            m.barrier_waiters > 0 || chunks.iter().any(|c| matches!(c.kind, WKind::Alloc { .. }));
         drop(m);
-        self.cond.notify_all();
+        if wake {
+            self.cond.notify_all();
+        }
         result
     }
 
