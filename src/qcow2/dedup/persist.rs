@@ -1,10 +1,10 @@
 //! Pure big-endian codecs for the persistent dedup index: the `DDUP` header extension, the index
 //! clusters, and the seal. No file handles; see docs/dedup.md for the reasoning.
 //!
-//! The index is direct-mapped by host cluster: index cluster `k` holds the SHA-256 of host clusters
-//! `k * records_per_cluster ..` in order, so a record's position is its host cluster index and the
-//! engine can update one record in place when it writes or frees that cluster, without knowing
-//! anything else. An all-zero record means "no hash" (the all-zero cluster is never indexed: it
+//! The index is direct-mapped by cluster number (the engine uses guest clusters): index cluster
+//! `k` holds the SHA-256 of clusters `k * records_per_cluster ..` in order, so a record's position
+//! is its cluster number and the engine can update one record in place when that cluster's
+//! content changes, without knowing anything else. An all-zero record means "no hash" (the all-zero cluster is never indexed: it
 //! becomes a zero cluster).
 
 use sha2::{Digest, Sha256};

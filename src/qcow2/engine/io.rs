@@ -211,7 +211,7 @@ impl Qcow2 {
             return Err(Qcow2Error::ReadOnly);
         }
         self.check_range(offset, iov::len(bufs))?;
-        let r = if self.dedup_enabled() {
+        let r = if self.dedup_on {
             self.write_dedup(offset, bufs)
         } else {
             self.write_plain(offset, bufs)

@@ -59,6 +59,9 @@ pub(crate) struct Meta {
     pending_io: Vec<(u64, u64)>,
     /// Guest clusters with an allocation in flight.
     pub inflight: HashSet<u64>,
+    /// Guest clusters held by a writer of an image served with dedup (every data write to such
+    /// an image holds its clusters, so a held-free cluster has no data I/O in flight).
+    pub held: HashSet<u64>,
     io_seq: u64,
     inflight_io: BTreeMap<u64, u32>,
     file_len: u64,
@@ -116,6 +119,7 @@ impl Meta {
             pending_unlink: Vec::new(),
             pending_io: Vec::new(),
             inflight: HashSet::new(),
+            held: HashSet::new(),
             io_seq: 0,
             inflight_io: BTreeMap::new(),
             file_len,

@@ -17,11 +17,12 @@ mod refcount;
 mod zero;
 
 pub use backing::resolve as resolve_backing;
-pub use dedup::DedupStats;
+pub use dedup::{DedupStats, IndexOpenReport};
 pub use meta::EngineStats;
 pub use overlap::OverlapMode;
 
 use crate::block::{BlockDevice, BlockError};
+use crate::qcow2::dedup::persist::DedupMode;
 use crate::qcow2::error::{Qcow2Error, Result};
 use crate::qcow2::format::{self, header::*, Header};
 use crate::storage::{FileStorage, Storage};
@@ -117,6 +118,18 @@ impl Qcow2 {
             repair_dirty(s)?;
             (h, file_len) = read_header(s)?;
         }
+        if !read_only && h.version >= 3 && h.autoclear_features != 0 {
+            // We keep no bitmaps or raw external data in sync, and our own dedup bit says "the
+            // dedup index matches the image", which stops being true with the first write: clear
+            // them before anything is written, as QEMU does for bits it does not know. (`h` keeps
+            // the bits as found: the dedup index decides from them whether to load.)
+            log::info!(
+                "clearing autoclear features {:#x} (not kept up to date while open)",
+                h.autoclear_features
+            );
+            s.write_at(&0u64.to_be_bytes(), 88)?;
+            s.flush()?;
+        }
         let cb = h.cluster_bits;
         let cs = h.cluster_size();
         let l2_bits = cb - 3;
@@ -203,7 +216,13 @@ impl Qcow2 {
             let mut d = dedup::Dedup::new(meta.rc.max_refcount());
             d.recorded = recorded;
             meta.dedup = Some(d);
-            dedup::rebuild(s, &mut meta, opts.dedup_index_at_open.unwrap_or(true))?;
+            dedup::open(
+                s,
+                &mut meta,
+                &h,
+                file_len,
+                opts.dedup_index_at_open.unwrap_or(true),
+            )?;
         }
         let dedup_on = meta.dedup.is_some();
         let img = Qcow2 {
@@ -219,16 +238,6 @@ impl Qcow2 {
             dedup_paused: AtomicBool::new(false),
             dedup_on,
         };
-        if !read_only && img.header.version >= 3 && img.header.autoclear_features != 0 {
-            // We keep no bitmaps or raw external data in sync: say so, as QEMU does for bits it
-            // does not know.
-            log::info!(
-                "clearing autoclear features {:#x} (not maintained by this program)",
-                img.header.autoclear_features
-            );
-            img.storage.write_at(&0u64.to_be_bytes(), 88)?;
-            img.storage.flush()?;
-        }
         Ok(img)
     }
 
@@ -323,9 +332,11 @@ impl Qcow2 {
         // Flushes the tables, applies the frees they made durable, writes every refcount
         // (those decrements included, so the image has no leaks) and clears DIRTY.
         m.write_refcounts(s)?;
-        if let Some(d) = m.dedup.as_ref() {
-            if !m.corrupt {
-                dedup::record(s, d, self.g.cluster_bits)?;
+        let corrupt = m.corrupt;
+        if let Some(d) = m.dedup.as_mut() {
+            if !corrupt {
+                let paused = self.dedup_paused();
+                dedup::write_back(s, d, self.g.cluster_bits, DedupMode::Inline, paused)?;
             }
         }
         Ok(())

@@ -34,6 +34,9 @@ pub(crate) struct Refcounts {
     pub(crate) map: MetadataMap,
     /// Kinds of metadata every write is checked against.
     pub(crate) check_mask: u16,
+    /// Clusters the allocator must not hand out although their refcount is 0 (the dedup index
+    /// area: first cluster, count).
+    pub(crate) reserved: Option<(u64, u64)>,
 }
 
 /// Largest refcount table QEMU accepts (8 MiB).
@@ -93,6 +96,7 @@ impl Refcounts {
             allocations: 0,
             map: MetadataMap::new(),
             check_mask: OverlapMode::All.mask(),
+            reserved: None,
         })
     }
 
@@ -134,6 +138,17 @@ impl Refcounts {
             self.blocks.insert(b, Block { data, dirty: false });
         }
         Ok(self.blocks.get_mut(&b))
+    }
+
+    /// True when cluster `c` has a refcount block (so no new block or table will be placed on it).
+    pub(crate) fn covered(&self, c: u64) -> bool {
+        self.table
+            .get((c / self.epb) as usize)
+            .is_some_and(|&o| o != 0)
+    }
+
+    fn is_reserved(&self, c: u64) -> bool {
+        self.reserved.is_some_and(|(f, n)| c >= f && c - f < n)
     }
 
     /// Refcount of cluster `c`.
@@ -197,7 +212,7 @@ impl Refcounts {
                     self.create_block(s, c / self.epb)?;
                     continue 'search;
                 }
-                if self.get(s, c)? != 0 {
+                if self.get(s, c)? != 0 || self.is_reserved(c) {
                     start = c + 1;
                 } else if first_free.is_none() {
                     first_free = Some(c);

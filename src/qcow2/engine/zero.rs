@@ -70,11 +70,12 @@ impl Qcow2 {
         if m.corrupt {
             return Err(Qcow2Error::MarkedCorrupt);
         }
-        while (from..to).any(|gc| m.inflight.contains(&gc)) {
+        while (from..to).any(|gc| m.inflight.contains(&gc) || m.held.contains(&gc)) {
             m = self.wait(m);
         }
         let v3 = self.g.version >= 3;
         for gc in from..to {
+            super::dedup::forget(&mut m, s, gc)?;
             let old = m.entry(s, gc)?;
             let new = match (mode, old) {
                 (_, L2Entry::Invalid(raw)) => {

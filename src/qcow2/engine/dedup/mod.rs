@@ -2,8 +2,9 @@
 //!
 //! Each whole cluster a guest writes is hashed (SHA-256). The index maps hashes to guest
 //! clusters that held that content when it was indexed; it is only a hint. A hint is used only
-//! after the candidate cluster has been read back and compared byte for byte with the new data,
-//! while nothing can change it:
+//! with a proof that the candidate holds the data, while nothing can change it: either a verified
+//! record (the candidate's full hash, computed this session and kept current under the lock; see
+//! `records`), or a byte compare:
 //!
 //! 1. under the lock: the candidate host cluster is pinned (its frees wait), COPIED is cleared on
 //!    the candidate's entry (so no new write goes to it in place), and if it had COPIED we wait
@@ -15,21 +16,23 @@
 //! All-zero clusters become zero clusters. Partial-cluster writes read the rest of the cluster
 //! first. Sharing stops below half the refcount maximum (room for snapshots).
 //!
-//! A guest cluster rewritten with the content it already has is found the same way (its own
-//! hint) and costs one read and no write. Skipping the read too would need the full hash of every
-//! cluster's current content in RAM: a hint alone can be stale, since a rewritten cluster's old
-//! hash stays in the index until a lookup finds it stale.
+//! A guest cluster rewritten with the content its verified record says it has costs no I/O;
+//! with an unverified (loaded) record, one read and no write.
+
+mod lifecycle;
+mod records;
+
+pub use lifecycle::IndexOpenReport;
+pub(crate) use lifecycle::{close as write_back, open};
 
 use super::meta::Meta;
 use super::{iov, Qcow2};
-use crate::qcow2::dedup::persist::{DedupExtension, DedupMode, EXT_DEDUP};
+use crate::qcow2::dedup::persist::DedupExtension;
 use crate::qcow2::dedup::{hash_cluster, is_zero, DedupIndex};
 use crate::qcow2::error::{Qcow2Error, Result};
-use crate::qcow2::format::Header;
-use crate::qcow2::format::{L1Entry, L2Entry};
+use crate::qcow2::format::L2Entry;
 use crate::qcow2::offsets::HostOffset;
 use crate::storage::Storage;
-use std::collections::HashMap;
 use std::io::{IoSlice, IoSliceMut};
 
 /// Counters of the dedup layer.
@@ -55,6 +58,10 @@ pub struct DedupStats {
     pub refcount_cap_hits: u64,
     /// Index hints found stale (content differed, or the cluster moved on).
     pub stale_hints_rejected: u64,
+    /// Links made on a verified record, without reading the candidate back.
+    pub links_without_read: u64,
+    /// RAM of the cached index clusters (the persistent records), bounded.
+    pub record_cache_bytes: u64,
 }
 
 /// The hint index: hash -> guest clusters that held that content, in the compact index of
@@ -72,6 +79,17 @@ impl HintIndex {
         if !self.inner.contains(h, gc + 1) {
             // A guest cluster past the index's reach is simply not indexed (written unshared).
             let _ = self.inner.insert(h, gc + 1);
+        }
+    }
+    /// Insert unless the content already has `MAX_HINTS` hints (counted by fingerprint).
+    fn insert_limited(&mut self, h: &[u8; 32], gc: u64) {
+        let mut n = 0;
+        self.inner.for_each_candidate(h, |_| {
+            n += 1;
+            n < MAX_HINTS
+        });
+        if n < MAX_HINTS {
+            self.insert(h, gc);
         }
     }
     fn remove(&mut self, h: &[u8; 32], gc: u64) {
@@ -96,6 +114,10 @@ pub(crate) struct Dedup {
     cap: u64,
     /// The image's recorded setting and counters (our header extension), as found at open.
     pub recorded: Option<DedupExtension>,
+    /// The persistent records (None for a disk smaller than one cluster).
+    records: Option<records::Records>,
+    /// How the index came to be at open.
+    pub open_report: IndexOpenReport,
 }
 
 impl Dedup {
@@ -103,6 +125,8 @@ impl Dedup {
         Dedup {
             index: HintIndex::default(),
             recorded: None,
+            records: None,
+            open_report: IndexOpenReport::default(),
             stats: DedupStats::default(),
             cap: (max_refcount / 2).max(1),
         }
@@ -111,92 +135,9 @@ impl Dedup {
         let mut s = self.stats;
         s.index_entries = self.index.len();
         s.index_ram_bytes = self.index.ram_bytes();
+        s.record_cache_bytes = self.records.as_ref().map_or(0, records::Records::ram_bytes);
         s
     }
-}
-
-/// At open: find the clusters shared by more than one active entry (when such a refcount falls
-/// back to 1 the survivor must get COPIED back), and index the content of every data cluster.
-/// With `hash_data` this reads all allocated data once.
-pub(crate) fn rebuild(s: &dyn Storage, m: &mut Meta, hash_data: bool) -> Result<()> {
-    let t0 = std::time::Instant::now();
-    let cs = m.g.cluster_size();
-    let per_table = 1u64 << m.g.l2_bits;
-    let guest_clusters = m.g.size.div_ceil(cs);
-    let mut hashes: HashMap<u64, [u8; 32]> = HashMap::new();
-    let mut buf = vec![0u8; cs as usize];
-    let mut d = m.dedup.take().ok_or(Qcow2Error::DedupOff)?;
-    for i in 0..m.l1.len() as u64 {
-        if L1Entry::decode(m.l1[i as usize]).l2_offset.is_none() {
-            continue;
-        }
-        for gc in i * per_table..((i + 1) * per_table).min(guest_clusters) {
-            let L2Entry::Normal { host, copied } = m.entry(s, gc)? else {
-                continue;
-            };
-            let hc = host.0 / cs;
-            if !copied && m.rc.get(s, hc)? >= 2 {
-                m.shared.entry(hc).or_default().push(gc);
-            }
-            if !hash_data {
-                continue;
-            }
-            let h = match hashes.get(&hc) {
-                Some(h) => *h,
-                None => {
-                    s.read_at(&mut buf, host.0)?;
-                    let h = hash(&buf);
-                    hashes.insert(hc, h);
-                    h
-                }
-            };
-            d.index.insert(&h, gc);
-        }
-    }
-    log::info!(
-        "dedup index rebuilt from {} data clusters in {:.2?}",
-        hashes.len(),
-        t0.elapsed()
-    );
-    m.dedup = Some(d);
-    Ok(())
-}
-
-/// At a clean close: record dedup as the image's setting, with the counters of every session so
-/// far, in our header extension (an extension QEMU keeps but does not read; no feature bit).
-/// An extension of the same size is rewritten in place; a new one rewrites cluster 0 as QEMU does.
-pub(crate) fn record(s: &dyn Storage, d: &Dedup, cluster_bits: u32) -> Result<()> {
-    let cap = d.cap.min(u32::MAX as u64) as u32;
-    let mut ext = d
-        .recorded
-        .clone()
-        .unwrap_or_else(|| DedupExtension::new(DedupMode::Inline, cluster_bits, cap));
-    ext.mode = DedupMode::Inline;
-    let st = d.snapshot_stats();
-    let c = &mut ext.counters;
-    c.deduplicated += st.clusters_deduplicated;
-    c.written_unique += st.clusters_unique;
-    c.zero_detected += st.zero_clusters;
-    c.bytes_saved += st.bytes_saved;
-    c.partial_reads += st.partial_cluster_reads;
-    c.cap_hits += st.refcount_cap_hits;
-    c.stale_rejected += st.stale_hints_rejected;
-    let data = ext.encode();
-    let mut c0 = vec![0u8; 1usize << cluster_bits];
-    s.read_at(&mut c0, 0)?;
-    let header = crate::qcow2::format::Header::decode(&c0)?;
-    match Header::extension_offset(&c0, EXT_DEDUP) {
-        Some(off) if header.extension(EXT_DEDUP).map(<[u8]>::len) == Some(data.len()) => {
-            s.write_at(&data, off as u64)?;
-        }
-        _ => {
-            let mut h = header;
-            h.set_extension(EXT_DEDUP, Some(data));
-            s.write_at(&h.encode()?, 0)?;
-        }
-    }
-    s.flush()?;
-    Ok(())
 }
 
 /// Holds guest cluster `gc` for one writer; released (with a wake-up) on drop.
@@ -207,7 +148,7 @@ struct ClusterGuard<'a> {
 
 impl Drop for ClusterGuard<'_> {
     fn drop(&mut self) {
-        self.q.lock().inflight.remove(&self.gc);
+        self.q.lock().held.remove(&self.gc);
         self.q.cond.notify_all();
     }
 }
@@ -249,22 +190,33 @@ impl Qcow2 {
         self.lock().dedup.as_ref().map(Dedup::snapshot_stats)
     }
 
+    /// How the dedup index was made at open (loaded or rebuilt, and why), when dedup is on.
+    pub fn dedup_open_report(&self) -> Option<IndexOpenReport> {
+        self.lock().dedup.as_ref().map(|d| d.open_report.clone())
+    }
+
     fn hold_cluster(&self, gc: u64) -> ClusterGuard<'_> {
         let mut m = self.lock();
-        while m.inflight.contains(&gc) {
+        while m.held.contains(&gc) {
             m = self.wait(m);
         }
-        m.inflight.insert(gc);
+        m.held.insert(gc);
         ClusterGuard { q: self, gc }
     }
 
-    /// The write path with dedup on: cluster by cluster.
+    /// The write path of an image served with dedup: cluster by cluster, each guest cluster held
+    /// for the whole operation (also while paused, so that no plain write can race a record).
     pub(crate) fn write_dedup(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
         let cs = self.g.cluster_size();
         let len = iov::len(bufs);
+        let hashing = self.dedup_enabled();
         // One cluster buffer for the request: a full cluster overwrites all of it, a partial
         // one reads the whole cluster first.
-        let mut buf = vec![0u8; cs as usize];
+        let mut buf = if hashing {
+            vec![0u8; cs as usize]
+        } else {
+            Vec::new()
+        };
         for iov::Chunk {
             gc,
             in_off,
@@ -275,24 +227,30 @@ impl Qcow2 {
             let pos = offset + buf_off as u64;
             let sub = iov::slice(bufs, buf_off, n as usize);
             if (gc + 1) * cs > self.g.size {
-                // The last cluster of a disk whose size is not a cluster multiple.
+                // The last cluster of a disk whose size is not a cluster multiple (never indexed).
                 self.write_plain(pos, &sub)?;
-            } else {
-                let guard = self.hold_cluster(gc);
-                if n < cs {
-                    self.read(gc * cs, &mut [IoSliceMut::new(&mut buf)])?;
-                    if let Some(d) = self.lock().dedup.as_mut() {
-                        d.stats.partial_cluster_reads += 1;
-                    }
-                }
-                let mut p = in_off as usize;
-                for b in &sub {
-                    buf[p..p + b.len()].copy_from_slice(b);
-                    p += b.len();
-                }
-                self.dedup_cluster(gc, &buf)?;
-                drop(guard);
+                continue;
             }
+            let guard = self.hold_cluster(gc);
+            if !hashing {
+                forget(&mut self.lock(), self.storage.as_ref(), gc)?;
+                self.write_plain(pos, &sub)?;
+                drop(guard);
+                continue;
+            }
+            if n < cs {
+                self.read(gc * cs, &mut [IoSliceMut::new(&mut buf)])?;
+                if let Some(d) = self.lock().dedup.as_mut() {
+                    d.stats.partial_cluster_reads += 1;
+                }
+            }
+            let mut p = in_off as usize;
+            for b in &sub {
+                buf[p..p + b.len()].copy_from_slice(b);
+                p += b.len();
+            }
+            self.dedup_cluster(gc, &buf)?;
+            drop(guard);
         }
         Ok(())
     }
@@ -309,24 +267,23 @@ impl Qcow2 {
     fn make_zero_cluster(&self, gc: u64) -> Result<()> {
         let s = self.storage.as_ref();
         let cs = self.g.cluster_size();
-        {
-            let mut m = self.lock();
-            let old = m.entry(s, gc)?;
-            if !matches!(old, L2Entry::Zero { host: None, .. }) {
-                m.set_entry(
-                    s,
-                    gc,
-                    L2Entry::Zero {
-                        host: None,
-                        copied: false,
-                    },
-                )?;
-                m.release(s, gc, old)?;
-            }
-            if let Some(d) = m.dedup.as_mut() {
-                d.stats.zero_clusters += 1;
-                d.stats.bytes_saved += cs;
-            }
+        let mut m = self.lock();
+        let old = m.entry(s, gc)?;
+        forget(&mut m, s, gc)?;
+        if !matches!(old, L2Entry::Zero { host: None, .. }) {
+            m.set_entry(
+                s,
+                gc,
+                L2Entry::Zero {
+                    host: None,
+                    copied: false,
+                },
+            )?;
+            m.release(s, gc, old)?;
+        }
+        if let Some(d) = m.dedup.as_mut() {
+            d.stats.zero_clusters += 1;
+            d.stats.bytes_saved += cs;
         }
         Ok(())
     }
@@ -338,6 +295,17 @@ impl Qcow2 {
         let cs = self.g.cluster_size();
         let h = *h;
         let mut m = self.lock();
+        // The guest rewrites the content its cluster holds (a verified record says so): no I/O.
+        if let (Some((rh, true)), L2Entry::Normal { .. }) =
+            (record(&mut m, s, gc)?, m.entry(s, gc)?)
+        {
+            if rh == h {
+                if let Some(d) = m.dedup.as_mut() {
+                    d.stats.identical_rewrites += 1;
+                }
+                return Ok(());
+            }
+        }
         'candidates: loop {
             let Some(d) = m.dedup.as_ref() else {
                 return Err(Qcow2Error::DedupOff);
@@ -356,7 +324,7 @@ impl Qcow2 {
             let n_cands = cands.len();
             let cands: Vec<u64> = cands.into_iter().map(|(_, _, c)| c).collect();
             for cand in cands {
-                if cand != gc && m.inflight.contains(&cand) {
+                if cand != gc && m.held.contains(&cand) {
                     // Its writer is linking it right now: wait, then look again.
                     m = self.wait(m);
                     continue 'candidates;
@@ -364,7 +332,7 @@ impl Qcow2 {
                 let (host, copied) = match m.entry(s, cand)? {
                     L2Entry::Normal { host, copied } => (host.0, copied),
                     _ => {
-                        self.drop_hint(&mut m, &h, cand);
+                        self.drop_hint(&mut m, &h, cand)?;
                         continue;
                     }
                 };
@@ -376,41 +344,55 @@ impl Qcow2 {
                     }
                     continue;
                 }
-                // 1. Freeze the candidate: pinned, no COPIED, older I/O finished.
-                m.pinned.insert(hc);
-                // (Our own cluster keeps COPIED: we hold it.)
+                // A verified record of the candidate proves its content (full SHA-256, kept
+                // current under this lock by every write since it was computed; no writer holds
+                // the candidate): link without reading it back.
+                let proven = matches!(record(&mut m, s, cand)?, Some((rh, true)) if rh == h);
                 let copied_flag = copied;
                 let copied = copied && cand != gc;
-                if copied {
-                    m.set_copied(s, cand, hc, false)?;
-                }
-                if copied_flag {
-                    // Writes planned while the entry still had COPIED may be writing into the
-                    // cluster in place: let them finish. A cluster without COPIED has had none
-                    // since the link that cleared it waited here.
-                    let barrier = m.next_io();
-                    m.barrier_waiters += 1;
-                    while m.oldest_io() < barrier {
-                        m = self.wait(m);
+                if proven {
+                    if copied {
+                        m.set_copied(s, cand, hc, false)?;
                     }
-                    m.barrier_waiters -= 1;
-                }
-                let seq = m.begin_io();
-                drop(m);
-                // 2. Compare.
-                let mut theirs = vec![0u8; cs as usize];
-                let read = s.read_at(&mut theirs, host);
-                m = self.lock();
-                m.end_io(seq);
-                m.pinned.remove(&hc);
-                read?;
-                let same = theirs == buf && m.rc.get(s, hc)? >= 1;
-                if !same {
-                    if copied && m.rc.get(s, hc)? == 1 {
-                        m.set_copied(s, cand, hc, true)?;
+                    if let Some(d) = m.dedup.as_mut() {
+                        d.stats.links_without_read += 1;
                     }
-                    self.drop_hint(&mut m, &h, cand);
-                    continue 'candidates;
+                } else {
+                    // 1. Freeze the candidate: pinned, no COPIED, older I/O finished.
+                    m.pinned.insert(hc);
+                    if copied {
+                        m.set_copied(s, cand, hc, false)?;
+                    }
+                    if copied_flag {
+                        // Writes planned while the entry still had COPIED may be writing into
+                        // the cluster in place: let them finish. A cluster without COPIED has
+                        // had none since the link that cleared it waited here.
+                        let barrier = m.next_io();
+                        m.barrier_waiters += 1;
+                        while m.oldest_io() < barrier {
+                            m = self.wait(m);
+                        }
+                        m.barrier_waiters -= 1;
+                    }
+                    let seq = m.begin_io();
+                    drop(m);
+                    // 2. Compare.
+                    let mut theirs = vec![0u8; cs as usize];
+                    let read = s.read_at(&mut theirs, host);
+                    m = self.lock();
+                    m.end_io(seq);
+                    m.pinned.remove(&hc);
+                    read?;
+                    let same = theirs == buf && m.rc.get(s, hc)? >= 1;
+                    if !same {
+                        if copied && m.rc.get(s, hc)? == 1 {
+                            m.set_copied(s, cand, hc, true)?;
+                        }
+                        self.drop_hint(&mut m, &h, cand)?;
+                        continue 'candidates;
+                    }
+                    // The candidate's record is proven now.
+                    set_record(&mut m, s, cand, &h)?;
                 }
                 // 3. Link.
                 let cur = m.entry(s, gc)?;
@@ -434,6 +416,7 @@ impl Qcow2 {
                     }
                     list.push(gc);
                 }
+                set_record(&mut m, s, gc, &h)?;
                 if let Some(d) = m.dedup.as_mut() {
                     // Both hold the content now: either can serve as the hint later. A few
                     // hints per content are enough to survive rewrites of the first ones; more
@@ -465,9 +448,10 @@ impl Qcow2 {
             }
             return Err(e);
         }
+        // Recorded and indexed before the data lands, so a concurrent writer of the same content
+        // waits for this one (we hold the cluster) and links to it instead of writing a copy.
+        set_record(&mut m, s, gc, &h)?;
         if let Some(d) = m.dedup.as_mut() {
-            // Indexed before the data lands, so a concurrent writer of the same content waits
-            // for this one and links to it instead of writing a second copy.
             d.index.insert(&h, gc);
         }
         let seq = m.begin_io();
@@ -479,9 +463,8 @@ impl Qcow2 {
             if fresh_alloc {
                 m.unalloc_data(s, host, 1)?;
             }
-            if let Some(d) = m.dedup.as_mut() {
-                d.index.remove(&h, gc);
-            }
+            // The cluster's content is unknown now.
+            forget(&mut m, s, gc)?;
             return Err(e.into());
         }
         if fresh_alloc {
@@ -527,6 +510,7 @@ impl Qcow2 {
                         if first {
                             // The first copy of this content stays where it is.
                             d.index.insert(&h, gc);
+                            set_record(&mut m, s, gc, &h)?;
                         }
                         first
                     };
@@ -545,10 +529,55 @@ impl Qcow2 {
         self.dedup_stats().ok_or(Qcow2Error::DedupOff)
     }
 
-    fn drop_hint(&self, m: &mut Meta, h: &[u8; 32], cand: u64) {
+    /// A hint proved wrong: forget it, and the candidate's record if it says the same.
+    fn drop_hint(&self, m: &mut Meta, h: &[u8; 32], cand: u64) -> Result<()> {
+        if matches!(record(m, self.storage.as_ref(), cand)?, Some((rh, _)) if rh == *h) {
+            forget(m, self.storage.as_ref(), cand)?;
+        }
         if let Some(d) = m.dedup.as_mut() {
             d.index.remove(h, cand);
             d.stats.stale_hints_rejected += 1;
         }
+        Ok(())
     }
+}
+
+/// The record of guest cluster `gc` (its content's hash) and whether it is verified.
+fn record(m: &mut Meta, s: &dyn Storage, gc: u64) -> Result<Option<([u8; 32], bool)>> {
+    match m.dedup.as_mut().and_then(|d| d.records.as_mut()) {
+        Some(r) => r.get(s, gc),
+        None => Ok(None),
+    }
+}
+
+/// Guest cluster `gc` holds content `h` now (proven this session): record it, and drop the hint
+/// of the content it held before.
+fn set_record(m: &mut Meta, s: &dyn Storage, gc: u64, h: &[u8; 32]) -> Result<()> {
+    let Some(d) = m.dedup.as_mut() else {
+        return Ok(());
+    };
+    let old = match d.records.as_mut() {
+        Some(r) => r.set(s, gc, Some(h), true)?,
+        None => None,
+    };
+    if let Some(old) = old.filter(|o| o != h) {
+        d.index.remove(&old, gc);
+    }
+    Ok(())
+}
+
+/// Guest cluster `gc` is about to get content we do not hash: forget its record and its hint.
+/// Called under the lock before the change is planned, so no record ever outlives the content.
+pub(crate) fn forget(m: &mut Meta, s: &dyn Storage, gc: u64) -> Result<()> {
+    let Some(d) = m.dedup.as_mut() else {
+        return Ok(());
+    };
+    let old = match d.records.as_mut() {
+        Some(r) => r.set(s, gc, None, false)?,
+        None => None,
+    };
+    if let Some(old) = old {
+        d.index.remove(&old, gc);
+    }
+    Ok(())
 }

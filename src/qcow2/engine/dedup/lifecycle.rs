@@ -1,0 +1,320 @@
+//! The dedup index across sessions: load or rebuild it at open, write it back at a clean close.
+//! The protocol (docs/dedup.md): the `DDUP` extension names the index area, its generation and a
+//! seal over the header fields QEMU changes; the autoclear bit 63 says "the index matches the
+//! image". Every read-write open clears that bit before anything is written; a clean close writes
+//! the index, then the extension, then sets the bit again.
+
+use super::records::{Area, Records};
+use super::Dedup;
+use crate::qcow2::dedup::hash_cluster;
+use crate::qcow2::dedup::is_zero;
+use crate::qcow2::dedup::persist::{
+    self, DedupExtension, DedupMode, IndexCluster, SealInput, Trust, AUTOCLEAR_DEDUP, EXT_DEDUP,
+};
+use crate::qcow2::engine::meta::Meta;
+use crate::qcow2::error::{Qcow2Error, Result};
+use crate::qcow2::format::{Header, L1Entry, L2Entry};
+use crate::storage::Storage;
+use std::collections::HashMap;
+
+/// RAM for cached index clusters.
+const RECORD_CACHE_BYTES: u64 = 32 << 20;
+/// Bytes read at once when loading the index area.
+const LOAD_CHUNK: u64 = 4 << 20;
+
+/// What the open found (logged, and kept for `query-dedup`).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct IndexOpenReport {
+    /// "loaded", "rebuilt" or "empty" (offline dedup builds it as it goes).
+    pub how: String,
+    /// Why the index was rebuilt, when it was.
+    pub reason: Option<String>,
+    /// Hints put into the RAM index.
+    pub hints: u64,
+    /// Data clusters read and hashed.
+    pub clusters_hashed: u64,
+    /// Index clusters that failed to load (their ranges were hashed again).
+    pub bad_index_clusters: u64,
+    /// Time the whole step took, in milliseconds.
+    pub millis: u64,
+}
+
+fn seal_input(h: &Header, file_len: u64, generation: u64) -> SealInput {
+    SealInput {
+        generation,
+        file_len,
+        size: h.size,
+        l1_table_offset: h.l1_table_offset,
+        l1_size: h.l1_size,
+        refcount_table_offset: h.refcount_table_offset,
+        refcount_table_clusters: h.refcount_table_clusters,
+        snapshots_offset: h.snapshots_offset,
+        nb_snapshots: h.nb_snapshots,
+    }
+}
+
+/// Whether `area` can hold the index: inside the file, every cluster free (refcount 0) and covered
+/// by an existing refcount block (so no new block or table lands on it), and no known metadata.
+fn area_usable(s: &dyn Storage, m: &mut Meta, a: &Area, file_len: u64) -> Result<bool> {
+    let cs = m.g.cluster_size();
+    let Some(end) = a
+        .clusters
+        .checked_mul(cs)
+        .and_then(|l| l.checked_add(a.offset))
+    else {
+        return Ok(false);
+    };
+    if a.offset == 0 || end > file_len || m.rc.guard(a.offset, end - a.offset, 0).is_err() {
+        return Ok(false);
+    }
+    for c in a.offset / cs..end / cs {
+        if !m.rc.covered(c) || m.rc.get(s, c)? != 0 {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// A new index area of `n` clusters: allocated like data (so refcount blocks exist for it and
+/// the file covers it), then given back to refcount 0 and reserved.
+fn new_area(s: &dyn Storage, m: &mut Meta, n: u64) -> Result<Area> {
+    let cs = m.g.cluster_size();
+    let (host, _) = m.alloc_data(s, n)?;
+    m.stats.clusters_allocated = m.stats.clusters_allocated.saturating_sub(n);
+    m.rc.reserved = Some((host / cs, n));
+    for c in host / cs..host / cs + n {
+        m.rc.set(s, c, 0)?;
+    }
+    Ok(Area {
+        offset: host,
+        clusters: n,
+    })
+}
+
+/// At a read-write open with dedup: find the clusters shared by more than one active entry (when
+/// such a refcount falls back to 1 the survivor must get COPIED back), and load the index, or
+/// rebuild it by hashing the data (`hash_data`; offline dedup passes false and builds it as it
+/// goes). The caller has cleared the autoclear bit already.
+pub(crate) fn open(
+    s: &dyn Storage,
+    m: &mut Meta,
+    h: &Header,
+    file_len: u64,
+    hash_data: bool,
+) -> Result<IndexOpenReport> {
+    let t0 = std::time::Instant::now();
+    let cb = m.g.cluster_bits;
+    let cs = m.g.cluster_size();
+    let rpc = persist::records_per_cluster(cb);
+    let guest_clusters = m.g.size / cs;
+    let need = persist::index_clusters_for(cb, guest_clusters);
+    let mut d = m.dedup.take().ok_or(Qcow2Error::DedupOff)?;
+    let mut rep = IndexOpenReport::default();
+    let ext = d.recorded.clone();
+    let old_area = match &ext {
+        Some(e) if e.index_clusters == need && e.cluster_bits == cb && need > 0 => {
+            let a = Area {
+                offset: e.index_offset,
+                clusters: need,
+            };
+            area_usable(s, m, &a, file_len)?.then_some(a)
+        }
+        _ => None,
+    };
+    let trust = match &ext {
+        Some(e) => persist::trust(
+            h.autoclear_features,
+            e,
+            &seal_input(h, file_len, e.generation),
+        ),
+        None => Trust::Rebuild("no index"),
+    };
+    let generation = ext.as_ref().map_or(0, |e| e.generation);
+    let load = hash_data && old_area.is_some() && trust == Trust::Load;
+    if let Trust::Rebuild(why) = trust {
+        rep.reason = Some(why.to_string());
+    } else if old_area.is_none() {
+        rep.reason = Some("the index area was taken or resized".to_string());
+    }
+    let mut recs = if need == 0 {
+        None
+    } else {
+        let area = match old_area {
+            Some(a) => {
+                m.rc.reserved = Some((a.offset / cs, a.clusters));
+                a
+            }
+            None => new_area(s, m, need)?,
+        };
+        let generation = if load { generation } else { generation + 1 };
+        Some(Records::new(cb, area, generation, load, RECORD_CACHE_BYTES))
+    };
+    // Index clusters to hash again: all of them on a rebuild, the bad ones after a load.
+    let mut rehash = vec![hash_data && !load; need as usize];
+    if let (true, Some(r)) = (load, recs.as_mut()) {
+        let per = (LOAD_CHUNK / cs).max(1);
+        let mut buf = vec![0u8; (per * cs) as usize];
+        let mut k0 = 0;
+        while k0 < need {
+            let n = per.min(need - k0);
+            let b = &mut buf[..(n * cs) as usize];
+            s.read_at(b, r.area.offset + k0 * cs)?;
+            for (j, c) in b.chunks_exact(cs as usize).enumerate() {
+                let k = k0 + j as u64;
+                match IndexCluster::decode(c, cb, r.generation, k) {
+                    Ok(ic) => {
+                        for (i, rec) in ic.records.iter().enumerate() {
+                            let gc = ic.first + i as u64;
+                            if *rec != [0u8; 32] && gc < guest_clusters {
+                                d.index.insert_limited(rec, gc);
+                                rep.hints += 1;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        log::warn!("dedup index cluster {k} ignored ({e}): hashing its range");
+                        r.mark_lost(k);
+                        rehash[k as usize] = true;
+                        rep.bad_index_clusters += 1;
+                    }
+                }
+            }
+            k0 += n;
+        }
+    }
+    // One pass over the active L2 tables: shared clusters, and the hashing where needed.
+    let per_table = 1u64 << m.g.l2_bits;
+    let mut shared_hashes: HashMap<u64, [u8; 32]> = HashMap::new();
+    let mut buf = vec![0u8; cs as usize];
+    for i in 0..m.l1.len() as u64 {
+        if L1Entry::decode(m.l1[i as usize]).l2_offset.is_none() {
+            continue;
+        }
+        for gc in i * per_table..((i + 1) * per_table).min(guest_clusters) {
+            let L2Entry::Normal { host, copied } = m.entry(s, gc)? else {
+                continue;
+            };
+            let hc = host.0 / cs;
+            let refs = if copied { 1 } else { m.rc.get(s, hc)? };
+            if refs >= 2 {
+                m.shared.entry(hc).or_default().push(gc);
+            }
+            if !rehash.get((gc / rpc) as usize).copied().unwrap_or(false) {
+                continue;
+            }
+            let Some(r) = recs.as_mut() else { continue };
+            let h = match shared_hashes.get(&hc) {
+                Some(h) => *h,
+                None => {
+                    s.read_at(&mut buf, host.0)?;
+                    rep.clusters_hashed += 1;
+                    if is_zero(&buf) {
+                        continue;
+                    }
+                    let h = hash_cluster(&buf);
+                    if refs >= 2 {
+                        shared_hashes.insert(hc, h);
+                    }
+                    h
+                }
+            };
+            r.set(s, gc, Some(&h), true)?;
+            d.index.insert_limited(&h, gc);
+            rep.hints += 1;
+        }
+    }
+    rep.how = if load {
+        "loaded"
+    } else if hash_data {
+        "rebuilt"
+    } else {
+        "empty"
+    }
+    .to_string();
+    rep.millis = t0.elapsed().as_millis() as u64;
+    log::info!(
+        "dedup index {} in {:.2?}: {} hints, {} data clusters hashed, {} bad index clusters{}",
+        rep.how,
+        t0.elapsed(),
+        rep.hints,
+        rep.clusters_hashed,
+        rep.bad_index_clusters,
+        rep.reason
+            .as_ref()
+            .map(|r| format!(" (rebuilt because: {r})"))
+            .unwrap_or_default()
+    );
+    d.records = recs;
+    d.open_report = rep.clone();
+    m.dedup = Some(d);
+    Ok(rep)
+}
+
+/// At a clean close (after the refcounts are written): write the index, then our header
+/// extension with the setting, the counters of every session so far, and the seal, then set the
+/// autoclear bit that says the index matches the image. QEMU keeps the extension but does not
+/// read it; no feature bit QEMU would refuse. An extension of the same size is rewritten in place;
+/// a new one rewrites cluster 0 as QEMU does.
+pub(crate) fn close(
+    s: &dyn Storage,
+    d: &mut Dedup,
+    cluster_bits: u32,
+    mode: DedupMode,
+    paused: bool,
+) -> Result<()> {
+    let cap = d.cap.min(u32::MAX as u64) as u32;
+    let mut ext = d
+        .recorded
+        .clone()
+        .unwrap_or_else(|| DedupExtension::new(mode, cluster_bits, cap));
+    ext.mode = mode;
+    ext.paused = paused;
+    ext.cluster_bits = cluster_bits;
+    let st = d.snapshot_stats();
+    let c = &mut ext.counters;
+    c.deduplicated += st.clusters_deduplicated;
+    c.written_unique += st.clusters_unique;
+    c.zero_detected += st.zero_clusters;
+    c.bytes_saved += st.bytes_saved;
+    c.partial_reads += st.partial_cluster_reads;
+    c.cap_hits += st.refcount_cap_hits;
+    c.stale_rejected += st.stale_hints_rejected;
+    let sealed = match d.records.as_mut() {
+        Some(r) => {
+            r.write_all(s)?;
+            s.flush()?;
+            ext.index_offset = r.area.offset;
+            ext.index_clusters = r.clusters();
+            ext.generation = r.generation;
+            true
+        }
+        None => {
+            ext.index_offset = 0;
+            ext.index_clusters = 0;
+            false
+        }
+    };
+    let mut c0 = vec![0u8; 1usize << cluster_bits];
+    s.read_at(&mut c0, 0)?;
+    let header = Header::decode(&c0)?;
+    ext.seal = persist::seal(&seal_input(&header, s.len()?, ext.generation));
+    let data = ext.encode();
+    match Header::extension_offset(&c0, EXT_DEDUP) {
+        Some(off) if header.extension(EXT_DEDUP).map(<[u8]>::len) == Some(data.len()) => {
+            s.write_at(&data, off as u64)?;
+        }
+        _ => {
+            let mut h = header.clone();
+            h.set_extension(EXT_DEDUP, Some(data));
+            s.write_at(&h.encode()?, 0)?;
+        }
+    }
+    s.flush()?;
+    if sealed {
+        let bits = header.autoclear_features | AUTOCLEAR_DEDUP;
+        s.write_at(&bits.to_be_bytes(), 88)?;
+        s.flush()?;
+    }
+    d.recorded = Some(ext);
+    Ok(())
+}

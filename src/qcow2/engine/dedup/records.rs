@@ -1,0 +1,278 @@
+//! The persistent dedup records: for every guest cluster, the SHA-256 of the content the engine
+//! last gave it (or nothing), in the index area of the image (docs/dedup.md). The engine keeps a
+//! bounded cache of index clusters; records change under the metadata lock whenever a guest
+//! cluster's content changes, and dirty index clusters are written on eviction and at close.
+//! Records are hints for the RAM index; they need no ordering against data or L2 writes.
+//!
+//! A record is *verified* when this session computed it from data it wrote or read itself (the
+//! engine holds the image's write lock, so nobody else can change the cluster after that). Only a
+//! verified record may stand in for the data: for an identical rewrite (no I/O) or a link without
+//! a byte compare. Records loaded from the image are not verified: QEMU may have written the
+//! cluster in place since (docs/dedup.md, "Staleness").
+
+use crate::qcow2::dedup::persist::{self, IndexCluster};
+use crate::qcow2::error::Result;
+use crate::storage::Storage;
+use std::collections::{HashMap, VecDeque};
+
+/// The index area: `clusters` contiguous clusters at `offset`, refcount 0, reserved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Area {
+    pub offset: u64,
+    pub clusters: u64,
+}
+
+struct Slot {
+    ic: IndexCluster,
+    /// One bit per record: verified this session.
+    verified: Vec<u64>,
+    dirty: bool,
+}
+
+/// Cached view of the index area.
+pub(crate) struct Records {
+    cluster_bits: u32,
+    rpc: u64,
+    pub area: Area,
+    pub generation: u64,
+    cache: HashMap<u64, Slot>,
+    order: VecDeque<u64>,
+    cap: usize,
+    /// Index clusters whose copy in the area belongs to this generation (one bit each).
+    on_disk: Vec<u64>,
+    /// Every record of this generation was computed this session (rebuilt from data, or started
+    /// empty): all are verified.
+    pub all_verified: bool,
+    /// Index cluster reads and writes (for stats and tests).
+    pub reads: u64,
+    pub writes: u64,
+}
+
+fn bit(v: &[u64], i: u64) -> bool {
+    v.get((i / 64) as usize)
+        .is_some_and(|w| w & (1 << (i % 64)) != 0)
+}
+
+fn set_bit(v: &mut [u64], i: u64, on: bool) {
+    if let Some(w) = v.get_mut((i / 64) as usize) {
+        if on {
+            *w |= 1 << (i % 64);
+        } else {
+            *w &= !(1 << (i % 64));
+        }
+    }
+}
+
+impl Records {
+    /// Records of `area`, generation `generation`. `on_disk`: whether the area already holds
+    /// this generation (a loaded index) or not (a new generation: every cluster starts empty).
+    /// `cache_bytes` bounds the RAM of cached index clusters.
+    pub(crate) fn new(
+        cluster_bits: u32,
+        area: Area,
+        generation: u64,
+        on_disk: bool,
+        cache_bytes: u64,
+    ) -> Records {
+        let words = area.clusters.div_ceil(64) as usize;
+        let cs = 1u64 << cluster_bits;
+        Records {
+            cluster_bits,
+            rpc: persist::records_per_cluster(cluster_bits),
+            area,
+            generation,
+            cache: HashMap::new(),
+            order: VecDeque::new(),
+            cap: (cache_bytes / cs).max(4) as usize,
+            on_disk: vec![if on_disk { u64::MAX } else { 0 }; words],
+            all_verified: !on_disk,
+            reads: 0,
+            writes: 0,
+        }
+    }
+
+    fn cs(&self) -> u64 {
+        1u64 << self.cluster_bits
+    }
+
+    /// Marks index cluster `k` as not (or no longer) holding this generation on disk.
+    pub(crate) fn mark_lost(&mut self, k: u64) {
+        set_bit(&mut self.on_disk, k, false);
+    }
+
+    /// Index clusters in the area.
+    pub(crate) fn clusters(&self) -> u64 {
+        self.area.clusters
+    }
+
+    fn slot(&mut self, s: &dyn Storage, k: u64) -> Result<Option<&mut Slot>> {
+        if k >= self.area.clusters {
+            return Ok(None);
+        }
+        if !self.cache.contains_key(&k) {
+            if self.cache.len() >= self.cap {
+                self.evict(s)?;
+            }
+            let ic = if bit(&self.on_disk, k) {
+                let mut buf = vec![0u8; self.cs() as usize];
+                s.read_at(&mut buf, self.area.offset + k * self.cs())?;
+                self.reads += 1;
+                match IndexCluster::decode(&buf, self.cluster_bits, self.generation, k) {
+                    Ok(ic) => ic,
+                    Err(e) => {
+                        log::warn!("dedup index cluster {k} unreadable ({e}): its hints are lost");
+                        set_bit(&mut self.on_disk, k, false);
+                        IndexCluster::empty(self.cluster_bits, self.generation, k)
+                    }
+                }
+            } else {
+                IndexCluster::empty(self.cluster_bits, self.generation, k)
+            };
+            let verified =
+                vec![if self.all_verified { u64::MAX } else { 0 }; self.rpc.div_ceil(64) as usize];
+            self.cache.insert(
+                k,
+                Slot {
+                    ic,
+                    verified,
+                    dirty: false,
+                },
+            );
+            self.order.push_back(k);
+        }
+        Ok(self.cache.get_mut(&k))
+    }
+
+    fn evict(&mut self, s: &dyn Storage) -> Result<()> {
+        while let Some(k) = self.order.pop_front() {
+            if let Some(slot) = self.cache.remove(&k) {
+                if slot.dirty {
+                    self.write_slot(s, k, &slot.ic)?;
+                }
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    fn write_slot(&mut self, s: &dyn Storage, k: u64, ic: &IndexCluster) -> Result<()> {
+        s.write_at(
+            &ic.encode(self.cluster_bits),
+            self.area.offset + k * self.cs(),
+        )?;
+        self.writes += 1;
+        set_bit(&mut self.on_disk, k, true);
+        Ok(())
+    }
+
+    /// The record of guest cluster `gc` and whether it is verified.
+    pub(crate) fn get(&mut self, s: &dyn Storage, gc: u64) -> Result<Option<([u8; 32], bool)>> {
+        let (k, i) = (gc / self.rpc, (gc % self.rpc) as usize);
+        Ok(self
+            .slot(s, k)?
+            .and_then(|slot| slot.ic.get(i).map(|h| (*h, bit(&slot.verified, i as u64)))))
+    }
+
+    /// Sets (or clears) the record of guest cluster `gc`; returns the hash it replaced.
+    pub(crate) fn set(
+        &mut self,
+        s: &dyn Storage,
+        gc: u64,
+        hash: Option<&[u8; 32]>,
+        verified: bool,
+    ) -> Result<Option<[u8; 32]>> {
+        let (k, i) = (gc / self.rpc, (gc % self.rpc) as usize);
+        let Some(slot) = self.slot(s, k)? else {
+            return Ok(None);
+        };
+        let old = slot.ic.get(i).copied();
+        if old.as_ref() != hash {
+            slot.ic.set(i, hash);
+            slot.dirty = true;
+        }
+        set_bit(&mut slot.verified, i as u64, verified && hash.is_some());
+        Ok(old)
+    }
+
+    /// Writes every dirty index cluster, and an empty one wherever the area does not hold this
+    /// generation yet, so that the whole area can be loaded next time. The caller syncs.
+    pub(crate) fn write_all(&mut self, s: &dyn Storage) -> Result<()> {
+        let mut ks: Vec<u64> = self.cache.keys().copied().collect();
+        ks.sort_unstable();
+        for k in ks {
+            let Some(slot) = self.cache.get_mut(&k) else {
+                continue;
+            };
+            if !slot.dirty {
+                continue;
+            }
+            slot.dirty = false;
+            let ic = slot.ic.clone();
+            self.write_slot(s, k, &ic)?;
+        }
+        for k in 0..self.area.clusters {
+            if !bit(&self.on_disk, k) && !self.cache.contains_key(&k) {
+                let ic = IndexCluster::empty(self.cluster_bits, self.generation, k);
+                self.write_slot(s, k, &ic)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of RAM the cache holds.
+    pub(crate) fn ram_bytes(&self) -> u64 {
+        self.cache.len() as u64 * (self.rpc * 32 + self.rpc / 8 + 64)
+            + self.on_disk.len() as u64 * 8
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemStorage;
+
+    fn area() -> Area {
+        Area {
+            offset: 4096 * 10,
+            clusters: 5,
+        }
+    }
+
+    #[test]
+    fn set_get_evict_and_reload() {
+        let s = MemStorage::new();
+        let mut r = Records::new(12, area(), 7, false, 4 * 4096);
+        let h = [9u8; 32];
+        for gc in 0..(5 * 127) {
+            r.set(&s, gc, Some(&h), true).unwrap();
+        }
+        assert!(r.writes >= 1, "the cache of 4 clusters evicted one");
+        assert_eq!(r.get(&s, 3).unwrap(), Some((h, true)));
+        r.write_all(&s).unwrap();
+        // A new view of the same generation, loaded: records are there but not verified.
+        let mut r2 = Records::new(12, area(), 7, true, 1 << 20);
+        assert_eq!(r2.get(&s, 5 * 127 - 1).unwrap(), Some((h, false)));
+        assert_eq!(r2.set(&s, 0, None, false).unwrap(), Some(h));
+        assert_eq!(r2.get(&s, 0).unwrap(), None);
+        // Past the area: nothing, no error.
+        assert_eq!(r2.get(&s, 5 * 127).unwrap(), None);
+        // Another generation does not accept these clusters.
+        let mut r3 = Records::new(12, area(), 8, true, 1 << 20);
+        assert_eq!(r3.get(&s, 1).unwrap(), None);
+    }
+
+    #[test]
+    fn write_all_fills_the_area() {
+        let s = MemStorage::new();
+        let mut r = Records::new(12, area(), 1, false, 1 << 20);
+        r.set(&s, 130, Some(&[1u8; 32]), true).unwrap();
+        r.write_all(&s).unwrap();
+        assert_eq!(r.writes, 5);
+        let mut buf = vec![0u8; 4096];
+        for k in 0..5 {
+            s.read_at(&mut buf, area().offset + k * 4096).unwrap();
+            let ic = IndexCluster::decode(&buf, 12, 1, k).unwrap();
+            assert_eq!(ic.get(130 - 127).is_some(), k == 1);
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! The persistent dedup index across sessions: loaded at open without reading data after a clean
+//! close; rebuilt after a crash or after QEMU opened the image writable (and moved off the area
+//! when QEMU allocated into it); and never trusted for the data when QEMU wrote in place behind a
+//! bit it kept (the `qemu-img commit` pattern): no false link, no skipped write.
+
+mod common;
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use vhost_user_qcow2::block::BlockDevice;
+use vhost_user_qcow2::qcow2::dedup::persist::{DedupExtension, AUTOCLEAR_DEDUP, EXT_DEDUP};
+use vhost_user_qcow2::qcow2::format::Header;
+use vhost_user_qcow2::qcow2::{create, CreateOptions, OpenOptions, Qcow2};
+use vhost_user_qcow2::storage::{FileStorage, Storage};
+
+const CS: u64 = 65536;
+
+/// A file that counts the bytes read from the data area (past `data_from`).
+struct Counting {
+    inner: FileStorage,
+    reads: AtomicU64,
+}
+
+impl Storage for Counting {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn readv_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<()> {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        self.inner.readv_at(bufs, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.inner.flush()
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.punch_hole(offset, len)
+    }
+}
+
+fn new_image(path: &Path, size: u64) {
+    let o = CreateOptions {
+        size,
+        dedup: true,
+        ..Default::default()
+    };
+    create(&FileStorage::new(std::fs::File::create(path).unwrap()), &o).unwrap();
+}
+
+fn open_counting(path: &Path) -> (Qcow2, Arc<Counting>) {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let st = Arc::new(Counting {
+        inner: FileStorage::new(f),
+        reads: AtomicU64::new(0),
+    });
+    let opts = OpenOptions {
+        dedup: Some(true),
+        ..Default::default()
+    };
+    let q = Qcow2::open_storage(st.clone(), &opts, path.parent(), 0).unwrap();
+    (q, st)
+}
+
+fn pattern(k: u32) -> Vec<u8> {
+    (0..CS as u32)
+        .map(|i| (i.wrapping_mul(k | 1).wrapping_add(k * 7) >> 3) as u8)
+        .collect()
+}
+
+fn write(q: &Qcow2, gc: u64, data: &[u8]) {
+    q.write_vectored(gc * CS, &[IoSlice::new(data)]).unwrap();
+}
+
+fn read(q: &Qcow2, gc: u64) -> Vec<u8> {
+    let mut b = vec![0u8; CS as usize];
+    q.read_vectored(gc * CS, &mut [IoSliceMut::new(&mut b)])
+        .unwrap();
+    b
+}
+
+fn ext(img: &Path) -> (Header, DedupExtension) {
+    let b = std::fs::read(img).unwrap();
+    let h = Header::decode(&b[..CS as usize]).unwrap();
+    let e = DedupExtension::decode(h.extension(EXT_DEDUP).unwrap()).unwrap();
+    (h, e)
+}
+
+#[test]
+fn clean_close_then_open_loads_the_index_without_reading_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("l.qcow2");
+    new_image(&img, 64 << 20);
+    let (q, _) = open_counting(&img);
+    assert_eq!(q.dedup_open_report().unwrap().how, "rebuilt");
+    for gc in 0..40 {
+        write(&q, gc, &pattern(gc as u32));
+    }
+    q.close().unwrap();
+    drop(q);
+    common::assert_check_clean(&img);
+    let (h, e) = ext(&img);
+    assert_ne!(h.autoclear_features & AUTOCLEAR_DEDUP, 0, "index sealed");
+    assert!(e.index_offset > 0 && e.index_clusters == 1, "{e:?}");
+
+    let (q, st) = open_counting(&img);
+    let rep = q.dedup_open_report().unwrap();
+    assert_eq!(rep.how, "loaded", "{rep:?}");
+    assert_eq!(rep.clusters_hashed, 0);
+    assert_eq!(rep.hints, 40);
+    // A duplicate of a loaded content links (after a byte compare: loaded records are hints).
+    write(&q, 50, &pattern(7));
+    let s = q.dedup_stats().unwrap();
+    assert_eq!((s.clusters_deduplicated, s.clusters_unique), (1, 0));
+    assert_eq!(s.links_without_read, 0);
+    // Records proven this session stand for the data: the next duplicate links without a read,
+    // and rewriting a cluster with its own content costs no I/O at all.
+    let before = st.reads.load(Ordering::Relaxed);
+    write(&q, 51, &pattern(7));
+    write(&q, 7, &pattern(7));
+    write(&q, 51, &pattern(7));
+    assert_eq!(st.reads.load(Ordering::Relaxed), before, "no reads");
+    let s = q.dedup_stats().unwrap();
+    assert_eq!(s.links_without_read, 1);
+    assert_eq!(s.identical_rewrites, 2);
+    assert_eq!(read(&q, 51), pattern(7));
+    q.close().unwrap();
+    drop(q);
+    common::assert_check_clean(&img);
+    assert_eq!(common::physical_clusters(&img, CS), 40);
+}
+
+#[test]
+fn a_crash_means_a_rebuild() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("c.qcow2");
+    new_image(&img, 16 << 20);
+    let (q, _) = open_counting(&img);
+    write(&q, 0, &pattern(1));
+    q.close().unwrap();
+    drop(q);
+    let (q, _) = open_counting(&img);
+    write(&q, 1, &pattern(2));
+    q.flush().unwrap();
+    // The process dies: no close.
+    std::mem::forget(q);
+    let (h, _) = ext(&img);
+    assert_eq!(
+        h.autoclear_features & AUTOCLEAR_DEDUP,
+        0,
+        "bit cleared at open"
+    );
+    let (q, _) = open_counting(&img);
+    let rep = q.dedup_open_report().unwrap();
+    assert_eq!(rep.how, "rebuilt");
+    assert!(rep.reason.unwrap().contains("autoclear"));
+    assert_eq!(rep.clusters_hashed, 2);
+    write(&q, 2, &pattern(2));
+    assert_eq!(q.dedup_stats().unwrap().clusters_deduplicated, 1);
+    q.close().unwrap();
+    drop(q);
+    common::assert_check_clean(&img);
+}
+
+#[test]
+fn qemu_writing_in_place_behind_the_kept_bit_is_never_trusted() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("q.qcow2");
+    new_image(&img, 16 << 20);
+    let (q, _) = open_counting(&img);
+    write(&q, 0, &pattern(1));
+    write(&q, 1, &pattern(2));
+    q.close().unwrap();
+    drop(q);
+    // The qemu-img commit pattern: read-only open reopened writable keeps bit 63 and the seal,
+    // while cluster 0 changes in place.
+    let p = img.to_str().unwrap();
+    let (c, out) = common::run(
+        "qemu-io",
+        &[
+            "-r",
+            "-f",
+            "qcow2",
+            "-c",
+            "reopen -w",
+            "-c",
+            "write -P 0x77 0 64k",
+            p,
+        ],
+    );
+    assert_eq!(c, 0, "{out}");
+    let (q, _) = open_counting(&img);
+    assert_eq!(q.dedup_open_report().unwrap().how, "loaded");
+    // Its record says pattern 1: a rewrite with pattern 1 must really write.
+    write(&q, 0, &pattern(1));
+    assert_eq!(read(&q, 0), pattern(1));
+    // And a duplicate of pattern 2 still links right.
+    write(&q, 3, &pattern(2));
+    q.close().unwrap();
+    drop(q);
+    // Another round: QEMU changes cluster 0 again; a write of pattern 1 elsewhere must not link
+    // to it.
+    let (c, out) = common::run(
+        "qemu-io",
+        &[
+            "-r",
+            "-f",
+            "qcow2",
+            "-c",
+            "reopen -w",
+            "-c",
+            "write -P 0x66 0 64k",
+            p,
+        ],
+    );
+    assert_eq!(c, 0, "{out}");
+    let (q, _) = open_counting(&img);
+    write(&q, 5, &pattern(1));
+    let s = q.dedup_stats().unwrap();
+    assert_eq!(s.clusters_deduplicated, 0);
+    assert!(s.stale_hints_rejected >= 1);
+    assert_eq!(read(&q, 5), pattern(1));
+    q.close().unwrap();
+    drop(q);
+    common::assert_check_clean(&img);
+    common::qemu_io(&img, "qcow2", &["read -P 0x66 0 64k"]);
+    let q = Qcow2::open(&img, true).unwrap();
+    assert_eq!(read(&q, 3), pattern(2));
+    assert_eq!(read(&q, 1), pattern(2));
+}
+
+#[test]
+fn qemu_allocating_into_the_area_moves_the_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("m.qcow2");
+    new_image(&img, 16 << 20);
+    let (q, _) = open_counting(&img);
+    write(&q, 0, &pattern(1));
+    q.close().unwrap();
+    drop(q);
+    let (_, e1) = ext(&img);
+    // A writable QEMU open: clears bit 63, and its new cluster lands in the refcount-0 area.
+    common::qemu_io(&img, "qcow2", &["write -P 9 8M 64k"]);
+    let (h, _) = ext(&img);
+    assert_eq!(h.autoclear_features & AUTOCLEAR_DEDUP, 0);
+    let (q, _) = open_counting(&img);
+    let rep = q.dedup_open_report().unwrap();
+    assert_eq!(rep.how, "rebuilt");
+    assert_eq!(rep.clusters_hashed, 2);
+    write(&q, 1, &pattern(1));
+    assert_eq!(q.dedup_stats().unwrap().clusters_deduplicated, 1);
+    q.close().unwrap();
+    drop(q);
+    let (_, e2) = ext(&img);
+    assert_ne!(e1.index_offset, e2.index_offset, "QEMU took the old area");
+    assert!(e2.generation > e1.generation);
+    common::assert_check_clean(&img);
+    let (q, _) = open_counting(&img);
+    assert_eq!(q.dedup_open_report().unwrap().how, "loaded");
+    assert_eq!(read(&q, 1), pattern(1));
+    q.close().unwrap();
+    drop(q);
+    // (qemu-io opens writable: last.)
+    common::qemu_io(&img, "qcow2", &["read -P 9 8M 64k"]);
+}
