@@ -365,6 +365,17 @@ impl Meta {
         Ok((host, host >= zero_from))
     }
 
+    /// Grow the file to at least `end` bytes for something the engine writes there itself (the
+    /// dedup index area): nothing there reads as zeros any more.
+    pub(crate) fn extend_file(&mut self, s: &dyn Storage, end: u64) -> Result<()> {
+        if end > self.file_len {
+            s.set_len(end)?;
+            self.file_len = end;
+        }
+        self.zero_from = self.zero_from.max(end);
+        Ok(())
+    }
+
     /// Give back clusters taken by `alloc_data` that were never linked.
     pub(crate) fn unalloc_data(&mut self, s: &dyn Storage, host: u64, n: u64) -> Result<()> {
         let cs = self.g.cluster_size();

@@ -140,13 +140,6 @@ impl Refcounts {
         Ok(self.blocks.get_mut(&b))
     }
 
-    /// True when cluster `c` has a refcount block (so no new block or table will be placed on it).
-    pub(crate) fn covered(&self, c: u64) -> bool {
-        self.table
-            .get((c / self.epb) as usize)
-            .is_some_and(|&o| o != 0)
-    }
-
     fn is_reserved(&self, c: u64) -> bool {
         self.reserved.is_some_and(|(f, n)| c >= f && c - f < n)
     }
@@ -206,13 +199,18 @@ impl Refcounts {
             let mut first_free = None;
             let mut c = start;
             while c < start + n {
-                // A missing block is created first; it takes the first cluster it covers, so the
-                // search starts again.
+                if self.is_reserved(c) {
+                    start = c + 1;
+                    c += 1;
+                    continue;
+                }
+                // A missing block is created first; it takes the first cluster it covers that is
+                // not reserved, so the search starts again.
                 if self.block(s, c / self.epb)?.is_none() {
                     self.create_block(s, c / self.epb)?;
                     continue 'search;
                 }
-                if self.get(s, c)? != 0 || self.is_reserved(c) {
+                if self.get(s, c)? != 0 {
                     start = c + 1;
                 } else if first_free.is_none() {
                     first_free = Some(c);
@@ -231,19 +229,36 @@ impl Refcounts {
         }
     }
 
-    /// Create refcount block `b` at the first cluster it covers (all of which are free, since the
-    /// block does not exist). The block is written and synced before the table links it.
+    /// First cluster at or after `c` such that `c .. c + n` holds no reserved cluster.
+    fn skip_reserved(&self, c: u64, n: u64) -> u64 {
+        match self.reserved {
+            Some((f, rn)) if c < f + rn && f < c + n => f + rn,
+            _ => c,
+        }
+    }
+
+    /// Create refcount block `b` at the first cluster it covers that is not reserved (all of them
+    /// are free, since the block does not exist). The block is written and synced before the
+    /// table links it.
     fn create_block(&mut self, s: &dyn Storage, b: u64) -> Result<()> {
         if b >= self.table.len() as u64 {
             return self.grow(s, b);
         }
         let cs = self.cs();
-        let first = b
+        let lo = b
             .checked_mul(self.epb)
-            .and_then(|c| c.checked_mul(cs))
+            .ok_or_else(|| Qcow2Error::corrupt("refcount block offset overflow"))?;
+        let at = self.skip_reserved(lo, 1);
+        if at >= lo + self.epb {
+            return Err(Qcow2Error::Invalid(format!(
+                "refcount block {b} has no room outside the dedup index area"
+            )));
+        }
+        let first = at
+            .checked_mul(cs)
             .ok_or_else(|| Qcow2Error::corrupt("refcount block offset overflow"))?;
         let mut data = vec![0u8; cs as usize];
-        refblock::set(&mut data, 0, self.order, 1);
+        refblock::set(&mut data, (at - lo) as usize, self.order, 1);
         self.guard(first, cs, 0)?;
         s.write_at(&data, first)?;
         s.flush()?;
@@ -253,7 +268,7 @@ impl Refcounts {
         s.write_at(&first.to_be_bytes(), self.table_offset + b * 8)?;
         s.flush()?;
         self.blocks.insert(b, Block { data, dirty: false });
-        self.allocations = self.allocations.max(b * self.epb + 1);
+        self.allocations = self.allocations.max(at + 1);
         log::debug!("new refcount block {b} at {first:#x}");
         Ok(())
     }
@@ -265,12 +280,16 @@ impl Refcounts {
         let cs = self.cs();
         let per_cluster = cs / 8;
         let old_len = self.table.len() as u64;
+        let first_cluster = b * self.epb;
+        // The new blocks and the table go at the start of the area block `b` covers, or just
+        // past the dedup index area if that lies there; the new blocks must cover them.
         let mut k = 1u64;
-        let (entries, t_clusters) = loop {
+        let (entries, t_clusters, at) = loop {
             let want = (b + k).max(old_len.saturating_mul(2)).max(per_cluster);
             let t = want.div_ceil(per_cluster);
-            if k * self.epb >= k + t {
-                break (t * per_cluster, t);
+            let at = self.skip_reserved(first_cluster, k + t);
+            if (b + k) * self.epb >= at + k + t {
+                break (t * per_cluster, t, at);
             }
             k += 1;
         };
@@ -280,8 +299,7 @@ impl Refcounts {
                     .into(),
             ));
         }
-        let first_cluster = b * self.epb;
-        let base = first_cluster
+        let base = at
             .checked_mul(cs)
             .ok_or_else(|| Qcow2Error::corrupt("refcount area offset overflow"))?;
         let used = k + t_clusters; // clusters taken by the new blocks and the table
@@ -289,9 +307,9 @@ impl Refcounts {
         let mut new_blocks = Vec::with_capacity(k as usize);
         for j in 0..k {
             let mut data = vec![0u8; cs as usize];
-            let lo = j * self.epb;
-            for idx in lo..(lo + self.epb).min(used) {
-                refblock::set(&mut data, (idx - lo) as usize, self.order, 1);
+            let lo = first_cluster + j * self.epb;
+            for c in at.max(lo)..(lo + self.epb).min(at + used) {
+                refblock::set(&mut data, (c - lo) as usize, self.order, 1);
             }
             s.write_at(&data, base + j * cs)?;
             new_blocks.push(data);
@@ -309,9 +327,8 @@ impl Refcounts {
         hdr[8..].copy_from_slice(&(t_clusters as u32).to_be_bytes());
         s.write_at(&hdr, header::OFF_REFCOUNT_TABLE)?;
         s.flush()?;
-        self.map.add(first_cluster, k, kind::REFCOUNT_BLOCK);
-        self.map
-            .add(first_cluster + k, t_clusters, kind::REFCOUNT_TABLE);
+        self.map.add(at, k, kind::REFCOUNT_BLOCK);
+        self.map.add(at + k, t_clusters, kind::REFCOUNT_TABLE);
         self.map.remove(
             self.table_offset / cs,
             self.table_clusters,
@@ -325,7 +342,7 @@ impl Refcounts {
             self.blocks
                 .insert(b + j as u64, Block { data, dirty: false });
         }
-        self.allocations = self.allocations.max(first_cluster + used);
+        self.allocations = self.allocations.max(at + used);
         // The header no longer points at the old table: free its clusters.
         for c in 0..old_clusters {
             self.add(s, old_off / cs + c, -1)?;
@@ -435,5 +452,40 @@ mod tests {
             got.contains(&1),
             "old refcount table cluster was not reused"
         );
+    }
+
+    #[test]
+    fn reserved_range_gets_no_data_block_or_table() {
+        // 512-byte clusters, 64-bit refcounts: 64 clusters per block. The reserved range spans
+        // several blocks, none of which exist yet, and the table must grow past it.
+        let (s, mut r) = setup(9, 6);
+        let (f, n) = (100u64, 300u64);
+        r.reserved = Some((f, n));
+        let mut got = Vec::new();
+        for _ in 0..6_000 {
+            got.push(r.alloc(&s, 1).unwrap());
+        }
+        got.push(r.alloc(&s, 50).unwrap());
+        assert!(
+            got.iter().all(|&c| c < f || c >= f + n),
+            "data in reserved range"
+        );
+        for off in r.block_offsets().collect::<Vec<_>>() {
+            let c = off / 512;
+            assert!(c < f || c >= f + n, "refcount block at cluster {c}");
+        }
+        let (t, tc) = r.table_location();
+        assert!(
+            t / 512 + tc <= f || t / 512 >= f + n,
+            "table in reserved range"
+        );
+        r.write_dirty(&s).unwrap();
+        let mut r2 = Refcounts::load(&s, 9, 6, t, tc).unwrap();
+        for c in f..f + n {
+            assert_eq!(r2.get(&s, c).unwrap(), 0, "cluster {c}");
+        }
+        for off in r.block_offsets().collect::<Vec<_>>() {
+            assert_eq!(r2.get(&s, off / 512).unwrap(), 1, "block at {off:#x}");
+        }
     }
 }

@@ -53,8 +53,9 @@ fn seal_input(h: &Header, file_len: u64, generation: u64) -> SealInput {
     }
 }
 
-/// Whether `area` can hold the index: inside the file, every cluster free (refcount 0) and covered
-/// by an existing refcount block (so no new block or table lands on it), and no known metadata.
+/// Whether `area` can hold the index: inside the file, every cluster free (refcount 0), and no
+/// known metadata. (The allocator skips it while reserved, and places no refcount block or table
+/// on it.)
 fn area_usable(s: &dyn Storage, m: &mut Meta, a: &Area, file_len: u64) -> Result<bool> {
     let cs = m.g.cluster_size();
     let Some(end) = a
@@ -68,25 +69,30 @@ fn area_usable(s: &dyn Storage, m: &mut Meta, a: &Area, file_len: u64) -> Result
         return Ok(false);
     }
     for c in a.offset / cs..end / cs {
-        if !m.rc.covered(c) || m.rc.get(s, c)? != 0 {
+        if m.rc.get(s, c)? != 0 {
             return Ok(false);
         }
     }
     Ok(true)
 }
 
-/// A new index area of `n` clusters: allocated like data (so refcount blocks exist for it and
-/// the file covers it), then given back to refcount 0 and reserved.
-fn new_area(s: &dyn Storage, m: &mut Meta, n: u64) -> Result<Area> {
+/// A new index area of `n` clusters past the end of the file and of everything allocated (all
+/// free there), reserved from the allocator; the file grows to cover it.
+fn new_area(s: &dyn Storage, m: &mut Meta, n: u64, file_len: u64) -> Result<Area> {
     let cs = m.g.cluster_size();
-    let (host, _) = m.alloc_data(s, n)?;
-    m.stats.clusters_allocated = m.stats.clusters_allocated.saturating_sub(n);
-    m.rc.reserved = Some((host / cs, n));
-    for c in host / cs..host / cs + n {
-        m.rc.set(s, c, 0)?;
+    let mut first = file_len.div_ceil(cs).max(m.rc.allocations).max(1);
+    // Refcounts past the end of the file would be corruption, but do not write over them.
+    let mut c = first;
+    while c < first + n {
+        if m.rc.get(s, c)? != 0 {
+            first = c + 1;
+        }
+        c += 1;
     }
+    m.rc.reserved = Some((first, n));
+    m.extend_file(s, (first + n) * cs)?;
     Ok(Area {
-        offset: host,
+        offset: first * cs,
         clusters: n,
     })
 }
@@ -144,7 +150,7 @@ pub(crate) fn open(
                 m.rc.reserved = Some((a.offset / cs, a.clusters));
                 a
             }
-            None => new_area(s, m, need)?,
+            None => new_area(s, m, need, file_len)?,
         };
         let generation = if load { generation } else { generation + 1 };
         Some(Records::new(cb, area, generation, load, RECORD_CACHE_BYTES))
