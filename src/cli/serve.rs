@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use vhost_user_qcow2::block::BlockDevice;
 use vhost_user_qcow2::control::{self, ImageControl, PlainControl, Qcow2Control};
+use vhost_user_qcow2::qcow2::dedup::persist::DedupMode;
 use vhost_user_qcow2::qcow2::engine::OverlapMode;
 use vhost_user_qcow2::qcow2::{OpenOptions, Qcow2};
 use vhost_user_qcow2::raw::RawDisk;
@@ -45,9 +46,11 @@ pub struct ServeArgs {
     /// Seconds between writes of refcounts held back by lazy refcounts.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub refcount_flush_interval: u64,
-    /// Inline deduplication: on, off, or auto (what the image records).
-    #[arg(long, value_enum, default_value_t = OnOffAuto::Auto)]
-    pub dedup: OnOffAuto,
+    /// Deduplication: inline (or on), background, off, or auto (what the image records).
+    /// Background: writes complete as plain writes and a worker at idle priority merges
+    /// duplicates later.
+    #[arg(long, value_enum, default_value_t = DedupArg::Auto)]
+    pub dedup: DedupArg,
     /// Metadata overlap checks before every write: none, constant, cached or all.
     #[arg(long, default_value = "all", value_parser = clap::value_parser!(OverlapMode))]
     pub overlap_check: OverlapMode,
@@ -67,6 +70,15 @@ pub struct ServeArgs {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum OnOffAuto {
     On,
+    Off,
+    Auto,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DedupArg {
+    On,
+    Inline,
+    Background,
     Off,
     Auto,
 }
@@ -102,7 +114,7 @@ pub fn open_device(
     read_only: bool,
     lazy: OnOffAuto,
     overlap_check: OverlapMode,
-    dedup: OnOffAuto,
+    dedup: DedupArg,
 ) -> anyhow::Result<OpenImage> {
     let mut magic = [0u8; 4];
     let n = File::open(path)
@@ -119,10 +131,11 @@ pub fn open_device(
                 OnOffAuto::Auto => None,
             },
             overlap_check,
-            dedup: match dedup {
-                OnOffAuto::On => Some(true),
-                OnOffAuto::Off => Some(false),
-                OnOffAuto::Auto => None,
+            dedup_mode: match dedup {
+                DedupArg::On | DedupArg::Inline => Some(DedupMode::Inline),
+                DedupArg::Background => Some(DedupMode::Background),
+                DedupArg::Off => Some(DedupMode::Off),
+                DedupArg::Auto => None,
             },
             ..Default::default()
         };
@@ -136,7 +149,7 @@ pub fn open_device(
             q.capacity(),
             q.cluster_size(),
             if q.lazy_refcounts() { "on" } else { "off" },
-            if q.dedup_enabled() { "on" } else { "off" }
+            format!("{:?}", q.dedup_mode()).to_lowercase()
         );
         return Ok(OpenImage {
             granularity: u32::try_from(q.cluster_size()).unwrap_or(u32::MAX),
@@ -213,6 +226,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         cfg.control = Some(path.clone());
         cfg.events = Some(rx);
     }
-    vhost::serve(image.device.clone(), cfg)?;
+    // The background dedup worker (it sleeps unless there are clusters pending); stopped
+    // before the device is closed.
+    let worker = image.qcow2.as_ref().and_then(|q| q.start_dedup_worker());
+    let r = vhost::serve(image.device.clone(), cfg);
+    drop(worker);
+    r?;
     Ok(ExitCode::SUCCESS)
 }

@@ -36,13 +36,14 @@ impl ImageControl for Qcow2Control {
         let Some(d) = self.engine.dedup_stats() else {
             return DedupInfo::default();
         };
+        use crate::qcow2::dedup::persist::DedupMode as M;
         DedupInfo {
-            mode: if self.engine.dedup_paused() {
-                DedupMode::Off
-            } else {
-                DedupMode::Inline
+            mode: match self.engine.dedup_mode() {
+                M::Off => DedupMode::Off,
+                M::Inline => DedupMode::Inline,
+                M::Background => DedupMode::Background,
             },
-            running: false,
+            running: self.engine.dedup_worker_running(),
             paused: self.engine.dedup_paused(),
             clusters_deduplicated: d.clusters_deduplicated,
             clusters_written_unique: d.clusters_unique,
@@ -53,7 +54,7 @@ impl ImageControl for Qcow2Control {
             index_ram_bytes: d.index_ram_bytes,
             refcount_cap_hits: d.refcount_cap_hits,
             stale_hints_rejected: d.stale_hints_rejected,
-            pending_clusters: 0,
+            pending_clusters: d.pending_clusters,
         }
     }
 
@@ -66,14 +67,16 @@ impl ImageControl for Qcow2Control {
     }
 
     fn dedup_set_mode(&self, mode: DedupMode) -> Result<(), String> {
-        match mode {
-            DedupMode::Off => self.dedup_pause(),
-            DedupMode::Inline => self.dedup_resume(),
-            DedupMode::Background if !self.engine.dedup_available() => {
-                Err(DEDUP_NOT_ENABLED.into())
-            }
-            DedupMode::Background => Err("background deduplication is not implemented yet".into()),
-        }
+        use crate::qcow2::dedup::persist::DedupMode as M;
+        let m = match mode {
+            DedupMode::Off => M::Off,
+            DedupMode::Inline => M::Inline,
+            DedupMode::Background => M::Background,
+        };
+        self.engine.set_dedup_mode(m).map_err(|e| match e {
+            crate::qcow2::Qcow2Error::DedupOff => DEDUP_NOT_ENABLED.to_string(),
+            e => e.to_string(),
+        })
     }
 
     /// `info` on the file as it is now, through a read-only descriptor of its own (the

@@ -24,6 +24,9 @@ pub const INDEX_MAGIC: u32 = 0x4444_4958;
 pub const INDEX_HEADER_LEN: usize = 32;
 /// Bytes per record.
 pub const RECORD_LEN: usize = 32;
+/// The record of a cluster written in background mode and not yet deduplicated: all ones. (A
+/// SHA-256 of all ones is a 2^-256 event; such a cluster would only be left unshared.)
+pub const PENDING: [u8; 32] = [0xff; 32];
 
 /// Errors of the dedup codecs.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

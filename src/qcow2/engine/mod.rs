@@ -17,7 +17,7 @@ mod refcount;
 mod zero;
 
 pub use backing::resolve as resolve_backing;
-pub use dedup::{DedupStats, IndexOpenReport};
+pub use dedup::{DedupStats, DedupWorker, IndexOpenReport};
 pub use meta::EngineStats;
 pub use overlap::OverlapMode;
 
@@ -30,7 +30,7 @@ use meta::{Geometry, Meta};
 use overlap::MetadataMap;
 use std::io::{IoSlice, IoSliceMut};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 /// Largest L1 table QEMU accepts (32 MiB).
@@ -52,8 +52,11 @@ pub struct OpenOptions {
     /// Most RAM the overlap map may take at open (None: 64 MiB). Past it the snapshots' tables
     /// (the only kind not bounded by the disk size) are not tracked, and a warning says so.
     pub overlap_map_cap: Option<usize>,
-    /// Inline deduplication (qcow2 v3 images only): None follows the image's recorded setting.
+    /// Deduplication (qcow2 v3 images only): Some(true) inline, Some(false) off, None follows
+    /// the image's recorded setting (`dedup_mode` overrides).
     pub dedup: Option<bool>,
+    /// Deduplication mode (off, inline, background); overrides `dedup`.
+    pub dedup_mode: Option<DedupMode>,
     /// With dedup: build the hint index at open by hashing every allocated cluster (true for
     /// `serve`; offline dedup builds it as it goes). Default (None): true.
     pub dedup_index_at_open: Option<bool>,
@@ -82,6 +85,11 @@ pub struct Qcow2 {
     dedup_paused: AtomicBool,
     /// Dedup state exists (fixed at open): the write path asks this, not the locked state.
     dedup_on: bool,
+    /// `dedup::mode_bits` of the current mode.
+    dedup_mode: AtomicU8,
+    /// The background dedup worker waits here for work.
+    work_cond: Condvar,
+    worker_stop: AtomicBool,
 }
 
 /// Called once when an overlap check marks the image corrupt, with a description.
@@ -202,11 +210,15 @@ impl Qcow2 {
         let recorded = h
             .extension(crate::qcow2::dedup::persist::EXT_DEDUP)
             .and_then(|d| crate::qcow2::dedup::persist::DedupExtension::decode(d).ok());
-        let want_dedup = opts.dedup.unwrap_or_else(|| {
-            recorded
-                .as_ref()
-                .is_some_and(|e| e.mode != crate::qcow2::dedup::persist::DedupMode::Off)
+        let recorded_mode = recorded.as_ref().map_or(DedupMode::Off, |e| e.mode);
+        let mode = opts.dedup_mode.unwrap_or(match opts.dedup {
+            Some(true) => DedupMode::Inline,
+            Some(false) => DedupMode::Off,
+            None => recorded_mode,
         });
+        let paused = recorded.as_ref().is_some_and(|e| e.paused);
+        let had_setting = recorded.is_some();
+        let want_dedup = mode != DedupMode::Off;
         if want_dedup && !read_only {
             if h.version < 3 {
                 return Err(Qcow2Error::Unsupported(
@@ -235,9 +247,20 @@ impl Qcow2 {
             read_only,
             closed: AtomicBool::new(false),
             on_corrupt: Mutex::new(None),
-            dedup_paused: AtomicBool::new(false),
+            dedup_paused: AtomicBool::new(dedup_on && paused),
             dedup_on,
+            dedup_mode: AtomicU8::new(dedup::mode_bits(if dedup_on {
+                mode
+            } else {
+                DedupMode::Off
+            })),
+            work_cond: Condvar::new(),
+            worker_stop: AtomicBool::new(false),
         };
+        if dedup_on && (mode != recorded_mode || !had_setting) {
+            // The mode this session runs in is the image's setting from now on.
+            img.persist_dedup_setting()?;
+        }
         Ok(img)
     }
 
@@ -327,7 +350,12 @@ impl Qcow2 {
         if self.read_only || self.closed.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
+        self.wake_worker();
         let mut m = self.lock();
+        // The background worker stops before its next cluster; let it finish the one in hand.
+        while m.dedup.as_ref().is_some_and(|d| d.worker_busy) {
+            m = self.wait(m);
+        }
         let s = self.storage.as_ref();
         // Flushes the tables, applies the frees they made durable, writes every refcount
         // (those decrements included, so the image has no leaks) and clears DIRTY.
@@ -335,8 +363,8 @@ impl Qcow2 {
         let corrupt = m.corrupt;
         if let Some(d) = m.dedup.as_mut() {
             if !corrupt {
-                let paused = self.dedup_paused();
-                dedup::write_back(s, d, self.g.cluster_bits, DedupMode::Inline, paused)?;
+                let (mode, paused) = (self.dedup_mode(), self.dedup_paused());
+                dedup::write_back(s, d, self.g.cluster_bits, mode, paused)?;
             }
         }
         Ok(())

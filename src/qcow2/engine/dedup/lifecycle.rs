@@ -10,6 +10,7 @@ use crate::qcow2::dedup::hash_cluster;
 use crate::qcow2::dedup::is_zero;
 use crate::qcow2::dedup::persist::{
     self, DedupExtension, DedupMode, IndexCluster, SealInput, Trust, AUTOCLEAR_DEDUP, EXT_DEDUP,
+    PENDING,
 };
 use crate::qcow2::engine::meta::Meta;
 use crate::qcow2::error::{Qcow2Error, Result};
@@ -35,6 +36,8 @@ pub struct IndexOpenReport {
     pub clusters_hashed: u64,
     /// Index clusters that failed to load (their ranges were hashed again).
     pub bad_index_clusters: u64,
+    /// Duplicates found by a rebuild, left to the background worker.
+    pub pending: u64,
     /// Time the whole step took, in milliseconds.
     pub millis: u64,
 }
@@ -115,6 +118,7 @@ pub(crate) fn open(
     let guest_clusters = m.g.size / cs;
     let need = persist::index_clusters_for(cb, guest_clusters);
     let mut d = m.dedup.take().ok_or(Qcow2Error::DedupOff)?;
+    d.pending = super::background::Pending::new(guest_clusters);
     let mut rep = IndexOpenReport::default();
     let ext = d.recorded.clone();
     let old_area = match &ext {
@@ -171,7 +175,9 @@ pub(crate) fn open(
                     Ok(ic) => {
                         for (i, rec) in ic.records.iter().enumerate() {
                             let gc = ic.first + i as u64;
-                            if *rec != [0u8; 32] && gc < guest_clusters {
+                            if *rec == PENDING {
+                                d.pending.insert(gc);
+                            } else if *rec != [0u8; 32] && gc < guest_clusters {
                                 d.index.insert_limited(rec, gc);
                                 rep.hints += 1;
                             }
@@ -224,6 +230,19 @@ pub(crate) fn open(
                     h
                 }
             };
+            // A copy of a content seen before, in a cluster of its own: the worker merges it
+            // (after a crash in background mode, or data written while dedup was off).
+            let mut seen = false;
+            d.index.inner.for_each_candidate(&h, |_| {
+                seen = true;
+                false
+            });
+            if seen && refs < 2 {
+                r.set_pending(s, gc)?;
+                d.pending.insert(gc);
+                rep.pending += 1;
+                continue;
+            }
             r.set(s, gc, Some(&h), true)?;
             d.index.insert_limited(&h, gc);
             rep.hints += 1;
@@ -239,12 +258,14 @@ pub(crate) fn open(
     .to_string();
     rep.millis = t0.elapsed().as_millis() as u64;
     log::info!(
-        "dedup index {} in {:.2?}: {} hints, {} data clusters hashed, {} bad index clusters{}",
+        "dedup index {} in {:.2?}: {} hints, {} data clusters hashed, {} bad index clusters, {} \
+         clusters pending background dedup{}",
         rep.how,
         t0.elapsed(),
         rep.hints,
         rep.clusters_hashed,
         rep.bad_index_clusters,
+        d.pending.len(),
         rep.reason
             .as_ref()
             .map(|r| format!(" (rebuilt because: {r})"))
@@ -300,10 +321,31 @@ pub(crate) fn close(
             false
         }
     };
+    let header = write_extension(s, &mut ext, cluster_bits, true)?;
+    if sealed {
+        let bits = header.autoclear_features | AUTOCLEAR_DEDUP;
+        s.write_at(&bits.to_be_bytes(), 88)?;
+        s.flush()?;
+    }
+    d.recorded = Some(ext);
+    Ok(())
+}
+
+/// Write `ext` into the header (in place when an extension of the same size is there, else by
+/// rewriting cluster 0 as QEMU does) and sync; with `seal`, seal it over the header and file as
+/// they are on disk now. Returns the header.
+fn write_extension(
+    s: &dyn Storage,
+    ext: &mut DedupExtension,
+    cluster_bits: u32,
+    seal: bool,
+) -> Result<Header> {
     let mut c0 = vec![0u8; 1usize << cluster_bits];
     s.read_at(&mut c0, 0)?;
     let header = Header::decode(&c0)?;
-    ext.seal = persist::seal(&seal_input(&header, s.len()?, ext.generation));
+    if seal {
+        ext.seal = persist::seal(&seal_input(&header, s.len()?, ext.generation));
+    }
     let data = ext.encode();
     match Header::extension_offset(&c0, EXT_DEDUP) {
         Some(off) if header.extension(EXT_DEDUP).map(<[u8]>::len) == Some(data.len()) => {
@@ -316,11 +358,27 @@ pub(crate) fn close(
         }
     }
     s.flush()?;
-    if sealed {
-        let bits = header.autoclear_features | AUTOCLEAR_DEDUP;
-        s.write_at(&bits.to_be_bytes(), 88)?;
-        s.flush()?;
-    }
+    Ok(header)
+}
+
+/// While open: record a new mode or pause state in the image at once (the counters and the index
+/// fields stay as they were at open; the autoclear bit is clear while we run, so nothing trusts
+/// them before the next clean close rewrites them).
+pub(crate) fn write_setting(
+    s: &dyn Storage,
+    d: &mut Dedup,
+    cluster_bits: u32,
+    mode: DedupMode,
+    paused: bool,
+) -> Result<()> {
+    let cap = d.cap.min(u32::MAX as u64) as u32;
+    let mut ext = d
+        .recorded
+        .clone()
+        .unwrap_or_else(|| DedupExtension::new(mode, cluster_bits, cap));
+    ext.mode = mode;
+    ext.paused = paused;
+    write_extension(s, &mut ext, cluster_bits, false)?;
     d.recorded = Some(ext);
     Ok(())
 }

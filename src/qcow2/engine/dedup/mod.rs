@@ -19,15 +19,18 @@
 //! A guest cluster rewritten with the content its verified record says it has costs no I/O;
 //! with an unverified (loaded) record, one read and no write.
 
+mod background;
 mod lifecycle;
 mod records;
+
+pub use background::DedupWorker;
 
 pub use lifecycle::IndexOpenReport;
 pub(crate) use lifecycle::{close as write_back, open};
 
 use super::meta::Meta;
 use super::{iov, Qcow2};
-use crate::qcow2::dedup::persist::DedupExtension;
+use crate::qcow2::dedup::persist::{DedupExtension, DedupMode};
 use crate::qcow2::dedup::{hash_cluster, is_zero, DedupIndex};
 use crate::qcow2::error::{Qcow2Error, Result};
 use crate::qcow2::format::L2Entry;
@@ -62,6 +65,10 @@ pub struct DedupStats {
     pub links_without_read: u64,
     /// RAM of the cached index clusters (the persistent records), bounded.
     pub record_cache_bytes: u64,
+    /// Clusters waiting for the background worker.
+    pub pending_clusters: u64,
+    /// Clusters the background worker has processed.
+    pub background_processed: u64,
 }
 
 /// The hint index: hash -> guest clusters that held that content, in the compact index of
@@ -103,6 +110,15 @@ impl HintIndex {
     }
 }
 
+/// The value of `Qcow2::dedup_mode` for a mode.
+pub(crate) fn mode_bits(mode: DedupMode) -> u8 {
+    match mode {
+        DedupMode::Off => 0,
+        DedupMode::Inline => 1,
+        DedupMode::Background => 2,
+    }
+}
+
 /// Hints kept per content (see the link step).
 const MAX_HINTS: usize = 4;
 
@@ -118,6 +134,10 @@ pub(crate) struct Dedup {
     records: Option<records::Records>,
     /// How the index came to be at open.
     pub open_report: IndexOpenReport,
+    /// Guest clusters waiting for the background worker.
+    pending: background::Pending,
+    /// The worker holds a cluster now.
+    pub(crate) worker_busy: bool,
 }
 
 impl Dedup {
@@ -127,6 +147,8 @@ impl Dedup {
             recorded: None,
             records: None,
             open_report: IndexOpenReport::default(),
+            pending: background::Pending::default(),
+            worker_busy: false,
             stats: DedupStats::default(),
             cap: (max_refcount / 2).max(1),
         }
@@ -136,6 +158,7 @@ impl Dedup {
         s.index_entries = self.index.len();
         s.index_ram_bytes = self.index.ram_bytes();
         s.record_cache_bytes = self.records.as_ref().map_or(0, records::Records::ram_bytes);
+        s.pending_clusters = self.pending.len();
         s
     }
 }
@@ -161,7 +184,45 @@ impl Qcow2 {
     /// True when inline dedup is on (and not paused).
     pub fn dedup_enabled(&self) -> bool {
         // No lock: every write asks.
-        self.dedup_on && !self.dedup_paused.load(std::sync::atomic::Ordering::Relaxed)
+        self.dedup_on
+            && self.dedup_mode() == DedupMode::Inline
+            && !self.dedup_paused.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The dedup mode now (Off when the image is not served with dedup).
+    pub fn dedup_mode(&self) -> DedupMode {
+        if !self.dedup_on {
+            return DedupMode::Off;
+        }
+        match self.dedup_mode.load(std::sync::atomic::Ordering::Relaxed) {
+            1 => DedupMode::Inline,
+            2 => DedupMode::Background,
+            _ => DedupMode::Off,
+        }
+    }
+
+    /// Switch between off, inline and background (the image must be served with dedup). The
+    /// setting is written to the image at once, so it survives a restart (also a crash).
+    pub fn set_dedup_mode(&self, mode: DedupMode) -> Result<()> {
+        if !self.dedup_on {
+            return Err(Qcow2Error::DedupOff);
+        }
+        self.dedup_mode
+            .store(mode_bits(mode), std::sync::atomic::Ordering::SeqCst);
+        log::info!("dedup mode set to {mode:?}");
+        self.persist_dedup_setting()?;
+        self.wake_worker();
+        Ok(())
+    }
+
+    pub(crate) fn persist_dedup_setting(&self) -> Result<()> {
+        let (mode, paused) = (self.dedup_mode(), self.dedup_paused());
+        let mut m = self.lock();
+        let cb = self.g.cluster_bits;
+        match m.dedup.as_mut() {
+            Some(d) => lifecycle::write_setting(self.storage.as_ref(), d, cb, mode, paused),
+            None => Ok(()),
+        }
     }
 
     /// True when the image is served with dedup (paused or not).
@@ -180,8 +241,10 @@ impl Qcow2 {
             return Err(Qcow2Error::DedupOff);
         }
         self.dedup_paused
-            .store(paused, std::sync::atomic::Ordering::Relaxed);
-        log::info!("inline dedup {}", if paused { "paused" } else { "resumed" });
+            .store(paused, std::sync::atomic::Ordering::SeqCst);
+        log::info!("dedup {}", if paused { "paused" } else { "resumed" });
+        self.persist_dedup_setting()?;
+        self.wake_worker();
         Ok(())
     }
 
@@ -235,6 +298,10 @@ impl Qcow2 {
             if !hashing {
                 forget(&mut self.lock(), self.storage.as_ref(), gc)?;
                 self.write_plain(pos, &sub)?;
+                if self.dedup_mode() == DedupMode::Background {
+                    background::mark_pending(&mut self.lock(), self.storage.as_ref(), gc)?;
+                    self.wake_worker();
+                }
                 drop(guard);
                 continue;
             }
@@ -260,7 +327,7 @@ impl Qcow2 {
         if is_zero(buf) {
             return self.make_zero_cluster(gc);
         }
-        self.link_or_write(gc, buf, &hash(buf))
+        self.link_or_write(gc, buf, &hash(buf), false)
     }
 
     /// Turn guest cluster `gc` (held by the caller) into a zero cluster.
@@ -290,7 +357,9 @@ impl Qcow2 {
 
     /// Write whole cluster `buf` with hash `h` to guest cluster `gc` (held by the caller): a link
     /// to an identical cluster if one is proven, else unique data.
-    fn link_or_write(&self, gc: u64, buf: &[u8], h: &[u8; 32]) -> Result<()> {
+    /// With `have`, `gc` already holds `buf`: nothing is written, a unique cluster is only
+    /// recorded and indexed where it is.
+    fn link_or_write(&self, gc: u64, buf: &[u8], h: &[u8; 32], have: bool) -> Result<()> {
         let s = self.storage.as_ref();
         let cs = self.g.cluster_size();
         let h = *h;
@@ -436,6 +505,13 @@ impl Qcow2 {
             }
             break;
         }
+        if have {
+            set_record(&mut m, s, gc, &h)?;
+            if let Some(d) = m.dedup.as_mut() {
+                d.index.insert(&h, gc);
+            }
+            return Ok(());
+        }
         // Unique data: in place when the cluster is ours alone, else a new cluster.
         let cur = m.entry(s, gc)?;
         let (host, fresh_alloc) = match cur {
@@ -492,34 +568,8 @@ impl Qcow2 {
     pub fn dedup_existing(&self, progress: &mut dyn FnMut(u64, u64, u64)) -> Result<DedupStats> {
         let cs = self.g.cluster_size();
         let total = self.g.size / cs;
-        let s = self.storage.as_ref();
-        let mut buf = vec![0u8; cs as usize];
         for gc in 0..total {
-            let guard = self.hold_cluster(gc);
-            let entry = self.lock().entry(s, gc)?;
-            if let L2Entry::Normal { .. } | L2Entry::Compressed { .. } = entry {
-                self.read(gc * cs, &mut [IoSliceMut::new(&mut buf)])?;
-                if is_zero(&buf) {
-                    self.make_zero_cluster(gc)?;
-                } else {
-                    let h = hash(&buf);
-                    let first = {
-                        let mut m = self.lock();
-                        let d = m.dedup.as_mut().ok_or(Qcow2Error::DedupOff)?;
-                        let first = d.index.lookup(&h).is_empty();
-                        if first {
-                            // The first copy of this content stays where it is.
-                            d.index.insert(&h, gc);
-                            set_record(&mut m, s, gc, &h)?;
-                        }
-                        first
-                    };
-                    if !first {
-                        self.link_or_write(gc, &buf, &h)?;
-                    }
-                }
-            }
-            drop(guard);
+            self.dedup_existing_cluster(gc)?;
             if gc % 256 == 0 || gc + 1 == total {
                 let saved = self.dedup_stats().map_or(0, |d| d.bytes_saved);
                 progress(gc + 1, total, saved);

@@ -10,7 +10,7 @@
 //! a byte compare. Records loaded from the image are not verified: QEMU may have written the
 //! cluster in place since (docs/dedup.md, "Staleness").
 
-use crate::qcow2::dedup::persist::{self, IndexCluster};
+use crate::qcow2::dedup::persist::{self, IndexCluster, PENDING};
 use crate::qcow2::error::Result;
 use crate::storage::Storage;
 use std::collections::{HashMap, VecDeque};
@@ -165,15 +165,25 @@ impl Records {
         Ok(())
     }
 
-    /// The record of guest cluster `gc` and whether it is verified.
+    /// The record of guest cluster `gc` and whether it is verified (None also for a cluster
+    /// pending background dedup).
     pub(crate) fn get(&mut self, s: &dyn Storage, gc: u64) -> Result<Option<([u8; 32], bool)>> {
         let (k, i) = (gc / self.rpc, (gc % self.rpc) as usize);
-        Ok(self
-            .slot(s, k)?
-            .and_then(|slot| slot.ic.get(i).map(|h| (*h, bit(&slot.verified, i as u64)))))
+        Ok(self.slot(s, k)?.and_then(|slot| {
+            slot.ic
+                .get(i)
+                .filter(|h| **h != PENDING)
+                .map(|h| (*h, bit(&slot.verified, i as u64)))
+        }))
     }
 
-    /// Sets (or clears) the record of guest cluster `gc`; returns the hash it replaced.
+    /// Records guest cluster `gc` as pending background dedup (its content is not hashed yet).
+    pub(crate) fn set_pending(&mut self, s: &dyn Storage, gc: u64) -> Result<Option<[u8; 32]>> {
+        self.set(s, gc, Some(&PENDING), false)
+    }
+
+    /// Sets (or clears) the record of guest cluster `gc`; returns the hash it replaced (None when
+    /// there was none or the cluster was pending).
     pub(crate) fn set(
         &mut self,
         s: &dyn Storage,
@@ -191,7 +201,7 @@ impl Records {
             slot.dirty = true;
         }
         set_bit(&mut slot.verified, i as u64, verified && hash.is_some());
-        Ok(old)
+        Ok(old.filter(|h| *h != PENDING))
     }
 
     /// Writes every dirty index cluster, and an empty one wherever the area does not hold this

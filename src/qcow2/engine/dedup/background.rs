@@ -1,0 +1,312 @@
+//! Background deduplication: in background mode guest writes complete as plain writes and their
+//! guest clusters are recorded as pending (a bit in RAM, the `PENDING` record in the index area, so
+//! a clean restart loses no work; after a crash the rebuild marks every duplicate it finds as
+//! pending). A worker thread takes one pending cluster at a time: it holds that guest cluster
+//! (a guest write to it waits for one cluster's work at most), reads and hashes it, and links it
+//! to a proven identical cluster or indexes it where it is. Pause stops it before the next
+//! cluster. The worker runs at the idle scheduling class: it uses CPU the guest leaves unused.
+
+use super::{forget, ClusterGuard};
+use crate::qcow2::dedup::{hash_cluster, is_zero};
+use crate::qcow2::engine::meta::Meta;
+use crate::qcow2::engine::Qcow2;
+use crate::qcow2::error::Result;
+use crate::qcow2::format::L2Entry;
+use crate::storage::Storage;
+use std::io::IoSliceMut;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+/// Guest clusters pending background dedup: one bit each.
+#[derive(Default)]
+pub(crate) struct Pending {
+    bits: Vec<u64>,
+    count: u64,
+    /// Where the worker looks next (it sweeps upward and wraps).
+    cursor: u64,
+}
+
+impl Pending {
+    pub(crate) fn new(guest_clusters: u64) -> Pending {
+        Pending {
+            bits: vec![0; guest_clusters.div_ceil(64) as usize],
+            count: 0,
+            cursor: 0,
+        }
+    }
+
+    pub(crate) fn insert(&mut self, gc: u64) {
+        if let Some(w) = self.bits.get_mut((gc / 64) as usize) {
+            let b = 1u64 << (gc % 64);
+            if *w & b == 0 {
+                *w |= b;
+                self.count += 1;
+            }
+        }
+    }
+
+    pub(crate) fn remove(&mut self, gc: u64) {
+        if let Some(w) = self.bits.get_mut((gc / 64) as usize) {
+            let b = 1u64 << (gc % 64);
+            if *w & b != 0 {
+                *w &= !b;
+                self.count -= 1;
+            }
+        }
+    }
+
+    pub(crate) fn len(&self) -> u64 {
+        self.count
+    }
+
+    /// Takes the next pending cluster at or after the cursor (wrapping).
+    fn take(&mut self) -> Option<u64> {
+        if self.count == 0 {
+            return None;
+        }
+        let n = self.bits.len();
+        let start = (self.cursor / 64) as usize;
+        for j in 0..=n {
+            let wi = (start + j) % n.max(1);
+            let mut w = self.bits[wi];
+            if j == 0 {
+                // Bits below the cursor in its own word come last.
+                w &= !0u64 << (self.cursor % 64);
+            }
+            if w != 0 {
+                let gc = wi as u64 * 64 + w.trailing_zeros() as u64;
+                self.remove(gc);
+                self.cursor = gc + 1;
+                return Some(gc);
+            }
+        }
+        None
+    }
+}
+
+/// Mark guest cluster `gc` pending (its data was just written plain in background mode).
+pub(crate) fn mark_pending(m: &mut Meta, s: &dyn Storage, gc: u64) -> Result<()> {
+    let Some(d) = m.dedup.as_mut() else {
+        return Ok(());
+    };
+    let old = match d.records.as_mut() {
+        Some(r) => r.set_pending(s, gc)?,
+        None => None,
+    };
+    if let Some(old) = old {
+        d.index.remove(&old, gc);
+    }
+    d.pending.insert(gc);
+    Ok(())
+}
+
+impl Qcow2 {
+    /// Clusters waiting for the background worker.
+    pub fn dedup_pending(&self) -> u64 {
+        self.lock().dedup.as_ref().map_or(0, |d| d.pending.len())
+    }
+
+    /// True while the worker has work it may do (pending clusters, not paused, not off, open).
+    fn worker_may_run(&self, m: &Meta) -> bool {
+        !self.closed.load(Ordering::SeqCst)
+            && !self.worker_stop.load(Ordering::SeqCst)
+            && !self.dedup_paused()
+            && self.dedup_mode() != crate::qcow2::dedup::persist::DedupMode::Off
+            && m.dedup.as_ref().is_some_and(|d| d.pending.len() > 0)
+    }
+
+    /// True when the background worker is working now (or would be, with work).
+    pub fn dedup_worker_running(&self) -> bool {
+        let m = self.lock();
+        m.dedup.as_ref().is_some_and(|d| d.worker_busy) || self.worker_may_run(&m)
+    }
+
+    /// Wake the worker (new work, resume, mode change, stop).
+    pub(crate) fn wake_worker(&self) {
+        self.work_cond.notify_all();
+    }
+
+    /// Process one pending cluster, if the worker may run. Returns false when there was none.
+    pub fn dedup_step(&self) -> Result<bool> {
+        let gc = {
+            let mut m = self.lock();
+            if !self.worker_may_run(&m) {
+                return Ok(false);
+            }
+            let Some(d) = m.dedup.as_mut() else {
+                return Ok(false);
+            };
+            let Some(gc) = d.pending.take() else {
+                return Ok(false);
+            };
+            d.worker_busy = true;
+            gc
+        };
+        let r = self.dedup_existing_cluster(gc);
+        let mut m = self.lock();
+        if let Some(d) = m.dedup.as_mut() {
+            d.worker_busy = false;
+            if r.is_err() {
+                // Try again later; the error is logged by the caller.
+                d.pending.insert(gc);
+            } else {
+                d.stats.background_processed += 1;
+            }
+        }
+        drop(m);
+        self.cond.notify_all();
+        r.map(|_| true)
+    }
+
+    /// Deduplicate the data guest cluster `gc` already holds: hold it, read it, and link it to a
+    /// proven identical cluster or index it where it is.
+    pub(crate) fn dedup_existing_cluster(&self, gc: u64) -> Result<()> {
+        let cs = self.g.cluster_size();
+        if (gc + 1) * cs > self.g.size {
+            return Ok(());
+        }
+        let s = self.storage.as_ref();
+        let guard: ClusterGuard<'_> = self.hold_cluster(gc);
+        let entry = self.lock().entry(s, gc)?;
+        if !matches!(entry, L2Entry::Normal { .. } | L2Entry::Compressed { .. }) {
+            forget(&mut self.lock(), s, gc)?;
+            drop(guard);
+            return Ok(());
+        }
+        let mut buf = vec![0u8; cs as usize];
+        self.read(gc * cs, &mut [IoSliceMut::new(&mut buf)])?;
+        if is_zero(&buf) {
+            self.make_zero_cluster(gc)?;
+        } else {
+            let h = hash_cluster(&buf);
+            self.link_or_write(gc, &buf, &h, true)?;
+        }
+        drop(guard);
+        Ok(())
+    }
+
+    /// Start the background worker thread (it sleeps while there is nothing to do).
+    pub fn start_dedup_worker(self: &Arc<Self>) -> Option<DedupWorker> {
+        if !self.dedup_available() {
+            return None;
+        }
+        self.worker_stop.store(false, Ordering::SeqCst);
+        let q = Arc::clone(self);
+        let h = with_signals_blocked(|| {
+            std::thread::Builder::new()
+                .name("dedup-worker".into())
+                .spawn(move || worker_loop(&q))
+        })
+        .ok()?;
+        Some(DedupWorker {
+            q: Arc::clone(self),
+            thread: Some(h),
+        })
+    }
+}
+
+fn set_idle_priority() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler on the calling thread (pid 0) with a valid, initialized
+    // sched_param; it only changes this thread's scheduling class.
+    let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+    if r != 0 {
+        log::debug!(
+            "dedup worker: SCHED_IDLE not available: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// Run `f` with every signal blocked in this thread, then restore the mask. A thread spawned in
+/// `f` inherits the full mask: the worker never handles signals (a daemon takes them through a
+/// signalfd on its main thread, which only works if no other thread leaves them unblocked).
+fn with_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: sigfillset initializes a set we own; pthread_sigmask only changes this thread's
+    // signal mask, reading the set we pass and writing the old mask into `old`, which we own.
+    let old = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut set);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
+        old
+    };
+    let r = f();
+    // SAFETY: restores the mask saved above; reads only `old`.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+    }
+    r
+}
+
+fn worker_loop(q: &Qcow2) {
+    set_idle_priority();
+    log::debug!("dedup worker started");
+    loop {
+        {
+            let mut m = q.lock();
+            while !q.worker_may_run(&m) {
+                if q.worker_stop.load(Ordering::SeqCst) || q.closed.load(Ordering::SeqCst) {
+                    log::debug!("dedup worker stopped");
+                    return;
+                }
+                m = q.work_cond.wait(m).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+        if let Err(e) = q.dedup_step() {
+            log::error!("background dedup: {e}; pausing the worker");
+            q.dedup_paused.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+/// The running worker; stopped and joined on drop.
+pub struct DedupWorker {
+    q: Arc<Qcow2>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl DedupWorker {
+    /// Stop after the cluster in hand and wait for the thread.
+    pub fn stop(&mut self) {
+        self.q.worker_stop.store(true, Ordering::SeqCst);
+        {
+            let _m = self.q.lock();
+            self.q.wake_worker();
+        }
+        if let Some(h) = self.thread.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for DedupWorker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Pending;
+
+    #[test]
+    fn pending_takes_each_once_and_wraps() {
+        let mut p = Pending::new(200);
+        for gc in [5, 70, 199, 3] {
+            p.insert(gc);
+        }
+        p.insert(70);
+        assert_eq!(p.len(), 4);
+        assert_eq!(p.take(), Some(3));
+        p.insert(1);
+        assert_eq!(p.take(), Some(5));
+        assert_eq!(p.take(), Some(70));
+        assert_eq!(p.take(), Some(199));
+        assert_eq!(p.take(), Some(1), "wrapped");
+        assert_eq!(p.take(), None);
+        p.insert(500);
+        assert_eq!(p.len(), 0, "out of range ignored");
+    }
+}
