@@ -203,10 +203,12 @@ define_rows() {
     for pct in 100 50 0; do
         row "64k dedup $pct% QD32 2q" fresh 2 nopin \
             "--workload randwrite --bs 64k --iodepth 32 --no-repeat --dedup-ratio $pct --runtime {runtime}" \
-            "dedup=ours:--dedup on" "nodedup=ours:--dedup off" "qsd=qsd"
+            "dedup=ours:--dedup on" "nodedup=ours:--dedup off" "qsd=qsd" \
+            "bg=ours:--dedup background --control {control}"
         row "4k-cluster dedup $pct% QD32 2q" fresh:cluster_size=4096 2 nopin \
             "--workload randwrite --bs 4k --iodepth 32 --no-repeat --dedup-ratio $pct --runtime {runtime}" \
-            "dedup=ours:--dedup on" "nodedup=ours:--dedup off" "qsd=qsd"
+            "dedup=ours:--dedup on" "nodedup=ours:--dedup off" "qsd=qsd" \
+            "bg=ours:--dedup background --control {control}"
     done
 }
 
@@ -234,6 +236,35 @@ json_str() { # minimal JSON string escaping for names and messages
     printf '"%s"' "$s"
 }
 
+# wait_worker CONTROL_SOCKET: poll query-dedup until nothing is pending and the worker is idle;
+# prints the seconds it took.
+wait_worker() {
+    python3 - "$1" <<'PY'
+import json, socket, sys, time
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+f = s.makefile("rw")
+def call(cmd):
+    f.write(json.dumps({"execute": cmd}) + "\n")
+    f.flush()
+    while True:
+        m = json.loads(f.readline())
+        if "return" in m or "error" in m:
+            return m
+f.readline()
+call("qmp_capabilities")
+t0 = time.time()
+while True:
+    r = call("query-dedup")["return"]
+    if r["pending-clusters"] == 0 and not r["running"]:
+        break
+    if time.time() - t0 > 600:
+        sys.exit(1)
+    time.sleep(0.2)
+print(round(time.time() - t0, 2))
+PY
+}
+
 # run_one ROW_INDEX VARIANT QUEUES ROUND: one daemon start, one client run, one results line.
 run_one() {
     local i=$1 variant=$2 queues=$3 round=$4
@@ -241,6 +272,10 @@ run_one() {
     local label=${variant%%=*} spec=${variant#*=}
     local kind=${spec%%:*} extra=""
     [ "$kind" != "$spec" ] && extra=${spec#*:}
+    # {control}: a QMP socket; the run then waits for the background dedup worker to catch up
+    # before stopping the daemon (IOPS are the client's; the space is after the catch-up).
+    local ctl=$WORK/run.ctl
+    extra=${extra//\{control\}/$ctl}
     local img=$WORK/run.img sock=$WORK/run.sock
     local log
     log=$WORK/logs/$(printf '%s' "$name-$label-r$round" | tr -c 'A-Za-z0-9_.-' '_').log
@@ -270,6 +305,14 @@ run_one() {
         if ! client_out=$("${taskset_cmd[@]}" "$CLIENT" --socket "$sock" --num-queues "$queues" $args 2>>"$log"); then
             error="client failed: $(tail -n 1 "$log")"
         fi
+        if [[ $extra == *--control* ]] && [ -z "$error" ]; then
+            local caught
+            if caught=$(wait_worker "$ctl"); then
+                echo "bench.sh: $name / $label: background dedup caught up ${caught}s after the client" >&2
+            else
+                error="background dedup did not catch up"
+            fi
+        fi
         if [ -r "/proc/$DAEMON_PID/stat" ]; then
             local stat
             stat=$(<"/proc/$DAEMON_PID/stat")
@@ -296,7 +339,7 @@ run_one() {
     # Space the image takes on disk after the daemon closed it (allocated blocks, not its length).
     local disk_bytes
     disk_bytes=$(stat -c '%b %B' "$img" | awk '{ print $1 * $2 }')
-    rm -f "$img" "$sock"
+    rm -f "$img" "$sock" "$ctl"
     [ -z "$client_out" ] && client_out=null
     {
         printf '{"row":%s,"variant":%s,"kind":%s,"round":%d,"queues":%d,' \

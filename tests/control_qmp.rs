@@ -588,3 +588,56 @@ fn query_dedup_with_dedup_on() {
     drop(q);
     d.quit();
 }
+
+/// Background mode over QMP: writes complete plain, the worker merges them, pause and resume
+/// stop and restart it, and dedup-set-mode switches to inline at run time.
+#[test]
+fn background_dedup_pause_resume_and_set_mode() {
+    let mut d = Daemon::start(&["--dedup", "background"]);
+    let mut q = Qmp::connect(&d.ctl());
+    assert_eq!(q.ok("query-dedup")["mode"], "background");
+    assert_eq!(q.ok("dedup-pause"), json!({}));
+    let mut c = Client::connect(&d.sock(), 1, false).unwrap();
+    // 16 clusters, 4 contents.
+    for i in 0..16u64 {
+        let data = pattern(i % 4 + 1, 65536);
+        c.buf(0, data.len()).copy_from_slice(&data);
+        assert_eq!(c.write(0, i << 16, 0, 65536), 0);
+    }
+    let dd = q.ok("query-dedup");
+    assert_eq!(dd["pending-clusters"], 16, "{dd}");
+    assert_eq!(dd["running"], false, "paused: {dd}");
+    assert_eq!(dd["clusters-deduplicated"], 0, "{dd}");
+    assert_eq!(q.ok("dedup-resume"), json!({}));
+    let t0 = Instant::now();
+    let dd = loop {
+        let dd = q.ok("query-dedup");
+        if dd["pending-clusters"] == 0 && dd["running"] == false {
+            break dd;
+        }
+        let slow = t0.elapsed() > Duration::from_secs(30);
+        d.check(!slow, &format!("the worker did not catch up: {dd}"));
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(dd["clusters-deduplicated"], 12, "{dd}");
+    assert_eq!(dd["bytes-saved"], 12 * 65536, "{dd}");
+    assert_eq!(
+        q.cmd("dedup-set-mode", json!({"mode": "inline"})),
+        json!({"return": {}})
+    );
+    let data = pattern(1, 65536);
+    c.buf(0, data.len()).copy_from_slice(&data);
+    assert_eq!(c.write(0, 40 << 16, 0, 65536), 0);
+    let dd = q.ok("query-dedup");
+    assert_eq!(
+        (dd["mode"].clone(), dd["clusters-deduplicated"].clone()),
+        (json!("inline"), json!(13))
+    );
+    for i in 0..16u64 {
+        assert_eq!(c.read(0, i << 16, 0, 65536), 0);
+        assert!(c.buf(0, 65536) == pattern(i % 4 + 1, 65536).as_slice());
+    }
+    drop(c);
+    drop(q);
+    d.quit();
+}
