@@ -328,10 +328,10 @@ run_one() {
     if kill -0 "$DAEMON_PID" 2>/dev/null; then
         kill -TERM "$DAEMON_PID" 2>/dev/null || true
         local n=0
-        while kill -0 "$DAEMON_PID" 2>/dev/null && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+        while kill -0 "$DAEMON_PID" 2>/dev/null && [ $n -lt 300 ]; do sleep 0.1; n=$((n + 1)); done
         if kill -0 "$DAEMON_PID" 2>/dev/null; then
             kill -KILL "$DAEMON_PID" 2>/dev/null || true
-            error=${error:-"daemon ignored SIGTERM for 10 s"}
+            error=${error:-"daemon ignored SIGTERM for 30 s"}
         fi
     fi
     wait "$DAEMON_PID" 2>/dev/null || true

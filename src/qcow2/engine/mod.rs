@@ -30,7 +30,7 @@ use meta::{Geometry, Meta};
 use overlap::MetadataMap;
 use std::io::{IoSlice, IoSliceMut};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 /// Largest L1 table QEMU accepts (32 MiB).
@@ -90,6 +90,8 @@ pub struct Qcow2 {
     /// The background dedup worker waits here for work.
     work_cond: Condvar,
     worker_stop: AtomicBool,
+    /// Guest writes so far (the background worker yields while this moves).
+    guest_writes: AtomicU64,
 }
 
 /// Called once when an overlap check marks the image corrupt, with a description.
@@ -256,6 +258,7 @@ impl Qcow2 {
             })),
             work_cond: Condvar::new(),
             worker_stop: AtomicBool::new(false),
+            guest_writes: AtomicU64::new(0),
         };
         if dedup_on && (mode != recorded_mode || !had_setting) {
             // The mode this session runs in is the image's setting from now on.

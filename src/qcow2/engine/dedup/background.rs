@@ -4,7 +4,7 @@
 //! pending). A worker thread takes one pending cluster at a time: it holds that guest cluster
 //! (a guest write to it waits for one cluster's work at most), reads and hashes it, and links it
 //! to a proven identical cluster or indexes it where it is. Pause stops it before the next
-//! cluster. The worker runs at the idle scheduling class: it uses CPU the guest leaves unused.
+//! cluster. The worker yields to the guest: it works while the guest does not write.
 
 use super::{forget, ClusterGuard};
 use crate::qcow2::dedup::{hash_cluster, is_zero};
@@ -17,6 +17,7 @@ use std::io::IoSliceMut;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 /// Guest clusters pending background dedup: one bit each.
 #[derive(Default)]
@@ -86,9 +87,10 @@ impl Pending {
 }
 
 /// Mark guest cluster `gc` pending (its data was just written plain in background mode).
-pub(crate) fn mark_pending(m: &mut Meta, s: &dyn Storage, gc: u64) -> Result<()> {
+/// Returns true when nothing was pending before.
+pub(crate) fn mark_pending(m: &mut Meta, s: &dyn Storage, gc: u64) -> Result<bool> {
     let Some(d) = m.dedup.as_mut() else {
-        return Ok(());
+        return Ok(false);
     };
     let old = match d.records.as_mut() {
         Some(r) => r.set_pending(s, gc)?,
@@ -97,8 +99,9 @@ pub(crate) fn mark_pending(m: &mut Meta, s: &dyn Storage, gc: u64) -> Result<()>
     if let Some(old) = old {
         d.index.remove(&old, gc);
     }
+    let first = d.pending.len() == 0;
     d.pending.insert(gc);
-    Ok(())
+    Ok(first)
 }
 
 impl Qcow2 {
@@ -206,19 +209,6 @@ impl Qcow2 {
     }
 }
 
-fn set_idle_priority() {
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: sched_setscheduler on the calling thread (pid 0) with a valid, initialized
-    // sched_param; it only changes this thread's scheduling class.
-    let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
-    if r != 0 {
-        log::debug!(
-            "dedup worker: SCHED_IDLE not available: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-}
-
 /// Run `f` with every signal blocked in this thread, then restore the mask. A thread spawned in
 /// `f` inherits the full mask: the worker never handles signals (a daemon takes them through a
 /// signalfd on its main thread, which only works if no other thread leaves them unblocked).
@@ -240,23 +230,56 @@ fn with_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
     r
 }
 
+/// The worker yields to the guest: it works while no guest write came for `IDLE`, and otherwise
+/// takes one cluster per `TRICKLE`, so a guest that never stops writing still sees its pending
+/// work shrink, at a cost too small to measure. (A lower scheduling class would do the same on
+/// paper, but a thread that is descheduled while it holds the metadata lock stalls every queue.)
+const IDLE: Duration = Duration::from_millis(20);
+const TRICKLE: Duration = Duration::from_millis(50);
+
 fn worker_loop(q: &Qcow2) {
-    set_idle_priority();
     log::debug!("dedup worker started");
+    let mut last_step = Instant::now();
     loop {
         {
             let mut m = q.lock();
-            while !q.worker_may_run(&m) {
+            loop {
                 if q.worker_stop.load(Ordering::SeqCst) || q.closed.load(Ordering::SeqCst) {
                     log::debug!("dedup worker stopped");
                     return;
                 }
-                m = q.work_cond.wait(m).unwrap_or_else(|e| e.into_inner());
+                if !q.worker_may_run(&m) {
+                    m = q.work_cond.wait(m).unwrap_or_else(|e| e.into_inner());
+                    continue;
+                }
+                let writes = q.guest_writes.load(Ordering::Relaxed);
+                let (g, _) = q
+                    .work_cond
+                    .wait_timeout(m, IDLE)
+                    .unwrap_or_else(|e| e.into_inner());
+                m = g;
+                let idle = q.guest_writes.load(Ordering::Relaxed) == writes;
+                if idle || last_step.elapsed() >= TRICKLE {
+                    break;
+                }
             }
         }
-        if let Err(e) = q.dedup_step() {
-            log::error!("background dedup: {e}; pausing the worker");
-            q.dedup_paused.store(true, Ordering::SeqCst);
+        // While the guest is idle, work in runs (re-checking between clusters).
+        let writes = q.guest_writes.load(Ordering::Relaxed);
+        loop {
+            last_step = Instant::now();
+            match q.dedup_step() {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(e) => {
+                    log::error!("background dedup: {e}; pausing the worker");
+                    q.dedup_paused.store(true, Ordering::SeqCst);
+                    break;
+                }
+            }
+            if q.guest_writes.load(Ordering::Relaxed) != writes {
+                break;
+            }
         }
     }
 }

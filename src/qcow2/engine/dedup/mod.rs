@@ -273,6 +273,8 @@ impl Qcow2 {
         let cs = self.g.cluster_size();
         let len = iov::len(bufs);
         let hashing = self.dedup_enabled();
+        self.guest_writes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // One cluster buffer for the request: a full cluster overwrites all of it, a partial
         // one reads the whole cluster first.
         let mut buf = if hashing {
@@ -298,8 +300,10 @@ impl Qcow2 {
             if !hashing {
                 forget(&mut self.lock(), self.storage.as_ref(), gc)?;
                 self.write_plain(pos, &sub)?;
-                if self.dedup_mode() == DedupMode::Background {
-                    background::mark_pending(&mut self.lock(), self.storage.as_ref(), gc)?;
+                if self.dedup_mode() == DedupMode::Background
+                    && background::mark_pending(&mut self.lock(), self.storage.as_ref(), gc)?
+                {
+                    // The first pending cluster: the worker sleeps until told.
                     self.wake_worker();
                 }
                 drop(guard);
