@@ -492,16 +492,16 @@ impl Meta {
         if t.corrupt {
             return Ok(());
         }
+        // Taken after the sync: every I/O planned before the unlink has a smaller number.
+        let seq = self.io_seq;
+        for c in t.unlink {
+            self.pending_io.push((seq, c));
+        }
         if t.fixup {
             self.copied_fixup = false;
             if !self.lazy {
                 self.set_incompatible(s, self.incompatible & !INCOMPAT_DIRTY)?;
             }
-        }
-        // Taken after the sync: every I/O planned before the unlink has a smaller number.
-        let seq = self.io_seq;
-        for c in t.unlink {
-            self.pending_io.push((seq, c));
         }
         // Decrements stay in memory until the next flush: a crash before then only leaks.
         self.apply_frees(s)?;
