@@ -212,7 +212,10 @@ impl Qcow2 {
         }
         self.check_range(offset, iov::len(bufs))?;
         let r = if self.dedup_on {
-            self.write_dedup(offset, bufs)
+            let r = self.write_dedup(offset, bufs);
+            // Counted for the next flush (write_plain counts its own writes).
+            self.lock().changes += 1;
+            r
         } else {
             self.write_plain(offset, bufs)
         };
@@ -272,6 +275,8 @@ impl Qcow2 {
             }
         }
         m.end_io(seq);
+        // The data is in the file (or failed): the next flush must sync it.
+        m.changes += 1;
         // Waiters: writers of a guest cluster this request allocated, and dedup verifiers
         // waiting for older I/O. An in-place write has neither: no wake-up syscall for it.
         let wake =

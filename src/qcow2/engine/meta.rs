@@ -44,6 +44,9 @@ pub struct EngineStats {
     pub clusters_freed: u64,
     pub cow_clusters: u64,
     pub metadata_flushes: u64,
+    /// Guest flushes that ran a sync, and those a sync already running or done covered.
+    pub flush_syncs: u64,
+    pub flushes_without_sync: u64,
 }
 
 pub(crate) struct Meta {
@@ -92,6 +95,25 @@ pub(crate) struct Meta {
     /// A cluster was linked since the last sync whose data must reach the disk before its L2
     /// entry (it had bytes to copy, or it was not fresh past the end of the file).
     pub data_before_l2: bool,
+    /// Counts changes a guest flush must make durable (links, table changes, completed writes);
+    /// a flush whose count was reached by a finished sync needs no sync of its own.
+    pub changes: u64,
+}
+
+/// What `flush_begin` hands to `flush_end`, across the sync that may run without the lock.
+pub(crate) struct FlushTicket {
+    /// Frees whose unlink the sync makes durable.
+    unlink: Vec<u64>,
+    /// A survivor got COPIED back: DIRTY is cleared after the sync (the sync runs under the lock).
+    fixup: bool,
+    corrupt: bool,
+}
+
+impl FlushTicket {
+    /// True when the sync must run with the lock held (a COPIED fix-up clears DIRTY after it).
+    pub(crate) fn keep_lock(&self) -> bool {
+        self.fixup
+    }
 }
 
 /// How much the file grows at least when allocations pass its end.
@@ -135,6 +157,7 @@ impl Meta {
             copied_fixup: false,
             incompatible: 0,
             data_before_l2: false,
+            changes: 0,
         }
     }
 
@@ -306,6 +329,7 @@ impl Meta {
             .ok_or_else(|| Qcow2Error::corrupt("L2 table left the cache"))?;
         t[idx] = entry.encode(cb);
         self.l2.mark_dirty(off);
+        self.changes += 1;
         Ok(())
     }
 
@@ -385,17 +409,26 @@ impl Meta {
         Ok(())
     }
 
-    /// True when metadata changes wait in memory.
-    pub(crate) fn is_dirty(&self) -> bool {
-        self.rc.has_dirty() || self.l2.has_dirty() || !self.l1_dirty.is_empty()
-    }
-
     /// Make every metadata change durable, in crash-safe order, then apply waiting frees.
     pub(crate) fn flush(&mut self, s: &dyn Storage) -> Result<()> {
+        let t = self.flush_begin(s)?;
+        let r = s.flush();
+        self.flush_end(s, t, r)
+    }
+
+    /// Everything of `flush` up to its last sync: metadata written in order (with the syncs
+    /// between the steps). The caller runs the last sync, with or without the lock (see
+    /// `FlushTicket::keep_lock`), then `flush_end`. Writes linked while the sync runs without
+    /// the lock are in dirty tables, written by the next flush.
+    pub(crate) fn flush_begin(&mut self, s: &dyn Storage) -> Result<FlushTicket> {
         self.stats.metadata_flushes += 1;
         if self.corrupt {
             // Nothing more is written into a corrupt image's metadata.
-            return Ok(s.flush()?);
+            return Ok(FlushTicket {
+                unlink: Vec::new(),
+                fixup: false,
+                corrupt: true,
+            });
         }
         let l2_dirty = self.l2.has_dirty();
         let l1_dirty = !self.l1_dirty.is_empty();
@@ -451,16 +484,39 @@ impl Meta {
                 }
             }
         }
-        s.flush()?;
-        if fixup {
+        // Only the frees unlinked by what was written above: the sync covers those.
+        Ok(FlushTicket {
+            unlink: std::mem::take(&mut self.pending_unlink),
+            fixup,
+            corrupt: false,
+        })
+    }
+
+    /// The rest of `flush` once its last sync returned `synced`: clear DIRTY after a COPIED
+    /// fix-up, start the frees made durable, apply those no I/O can still touch.
+    pub(crate) fn flush_end(
+        &mut self,
+        s: &dyn Storage,
+        t: FlushTicket,
+        synced: std::io::Result<()>,
+    ) -> Result<()> {
+        if let Err(e) = synced {
+            self.pending_unlink.extend(t.unlink);
+            return Err(e.into());
+        }
+        if t.corrupt {
+            return Ok(());
+        }
+        // Taken after the sync: every I/O planned before the unlink has a smaller number.
+        let seq = self.io_seq;
+        for c in t.unlink {
+            self.pending_io.push((seq, c));
+        }
+        if t.fixup {
             self.copied_fixup = false;
             if !self.lazy {
                 self.set_incompatible(s, self.incompatible & !INCOMPAT_DIRTY)?;
             }
-        }
-        let seq = self.io_seq;
-        for c in std::mem::take(&mut self.pending_unlink) {
-            self.pending_io.push((seq, c));
         }
         // Decrements stay in memory until the next flush: a crash before then only leaks.
         self.apply_frees(s)?;

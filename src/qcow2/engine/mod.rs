@@ -8,6 +8,7 @@
 mod backing;
 mod compress;
 pub mod dedup;
+mod group;
 mod io;
 mod iov;
 mod l2cache;
@@ -92,6 +93,8 @@ pub struct Qcow2 {
     worker_stop: AtomicBool,
     /// Guest writes so far (the background worker yields while this moves).
     guest_writes: AtomicU64,
+    /// Concurrent guest flushes share one sync; a flush with nothing new costs none.
+    group: group::GroupCommit,
 }
 
 /// Called once when an overlap check marks the image corrupt, with a description.
@@ -259,6 +262,7 @@ impl Qcow2 {
             work_cond: Condvar::new(),
             worker_stop: AtomicBool::new(false),
             guest_writes: AtomicU64::new(0),
+            group: Default::default(),
         };
         if dedup_on && (mode != recorded_mode || !had_setting) {
             // The mode this session runs in is the image's setting from now on.
@@ -279,7 +283,9 @@ impl Qcow2 {
 
     /// Counters of the metadata layer.
     pub fn stats(&self) -> EngineStats {
-        self.lock().stats
+        let mut st = self.lock().stats;
+        (st.flush_syncs, st.flushes_without_sync) = self.group.counts();
+        st
     }
 
     fn lock(&self) -> MutexGuard<'_, Meta> {
@@ -291,16 +297,25 @@ impl Qcow2 {
         self.cond.wait(g).unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Make everything durable (data and metadata).
+    /// Make everything durable that completed before the call (data and metadata). Concurrent
+    /// calls share one sync, which runs without the metadata lock (see `group`).
     pub fn flush_all(&self) -> Result<()> {
-        let r = {
+        let want = self.lock().changes;
+        let r = self.group.flush(want, || {
+            let s = self.storage.as_ref();
             let mut m = self.lock();
-            if m.is_dirty() {
-                m.flush(self.storage.as_ref())
+            let sampled = m.changes;
+            let t = m.flush_begin(s)?;
+            if t.keep_lock() {
+                let r = s.flush();
+                m.flush_end(s, t, r)?;
             } else {
-                Ok(self.storage.flush()?)
+                drop(m);
+                let r = s.flush();
+                self.lock().flush_end(s, t, r)?;
             }
-        };
+            Ok(sampled)
+        });
         self.note_error(r)
     }
 
