@@ -25,17 +25,7 @@ fn header(img: &Path) -> Header {
 }
 
 fn seal_input(h: &Header, file_len: u64, generation: u64) -> SealInput {
-    SealInput {
-        generation,
-        file_len,
-        size: h.size,
-        l1_table_offset: h.l1_table_offset,
-        l1_size: h.l1_size,
-        refcount_table_offset: h.refcount_table_offset,
-        refcount_table_clusters: h.refcount_table_clusters,
-        snapshots_offset: h.snapshots_offset,
-        nb_snapshots: h.nb_snapshots,
-    }
+    SealInput::of(h, file_len, generation)
 }
 
 /// Builds a sealed dedup image: qemu-io writes data, then we index every host cluster and append

@@ -255,6 +255,23 @@ pub struct SealInput {
     pub nb_snapshots: u32,
 }
 
+impl SealInput {
+    /// The seal input of an image with header `h` and file length `file_len`.
+    pub fn of(h: &crate::qcow2::format::Header, file_len: u64, generation: u64) -> Self {
+        SealInput {
+            generation,
+            file_len,
+            size: h.size,
+            l1_table_offset: h.l1_table_offset,
+            l1_size: h.l1_size,
+            refcount_table_offset: h.refcount_table_offset,
+            refcount_table_clusters: h.refcount_table_clusters,
+            snapshots_offset: h.snapshots_offset,
+            nb_snapshots: h.nb_snapshots,
+        }
+    }
+}
+
 /// The seal: the first 8 bytes of SHA-256 over the [`SealInput`] fields, big-endian.
 pub fn seal(s: &SealInput) -> u64 {
     let mut h = Sha256::new();

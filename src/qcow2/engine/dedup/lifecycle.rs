@@ -43,17 +43,7 @@ pub struct IndexOpenReport {
 }
 
 fn seal_input(h: &Header, file_len: u64, generation: u64) -> SealInput {
-    SealInput {
-        generation,
-        file_len,
-        size: h.size,
-        l1_table_offset: h.l1_table_offset,
-        l1_size: h.l1_size,
-        refcount_table_offset: h.refcount_table_offset,
-        refcount_table_clusters: h.refcount_table_clusters,
-        snapshots_offset: h.snapshots_offset,
-        nb_snapshots: h.nb_snapshots,
-    }
+    SealInput::of(h, file_len, generation)
 }
 
 /// Whether `area` can hold the index: inside the file, every cluster free (refcount 0), and no
@@ -289,14 +279,7 @@ pub(crate) fn close(
     mode: DedupMode,
     paused: bool,
 ) -> Result<()> {
-    let cap = d.cap.min(u32::MAX as u64) as u32;
-    let mut ext = d
-        .recorded
-        .clone()
-        .unwrap_or_else(|| DedupExtension::new(mode, cluster_bits, cap));
-    ext.mode = mode;
-    ext.paused = paused;
-    ext.cluster_bits = cluster_bits;
+    let mut ext = current_extension(d, cluster_bits, mode, paused);
     let st = d.snapshot_stats();
     let c = &mut ext.counters;
     c.deduplicated += st.clusters_deduplicated;
@@ -371,6 +354,19 @@ pub(crate) fn write_setting(
     mode: DedupMode,
     paused: bool,
 ) -> Result<()> {
+    let mut ext = current_extension(d, cluster_bits, mode, paused);
+    write_extension(s, &mut ext, cluster_bits, false)?;
+    d.recorded = Some(ext);
+    Ok(())
+}
+
+/// The extension as found at open (or a new one), with the setting of now.
+fn current_extension(
+    d: &Dedup,
+    cluster_bits: u32,
+    mode: DedupMode,
+    paused: bool,
+) -> DedupExtension {
     let cap = d.cap.min(u32::MAX as u64) as u32;
     let mut ext = d
         .recorded
@@ -378,7 +374,6 @@ pub(crate) fn write_setting(
         .unwrap_or_else(|| DedupExtension::new(mode, cluster_bits, cap));
     ext.mode = mode;
     ext.paused = paused;
-    write_extension(s, &mut ext, cluster_bits, false)?;
-    d.recorded = Some(ext);
-    Ok(())
+    ext.cluster_bits = cluster_bits;
+    ext
 }
