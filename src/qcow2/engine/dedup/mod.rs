@@ -298,14 +298,22 @@ impl Qcow2 {
             }
             let guard = self.hold_cluster(gc);
             if !hashing {
-                forget(&mut self.lock(), self.storage.as_ref(), gc)?;
-                self.write_plain(pos, &sub)?;
-                if self.dedup_mode() == DedupMode::Background
-                    && background::mark_pending(&mut self.lock(), self.storage.as_ref(), gc)?
-                {
+                // Held, so the worker cannot take it before the data has landed: recorded as
+                // pending (background) or forgotten (paused, off) before the write.
+                let first = {
+                    let mut m = self.lock();
+                    if self.dedup_mode() == DedupMode::Background {
+                        background::mark_pending(&mut m, self.storage.as_ref(), gc)?
+                    } else {
+                        forget(&mut m, self.storage.as_ref(), gc)?;
+                        false
+                    }
+                };
+                if first {
                     // The first pending cluster: the worker sleeps until told.
                     self.wake_worker();
                 }
+                self.write_plain(pos, &sub)?;
                 drop(guard);
                 continue;
             }
