@@ -50,14 +50,16 @@ pub enum DedupMode {
 }
 
 impl DedupMode {
-    fn bits(self) -> u32 {
+    /// The mode's value in the extension's flags (also the engine's atomic mode).
+    pub fn bits(self) -> u32 {
         match self {
             DedupMode::Off => 0,
             DedupMode::Inline => 1,
             DedupMode::Background => 2,
         }
     }
-    fn from_bits(b: u32) -> Result<Self, PersistError> {
+    /// The mode of flag bits `b`.
+    pub fn from_bits(b: u32) -> Result<Self, PersistError> {
         match b {
             0 => Ok(DedupMode::Off),
             1 => Ok(DedupMode::Inline),

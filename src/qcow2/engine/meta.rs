@@ -65,6 +65,8 @@ pub(crate) struct Meta {
     /// Guest clusters held by a writer of an image served with dedup (every data write to such
     /// an image holds its clusters, so a held-free cluster has no data I/O in flight).
     pub held: HashSet<u64>,
+    /// Threads waiting for a held cluster (a release wakes only when there are any).
+    pub held_waiters: usize,
     io_seq: u64,
     inflight_io: BTreeMap<u64, u32>,
     file_len: u64,
@@ -142,6 +144,7 @@ impl Meta {
             pending_io: Vec::new(),
             inflight: HashSet::new(),
             held: HashSet::new(),
+            held_waiters: 0,
             io_seq: 0,
             inflight_io: BTreeMap::new(),
             file_len,

@@ -31,7 +31,7 @@ use meta::{Geometry, Meta};
 use overlap::MetadataMap;
 use std::io::{IoSlice, IoSliceMut};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 /// Largest L1 table QEMU accepts (32 MiB).
@@ -86,8 +86,8 @@ pub struct Qcow2 {
     dedup_paused: AtomicBool,
     /// Dedup state exists (fixed at open): the write path asks this, not the locked state.
     dedup_on: bool,
-    /// `dedup::mode_bits` of the current mode.
-    dedup_mode: AtomicU8,
+    /// `DedupMode::bits` of the current mode.
+    dedup_mode: AtomicU32,
     /// The background dedup worker waits here for work.
     work_cond: Condvar,
     worker_stop: AtomicBool,
@@ -254,11 +254,7 @@ impl Qcow2 {
             on_corrupt: Mutex::new(None),
             dedup_paused: AtomicBool::new(dedup_on && paused),
             dedup_on,
-            dedup_mode: AtomicU8::new(dedup::mode_bits(if dedup_on {
-                mode
-            } else {
-                DedupMode::Off
-            })),
+            dedup_mode: AtomicU32::new(if dedup_on { mode } else { DedupMode::Off }.bits()),
             work_cond: Condvar::new(),
             worker_stop: AtomicBool::new(false),
             guest_writes: AtomicU64::new(0),

@@ -71,7 +71,7 @@ impl Qcow2 {
             return Err(Qcow2Error::MarkedCorrupt);
         }
         while (from..to).any(|gc| m.inflight.contains(&gc) || m.held.contains(&gc)) {
-            m = self.wait(m);
+            m = self.wait_held(m);
         }
         let v3 = self.g.version >= 3;
         for gc in from..to {

@@ -161,6 +161,10 @@ pub(crate) fn open(
             s.read_at(b, r.area.offset + k0 * cs)?;
             for (j, c) in b.chunks_exact(cs as usize).enumerate() {
                 let k = k0 + j as u64;
+                if is_zero(c) {
+                    // No records for this range (written as a hole).
+                    continue;
+                }
                 match IndexCluster::decode(c, cb, r.generation, k) {
                     Ok(ic) => {
                         for (i, rec) in ic.records.iter().enumerate() {

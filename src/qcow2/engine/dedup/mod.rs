@@ -110,15 +110,6 @@ impl HintIndex {
     }
 }
 
-/// The value of `Qcow2::dedup_mode` for a mode.
-pub(crate) fn mode_bits(mode: DedupMode) -> u8 {
-    match mode {
-        DedupMode::Off => 0,
-        DedupMode::Inline => 1,
-        DedupMode::Background => 2,
-    }
-}
-
 /// Hints kept per content (see the link step).
 const MAX_HINTS: usize = 4;
 
@@ -171,13 +162,13 @@ struct ClusterGuard<'a> {
 
 impl Drop for ClusterGuard<'_> {
     fn drop(&mut self) {
-        self.q.lock().held.remove(&self.gc);
-        self.q.cond.notify_all();
+        let mut m = self.q.lock();
+        m.held.remove(&self.gc);
+        if m.held_waiters > 0 {
+            drop(m);
+            self.q.cond.notify_all();
+        }
     }
-}
-
-fn hash(buf: &[u8]) -> [u8; 32] {
-    hash_cluster(buf)
 }
 
 impl Qcow2 {
@@ -194,11 +185,8 @@ impl Qcow2 {
         if !self.dedup_on {
             return DedupMode::Off;
         }
-        match self.dedup_mode.load(std::sync::atomic::Ordering::Relaxed) {
-            1 => DedupMode::Inline,
-            2 => DedupMode::Background,
-            _ => DedupMode::Off,
-        }
+        let bits = self.dedup_mode.load(std::sync::atomic::Ordering::Relaxed);
+        DedupMode::from_bits(bits).unwrap_or(DedupMode::Off)
     }
 
     /// Switch between off, inline and background (the image must be served with dedup). The
@@ -208,7 +196,7 @@ impl Qcow2 {
             return Err(Qcow2Error::DedupOff);
         }
         self.dedup_mode
-            .store(mode_bits(mode), std::sync::atomic::Ordering::SeqCst);
+            .store(mode.bits(), std::sync::atomic::Ordering::SeqCst);
         log::info!("dedup mode set to {mode:?}");
         self.persist_dedup_setting()?;
         self.wake_worker();
@@ -261,10 +249,22 @@ impl Qcow2 {
     fn hold_cluster(&self, gc: u64) -> ClusterGuard<'_> {
         let mut m = self.lock();
         while m.held.contains(&gc) {
-            m = self.wait(m);
+            m = self.wait_held(m);
         }
         m.held.insert(gc);
         ClusterGuard { q: self, gc }
+    }
+
+    /// Wait until some held guest cluster is released (counted, so that a release wakes
+    /// threads only when there are any).
+    pub(crate) fn wait_held<'a>(
+        &self,
+        mut m: std::sync::MutexGuard<'a, Meta>,
+    ) -> std::sync::MutexGuard<'a, Meta> {
+        m.held_waiters += 1;
+        let mut m = self.wait(m);
+        m.held_waiters -= 1;
+        m
     }
 
     /// The write path of an image served with dedup: cluster by cluster, each guest cluster held
@@ -339,7 +339,7 @@ impl Qcow2 {
         if is_zero(buf) {
             return self.make_zero_cluster(gc);
         }
-        self.link_or_write(gc, buf, &hash(buf), false)
+        self.link_or_write(gc, buf, &hash_cluster(buf), false)
     }
 
     /// Turn guest cluster `gc` (held by the caller) into a zero cluster.
@@ -407,7 +407,7 @@ impl Qcow2 {
             for cand in cands {
                 if cand != gc && m.held.contains(&cand) {
                     // Its writer is linking it right now: wait, then look again.
-                    m = self.wait(m);
+                    m = self.wait_held(m);
                     continue 'candidates;
                 }
                 let (host, copied) = match m.entry(s, cand)? {
