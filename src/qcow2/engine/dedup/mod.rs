@@ -247,12 +247,22 @@ impl Qcow2 {
     }
 
     fn hold_cluster(&self, gc: u64) -> ClusterGuard<'_> {
+        self.hold_cluster_then(gc, |_| ()).0
+    }
+
+    /// Hold guest cluster `gc`, then run `f` under the same lock.
+    fn hold_cluster_then<T>(
+        &self,
+        gc: u64,
+        f: impl FnOnce(&mut Meta) -> T,
+    ) -> (ClusterGuard<'_>, T) {
         let mut m = self.lock();
         while m.held.contains(&gc) {
             m = self.wait_held(m);
         }
         m.held.insert(gc);
-        ClusterGuard { q: self, gc }
+        let t = f(&mut m);
+        (ClusterGuard { q: self, gc }, t)
     }
 
     /// Wait until some held guest cluster is released (counted, so that a release wakes
@@ -296,20 +306,19 @@ impl Qcow2 {
                 self.write_plain(pos, &sub)?;
                 continue;
             }
-            let guard = self.hold_cluster(gc);
             if !hashing {
                 // Held, so the worker cannot take it before the data has landed: recorded as
                 // pending (background) or forgotten (paused, off) before the write.
-                let first = {
-                    let mut m = self.lock();
-                    if self.dedup_mode() == DedupMode::Background {
-                        background::mark_pending(&mut m, self.storage.as_ref(), gc)?
+                let s = self.storage.as_ref();
+                let background = self.dedup_mode() == DedupMode::Background;
+                let (guard, first) = self.hold_cluster_then(gc, |m| {
+                    if background {
+                        background::mark_pending(m, s, gc)
                     } else {
-                        forget(&mut m, self.storage.as_ref(), gc)?;
-                        false
+                        forget(m, s, gc).map(|()| false)
                     }
-                };
-                if first {
+                });
+                if first? {
                     // The first pending cluster: the worker sleeps until told.
                     self.wake_worker();
                 }
@@ -317,6 +326,7 @@ impl Qcow2 {
                 drop(guard);
                 continue;
             }
+            let guard = self.hold_cluster(gc);
             if n < cs {
                 self.read(gc * cs, &mut [IoSliceMut::new(&mut buf)])?;
                 if let Some(d) = self.lock().dedup.as_mut() {
