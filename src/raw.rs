@@ -75,14 +75,19 @@ impl<S: Storage> BlockDevice for RawDisk<S> {
     }
     fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {
         self.writable(offset, len)?;
-        self.storage.punch_hole(offset, len).map_err(io_err)
+        match self.storage.punch_hole(offset, len) {
+            // A file system that cannot punch keeps the data, which a discard allows.
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+            r => r.map_err(io_err),
+        }
     }
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), BlockError> {
         self.writable(offset, len)?;
-        if unmap {
-            return self.storage.punch_hole(offset, len).map_err(io_err);
+        if unmap && self.storage.punch_hole(offset, len).is_ok() {
+            return Ok(());
         }
-        // Keep the range allocated: write real zeros, a bounded buffer at a time.
+        // Keep the range allocated (or the file system cannot punch): write real zeros, a
+        // bounded buffer at a time.
         let zeros = vec![0u8; len.min(1 << 20) as usize];
         let mut done = 0u64;
         while done < len {

@@ -7,6 +7,7 @@ use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use vhost_user_qcow2::qcow2::check::{check, CheckError, CheckOptions, CheckReport, RepairMode};
+use vhost_user_qcow2::storage::lock::ImageLock;
 use vhost_user_qcow2::storage::FileStorage;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -85,6 +86,12 @@ fn print_human(r: &CheckReport, repaired: bool) {
 }
 
 pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
+    // A repair rewrites metadata: never under a daemon or QEMU serving the image. (A read-only
+    // check takes no lock, like `qemu-img check -U`: it may see a half-written state, no more.)
+    let _lock = match args.repair {
+        Some(_) => Some(ImageLock::acquire(&args.image, false)?),
+        None => None,
+    };
     let file = match OpenOptions::new()
         .read(true)
         .write(args.repair.is_some())

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use vhost_user_qcow2::block::BlockDevice;
 use vhost_user_qcow2::qcow2::{self, CreateOptions};
+use vhost_user_qcow2::storage::lock::ImageLock;
 use vhost_user_qcow2::storage::FileStorage;
 
 #[derive(Args, Debug)]
@@ -94,6 +95,11 @@ pub fn run(a: CreateArgs) -> anyhow::Result<ExitCode> {
         version,
         backing: backing.map(|(n, f, _)| (n, f)),
         dedup: a.dedup,
+    };
+    // --force must not truncate an image someone serves.
+    let _lock = match a.image.exists() {
+        true => Some(ImageLock::acquire(&a.image, false)?),
+        false => None,
     };
     let file = std::fs::OpenOptions::new()
         .read(true)

@@ -47,8 +47,8 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub refcount_flush_interval: u64,
     /// Deduplication: inline (or on), background, off, or auto (what the image records).
-    /// Background: writes complete as plain writes and a worker at idle priority merges
-    /// duplicates later.
+    /// Background: writes complete as plain writes and a worker merges duplicates while the
+    /// guest does not write.
     #[arg(long, value_enum, default_value_t = DedupArg::Auto)]
     pub dedup: DedupArg,
     /// Metadata overlap checks before every write: none, constant, cached or all.
@@ -177,13 +177,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         args.dedup,
     )?;
     let serial = args.serial.clone().unwrap_or_else(|| {
+        // (The device cuts the serial to its 20 bytes; cutting a String here could split a
+        // character.)
         let stem = args
             .image
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned());
-        let mut s = stem.unwrap_or_default();
-        s.truncate(20);
-        s
+        stem.unwrap_or_default()
     });
     let mut cfg = ServeConfig::new(&args.socket);
     cfg.num_queues = args.num_queues;
@@ -226,8 +226,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         cfg.control = Some(path.clone());
         cfg.events = Some(rx);
     }
-    // The background dedup worker (it sleeps unless there are clusters pending); stopped
-    // before the device is closed.
+    // The background dedup worker (it sleeps unless there are clusters pending). `serve`
+    // closes the device first: close stops the worker before its next cluster and waits for
+    // the one in hand; dropping the handle then joins the thread.
     let worker = image.qcow2.as_ref().and_then(|q| q.start_dedup_worker());
     let r = vhost::serve(image.device.clone(), cfg);
     drop(worker);

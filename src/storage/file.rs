@@ -77,12 +77,9 @@ impl Storage for FileStorage {
         if r == 0 {
             return Ok(());
         }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            // The file system cannot punch: the caller's data stays, which discard allows.
-            Some(libc::EOPNOTSUPP) => Ok(()),
-            _ => Err(e),
-        }
+        // Also EOPNOTSUPP: the data stays, so the caller must know (discard may ignore it,
+        // write-zeroes must write zeros instead).
+        Err(io::Error::last_os_error())
     }
 
     fn readv_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<()> {

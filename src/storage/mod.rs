@@ -27,7 +27,8 @@ pub trait Storage: Send + Sync {
     fn len(&self) -> io::Result<u64>;
     /// Truncate or extend (with zeros).
     fn set_len(&self, len: u64) -> io::Result<()>;
-    /// Deallocate a range; it reads as zeros afterwards. Best effort.
+    /// Deallocate a range; it reads as zeros afterwards. An error (EOPNOTSUPP included) means
+    /// the data may still be there.
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()>;
 
     /// Scatter read. The default reads segment by segment.

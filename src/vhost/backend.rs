@@ -7,7 +7,7 @@ use std::sync::Arc;
 use log::{debug, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use virtio_queue::QueueT;
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -44,23 +44,39 @@ impl BlkBackend {
         let event_idx = self.event_idx.load(Ordering::Acquire);
         let mem = self.mem.memory();
         let mut state = vring.get_mut();
+        let mut broken = None;
         loop {
             if event_idx {
                 state.disable_notification().map_err(io::Error::other)?;
             }
+            let mut popped = 0usize;
             while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) {
                 let head = chain.head_index();
                 let used = virtio::process_chain(&self.ctx, queue, &*mem, chain);
                 state.add_used(head, used).map_err(io::Error::other)?;
+                popped += 1;
             }
             if !event_idx || !state.enable_notification().map_err(io::Error::other)? {
                 break;
+            }
+            // More is announced but nothing could be taken: a guest that set the available
+            // index more than a queue ahead. Looping would spin forever holding the vring.
+            if popped == 0 {
+                if let Err(e) = state.get_queue_mut().iter(mem.clone()) {
+                    broken = Some(e);
+                    break;
+                }
             }
         }
         if state.needs_notification().map_err(io::Error::other)? {
             state.signal_used_queue()?;
         }
-        Ok(())
+        match broken {
+            Some(e) => Err(io::Error::other(format!(
+                "queue {queue}: broken available ring ({e}); no longer served"
+            ))),
+            None => Ok(()),
+        }
     }
 }
 
@@ -179,5 +195,43 @@ impl VhostUserBackend for BlkBackend {
             warn!("queue {thread_id}: {e}");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::MemDisk;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    /// A guest that moves the available index more than a queue ahead must not make the worker
+    /// spin (it would hold the vring forever): the pass ends with an error.
+    #[test]
+    fn available_index_past_the_queue_ends_the_pass() {
+        let mmap = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mem = GuestMemoryAtomic::new(mmap.clone());
+        let q = MockSplitQueue::new(&mmap, 16);
+        let vring = Vring::new(mem.clone(), 16).unwrap();
+        vring
+            .set_queue_info(q.desc_table_addr().0, q.avail_addr().0, q.used_addr().0)
+            .unwrap();
+        vring.set_queue_size(16);
+        vring.set_queue_event_idx(true);
+        vring.set_queue_ready(true);
+        // avail.idx lives 2 bytes into the available ring.
+        mmap.write_obj(40u16, GuestAddress(q.avail_addr().0 + 2))
+            .unwrap();
+        let disk = Arc::new(MemDisk::new(1 << 20, false));
+        let ctx = DeviceCtx::new(disk, BlkConfig::new(1 << 20, 1, 16, 4096, true), "s");
+        let b = BlkBackend::new(Arc::new(ctx), mem, 16);
+        b.event_idx.store(true, Ordering::Release);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            let _ = tx.send(b.process_queue(0, &vring).is_err());
+        });
+        let r = rx.recv_timeout(std::time::Duration::from_secs(10));
+        assert_eq!(r, Ok(true), "the pass must end with an error, not spin");
+        t.join().unwrap();
     }
 }
