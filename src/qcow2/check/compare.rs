@@ -7,7 +7,9 @@ use super::ondisk::OnDisk;
 use super::refarray::RefArray;
 use super::walk::{classify, Kind};
 use super::{CheckError, Findings, Progress, RepairMode};
-use crate::qcow2::format::entries::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COPIED};
+use crate::qcow2::format::entries::{
+    L1E_OFFSET_MASK, L2E_OFFSET_MASK, L2E_RESERVED_MASK, OFLAG_COPIED,
+};
 use crate::storage::Storage;
 
 /// Compare every cluster covered by `refs` with its stored refcount. With `fix`, leaks (and with
@@ -126,10 +128,12 @@ pub(crate) fn check_copied(
             return Ok(());
         }
         let mut dirty = 0u64;
+        let mut not_a_table = false;
         for j in 0..(cs / 8) as usize {
             let mut a = [0u8; 8];
             a.copy_from_slice(&l2[8 * j..8 * j + 8]);
             let e = u64::from_be_bytes(a);
+            not_a_table |= classify(e) != Kind::Compressed && e & L2E_RESERVED_MASK != 0;
             if !matches!(classify(e), Kind::Normal | Kind::ZeroAlloc) {
                 continue;
             }
@@ -155,7 +159,13 @@ pub(crate) fn check_copied(
         if dirty > 0 {
             // Only rewrite a table that is where a table may be: aligned, inside the file,
             // and not the header or other metadata (QEMU's overlap check does the same).
-            if l2_off & (cs - 1) != 0 || l2_off >= img.file_len || guard.hits(l2_off >> cb) {
+            // And only a table that looks like one: an entry with reserved bits set means this
+            // is something else (guest data an L1 entry points at), which must not be written.
+            if l2_off & (cs - 1) != 0
+                || l2_off >= img.file_len
+                || guard.hits(l2_off >> cb)
+                || not_a_table
+            {
                 f.error(format!(
                     "ERROR: Could not write L2 table at {l2_off:#x}: not a valid table location"
                 ));

@@ -42,7 +42,8 @@ pub(crate) fn run(
             let cluster = fx.at >> img.cb;
             let table_ok = if fx.in_l2 {
                 // The walk only records entries of aligned tables; this one must not be the
-                // header or any other metadata either.
+                // header or any other metadata either. (Tables with an entry that has reserved
+                // bits set, such as guest data an L1 entry points at, record no fixes.)
                 !l2_guard.hits(cluster)
             } else {
                 !l1_guard.hits(cluster)

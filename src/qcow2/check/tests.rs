@@ -240,3 +240,47 @@ fn repair_never_writes_into_other_metadata() {
     // After the rebuild cluster 2 is only a (garbage) L2 table; nothing panics either way.
     let _ = run(&st, Some(RepairMode::All));
 }
+
+/// An L1 entry that points at a data cluster must not make repair write into guest data, even
+/// where that data, read as an L2 table, looks like entries to fix.
+#[test]
+fn repair_never_writes_into_guest_data_an_l1_entry_points_at() {
+    let st = base_image();
+    with_data(&st);
+    // Guest data: words that read as "normal cluster past the end of the file", with COPIED
+    // wrong, and one with reserved bits (as random data has).
+    let mut data = vec![0u8; CS as usize];
+    for (i, w) in data.chunks_exact_mut(8).enumerate() {
+        let v = if i == 7 {
+            0x00ff_0000_0000_0101u64
+        } else {
+            (1u64 << 40) + ((i as u64) << 16)
+        };
+        w.copy_from_slice(&v.to_be_bytes());
+    }
+    st.write_at(&data, 5 * CS).unwrap();
+    // The second L1 entry points at the data cluster.
+    st.write_at(&((5 * CS) | (1 << 63)).to_be_bytes(), 3 * CS + 8)
+        .unwrap();
+    let _ = run(&st, Some(RepairMode::All));
+    let mut after = vec![0u8; CS as usize];
+    st.read_at(&mut after, 5 * CS).unwrap();
+    assert!(after == data, "repair wrote into guest data");
+}
+
+/// Many L1 entries pointing at one L2 table full of bad entries: the fixes are recorded once.
+#[test]
+fn fixes_of_a_table_reached_many_times_are_recorded_once() {
+    let st = base_image();
+    with_data(&st);
+    for i in 1..CS / 8 {
+        st.write_at(&((1u64 << 40) | (1 << 63)).to_be_bytes(), 4 * CS + 8 * i)
+            .unwrap();
+    }
+    // Grow the L1 to 2 entries both pointing at the table (l1_size is 2 in the header).
+    st.write_at(&((4 * CS) | (1 << 63)).to_be_bytes(), 3 * CS + 8)
+        .unwrap();
+    let img = image::Image::load(&st).unwrap();
+    let (f, _) = analyze(&st, &img, None).unwrap();
+    assert_eq!(f.fixes.len() as u64, CS / 8 - 1);
+}

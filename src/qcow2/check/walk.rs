@@ -67,6 +67,10 @@ pub(crate) struct Walker<'a> {
     pub f: Findings,
     refmax: u64,
     l2buf: Vec<u8>,
+    /// L2 tables whose entry fixes are recorded already: a table reached again (from another
+    /// L1 entry or a snapshot) adds no second copy of them, so the list stays bounded by the
+    /// file, whatever the L1 tables say.
+    fixed_tables: std::collections::HashSet<u64>,
 }
 
 impl<'a> Walker<'a> {
@@ -78,6 +82,7 @@ impl<'a> Walker<'a> {
             f: Findings::default(),
             refmax: max_refcount(img.header.refcount_order),
             l2buf: vec![0u8; img.cs as usize],
+            fixed_tables: std::collections::HashSet::new(),
         }
     }
 
@@ -207,8 +212,9 @@ impl<'a> Walker<'a> {
             return Err(e.into());
         }
         let v3 = img.header.version >= 3;
-        // Repair only rewrites entries of tables that are where a table may be.
-        let fixable = l2_off != 0 && l2_off & (cs - 1) == 0;
+        // Repair only rewrites entries of tables that are where a table may be, once each, and
+        // only of tables that look like L2 tables (no entry with reserved bits set).
+        let mut fixable = l2_off != 0 && l2_off & (cs - 1) == 0 && self.fixed_tables.insert(l2_off);
         let fixes_before = self.f.fixes.len();
         let mut next_contiguous = 0u64;
         for (i, c) in buf.chunks_exact(8).enumerate() {
@@ -221,6 +227,7 @@ impl<'a> Walker<'a> {
                 self.f.corrupt(format!(
                     "ERROR found l2 entry with reserved bits set: {e:x}"
                 ));
+                fixable = false;
             }
             match kind {
                 Kind::Compressed => {
@@ -266,9 +273,14 @@ impl<'a> Walker<'a> {
                         }
                         next_contiguous = off.wrapping_add(cs);
                     }
-                    if !self.inc(off, cs) && self.f.fixes.last().map(|f| f.at) != Some(at) {
-                        // Past the end of the file the cluster reads as zeros: say so with
-                        // the zero flag (v3) or by unallocating it (v2).
+                    // Past the end of the file the cluster reads as zeros: say so with the
+                    // zero flag (v3) or by unallocating it (v2 without a backing file; with
+                    // one, an unallocated cluster would read the backing file instead).
+                    let zero_ok = v3 || img.header.backing_file.is_none();
+                    if !self.inc(off, cs)
+                        && zero_ok
+                        && self.f.fixes.last().map(|f| f.at) != Some(at)
+                    {
                         self.f.fixes.push(EntryFix {
                             at,
                             value: if v3 { OFLAG_ZERO } else { 0 },
