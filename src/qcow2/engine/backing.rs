@@ -1,51 +1,14 @@
 //! Backing files: a raw file or another qcow2 image, opened read-only.
 
 use super::Qcow2;
-use crate::block::{check_range, BlockDevice, BlockError};
+use crate::block::BlockDevice;
 use crate::qcow2::error::{Qcow2Error, Result};
 use crate::storage::{FileStorage, Storage};
-use std::io::{IoSlice, IoSliceMut};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Longest backing chain we follow (QEMU allows deep chains; a loop must end somewhere).
 pub(crate) const MAX_CHAIN: u32 = 64;
-
-/// A raw backing file.
-pub(crate) struct RawBacking {
-    storage: FileStorage,
-    size: u64,
-}
-
-impl BlockDevice for RawBacking {
-    fn capacity(&self) -> u64 {
-        self.size
-    }
-    fn read_only(&self) -> bool {
-        true
-    }
-    fn read_vectored(
-        &self,
-        offset: u64,
-        bufs: &mut [IoSliceMut<'_>],
-    ) -> std::result::Result<(), BlockError> {
-        let len = super::iov::len_mut(bufs);
-        check_range(offset, len, self.size)?;
-        Ok(self.storage.readv_at(bufs, offset)?)
-    }
-    fn write_vectored(&self, _: u64, _: &[IoSlice<'_>]) -> std::result::Result<(), BlockError> {
-        Err(BlockError::ReadOnly)
-    }
-    fn flush(&self) -> std::result::Result<(), BlockError> {
-        Ok(())
-    }
-    fn discard(&self, _: u64, _: u64) -> std::result::Result<(), BlockError> {
-        Err(BlockError::ReadOnly)
-    }
-    fn write_zeroes(&self, _: u64, _: u64, _: bool) -> std::result::Result<(), BlockError> {
-        Err(BlockError::ReadOnly)
-    }
-}
 
 /// Where a backing file name points, relative names taken from the image's folder.
 pub fn resolve(name: &str, image_dir: Option<&Path>) -> PathBuf {
@@ -92,7 +55,7 @@ pub(crate) fn open(path: &Path, format: Option<&str>, depth: u32) -> Result<Arc<
         .map_err(wrap)?;
         Ok(Arc::new(img))
     } else {
-        let size = storage.len().map_err(|e| wrap(e.into()))?;
-        Ok(Arc::new(RawBacking { storage, size }))
+        let raw = crate::raw::RawDisk::new(storage, true).map_err(|e| wrap(e.into()))?;
+        Ok(Arc::new(raw))
     }
 }

@@ -278,9 +278,9 @@ impl Qcow2 {
         // The data is in the file (or failed): the next flush must sync it.
         m.changes += 1;
         // Waiters: writers of a guest cluster this request allocated, and dedup verifiers
-        // waiting for older I/O. An in-place write has neither: no wake-up syscall for it.
-        let wake =
-            m.barrier_waiters > 0 || chunks.iter().any(|c| matches!(c.kind, WKind::Alloc { .. }));
+        // waiting for older I/O. Without any, no wake-up syscall.
+        let allocated = chunks.iter().any(|c| matches!(c.kind, WKind::Alloc { .. }));
+        let wake = m.barrier_waiters > 0 || (allocated && m.cluster_waiters > 0);
         drop(m);
         if wake {
             self.cond.notify_all();
@@ -295,10 +295,11 @@ impl Qcow2 {
         let cs = self.g.cluster_size();
         let s = self.storage.as_ref();
         let mut m = self.lock();
-        if m.corrupt {
-            return Err(Qcow2Error::MarkedCorrupt);
-        }
         'retry: loop {
+            // Checked again after every wait: the image may have been marked meanwhile.
+            if m.corrupt {
+                return Err(Qcow2Error::MarkedCorrupt);
+            }
             let mut chunks = Vec::new();
             let mut need = 0u64;
             for iov::Chunk {
@@ -312,7 +313,7 @@ impl Qcow2 {
                 let kind = match e {
                     L2Entry::Normal { host, copied: true } => WKind::Direct(host.0),
                     _ if m.inflight.contains(&gc) => {
-                        m = self.wait(m);
+                        m = self.wait_cluster(m);
                         continue 'retry;
                     }
                     L2Entry::Zero {

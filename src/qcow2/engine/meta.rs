@@ -65,8 +65,9 @@ pub(crate) struct Meta {
     /// Guest clusters held by a writer of an image served with dedup (every data write to such
     /// an image holds its clusters, so a held-free cluster has no data I/O in flight).
     pub held: HashSet<u64>,
-    /// Threads waiting for a held cluster (a release wakes only when there are any).
-    pub held_waiters: usize,
+    /// Threads waiting for a held or in-flight guest cluster (a release wakes only when there
+    /// are any).
+    pub cluster_waiters: usize,
     io_seq: u64,
     inflight_io: BTreeMap<u64, u32>,
     file_len: u64,
@@ -144,7 +145,7 @@ impl Meta {
             pending_io: Vec::new(),
             inflight: HashSet::new(),
             held: HashSet::new(),
-            held_waiters: 0,
+            cluster_waiters: 0,
             io_seq: 0,
             inflight_io: BTreeMap::new(),
             file_len,
@@ -203,11 +204,16 @@ impl Meta {
         Ok(e)
     }
 
-    /// Make room in the L2 cache, flushing metadata when every cached table is dirty.
+    /// Make room in the L2 cache, writing the tables when every cached one is dirty. Our caller
+    /// is in the middle of an operation on the tables: the frees that flush made durable are
+    /// only queued here, not applied (applying one can give a survivor COPIED back, an edit of
+    /// the tables under the caller's feet); the next flush applies them.
     fn make_room(&mut self, s: &dyn Storage) -> Result<()> {
         while self.l2.full() {
             if !self.l2.evict_clean() {
-                self.flush(s)?;
+                let t = self.flush_begin(s)?;
+                let r = s.flush();
+                self.finish_flush(s, t, r)?;
                 if !self.l2.evict_clean() {
                     return Err(Qcow2Error::corrupt("L2 cache cannot evict"));
                 }
@@ -285,7 +291,11 @@ impl Meta {
                     self.l1_dirty.insert(i);
                     return Ok(off.0);
                 }
-                let copy = self.l2.get(off.0).cloned().unwrap_or_default();
+                let copy = self
+                    .l2
+                    .get(off.0)
+                    .cloned()
+                    .ok_or_else(|| Qcow2Error::corrupt("L2 table left the cache"))?;
                 let new = self.new_l2_cluster(s)?;
                 self.rc.map.remove(off.0 / cs, 1, kind::ACTIVE_L2);
                 self.make_room(s)?;
@@ -358,7 +368,8 @@ impl Meta {
             }
             _ => {}
         }
-        if self.pending_unlink.len() + self.pending_io.len() > PENDING_FREE_LIMIT {
+        // (Frees waiting for old I/O are not counted: no flush can apply those.)
+        if self.pending_unlink.len() > PENDING_FREE_LIMIT {
             self.flush(s)?;
         }
         Ok(())
@@ -461,10 +472,12 @@ impl Meta {
             if l2_dirty {
                 let (rc, cs) = (&self.rc, self.g.cluster_size());
                 if !self.l2_first.is_empty() {
-                    let first: Vec<u64> = std::mem::take(&mut self.l2_first).into_iter().collect();
+                    let first: Vec<u64> = self.l2_first.iter().copied().collect();
                     self.l2
                         .write_tables(s, first, |off| rc.guard(off, cs, kind::ACTIVE_L2))?;
                     s.flush()?;
+                    // Kept until written and synced: after an error they still go first.
+                    self.l2_first.clear();
                 }
                 self.l2
                     .write_dirty(s, |off| rc.guard(off, cs, kind::ACTIVE_L2))?;
@@ -474,14 +487,15 @@ impl Meta {
                     s.flush()?;
                 }
                 let idx: Vec<usize> = std::mem::take(&mut self.l1_dirty).into_iter().collect();
-                for i in idx {
+                for (n, &i) in idx.iter().enumerate() {
                     let off = self.l1_offset + i as u64 * 8;
                     let r = self
                         .rc
                         .guard(off, 8, kind::ACTIVE_L1)
                         .and_then(|_| Ok(s.write_at(&self.l1[i].to_be_bytes(), off)?));
                     if let Err(e) = r {
-                        self.l1_dirty.insert(i);
+                        // This entry and every one after it are still to be written.
+                        self.l1_dirty.extend(&idx[n..]);
                         return Err(e);
                     }
                 }
@@ -498,6 +512,22 @@ impl Meta {
     /// The rest of `flush` once its last sync returned `synced`: clear DIRTY after a COPIED
     /// fix-up, start the frees made durable, apply those no I/O can still touch.
     pub(crate) fn flush_end(
+        &mut self,
+        s: &dyn Storage,
+        t: FlushTicket,
+        synced: std::io::Result<()>,
+    ) -> Result<()> {
+        let corrupt = t.corrupt;
+        self.finish_flush(s, t, synced)?;
+        if corrupt {
+            return Ok(());
+        }
+        // Decrements stay in memory until the next flush: a crash before then only leaks.
+        self.apply_frees(s)
+    }
+
+    /// `flush_end` without applying the frees (they stay queued with their I/O numbers).
+    fn finish_flush(
         &mut self,
         s: &dyn Storage,
         t: FlushTicket,
@@ -521,8 +551,6 @@ impl Meta {
                 self.set_incompatible(s, self.incompatible & !INCOMPAT_DIRTY)?;
             }
         }
-        // Decrements stay in memory until the next flush: a crash before then only leaks.
-        self.apply_frees(s)?;
         self.file_len = s.len()?;
         Ok(())
     }
@@ -576,12 +604,15 @@ impl Meta {
     }
 
     /// Set the CORRUPT bit (synced) after an overlap check fired; later writes are refused.
-    pub(crate) fn mark_corrupt(&mut self, s: &dyn Storage) -> Result<()> {
-        self.corrupt = true;
+    /// Returns false when the image was marked already.
+    pub(crate) fn mark_corrupt(&mut self, s: &dyn Storage) -> Result<bool> {
+        if std::mem::replace(&mut self.corrupt, true) {
+            return Ok(false);
+        }
         if self.g.version >= 3 && self.incompatible & INCOMPAT_CORRUPT == 0 {
             self.set_incompatible(s, self.incompatible | INCOMPAT_CORRUPT)?;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Write every held-back refcount change, sync, and clear the DIRTY bit.

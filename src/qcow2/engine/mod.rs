@@ -186,7 +186,8 @@ impl Qcow2 {
             h.refcount_table_clusters as u64,
         )?;
         let mut untracked = 0;
-        if opts.overlap_check != OverlapMode::None {
+        // Only writes are checked: a read-only open (every backing file) builds no map.
+        if opts.overlap_check != OverlapMode::None && !read_only {
             let cap = opts.overlap_map_cap.unwrap_or(OVERLAP_MAP_CAP);
             (rc.map, untracked) = metadata_map(s, &h, &l1, &rc, cap)?;
         }
@@ -293,6 +294,15 @@ impl Qcow2 {
         self.cond.wait(g).unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Wait until some held or in-flight guest cluster is released (counted, so that a release
+    /// wakes threads only when there are any).
+    pub(crate) fn wait_cluster<'a>(&self, mut m: MutexGuard<'a, Meta>) -> MutexGuard<'a, Meta> {
+        m.cluster_waiters += 1;
+        let mut m = self.wait(m);
+        m.cluster_waiters -= 1;
+        m
+    }
+
     /// Make everything durable that completed before the call (data and metadata). Concurrent
     /// calls share one sync, which runs without the metadata lock (see `group`).
     pub fn flush_all(&self) -> Result<()> {
@@ -329,10 +339,14 @@ impl Qcow2 {
     pub(crate) fn note_error<T>(&self, r: Result<T>) -> Result<T> {
         if let Err(e @ Qcow2Error::Overlap { .. }) = &r {
             let msg = e.to_string();
-            log::error!("{msg}; marking the image corrupt (reads go on, writes are refused)");
-            if let Err(e2) = self.lock().mark_corrupt(self.storage.as_ref()) {
-                log::error!("could not set the corrupt bit: {e2}");
+            // Once: a write-zeroes passes its error through here twice, and concurrent
+            // writers may hit overlaps at the same time.
+            match self.lock().mark_corrupt(self.storage.as_ref()) {
+                Ok(false) => return r,
+                Ok(true) => {}
+                Err(e2) => log::error!("could not set the corrupt bit: {e2}"),
             }
+            log::error!("{msg}; marking the image corrupt (reads go on, writes are refused)");
             if let Some(f) = self
                 .on_corrupt
                 .lock()

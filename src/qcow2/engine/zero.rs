@@ -67,11 +67,11 @@ impl Qcow2 {
     fn zero_clusters(&self, from: u64, to: u64, mode: Mode) -> Result<()> {
         let s = self.storage.as_ref();
         let mut m = self.lock();
+        while (from..to).any(|gc| m.inflight.contains(&gc) || m.held.contains(&gc)) {
+            m = self.wait_cluster(m);
+        }
         if m.corrupt {
             return Err(Qcow2Error::MarkedCorrupt);
-        }
-        while (from..to).any(|gc| m.inflight.contains(&gc) || m.held.contains(&gc)) {
-            m = self.wait_held(m);
         }
         let v3 = self.g.version >= 3;
         for gc in from..to {

@@ -164,7 +164,7 @@ impl Drop for ClusterGuard<'_> {
     fn drop(&mut self) {
         let mut m = self.q.lock();
         m.held.remove(&self.gc);
-        if m.held_waiters > 0 {
+        if m.cluster_waiters > 0 {
             drop(m);
             self.q.cond.notify_all();
         }
@@ -258,23 +258,11 @@ impl Qcow2 {
     ) -> (ClusterGuard<'_>, T) {
         let mut m = self.lock();
         while m.held.contains(&gc) {
-            m = self.wait_held(m);
+            m = self.wait_cluster(m);
         }
         m.held.insert(gc);
         let t = f(&mut m);
         (ClusterGuard { q: self, gc }, t)
-    }
-
-    /// Wait until some held guest cluster is released (counted, so that a release wakes
-    /// threads only when there are any).
-    pub(crate) fn wait_held<'a>(
-        &self,
-        mut m: std::sync::MutexGuard<'a, Meta>,
-    ) -> std::sync::MutexGuard<'a, Meta> {
-        m.held_waiters += 1;
-        let mut m = self.wait(m);
-        m.held_waiters -= 1;
-        m
     }
 
     /// The write path of an image served with dedup: cluster by cluster, each guest cluster held
@@ -417,7 +405,7 @@ impl Qcow2 {
             for cand in cands {
                 if cand != gc && m.held.contains(&cand) {
                     // Its writer is linking it right now: wait, then look again.
-                    m = self.wait_held(m);
+                    m = self.wait_cluster(m);
                     continue 'candidates;
                 }
                 let (host, copied) = match m.entry(s, cand)? {
