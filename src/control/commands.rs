@@ -83,6 +83,27 @@ pub enum DedupMode {
     Background,
 }
 
+impl From<crate::qcow2::dedup::persist::DedupMode> for DedupMode {
+    fn from(m: crate::qcow2::dedup::persist::DedupMode) -> Self {
+        use crate::qcow2::dedup::persist::DedupMode as M;
+        match m {
+            M::Off => DedupMode::Off,
+            M::Inline => DedupMode::Inline,
+            M::Background => DedupMode::Background,
+        }
+    }
+}
+
+impl From<DedupMode> for crate::qcow2::dedup::persist::DedupMode {
+    fn from(m: DedupMode) -> Self {
+        match m {
+            DedupMode::Off => Self::Off,
+            DedupMode::Inline => Self::Inline,
+            DedupMode::Background => Self::Background,
+        }
+    }
+}
+
 impl DedupMode {
     pub fn parse(s: &str) -> Option<Self> {
         match s {

@@ -36,13 +36,8 @@ impl ImageControl for Qcow2Control {
         let Some(d) = self.engine.dedup_stats() else {
             return DedupInfo::default();
         };
-        use crate::qcow2::dedup::persist::DedupMode as M;
         DedupInfo {
-            mode: match self.engine.dedup_mode() {
-                M::Off => DedupMode::Off,
-                M::Inline => DedupMode::Inline,
-                M::Background => DedupMode::Background,
-            },
+            mode: self.engine.dedup_mode().into(),
             running: self.engine.dedup_worker_running(),
             paused: self.engine.dedup_paused(),
             clusters_deduplicated: d.clusters_deduplicated,
@@ -67,16 +62,12 @@ impl ImageControl for Qcow2Control {
     }
 
     fn dedup_set_mode(&self, mode: DedupMode) -> Result<(), String> {
-        use crate::qcow2::dedup::persist::DedupMode as M;
-        let m = match mode {
-            DedupMode::Off => M::Off,
-            DedupMode::Inline => M::Inline,
-            DedupMode::Background => M::Background,
-        };
-        self.engine.set_dedup_mode(m).map_err(|e| match e {
-            crate::qcow2::Qcow2Error::DedupOff => DEDUP_NOT_ENABLED.to_string(),
-            e => e.to_string(),
-        })
+        self.engine
+            .set_dedup_mode(mode.into())
+            .map_err(|e| match e {
+                crate::qcow2::Qcow2Error::DedupOff => DEDUP_NOT_ENABLED.to_string(),
+                e => e.to_string(),
+            })
     }
 
     /// `info` on the file as it is now, through a read-only descriptor of its own (the

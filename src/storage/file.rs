@@ -9,12 +9,18 @@ use std::os::unix::io::AsRawFd;
 /// A file on the host. Short reads at the end of the file are filled with zeros.
 pub struct FileStorage {
     file: File,
+    /// A sync failed once: Linux may have dropped the dirty pages it could not write and would
+    /// report the next sync as a success, so every later sync fails too (as QEMU does).
+    sync_failed: std::sync::atomic::AtomicBool,
 }
 
 impl FileStorage {
     /// Wrap an open file.
     pub fn new(file: File) -> Self {
-        FileStorage { file }
+        FileStorage {
+            file,
+            sync_failed: std::sync::atomic::AtomicBool::new(false),
+        }
     }
     /// The underlying file (for locking).
     pub fn file(&self) -> &File {
@@ -47,7 +53,17 @@ impl Storage for FileStorage {
     }
 
     fn flush(&self) -> io::Result<()> {
-        self.file.sync_data()
+        use std::sync::atomic::Ordering;
+        if self.sync_failed.load(Ordering::Relaxed) {
+            return Err(io::Error::other(
+                "an earlier sync of this file failed: its data may be lost, nothing is durable",
+            ));
+        }
+        let r = self.file.sync_data();
+        if r.is_err() {
+            self.sync_failed.store(true, Ordering::Relaxed);
+        }
+        r
     }
 
     fn len(&self) -> io::Result<u64> {
