@@ -17,7 +17,10 @@ use vhost_user_qcow2::storage::{FileStorage, Storage};
 
 const CS: u64 = 65536;
 
-/// A file that counts the bytes read from the data area (past `data_from`).
+/// Data that starts with these bytes is written slowly by `Counting`.
+const SLOW: &[u8] = b"SLOWSLOW";
+
+/// A file that counts reads, and writes data that starts with `SLOW` slowly.
 struct Counting {
     inner: FileStorage,
     reads: AtomicU64,
@@ -29,6 +32,10 @@ impl Storage for Counting {
         self.inner.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if buf.starts_with(SLOW) {
+            // Keeps this data write in flight while another thread runs.
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
         self.inner.write_at(buf, offset)
     }
     fn readv_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<()> {
@@ -276,4 +283,50 @@ fn qemu_allocating_into_the_area_moves_the_index() {
     drop(q);
     // (qemu-io opens writable: last.)
     common::qemu_io(&img, "qcow2", &["read -P 9 8M 64k"]);
+}
+
+/// A link that must byte-compare its candidate first waits for the data I/O older than it. When
+/// the oldest I/O in flight is another dedup write, the end of that write has to wake it: once it
+/// did not, and the waiting queue hung for ever (found by `./run bench`, 0% duplicates).
+#[test]
+fn a_compare_waiting_for_a_dedup_write_is_woken() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("w.qcow2");
+    new_image(&img, 64 << 20);
+    let (q, _) = open_counting(&img);
+    write(&q, 0, &pattern(7));
+    q.close().unwrap();
+    drop(q);
+
+    // Loaded records are hints: a duplicate of gc 0's content is compared before it links.
+    let (q, _) = open_counting(&img);
+    assert_eq!(q.dedup_open_report().unwrap().how, "loaded");
+    let q = Arc::new(q);
+    let mut slow = pattern(99);
+    slow[..SLOW.len()].copy_from_slice(SLOW);
+    let writer = {
+        let q = q.clone();
+        std::thread::spawn(move || write(&q, 5, &slow))
+    };
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let linker = {
+        let q = q.clone();
+        std::thread::spawn(move || {
+            write(&q, 1, &pattern(7));
+            tx.send(()).unwrap();
+        })
+    };
+    assert!(
+        rx.recv_timeout(std::time::Duration::from_secs(10)).is_ok(),
+        "the duplicate write hung waiting for the slow dedup write"
+    );
+    linker.join().unwrap();
+    writer.join().unwrap();
+    let s = q.dedup_stats().unwrap();
+    assert_eq!((s.clusters_deduplicated, s.clusters_unique), (1, 1));
+    assert_eq!(read(&q, 1), pattern(7));
+    q.close().unwrap();
+    drop(q);
+    common::assert_check_clean(&img);
 }

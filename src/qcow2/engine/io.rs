@@ -123,8 +123,7 @@ impl Qcow2 {
         };
         let r = self.read_segments(bufs, &segs);
         let mut m = self.lock();
-        m.end_io(seq);
-        if m.barrier_waiters > 0 {
+        if m.end_io(seq) {
             drop(m);
             self.cond.notify_all();
         }
@@ -274,13 +273,13 @@ impl Qcow2 {
                 m.inflight.remove(&c.gc);
             }
         }
-        m.end_io(seq);
+        let barrier = m.end_io(seq);
         // The data is in the file (or failed): the next flush must sync it.
         m.changes += 1;
         // Waiters: writers of a guest cluster this request allocated, and dedup verifiers
         // waiting for older I/O. Without any, no wake-up syscall.
         let allocated = chunks.iter().any(|c| matches!(c.kind, WKind::Alloc { .. }));
-        let wake = m.barrier_waiters > 0 || (allocated && m.cluster_waiters > 0);
+        let wake = barrier || (allocated && m.cluster_waiters > 0);
         drop(m);
         if wake {
             self.cond.notify_all();

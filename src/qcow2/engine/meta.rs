@@ -173,13 +173,17 @@ impl Meta {
         s
     }
 
-    pub(crate) fn end_io(&mut self, seq: u64) {
+    /// Returns whether threads wait for older I/O to finish (`barrier_waiters`): the caller must
+    /// then wake them, or they wait for ever.
+    #[must_use = "when true, notify the engine's condvar: a barrier waiter may wait for this I/O"]
+    pub(crate) fn end_io(&mut self, seq: u64) -> bool {
         if let Some(n) = self.inflight_io.get_mut(&seq) {
             *n -= 1;
             if *n == 0 {
                 self.inflight_io.remove(&seq);
             }
         }
+        self.barrier_waiters > 0
     }
 
     fn l1_entry(&self, gc: u64) -> Result<L1Entry> {

@@ -459,7 +459,9 @@ impl Qcow2 {
                     let mut theirs = vec![0u8; cs as usize];
                     let read = s.read_at(&mut theirs, host);
                     m = self.lock();
-                    m.end_io(seq);
+                    if m.end_io(seq) {
+                        self.cond.notify_all();
+                    }
                     m.pinned.remove(&hc);
                     read?;
                     let same = theirs == buf && m.rc.get(s, hc)? >= 1;
@@ -544,7 +546,10 @@ impl Qcow2 {
         drop(m);
         let w = s.write_at(buf, host);
         let mut m = self.lock();
-        m.end_io(seq);
+        if m.end_io(seq) {
+            // (Waking under the lock: the waiters look again once we release it.)
+            self.cond.notify_all();
+        }
         if let Err(e) = w {
             if fresh_alloc {
                 m.unalloc_data(s, host, 1)?;
