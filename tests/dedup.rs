@@ -284,3 +284,48 @@ fn offline_dedup_of_a_converted_image() {
         .collect();
     assert_eq!(common::physical_clusters(&img, CS), distinct.len());
 }
+
+/// Two writers swapping the contents of two clusters at the same moment, over and over: each
+/// holds its own cluster while the other's is the hint for its new content. They once waited for
+/// each other's cluster for ever.
+#[test]
+fn writers_swapping_contents_never_wait_for_each_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("s.qcow2");
+    new_image(&img, 64 << 20);
+    let q = Arc::new(open(&img));
+    q.write_vectored(0, &[IoSlice::new(&pattern(1))]).unwrap();
+    q.write_vectored(CS, &[IoSlice::new(&pattern(2))]).unwrap();
+    let rounds = 400u64;
+    let barrier = Arc::new(Barrier::new(2));
+    let (tx, rx) = std::sync::mpsc::channel();
+    for t in 0..2u64 {
+        let (q, barrier, tx) = (q.clone(), barrier.clone(), tx.clone());
+        std::thread::spawn(move || {
+            for r in 0..rounds {
+                // Round r: cluster 0 gets the content cluster 1 had, and the other way round.
+                let data = pattern(if (r + t) % 2 == 0 { 2 } else { 1 });
+                barrier.wait();
+                q.write_vectored(t * CS, &[IoSlice::new(&data)]).unwrap();
+            }
+            tx.send(()).unwrap();
+        });
+    }
+    for _ in 0..2 {
+        assert!(
+            rx.recv_timeout(std::time::Duration::from_secs(60)).is_ok(),
+            "the writers hang, each waiting for the cluster the other holds"
+        );
+    }
+    // After an even number of swaps each cluster has its first content again.
+    for (gc, k) in [(0u64, 1u8), (1, 2)] {
+        let mut buf = vec![0u8; CS as usize];
+        q.read_vectored(gc * CS, &mut [IoSliceMut::new(&mut buf)])
+            .unwrap();
+        assert!(buf == pattern(k), "cluster {gc}");
+    }
+    q.close().unwrap();
+    drop(q);
+    common::assert_check_clean(&img);
+    assert_eq!(common::physical_clusters(&img, CS), 2);
+}

@@ -84,8 +84,13 @@ pub(crate) struct Meta {
     pub dedup: Option<super::dedup::Dedup>,
     /// Threads waiting for older I/O to finish (dedup verification): reads must wake them.
     pub barrier_waiters: usize,
-    /// Host clusters a dedup link is verifying: their frees wait.
-    pub pinned: HashSet<u64>,
+    /// Host clusters dedup links are verifying, with how many: their frees wait.
+    pub pinned: HashMap<u64, u32>,
+    /// Held guest clusters whose writer has recorded their new content and waits for nothing
+    /// more before it releases them. A dedup writer waits only for these: a writer still
+    /// choosing a candidate holds its cluster too, and two of those waiting for each other's
+    /// cluster would wait for ever.
+    pub published: HashSet<u64>,
     /// Host clusters shared by dedup links, with the active guest clusters that point at them;
     /// when a refcount falls back to 1 the survivor gets COPIED again.
     pub shared: HashMap<u64, Vec<u64>>,
@@ -155,13 +160,29 @@ impl Meta {
             corrupt: false,
             dedup: None,
             barrier_waiters: 0,
-            pinned: HashSet::new(),
+            pinned: HashMap::new(),
+            published: HashSet::new(),
             shared: HashMap::new(),
             l2_first: BTreeSet::new(),
             copied_fixup: false,
             incompatible: 0,
             data_before_l2: false,
             changes: 0,
+        }
+    }
+
+    /// Keep the frees of host cluster `hc` waiting while a dedup link verifies it.
+    pub(crate) fn pin(&mut self, hc: u64) {
+        *self.pinned.entry(hc).or_default() += 1;
+    }
+
+    /// End one `pin` of `hc`.
+    pub(crate) fn unpin(&mut self, hc: u64) {
+        if let Some(n) = self.pinned.get_mut(&hc) {
+            *n -= 1;
+            if *n == 0 {
+                self.pinned.remove(&hc);
+            }
         }
     }
 
@@ -650,7 +671,7 @@ impl Meta {
             .partition(|&(seq, _)| seq <= oldest);
         self.pending_io = wait;
         for (seq, c) in ready {
-            if self.pinned.contains(&c) {
+            if self.pinned.contains_key(&c) {
                 // A dedup link is verifying this cluster: free it later.
                 self.pending_io.push((seq, c));
                 continue;

@@ -164,6 +164,7 @@ impl Drop for ClusterGuard<'_> {
     fn drop(&mut self) {
         let mut m = self.q.lock();
         m.held.remove(&self.gc);
+        m.published.remove(&self.gc);
         if m.cluster_waiters > 0 {
             drop(m);
             self.q.cond.notify_all();
@@ -198,9 +199,10 @@ impl Qcow2 {
         self.dedup_mode
             .store(mode.bits(), std::sync::atomic::Ordering::SeqCst);
         log::info!("dedup mode set to {mode:?}");
-        self.persist_dedup_setting()?;
+        // Woken also when the setting could not be written: it is in effect already.
+        let r = self.persist_dedup_setting();
         self.wake_worker();
-        Ok(())
+        r
     }
 
     pub(crate) fn persist_dedup_setting(&self) -> Result<()> {
@@ -231,9 +233,10 @@ impl Qcow2 {
         self.dedup_paused
             .store(paused, std::sync::atomic::Ordering::SeqCst);
         log::info!("dedup {}", if paused { "paused" } else { "resumed" });
-        self.persist_dedup_setting()?;
+        // Woken also when the setting could not be written: it is in effect already.
+        let r = self.persist_dedup_setting();
         self.wake_worker();
-        Ok(())
+        r
     }
 
     /// Dedup counters, when dedup is on.
@@ -404,9 +407,15 @@ impl Qcow2 {
             let cands: Vec<u64> = cands.into_iter().map(|(_, _, c)| c).collect();
             for cand in cands {
                 if cand != gc && m.held.contains(&cand) {
-                    // Its writer is linking it right now: wait, then look again.
-                    m = self.wait_cluster(m);
-                    continue 'candidates;
+                    if m.published.contains(&cand) {
+                        // Its writer is writing this content there right now: wait, then look
+                        // again (so two writers of one content end with one cluster).
+                        m = self.wait_cluster(m);
+                        continue 'candidates;
+                    }
+                    // Its writer is replacing the content the hint names (and may itself be
+                    // waiting for the cluster we hold): not a candidate.
+                    continue;
                 }
                 let (host, copied) = match m.entry(s, cand)? {
                     L2Entry::Normal { host, copied } => (host.0, copied),
@@ -437,11 +446,11 @@ impl Qcow2 {
                         d.stats.links_without_read += 1;
                     }
                 } else {
-                    // 1. Freeze the candidate: pinned, no COPIED, older I/O finished.
-                    m.pinned.insert(hc);
+                    // 1. Freeze the candidate: no COPIED, pinned, older I/O finished.
                     if copied {
                         m.set_copied(s, cand, hc, false)?;
                     }
+                    m.pin(hc);
                     if copied_flag {
                         // Writes planned while the entry still had COPIED may be writing into
                         // the cluster in place: let them finish. A cluster without COPIED has
@@ -462,7 +471,7 @@ impl Qcow2 {
                     if m.end_io(seq) {
                         self.cond.notify_all();
                     }
-                    m.pinned.remove(&hc);
+                    m.unpin(hc);
                     read?;
                     let same = theirs == buf && m.rc.get(s, hc)? >= 1;
                     if !same {
@@ -538,10 +547,16 @@ impl Qcow2 {
         }
         // Recorded and indexed before the data lands, so a concurrent writer of the same content
         // waits for this one (we hold the cluster) and links to it instead of writing a copy.
-        set_record(&mut m, s, gc, &h)?;
+        if let Err(e) = set_record(&mut m, s, gc, &h) {
+            if fresh_alloc {
+                m.unalloc_data(s, host, 1)?;
+            }
+            return Err(e);
+        }
         if let Some(d) = m.dedup.as_mut() {
             d.index.insert(&h, gc);
         }
+        m.published.insert(gc);
         let seq = m.begin_io();
         drop(m);
         let w = s.write_at(buf, host);
@@ -550,24 +565,30 @@ impl Qcow2 {
             // (Waking under the lock: the waiters look again once we release it.)
             self.cond.notify_all();
         }
+        // On any failure from here the record is false: forget it first, so that no link and no
+        // "identical rewrite" ever trusts it.
         if let Err(e) = w {
+            forget(&mut m, s, gc)?;
             if fresh_alloc {
                 m.unalloc_data(s, host, 1)?;
             }
-            // The cluster's content is unknown now.
-            forget(&mut m, s, gc)?;
             return Err(e.into());
         }
         if fresh_alloc {
-            m.set_entry(
-                s,
-                gc,
-                L2Entry::Normal {
-                    host: HostOffset(host),
-                    copied: true,
-                },
-            )?;
-            m.release(s, gc, cur)?;
+            let linked = m
+                .set_entry(
+                    s,
+                    gc,
+                    L2Entry::Normal {
+                        host: HostOffset(host),
+                        copied: true,
+                    },
+                )
+                .and_then(|()| m.release(s, gc, cur));
+            if let Err(e) = linked {
+                forget(&mut m, s, gc)?;
+                return Err(e);
+            }
             m.data_before_l2 = true;
         }
         if let Some(d) = m.dedup.as_mut() {
@@ -638,7 +659,15 @@ pub(crate) fn forget(m: &mut Meta, s: &dyn Storage, gc: u64) -> Result<()> {
         return Ok(());
     };
     let old = match d.records.as_mut() {
-        Some(r) => r.set(s, gc, None, false)?,
+        Some(r) => match r.set(s, gc, None, false) {
+            Ok(old) => old,
+            Err(e) => {
+                // The record may live on in the area (its index cluster could not be loaded):
+                // whatever is loaded from now on is only a hint, proven by a byte compare.
+                r.all_verified = false;
+                return Err(e);
+            }
+        },
         None => None,
     };
     if let Some(old) = old {
