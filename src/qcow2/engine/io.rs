@@ -1,5 +1,6 @@
 //! Read and write paths: plan under the metadata lock, move data outside it, link under it.
 
+use super::dedup::ClusterGuard;
 use super::{compress, iov, Qcow2};
 use crate::qcow2::error::{Qcow2Error, Result};
 use crate::qcow2::format::L2Entry;
@@ -211,9 +212,13 @@ impl Qcow2 {
         }
         self.check_range(offset, iov::len(bufs))?;
         let r = if self.dedup_on {
+            // Every change of a dedup write that succeeds is counted for the next flush where
+            // it is made (set_entry, the data of a unique cluster, write_plain); after a failure
+            // whatever landed before it is counted here.
             let r = self.write_dedup(offset, bufs);
-            // Counted for the next flush (write_plain counts its own writes).
-            self.lock().changes += 1;
+            if r.is_err() {
+                self.lock().changes += 1;
+            }
             r
         } else {
             self.write_plain(offset, bufs)
@@ -223,6 +228,17 @@ impl Qcow2 {
 
     /// The write path without dedup.
     pub(crate) fn write_plain(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
+        self.write_plain_held(offset, bufs, None)
+    }
+
+    /// `write_plain` for a dedup writer holding the guest cluster: the hold is released in the
+    /// lock section that ends the write (one lock round trip less per write).
+    pub(crate) fn write_plain_held(
+        &self,
+        offset: u64,
+        bufs: &[IoSlice<'_>],
+        hold: Option<ClusterGuard<'_>>,
+    ) -> Result<()> {
         if self.read_only {
             return Err(Qcow2Error::ReadOnly);
         }
@@ -276,6 +292,9 @@ impl Qcow2 {
         let barrier = m.end_io(seq);
         // The data is in the file (or failed): the next flush must sync it.
         m.changes += 1;
+        if let Some(hold) = hold {
+            hold.release(&mut m);
+        }
         // Waiters: writers of a guest cluster this request allocated, and dedup verifiers
         // waiting for older I/O. Without any, no wake-up syscall.
         let allocated = chunks.iter().any(|c| matches!(c.kind, WKind::Alloc { .. }));

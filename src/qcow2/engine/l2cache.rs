@@ -1,8 +1,8 @@
 //! A bounded cache of L2 tables keyed by their host offset, least-recently-used eviction of
 //! clean tables. Dirty tables are written only by the metadata flush, which orders them.
 
+use super::clustermap::ClusterMap;
 use crate::storage::Storage;
-use std::collections::HashMap;
 use std::io;
 
 struct Slot {
@@ -12,7 +12,7 @@ struct Slot {
 }
 
 pub(crate) struct L2Cache {
-    map: HashMap<u64, Slot>,
+    map: ClusterMap<Slot>,
     cap: usize,
     tick: u64,
 }
@@ -20,7 +20,7 @@ pub(crate) struct L2Cache {
 impl L2Cache {
     pub(crate) fn new(cap: usize) -> Self {
         L2Cache {
-            map: HashMap::new(),
+            map: ClusterMap::default(),
             cap: cap.max(4),
             tick: 0,
         }

@@ -5,6 +5,7 @@
 //! L1 entries, then sync. A freed cluster's refcount drops only after the L2/L1 change that
 //! unlinked it is durable and after every data I/O that was planned before the unlink finished.
 
+use super::clustermap::{ClusterMap, ClusterSet};
 use super::l2cache::L2Cache;
 use super::overlap::kind;
 use super::refcount::Refcounts;
@@ -12,7 +13,7 @@ use crate::qcow2::error::{Qcow2Error, Result};
 use crate::qcow2::format::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY, OFF_INCOMPATIBLE};
 use crate::qcow2::format::{self, L1Entry, L2Entry};
 use crate::storage::Storage;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Fixed facts about an open image.
 #[derive(Clone, Copy, Debug)]
@@ -61,10 +62,10 @@ pub(crate) struct Meta {
     /// Host clusters whose unlink is durable, with the I/O sequence number at that time.
     pending_io: Vec<(u64, u64)>,
     /// Guest clusters with an allocation in flight.
-    pub inflight: HashSet<u64>,
+    pub inflight: ClusterSet,
     /// Guest clusters held by a writer of an image served with dedup (every data write to such
     /// an image holds its clusters, so a held-free cluster has no data I/O in flight).
-    pub held: HashSet<u64>,
+    pub held: ClusterSet,
     /// Threads waiting for a held or in-flight guest cluster (a release wakes only when there
     /// are any).
     pub cluster_waiters: usize,
@@ -85,15 +86,15 @@ pub(crate) struct Meta {
     /// Threads waiting for older I/O to finish (dedup verification): reads must wake them.
     pub barrier_waiters: usize,
     /// Host clusters dedup links are verifying, with how many: their frees wait.
-    pub pinned: HashMap<u64, u32>,
+    pub pinned: ClusterMap<u32>,
     /// Held guest clusters whose writer has recorded their new content and waits for nothing
     /// more before it releases them. A dedup writer waits only for these: a writer still
     /// choosing a candidate holds its cluster too, and two of those waiting for each other's
     /// cluster would wait for ever.
-    pub published: HashSet<u64>,
+    pub published: ClusterSet,
     /// Host clusters shared by dedup links, with the active guest clusters that point at them;
     /// when a refcount falls back to 1 the survivor gets COPIED again.
-    pub shared: HashMap<u64, Vec<u64>>,
+    pub shared: ClusterMap<Vec<u64>>,
     /// L2 tables whose COPIED flags were cleared: written (and synced) before other L2 tables,
     /// so no new reference to a cluster reaches the disk before the old one lost COPIED.
     pub l2_first: BTreeSet<u64>,
@@ -148,8 +149,8 @@ impl Meta {
             rc,
             pending_unlink: Vec::new(),
             pending_io: Vec::new(),
-            inflight: HashSet::new(),
-            held: HashSet::new(),
+            inflight: ClusterSet::default(),
+            held: ClusterSet::default(),
             cluster_waiters: 0,
             io_seq: 0,
             inflight_io: BTreeMap::new(),
@@ -160,9 +161,9 @@ impl Meta {
             corrupt: false,
             dedup: None,
             barrier_waiters: 0,
-            pinned: HashMap::new(),
-            published: HashSet::new(),
-            shared: HashMap::new(),
+            pinned: ClusterMap::default(),
+            published: ClusterSet::default(),
+            shared: ClusterMap::default(),
             l2_first: BTreeSet::new(),
             copied_fixup: false,
             incompatible: 0,

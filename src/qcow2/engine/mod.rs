@@ -6,6 +6,7 @@
 //! is written; a guest cluster being allocated is marked in flight so a second writer waits.
 
 mod backing;
+mod clustermap;
 mod compress;
 pub mod dedup;
 mod group;

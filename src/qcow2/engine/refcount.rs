@@ -5,11 +5,11 @@
 //! `write_dirty`; the caller orders that against L2 writes (see docs/design.md).
 //! New refcount blocks and a grown refcount table are written and synced before they are linked.
 
+use super::clustermap::ClusterMap;
 use super::overlap::{kind, MetadataMap, OverlapMode};
 use crate::qcow2::error::{Qcow2Error, Result};
 use crate::qcow2::format::{self, header, refblock};
 use crate::storage::Storage;
-use std::collections::HashMap;
 
 struct Block {
     data: Vec<u8>,
@@ -25,7 +25,7 @@ pub(crate) struct Refcounts {
     table: Vec<u64>,
     table_offset: u64,
     table_clusters: u64,
-    blocks: HashMap<u64, Block>,
+    blocks: ClusterMap<Block>,
     /// No cluster below this index is free.
     free_hint: u64,
     /// First cluster index past everything referenced by the refcount structures we know of.
@@ -91,7 +91,7 @@ impl Refcounts {
             table,
             table_offset,
             table_clusters,
-            blocks: HashMap::new(),
+            blocks: ClusterMap::default(),
             free_hint: 0,
             allocations: 0,
             map: MetadataMap::new(),

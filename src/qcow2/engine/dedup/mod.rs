@@ -37,6 +37,7 @@ use crate::qcow2::format::L2Entry;
 use crate::qcow2::offsets::HostOffset;
 use crate::storage::Storage;
 use std::io::{IoSlice, IoSliceMut};
+use std::sync::MutexGuard;
 
 /// Counters of the dedup layer.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
@@ -154,20 +155,35 @@ impl Dedup {
     }
 }
 
-/// Holds guest cluster `gc` for one writer; released (with a wake-up) on drop.
-struct ClusterGuard<'a> {
+/// Holds guest cluster `gc` for one writer; released (with a wake-up) by `release` under a lock
+/// the caller has anyway, or else on drop. Never drop one while this thread holds the lock.
+pub(crate) struct ClusterGuard<'a> {
     q: &'a Qcow2,
     gc: u64,
+    armed: bool,
+}
+
+impl ClusterGuard<'_> {
+    /// Release the cluster under the lock the caller holds (saves taking it once more).
+    pub(crate) fn release(mut self, m: &mut Meta) {
+        self.armed = false;
+        unhold(self.q, m, self.gc);
+    }
+}
+
+fn unhold(q: &Qcow2, m: &mut Meta, gc: u64) {
+    m.held.remove(&gc);
+    m.published.remove(&gc);
+    if m.cluster_waiters > 0 {
+        // (Under the lock: the waiters look again once it is released.)
+        q.cond.notify_all();
+    }
 }
 
 impl Drop for ClusterGuard<'_> {
     fn drop(&mut self) {
-        let mut m = self.q.lock();
-        m.held.remove(&self.gc);
-        m.published.remove(&self.gc);
-        if m.cluster_waiters > 0 {
-            drop(m);
-            self.q.cond.notify_all();
+        if self.armed {
+            unhold(self.q, &mut self.q.lock(), self.gc);
         }
     }
 }
@@ -250,7 +266,7 @@ impl Qcow2 {
     }
 
     fn hold_cluster(&self, gc: u64) -> ClusterGuard<'_> {
-        self.hold_cluster_then(gc, |_| ()).0
+        self.hold_cluster_locked(gc).1
     }
 
     /// Hold guest cluster `gc`, then run `f` under the same lock.
@@ -259,13 +275,25 @@ impl Qcow2 {
         gc: u64,
         f: impl FnOnce(&mut Meta) -> T,
     ) -> (ClusterGuard<'_>, T) {
+        let (mut m, guard) = self.hold_cluster_locked(gc);
+        let t = f(&mut m);
+        drop(m);
+        (guard, t)
+    }
+
+    /// Hold guest cluster `gc`; returns the lock, still taken, and the hold.
+    fn hold_cluster_locked(&self, gc: u64) -> (MutexGuard<'_, Meta>, ClusterGuard<'_>) {
         let mut m = self.lock();
         while m.held.contains(&gc) {
             m = self.wait_cluster(m);
         }
         m.held.insert(gc);
-        let t = f(&mut m);
-        (ClusterGuard { q: self, gc }, t)
+        let guard = ClusterGuard {
+            q: self,
+            gc,
+            armed: true,
+        };
+        (m, guard)
     }
 
     /// The write path of an image served with dedup: cluster by cluster, each guest cluster held
@@ -313,43 +341,59 @@ impl Qcow2 {
                     // The first pending cluster: the worker sleeps until told.
                     self.wake_worker();
                 }
-                self.write_plain(pos, &sub)?;
-                drop(guard);
+                self.write_plain_held(pos, &sub, Some(guard))?;
                 continue;
             }
-            let guard = self.hold_cluster(gc);
-            if n < cs {
+            // A whole cluster is hashed before it is held (the guest's buffer does not change
+            // during its request); a partial one is held first, so that the rest stays as read.
+            let partial = if n < cs {
+                let guard = self.hold_cluster(gc);
                 self.read(gc * cs, &mut [IoSliceMut::new(&mut buf)])?;
-                if let Some(d) = self.lock().dedup.as_mut() {
-                    d.stats.partial_cluster_reads += 1;
-                }
-            }
+                Some(guard)
+            } else {
+                None
+            };
             let mut p = in_off as usize;
             for b in &sub {
                 buf[p..p + b.len()].copy_from_slice(b);
                 p += b.len();
             }
-            self.dedup_cluster(gc, &buf)?;
-            drop(guard);
+            let h = (!is_zero(&buf)).then(|| hash_cluster(&buf));
+            let (m, guard) = match partial {
+                Some(guard) => {
+                    let mut m = self.lock();
+                    if let Some(d) = m.dedup.as_mut() {
+                        d.stats.partial_cluster_reads += 1;
+                    }
+                    (m, guard)
+                }
+                None => self.hold_cluster_locked(gc),
+            };
+            // One lock section from the hold (whole clusters) to the release, but for the data
+            // write of a unique cluster.
+            let mut m = match h {
+                Some(h) => self.link_or_write(m, gc, &buf, &h, false)?,
+                None => {
+                    let mut m = m;
+                    let r = self.make_zero_cluster(&mut m, gc);
+                    if r.is_err() {
+                        guard.release(&mut m);
+                        return r;
+                    }
+                    m
+                }
+            };
+            guard.release(&mut m);
         }
         Ok(())
     }
 
-    /// Write one whole cluster `buf` to guest cluster `gc` (held by the caller).
-    fn dedup_cluster(&self, gc: u64, buf: &[u8]) -> Result<()> {
-        if is_zero(buf) {
-            return self.make_zero_cluster(gc);
-        }
-        self.link_or_write(gc, buf, &hash_cluster(buf), false)
-    }
-
     /// Turn guest cluster `gc` (held by the caller) into a zero cluster.
-    fn make_zero_cluster(&self, gc: u64) -> Result<()> {
+    fn make_zero_cluster(&self, m: &mut Meta, gc: u64) -> Result<()> {
         let s = self.storage.as_ref();
         let cs = self.g.cluster_size();
-        let mut m = self.lock();
         let old = m.entry(s, gc)?;
-        forget(&mut m, s, gc)?;
+        forget(m, s, gc)?;
         if !matches!(old, L2Entry::Zero { host: None, .. }) {
             m.set_entry(
                 s,
@@ -372,11 +416,19 @@ impl Qcow2 {
     /// to an identical cluster if one is proven, else unique data.
     /// With `have`, `gc` already holds `buf`: nothing is written, a unique cluster is only
     /// recorded and indexed where it is.
-    fn link_or_write(&self, gc: u64, buf: &[u8], h: &[u8; 32], have: bool) -> Result<()> {
+    /// Takes the lock (taken by the caller, who holds `gc`) and gives it back at the end, so the
+    /// caller releases `gc` without taking it again.
+    fn link_or_write<'a>(
+        &'a self,
+        mut m: MutexGuard<'a, Meta>,
+        gc: u64,
+        buf: &[u8],
+        h: &[u8; 32],
+        have: bool,
+    ) -> Result<MutexGuard<'a, Meta>> {
         let s = self.storage.as_ref();
         let cs = self.g.cluster_size();
         let h = *h;
-        let mut m = self.lock();
         // The guest rewrites the content its cluster holds (a verified record says so): no I/O.
         if let (Some((rh, true)), L2Entry::Normal { .. }) =
             (record(&mut m, s, gc)?, m.entry(s, gc)?)
@@ -385,7 +437,7 @@ impl Qcow2 {
                 if let Some(d) = m.dedup.as_mut() {
                     d.stats.identical_rewrites += 1;
                 }
-                return Ok(());
+                return Ok(m);
             }
         }
         'candidates: loop {
@@ -522,7 +574,7 @@ impl Qcow2 {
                         d.stats.bytes_saved += cs;
                     }
                 }
-                return Ok(());
+                return Ok(m);
             }
             break;
         }
@@ -531,7 +583,7 @@ impl Qcow2 {
             if let Some(d) = m.dedup.as_mut() {
                 d.index.insert(&h, gc);
             }
-            return Ok(());
+            return Ok(m);
         }
         // Unique data: in place when the cluster is ours alone, else a new cluster.
         let cur = m.entry(s, gc)?;
@@ -565,6 +617,8 @@ impl Qcow2 {
             // (Waking under the lock: the waiters look again once we release it.)
             self.cond.notify_all();
         }
+        // The data is in the file (or failed): the next flush must sync it.
+        m.changes += 1;
         // On any failure from here the record is false: forget it first, so that no link and no
         // "identical rewrite" ever trusts it.
         if let Err(e) = w {
@@ -594,7 +648,7 @@ impl Qcow2 {
         if let Some(d) = m.dedup.as_mut() {
             d.stats.clusters_unique += 1;
         }
-        Ok(())
+        Ok(m)
     }
 
     /// Deduplicate the data already in the image (offline): each allocated cluster is read and

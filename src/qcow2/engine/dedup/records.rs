@@ -12,9 +12,10 @@
 
 use crate::qcow2::dedup::is_zero;
 use crate::qcow2::dedup::persist::{self, IndexCluster, PENDING};
+use crate::qcow2::engine::clustermap::ClusterMap;
 use crate::qcow2::error::Result;
 use crate::storage::Storage;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 /// The index area: `clusters` contiguous clusters at `offset`, refcount 0, reserved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,7 +37,7 @@ pub(crate) struct Records {
     rpc: u64,
     pub area: Area,
     pub generation: u64,
-    cache: HashMap<u64, Slot>,
+    cache: ClusterMap<Slot>,
     order: VecDeque<u64>,
     cap: usize,
     /// Index clusters whose copy in the area belongs to this generation (one bit each).
@@ -82,7 +83,7 @@ impl Records {
             rpc: persist::records_per_cluster(cluster_bits),
             area,
             generation,
-            cache: HashMap::new(),
+            cache: ClusterMap::default(),
             order: VecDeque::new(),
             cap: (cache_bytes / cs).max(4) as usize,
             on_disk: vec![if on_disk { u64::MAX } else { 0 }; words],
