@@ -89,5 +89,41 @@ fn main() -> anyhow::Result<()> {
         let bg = run(DedupMode::Background, pct, writes, rounds)? - gen;
         println!("| {pct}% | {off:.0} | {inline:.0} | {bg:.0} |");
     }
+    let n = writes.min(16384);
+    println!(
+        "\nInline, overwriting {n} clusters that share one content with unique data: {:.0} ns/write",
+        overwrite_shared(n)? - gen
+    );
     Ok(())
+}
+
+/// Nanoseconds per write of unique data over clusters that all share one content (each
+/// overwrite drops one reference of a widely shared cluster).
+fn overwrite_shared(n: u64) -> anyhow::Result<f64> {
+    let st: Arc<dyn Storage> = Arc::new(MemStorage::new());
+    let o = CreateOptions {
+        size: n * CS,
+        cluster_bits: 12,
+        dedup: true,
+        ..Default::default()
+    };
+    create(st.as_ref(), &o)?;
+    let opts = OpenOptions {
+        dedup_mode: Some(DedupMode::Inline),
+        ..Default::default()
+    };
+    let q = Qcow2::open_storage(st, &opts, None, 0)?;
+    let same = vec![7u8; CS as usize];
+    for i in 0..n {
+        q.write_vectored(i * CS, &[IoSlice::new(&same)])?;
+    }
+    let mut buf = vec![0u8; CS as usize];
+    let t = Instant::now();
+    for i in 0..n {
+        content(i, 0, &mut buf);
+        q.write_vectored(i * CS, &[IoSlice::new(&buf)])?;
+    }
+    let ns = t.elapsed().as_nanos() as f64 / n as f64;
+    q.close()?;
+    Ok(ns)
 }

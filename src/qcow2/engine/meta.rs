@@ -94,7 +94,7 @@ pub(crate) struct Meta {
     pub published: ClusterSet,
     /// Host clusters shared by dedup links, with the active guest clusters that point at them;
     /// when a refcount falls back to 1 the survivor gets COPIED again.
-    pub shared: ClusterMap<Vec<u64>>,
+    pub shared: ClusterMap<ClusterSet>,
     /// L2 tables whose COPIED flags were cleared: written (and synced) before other L2 tables,
     /// so no new reference to a cluster reaches the disk before the old one lost COPIED.
     pub l2_first: BTreeSet<u64>,
@@ -377,7 +377,7 @@ impl Meta {
         let cs = self.g.cluster_size();
         if let L2Entry::Normal { host, .. } = entry {
             if let Some(list) = self.shared.get_mut(&(host.0 / cs)) {
-                list.retain(|&g| g != gc);
+                list.remove(&gc);
             }
         }
         match entry {

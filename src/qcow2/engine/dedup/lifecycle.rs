@@ -203,7 +203,7 @@ pub(crate) fn open(
             let hc = host.0 / cs;
             let refs = if copied { 1 } else { m.rc.get(s, hc)? };
             if refs >= 2 {
-                m.shared.entry(hc).or_default().push(gc);
+                m.shared.entry(hc).or_default().insert(gc);
             }
             if !rehash.get((gc / rpc) as usize).copied().unwrap_or(false) {
                 continue;

@@ -553,10 +553,10 @@ impl Qcow2 {
                     )?;
                     m.release(s, gc, cur)?;
                     let list = m.shared.entry(hc).or_default();
-                    if cand_alive && !list.contains(&cand) {
-                        list.push(cand);
+                    if cand_alive {
+                        list.insert(cand);
                     }
-                    list.push(gc);
+                    list.insert(gc);
                 }
                 set_record(&mut m, s, gc, &h)?;
                 if let Some(d) = m.dedup.as_mut() {
