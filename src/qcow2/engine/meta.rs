@@ -671,6 +671,35 @@ impl Meta {
             .into_iter()
             .partition(|&(seq, _)| seq <= oldest);
         self.pending_io = wait;
+        // Freed clusters are punched out together at the end, a run of neighbours in one call
+        // (one fallocate per cluster made a large discard or an offline dedup wait on the file
+        // system's journal cluster by cluster). Nothing can reuse them meanwhile: we hold the lock.
+        let mut freed = Vec::new();
+        let r = self.unref_ready(s, ready, &mut freed);
+        freed.sort_unstable();
+        let mut i = 0;
+        while i < freed.len() {
+            let first = freed[i];
+            let mut n = 1;
+            while freed.get(i + n as usize) == Some(&(first + n)) {
+                n += 1;
+            }
+            if let Err(e) = s.punch_hole(first * cs, n * cs) {
+                log::debug!("punch hole at clusters {first}..{}: {e}", first + n);
+            }
+            i += n as usize;
+        }
+        r
+    }
+
+    /// Drop one reference of each cluster in `ready`; those that reach 0 go into `freed`.
+    fn unref_ready(
+        &mut self,
+        s: &dyn Storage,
+        ready: Vec<(u64, u64)>,
+        freed: &mut Vec<u64>,
+    ) -> Result<()> {
+        let cs = self.g.cluster_size();
         for (seq, c) in ready {
             if self.pinned.contains_key(&c) {
                 // A dedup link is verifying this cluster: free it later.
@@ -681,9 +710,7 @@ impl Meta {
                 0 => {
                     self.shared.remove(&c);
                     self.stats.clusters_freed += 1;
-                    if let Err(e) = s.punch_hole(c * cs, cs) {
-                        log::debug!("punch hole at cluster {c}: {e}");
-                    }
+                    freed.push(c);
                 }
                 1 => {
                     if let Some(list) = self.shared.remove(&c) {
