@@ -5,7 +5,8 @@
 
 mod common;
 
-use std::io::{self, IoSlice, IoSliceMut};
+use common::hooked::Hooked;
+use std::io::{IoSlice, IoSliceMut};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -13,48 +14,12 @@ use vhost_user_qcow2::block::BlockDevice;
 use vhost_user_qcow2::qcow2::dedup::persist::{DedupExtension, AUTOCLEAR_DEDUP, EXT_DEDUP};
 use vhost_user_qcow2::qcow2::format::Header;
 use vhost_user_qcow2::qcow2::{create, CreateOptions, OpenOptions, Qcow2};
-use vhost_user_qcow2::storage::{FileStorage, Storage};
+use vhost_user_qcow2::storage::FileStorage;
 
 const CS: u64 = 65536;
 
-/// Data that starts with these bytes is written slowly by `Counting`.
+/// Data that starts with these bytes is written slowly by `open_counting`'s storage.
 const SLOW: &[u8] = b"SLOWSLOW";
-
-/// A file that counts reads, and writes data that starts with `SLOW` slowly.
-struct Counting {
-    inner: FileStorage,
-    reads: AtomicU64,
-}
-
-impl Storage for Counting {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.reads.fetch_add(1, Ordering::Relaxed);
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        if buf.starts_with(SLOW) {
-            // Keeps this data write in flight while another thread runs.
-            std::thread::sleep(std::time::Duration::from_millis(300));
-        }
-        self.inner.write_at(buf, offset)
-    }
-    fn readv_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<()> {
-        self.reads.fetch_add(1, Ordering::Relaxed);
-        self.inner.readv_at(bufs, offset)
-    }
-    fn flush(&self) -> io::Result<()> {
-        self.inner.flush()
-    }
-    fn len(&self) -> io::Result<u64> {
-        self.inner.len()
-    }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        self.inner.set_len(len)
-    }
-    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.inner.punch_hole(offset, len)
-    }
-}
 
 fn new_image(path: &Path, size: u64) {
     let o = CreateOptions {
@@ -65,22 +30,31 @@ fn new_image(path: &Path, size: u64) {
     create(&FileStorage::new(std::fs::File::create(path).unwrap()), &o).unwrap();
 }
 
-fn open_counting(path: &Path) -> (Qcow2, Arc<Counting>) {
+/// Opens the image over a storage that counts reads (the counter is returned) and writes data
+/// that starts with `SLOW` slowly (keeping that write in flight while another thread runs).
+fn open_counting(path: &Path) -> (Qcow2, Arc<AtomicU64>) {
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(path)
         .unwrap();
-    let st = Arc::new(Counting {
-        inner: FileStorage::new(f),
-        reads: AtomicU64::new(0),
-    });
+    let reads = Arc::new(AtomicU64::new(0));
+    let mut st = Hooked::new(FileStorage::new(f));
+    let r = reads.clone();
+    st.on_read = Some(Box::new(move |_| {
+        r.fetch_add(1, Ordering::Relaxed);
+    }));
+    st.on_write = Some(Box::new(|buf, _| {
+        if buf.starts_with(SLOW) {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
+    }));
     let opts = OpenOptions {
         dedup: Some(true),
         ..Default::default()
     };
-    let q = Qcow2::open_storage(st.clone(), &opts, path.parent(), 0).unwrap();
-    (q, st)
+    let q = Qcow2::open_storage(Arc::new(st), &opts, path.parent(), 0).unwrap();
+    (q, reads)
 }
 
 fn pattern(k: u32) -> Vec<u8> {
@@ -136,11 +110,11 @@ fn clean_close_then_open_loads_the_index_without_reading_data() {
     assert_eq!(s.links_without_read, 0);
     // Records proven this session stand for the data: the next duplicate links without a read,
     // and rewriting a cluster with its own content costs no I/O at all.
-    let before = st.reads.load(Ordering::Relaxed);
+    let before = st.load(Ordering::Relaxed);
     write(&q, 51, &pattern(7));
     write(&q, 7, &pattern(7));
     write(&q, 51, &pattern(7));
-    assert_eq!(st.reads.load(Ordering::Relaxed), before, "no reads");
+    assert_eq!(st.load(Ordering::Relaxed), before, "no reads");
     let s = q.dedup_stats().unwrap();
     assert_eq!(s.links_without_read, 1);
     assert_eq!(s.identical_rewrites, 2);

@@ -1,7 +1,10 @@
 //! Freed clusters go back to the file system in runs: a discard of a contiguous range punches
 //! one hole, not one per cluster, and the range reads as zeros afterwards.
 
-use std::io::{self, IoSlice, IoSliceMut};
+mod common;
+
+use common::hooked::Hooked;
+use std::io::{IoSlice, IoSliceMut};
 use std::sync::{Arc, Mutex};
 use vhost_user_qcow2::block::BlockDevice;
 use vhost_user_qcow2::qcow2::{create, CreateOptions, OpenOptions, Qcow2};
@@ -9,43 +12,15 @@ use vhost_user_qcow2::storage::{MemStorage, Storage};
 
 const CS: u64 = 65536;
 
-/// Memory storage that records every hole punched.
-struct Punches {
-    inner: MemStorage,
-    holes: Mutex<Vec<(u64, u64)>>,
-}
-
-impl Storage for Punches {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.inner.write_at(buf, offset)
-    }
-    fn flush(&self) -> io::Result<()> {
-        self.inner.flush()
-    }
-    fn len(&self) -> io::Result<u64> {
-        self.inner.len()
-    }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        self.inner.set_len(len)
-    }
-    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.holes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((offset, len));
-        self.inner.punch_hole(offset, len)
-    }
-}
-
 #[test]
 fn a_contiguous_discard_punches_one_hole() {
-    let st = Arc::new(Punches {
-        inner: MemStorage::new(),
-        holes: Mutex::new(Vec::new()),
-    });
+    let holes = Arc::new(Mutex::new(Vec::new()));
+    let mut st = Hooked::new(MemStorage::new());
+    let h = holes.clone();
+    st.on_punch = Some(Box::new(move |off, len| {
+        h.lock().unwrap_or_else(|e| e.into_inner()).push((off, len));
+    }));
+    let st = Arc::new(st);
     let o = CreateOptions {
         size: 64 << 20,
         ..Default::default()
@@ -56,10 +31,10 @@ fn a_contiguous_discard_punches_one_hole() {
     let data = vec![0x5au8; (n * CS) as usize];
     q.write_vectored(0, &[IoSlice::new(&data)]).unwrap();
     q.flush().unwrap();
-    st.holes.lock().unwrap().clear();
+    holes.lock().unwrap().clear();
     q.discard(0, n * CS).unwrap();
     q.flush().unwrap();
-    let holes = st.holes.lock().unwrap().clone();
+    let holes = holes.lock().unwrap().clone();
     assert_eq!(
         holes.len(),
         1,

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod client;
+pub mod hooked;
 
 use std::path::Path;
 use std::process::Command;

@@ -1,0 +1,69 @@
+//! A storage that passes every call to an inner one, and lets a test watch or slow chosen calls
+//! (count reads, hold a write in flight, record the holes punched).
+
+use std::io::{self, IoSlice, IoSliceMut};
+use vhost_user_qcow2::storage::Storage;
+
+pub type OnRead = Box<dyn Fn(u64) + Send + Sync>;
+pub type OnWrite = Box<dyn Fn(&[u8], u64) + Send + Sync>;
+pub type OnPunch = Box<dyn Fn(u64, u64) + Send + Sync>;
+
+pub struct Hooked<S> {
+    pub inner: S,
+    /// Before every read (one call per `readv_at`), with its offset.
+    pub on_read: Option<OnRead>,
+    /// Before every `write_at`, with its data and offset.
+    pub on_write: Option<OnWrite>,
+    /// Before every hole punched, with its offset and length.
+    pub on_punch: Option<OnPunch>,
+}
+
+impl<S> Hooked<S> {
+    pub fn new(inner: S) -> Self {
+        Hooked {
+            inner,
+            on_read: None,
+            on_write: None,
+            on_punch: None,
+        }
+    }
+}
+
+impl<S: Storage> Storage for Hooked<S> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if let Some(f) = &self.on_read {
+            f(offset);
+        }
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if let Some(f) = &self.on_write {
+            f(buf, offset);
+        }
+        self.inner.write_at(buf, offset)
+    }
+    fn readv_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<()> {
+        if let Some(f) = &self.on_read {
+            f(offset);
+        }
+        self.inner.readv_at(bufs, offset)
+    }
+    fn writev_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<()> {
+        self.inner.writev_at(bufs, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.inner.flush()
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        if let Some(f) = &self.on_punch {
+            f(offset, len);
+        }
+        self.inner.punch_hole(offset, len)
+    }
+}
