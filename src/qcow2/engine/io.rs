@@ -282,9 +282,7 @@ impl Qcow2 {
                         result = Err(e);
                     }
                 } else if !reuse {
-                    if let Err(e) = m.unalloc_data(s, host, 1) {
-                        log::error!("could not give back cluster at {host:#x}: {e}");
-                    }
+                    m.unalloc_data(s, host, 1);
                 }
                 m.inflight.remove(&c.gc);
             }
@@ -397,7 +395,7 @@ impl Qcow2 {
                             host, reuse: false, ..
                         } = c.kind
                         {
-                            m.unalloc_data(s, host, 1)?;
+                            m.unalloc_data(s, host, 1);
                         }
                     }
                     return Err(e);

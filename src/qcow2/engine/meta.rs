@@ -440,13 +440,16 @@ impl Meta {
         Ok(())
     }
 
-    /// Give back clusters taken by `alloc_data` that were never linked.
-    pub(crate) fn unalloc_data(&mut self, s: &dyn Storage, host: u64, n: u64) -> Result<()> {
+    /// Give back clusters taken by `alloc_data` that were never linked. Only ever called while
+    /// handling another error, which is the one to report: a failure here is logged, and the
+    /// cluster only leaks (refcount 1, no reference), which a check repairs.
+    pub(crate) fn unalloc_data(&mut self, s: &dyn Storage, host: u64, n: u64) {
         let cs = self.g.cluster_size();
         for c in 0..n {
-            self.rc.add(s, host / cs + c, -1)?;
+            if let Err(e) = self.rc.add(s, host / cs + c, -1) {
+                log::error!("could not give back cluster at {:#x}: {e}", host + c * cs);
+            }
         }
-        Ok(())
     }
 
     /// Make every metadata change durable, in crash-safe order, then apply waiting frees.

@@ -179,18 +179,8 @@ impl Qcow2 {
         }
         let mut buf = vec![0u8; cs as usize];
         self.read(gc * cs, &mut [IoSliceMut::new(&mut buf)])?;
-        let mut m = if is_zero(&buf) {
-            let mut m = self.lock();
-            let r = self.make_zero_cluster(&mut m, gc);
-            if r.is_err() {
-                guard.release(&mut m);
-                return r;
-            }
-            m
-        } else {
-            let h = hash_cluster(&buf);
-            self.link_or_write(self.lock(), gc, &buf, &h, true)?
-        };
+        let h = (!is_zero(&buf)).then(|| hash_cluster(&buf));
+        let mut m = self.settle_cluster(self.lock(), gc, &buf, h.as_ref(), true)?;
         guard.release(&mut m);
         Ok(())
     }

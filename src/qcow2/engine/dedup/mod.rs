@@ -371,21 +371,31 @@ impl Qcow2 {
             };
             // One lock section from the hold (whole clusters) to the release, but for the data
             // write of a unique cluster.
-            let mut m = match h {
-                Some(h) => self.link_or_write(m, gc, &buf, &h, false)?,
-                None => {
-                    let mut m = m;
-                    let r = self.make_zero_cluster(&mut m, gc);
-                    if r.is_err() {
-                        guard.release(&mut m);
-                        return r;
-                    }
-                    m
-                }
-            };
+            let mut m = self.settle_cluster(m, gc, &buf, h.as_ref(), false)?;
             guard.release(&mut m);
         }
         Ok(())
+    }
+
+    /// Give guest cluster `gc` (held by the caller, under lock `m`) the whole-cluster content
+    /// `buf`, whose hash is `h` (None: all zeros): a zero cluster, a link or unique data (see
+    /// `link_or_write`, also for `have`). Gives the lock back, so the caller releases `gc` in the
+    /// same section; on an error the lock is already released, so the hold may drop.
+    fn settle_cluster<'a>(
+        &'a self,
+        mut m: MutexGuard<'a, Meta>,
+        gc: u64,
+        buf: &[u8],
+        h: Option<&[u8; 32]>,
+        have: bool,
+    ) -> Result<MutexGuard<'a, Meta>> {
+        match h {
+            Some(h) => self.link_or_write(m, gc, buf, h, have),
+            None => {
+                self.make_zero_cluster(&mut m, gc)?;
+                Ok(m)
+            }
+        }
     }
 
     /// Turn guest cluster `gc` (held by the caller) into a zero cluster.
@@ -593,7 +603,7 @@ impl Qcow2 {
         };
         if let Err(e) = m.rc.guard(host, cs, 0) {
             if fresh_alloc {
-                m.unalloc_data(s, host, 1)?;
+                m.unalloc_data(s, host, 1);
             }
             return Err(e);
         }
@@ -601,7 +611,7 @@ impl Qcow2 {
         // waits for this one (we hold the cluster) and links to it instead of writing a copy.
         if let Err(e) = set_record(&mut m, s, gc, &h) {
             if fresh_alloc {
-                m.unalloc_data(s, host, 1)?;
+                m.unalloc_data(s, host, 1);
             }
             return Err(e);
         }
@@ -622,9 +632,9 @@ impl Qcow2 {
         // On any failure from here the record is false: forget it first, so that no link and no
         // "identical rewrite" ever trusts it.
         if let Err(e) = w {
-            forget(&mut m, s, gc)?;
+            forget_after_error(&mut m, s, gc);
             if fresh_alloc {
-                m.unalloc_data(s, host, 1)?;
+                m.unalloc_data(s, host, 1);
             }
             return Err(e.into());
         }
@@ -640,7 +650,7 @@ impl Qcow2 {
                 )
                 .and_then(|()| m.release(s, gc, cur));
             if let Err(e) = linked {
-                forget(&mut m, s, gc)?;
+                forget_after_error(&mut m, s, gc);
                 return Err(e);
             }
             m.data_before_l2 = true;
@@ -704,6 +714,14 @@ fn set_record(m: &mut Meta, s: &dyn Storage, gc: u64, h: &[u8; 32]) -> Result<()
         d.index.remove(&old, gc);
     }
     Ok(())
+}
+
+/// `forget` while handling another error, which is the one to report. If forgetting fails too,
+/// `forget` has already stopped trusting whatever is loaded from the area later.
+fn forget_after_error(m: &mut Meta, s: &dyn Storage, gc: u64) {
+    if let Err(e) = forget(m, s, gc) {
+        log::warn!("dedup record of guest cluster {gc} not cleared: {e}");
+    }
 }
 
 /// Guest cluster `gc` is about to get content we do not hash: forget its record and its hint.
