@@ -42,50 +42,59 @@ pub(crate) fn len(bufs: &[IoSlice<'_>]) -> u64 {
     bufs.iter().map(|b| b.len() as u64).sum()
 }
 
+/// For buffers of lengths `lens`, the part of each that falls in `start..start+len`:
+/// (buffer index, from, to) within that buffer, in order.
+fn pieces(
+    lens: impl Iterator<Item = usize>,
+    start: usize,
+    len: usize,
+) -> Vec<(usize, usize, usize)> {
+    let mut out = Vec::new();
+    let end = start + len;
+    let mut pos = 0usize;
+    for (i, n) in lens.enumerate() {
+        let (lo, hi) = (pos, pos + n);
+        pos = hi;
+        if hi <= start || len == 0 {
+            continue;
+        }
+        if lo >= end {
+            break;
+        }
+        out.push((i, start.max(lo) - lo, end.min(hi) - lo));
+    }
+    out
+}
+
 /// The bytes `start..start+len` of a list, as a new list borrowing the same memory.
 pub(crate) fn slice_mut<'a>(
     bufs: &'a mut [IoSliceMut<'_>],
     start: usize,
     len: usize,
 ) -> Vec<IoSliceMut<'a>> {
+    let mut ps = pieces(bufs.iter().map(|b| b.len()), start, len)
+        .into_iter()
+        .peekable();
     let mut out = Vec::new();
-    let end = start + len;
-    let mut pos = 0usize;
-    for b in bufs.iter_mut() {
-        let (lo, hi) = (pos, pos + b.len());
-        pos = hi;
-        if hi <= start || len == 0 {
-            continue;
+    for (i, b) in bufs.iter_mut().enumerate() {
+        match ps.peek() {
+            Some(&(j, s, e)) if j == i => {
+                out.push(IoSliceMut::new(&mut b[s..e]));
+                ps.next();
+            }
+            Some(_) => {}
+            None => break,
         }
-        if lo >= end {
-            break;
-        }
-        let s = start.max(lo) - lo;
-        let e = end.min(hi) - lo;
-        out.push(IoSliceMut::new(&mut b[s..e]));
     }
     out
 }
 
 /// Like `slice_mut`, for read-only lists.
 pub(crate) fn slice<'a>(bufs: &'a [IoSlice<'_>], start: usize, len: usize) -> Vec<IoSlice<'a>> {
-    let mut out = Vec::new();
-    let end = start + len;
-    let mut pos = 0usize;
-    for b in bufs.iter() {
-        let (lo, hi) = (pos, pos + b.len());
-        pos = hi;
-        if hi <= start || len == 0 {
-            continue;
-        }
-        if lo >= end {
-            break;
-        }
-        let s = start.max(lo) - lo;
-        let e = end.min(hi) - lo;
-        out.push(IoSlice::new(&b[s..e]));
-    }
-    out
+    pieces(bufs.iter().map(|b| b.len()), start, len)
+        .into_iter()
+        .map(|(i, s, e)| IoSlice::new(&bufs[i][s..e]))
+        .collect()
 }
 
 pub(crate) fn fill_zero(bufs: &mut [IoSliceMut<'_>]) {
@@ -132,5 +141,26 @@ mod tests {
         let r = [IoSlice::new(&c)];
         assert_eq!(slice(&r, 4, 0).len(), 0);
         assert_eq!(slice(&r, 1, 2)[0].len(), 2);
+    }
+
+    #[test]
+    fn both_kinds_cut_the_same_pieces() {
+        let (a, e, b) = ([1u8; 4], [0u8; 0], [2u8; 4]);
+        let r = [IoSlice::new(&a), IoSlice::new(&e), IoSlice::new(&b)];
+        let (mut ma, mut me, mut mb) = (a, e, b);
+        let mut w = [
+            IoSliceMut::new(&mut ma),
+            IoSliceMut::new(&mut me),
+            IoSliceMut::new(&mut mb),
+        ];
+        for (start, len) in [(0, 8), (3, 2), (4, 0), (4, 4), (2, 6), (7, 1)] {
+            let ro: Vec<Vec<u8>> = slice(&r, start, len).iter().map(|x| x.to_vec()).collect();
+            let rw: Vec<Vec<u8>> = slice_mut(&mut w, start, len)
+                .iter()
+                .map(|x| x.to_vec())
+                .collect();
+            assert_eq!(ro, rw, "{start}+{len}");
+            assert_eq!(ro.iter().map(Vec::len).sum::<usize>(), len, "{start}+{len}");
+        }
     }
 }
