@@ -16,14 +16,9 @@ use vhost_user_qcow2::storage::{MemStorage, Storage};
 
 const CS: u64 = 4096;
 
-fn arg(name: &str, default: u64) -> u64 {
-    let a: Vec<String> = std::env::args().collect();
-    a.iter()
-        .position(|x| x == name)
-        .and_then(|i| a.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+#[path = "util/args.rs"]
+mod args;
+use args::arg;
 
 /// Content of write `i`: a duplicate of one of 16 blocks for `pct`% of the writes, else unique.
 fn content(i: u64, pct: u64, buf: &mut [u8]) {

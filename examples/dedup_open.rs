@@ -11,14 +11,9 @@ use vhost_user_qcow2::block::BlockDevice;
 use vhost_user_qcow2::qcow2::{create, CreateOptions, OpenOptions, Qcow2};
 use vhost_user_qcow2::storage::FileStorage;
 
-fn arg(name: &str, default: u64) -> u64 {
-    let a: Vec<String> = std::env::args().collect();
-    a.iter()
-        .position(|x| x == name)
-        .and_then(|i| a.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+#[path = "util/args.rs"]
+mod args;
+use args::arg;
 
 fn main() -> anyhow::Result<()> {
     let n = arg("--clusters", 1 << 20);

@@ -74,6 +74,17 @@ fn read(q: &Qcow2, gc: u64) -> Vec<u8> {
     b
 }
 
+/// What `qemu-img commit` does to an image: open it read-only, reopen it writable (which keeps
+/// autoclear bit 63 and our seal), and write cluster 0 in place with `byte`.
+fn qemu_commit_style_write(img: &str, byte: u8) {
+    let w = format!("write -P {byte:#x} 0 64k");
+    let (c, out) = common::run(
+        "qemu-io",
+        &["-r", "-f", "qcow2", "-c", "reopen -w", "-c", &w, img],
+    );
+    assert_eq!(c, 0, "{out}");
+}
+
 fn ext(img: &Path) -> (Header, DedupExtension) {
     let b = std::fs::read(img).unwrap();
     let h = Header::decode(&b[..CS as usize]).unwrap();
@@ -170,20 +181,7 @@ fn qemu_writing_in_place_behind_the_kept_bit_is_never_trusted() {
     // The qemu-img commit pattern: read-only open reopened writable keeps bit 63 and the seal,
     // while cluster 0 changes in place.
     let p = img.to_str().unwrap();
-    let (c, out) = common::run(
-        "qemu-io",
-        &[
-            "-r",
-            "-f",
-            "qcow2",
-            "-c",
-            "reopen -w",
-            "-c",
-            "write -P 0x77 0 64k",
-            p,
-        ],
-    );
-    assert_eq!(c, 0, "{out}");
+    qemu_commit_style_write(p, 0x77);
     let (q, _) = open_counting(&img);
     assert_eq!(q.dedup_open_report().unwrap().how, "loaded");
     // Its record says pattern 1: a rewrite with pattern 1 must really write.
@@ -195,20 +193,7 @@ fn qemu_writing_in_place_behind_the_kept_bit_is_never_trusted() {
     drop(q);
     // Another round: QEMU changes cluster 0 again; a write of pattern 1 elsewhere must not link
     // to it.
-    let (c, out) = common::run(
-        "qemu-io",
-        &[
-            "-r",
-            "-f",
-            "qcow2",
-            "-c",
-            "reopen -w",
-            "-c",
-            "write -P 0x66 0 64k",
-            p,
-        ],
-    );
-    assert_eq!(c, 0, "{out}");
+    qemu_commit_style_write(p, 0x66);
     let (q, _) = open_counting(&img);
     write(&q, 5, &pattern(1));
     let s = q.dedup_stats().unwrap();
