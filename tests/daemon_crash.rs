@@ -44,10 +44,16 @@ fn write_and_kill(img: &Path, sock: &Path, lazy: &str) -> Vec<(u64, Vec<u8>)> {
         let data = pattern(i, 8192);
         c.buf(0, data.len()).copy_from_slice(&data);
         let off = i * (1 << 20) + 4096; // a new cluster each time, some new L2 tables
-        assert_eq!(c.write((i % 2) as usize, off, 0, data.len()), 0);
+        let r = c.write((i % 2) as usize, off, 0, data.len());
+        if r != 0 {
+            fail_with_log(&mut child, &format!("write {i} at {off} returned {r}"));
+        }
         flushed.push((off, data));
     }
-    assert_eq!(c.one(0, |q| q.flush(0, ReqFlags::empty())), 0);
+    let r = c.one(0, |q| q.flush(0, ReqFlags::empty()));
+    if r != 0 {
+        fail_with_log(&mut child, &format!("flush returned {r}"));
+    }
     // More writes that are never flushed, in flight when the daemon dies.
     for i in 0..DEPTH {
         let p = c.ptr(i * 4096);
@@ -88,7 +94,10 @@ fn sigkill_with_lazy_refcounts_leaves_a_dirty_repairable_image() {
     let mut child = spawn_binary(&img, &sock, &["--lazy-refcounts", "on"]);
     wait_for(&sock);
     let mut cl = Client::connect(&sock, 1, false).unwrap();
-    assert_eq!(cl.write(0, 0, 0, 65536), 0);
+    let r = cl.write(0, 0, 0, 65536);
+    if r != 0 {
+        fail_with_log(&mut child, &format!("first write returned {r}"));
+    }
     drop(cl);
     // SAFETY (test): signalling our own child.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);

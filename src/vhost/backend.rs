@@ -8,6 +8,7 @@ use log::{debug, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::atomic::GuestMemoryLoadGuard;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -41,8 +42,18 @@ impl BlkBackend {
     /// Serve every available chain of one queue; with EVENT_IDX, loop until no new chain
     /// arrived while notifications were off. Signals the guest once per batch when needed.
     fn process_queue(&self, queue: usize, vring: &Vring) -> io::Result<()> {
+        self.process_queue_from(queue, vring, self.mem.memory())
+    }
+
+    /// `process_queue` starting from the memory map `mem`, which may be out of date by the time
+    /// a chain is taken: a driver can add a memory region and at once post a request into it.
+    fn process_queue_from(
+        &self,
+        queue: usize,
+        vring: &Vring,
+        mut mem: GuestMemoryLoadGuard<GuestMemoryMmap<()>>,
+    ) -> io::Result<()> {
         let event_idx = self.event_idx.load(Ordering::Acquire);
-        let mem = self.mem.memory();
         let mut state = vring.get_mut();
         let mut broken = None;
         loop {
@@ -51,6 +62,15 @@ impl BlkBackend {
             }
             let mut popped = 0usize;
             while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) {
+                // Taking the chain read the available index, so a map loaded now holds every
+                // region the driver added (and had acknowledged) before posting this chain. If
+                // the map changed since `mem` was loaded, take the chain again under the new one.
+                let now = self.mem.memory();
+                if !std::ptr::eq(&*now, &*mem) {
+                    state.get_queue_mut().go_to_previous_position();
+                    mem = now;
+                    continue;
+                }
                 let head = chain.head_index();
                 let used = virtio::process_chain(&self.ctx, queue, &*mem, chain);
                 state.add_used(head, used).map_err(io::Error::other)?;
@@ -233,5 +253,57 @@ mod tests {
         let r = rx.recv_timeout(std::time::Duration::from_secs(10));
         assert_eq!(r, Ok(true), "the pass must end with an error, not spin");
         t.join().unwrap();
+    }
+
+    /// A driver adds a memory region (acknowledged) and posts a request into it while the worker
+    /// still holds the map it loaded before the add: the request must be served, not failed as
+    /// pointing outside guest memory. (libblkio maps its buffers right after starting the queues.)
+    #[test]
+    fn a_chain_posted_after_a_region_add_is_read_under_the_new_map() {
+        use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+        use vm_memory::GuestRegionMmap;
+        const NEXT: u16 = 1;
+        const WRITE: u16 = 2;
+        let (hdr, status, data) = (0x8_0000u64, 0x8_1000u64, 0x10_0000u64);
+        let first = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let atomic = GuestMemoryAtomic::new(first);
+        let stale = atomic.memory();
+        let region = GuestRegionMmap::from_range(GuestAddress(data), 0x1000, None).unwrap();
+        let full = stale.insert_region(Arc::new(region)).unwrap();
+        atomic.lock().unwrap().replace(full.clone());
+
+        let q = MockSplitQueue::new(&full, 16);
+        let vring = Vring::new(atomic.clone(), 16).unwrap();
+        vring
+            .set_queue_info(q.desc_table_addr().0, q.avail_addr().0, q.used_addr().0)
+            .unwrap();
+        vring.set_queue_size(16);
+        vring.set_queue_ready(true);
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&crate::virtio::VIRTIO_BLK_T_OUT.to_le_bytes());
+        full.write_slice(&h, GuestAddress(hdr)).unwrap();
+        full.write_slice(&[0xa5; 512], GuestAddress(data)).unwrap();
+        full.write_obj(0xffu8, GuestAddress(status)).unwrap();
+        let descs: Vec<RawDescriptor> = [
+            (hdr, 16, NEXT, 1),
+            (data, 512, NEXT, 2),
+            (status, 1, WRITE, 0),
+        ]
+        .iter()
+        .map(|&(a, l, f, n)| RawDescriptor::from(SplitDescriptor::new(a, l, f, n)))
+        .collect();
+        q.add_desc_chains(&descs, 0).unwrap();
+
+        let disk = Arc::new(MemDisk::new(1 << 20, false));
+        let ctx = DeviceCtx::new(
+            disk.clone(),
+            BlkConfig::new(1 << 20, 1, 16, 4096, true),
+            "s",
+        );
+        let b = BlkBackend::new(Arc::new(ctx), atomic, 16);
+        b.process_queue_from(0, &vring, stale).unwrap();
+        let st: u8 = full.read_obj(GuestAddress(status)).unwrap();
+        assert_eq!(st, crate::virtio::VIRTIO_BLK_S_OK);
+        assert_eq!(&disk.contents()[..512], &[0xa5; 512][..]);
     }
 }

@@ -147,3 +147,10 @@ pub fn stderr_of(child: &mut Child) -> String {
     child.stderr.take().unwrap().read_to_string(&mut s).unwrap();
     s
 }
+
+/// Kill the daemon and fail the test with `what` and everything the daemon logged.
+pub fn fail_with_log(child: &mut Child, what: &str) -> ! {
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("{what}\n--- daemon stderr ---\n{}", stderr_of(child));
+}
