@@ -190,6 +190,7 @@ fn crash_during_repair_never_makes_things_worse() {
                 CrashMode::FlushedOnly,
                 CrashMode::AllWrites,
                 CrashMode::RandomSubset(crash_at * 31 + 7),
+                CrashMode::TornSectors(crash_at * 17 + 9),
             ] {
                 let fs = FaultStorage::new(bytes.clone(), Some(crash_at));
                 assert!(check(&fs, &opts).is_err(), "{name}: no crash at {crash_at}");
@@ -343,7 +344,11 @@ fn engine_crash_leftovers_agree() {
         for n in 0..total {
             let st = Arc::new(FaultStorage::new(initial.clone(), Some(n)));
             let flushes = workload(st.clone());
-            for mode in [CrashMode::FlushedOnly, CrashMode::RandomSubset(n * 13 + 5)] {
+            for mode in [
+                CrashMode::FlushedOnly,
+                CrashMode::RandomSubset(n * 13 + 5),
+                CrashMode::TornSectors(n * 19 + 1),
+            ] {
                 std::fs::write(&path, st.crashed_image(mode)).unwrap();
                 let code = agree(&path);
                 codes[code as usize] += 1;

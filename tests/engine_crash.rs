@@ -160,6 +160,7 @@ fn crash_points(lazy: bool, dedup: bool) {
             CrashMode::FlushedOnly,
             CrashMode::AllWrites,
             CrashMode::RandomSubset(n * 7 + 1),
+            CrashMode::TornSectors(n * 11 + 3),
         ] {
             let bytes = st.crashed_image(mode);
             std::fs::write(&path, &bytes).unwrap();
@@ -198,7 +199,7 @@ fn crash_points(lazy: bool, dedup: bool) {
             checked += 1;
         }
     }
-    assert_eq!(checked, 3 * (total + 1));
+    assert_eq!(checked, 4 * (total + 1));
 }
 
 #[test]

@@ -5,7 +5,7 @@
 //! configured number of them the storage "crashes": that call and every later one fail with EIO
 //! (a crash at a flush means that flush made nothing durable). `crashed_image` then tells what a disk
 //! could hold after power loss: the durable state plus none, all, or a random subset of the writes
-//! that were never flushed.
+//! that were never flushed, or a random subset of their 512-byte sectors (torn writes).
 
 use super::{MemStorage, Storage};
 use std::io;
@@ -20,6 +20,20 @@ pub enum CrashMode {
     AllWrites,
     /// A pseudo-random subset of the unflushed writes (seeded, reproducible).
     RandomSubset(u64),
+    /// A pseudo-random subset of the 512-byte sectors of the unflushed writes: a write that
+    /// spans several sectors may land in part (a torn write). Only a sector is atomic.
+    TornSectors(u64),
+}
+
+/// The unit a disk writes atomically, as `CrashMode::TornSectors` models it.
+pub const ATOMIC_SECTOR: u64 = 512;
+
+/// xorshift64: a reproducible coin for the crash modes.
+fn coin(rng: &mut u64) -> bool {
+    *rng ^= *rng << 13;
+    *rng ^= *rng >> 7;
+    *rng ^= *rng << 17;
+    *rng & 1 == 1
 }
 
 struct State {
@@ -76,27 +90,40 @@ impl FaultStorage {
         let st = self.lock();
         let mut img = st.durable.clone();
         let mut rng = match mode {
-            CrashMode::RandomSubset(seed) => seed | 1,
+            CrashMode::RandomSubset(seed) | CrashMode::TornSectors(seed) => seed | 1,
             _ => 0,
         };
+        // Later writes to a sector are applied after earlier ones, so a sector ends up holding
+        // its durable content or one of the writes to it: never a regression past a kept write
+        // that a disk cache would have overwritten.
+        let apply = |img: &mut Vec<u8>, off: u64, data: &[u8]| {
+            let (o, e) = (off as usize, off as usize + data.len());
+            if img.len() < e {
+                img.resize(e, 0);
+            }
+            img[o..e].copy_from_slice(data);
+        };
         for (off, data) in &st.unflushed {
-            let keep = match mode {
-                CrashMode::FlushedOnly => false,
-                CrashMode::AllWrites => true,
+            match mode {
+                CrashMode::FlushedOnly => {}
+                CrashMode::AllWrites => apply(&mut img, *off, data),
                 CrashMode::RandomSubset(_) => {
-                    // xorshift64
-                    rng ^= rng << 13;
-                    rng ^= rng >> 7;
-                    rng ^= rng << 17;
-                    rng & 1 == 1
+                    if coin(&mut rng) {
+                        apply(&mut img, *off, data);
+                    }
                 }
-            };
-            if keep {
-                let (o, e) = (*off as usize, *off as usize + data.len());
-                if img.len() < e {
-                    img.resize(e, 0);
+                CrashMode::TornSectors(_) => {
+                    let end = *off + data.len() as u64;
+                    let mut at = *off;
+                    while at < end {
+                        let next = ((at / ATOMIC_SECTOR + 1) * ATOMIC_SECTOR).min(end);
+                        if coin(&mut rng) {
+                            let piece = &data[(at - off) as usize..(next - off) as usize];
+                            apply(&mut img, at, piece);
+                        }
+                        at = next;
+                    }
                 }
-                img[o..e].copy_from_slice(data);
             }
         }
         img
@@ -183,5 +210,30 @@ mod tests {
         assert_eq!(&img[..12], &[1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0]);
         let img = s.crashed_image(CrashMode::AllWrites);
         assert_eq!(&img[..12], &[1, 1, 1, 1, 2, 2, 2, 2, 0, 0, 0, 0]);
+    }
+
+    /// A multi-sector write may land in part, sector by sector, and never splits a sector.
+    #[test]
+    fn torn_sectors_keep_whole_sectors_of_a_write() {
+        let n = 64usize;
+        let s = FaultStorage::new(vec![0; n * 512], None);
+        // Starts mid-sector: the first piece is the tail of sector 0.
+        s.write_at(&vec![7u8; n * 512 - 256], 256).unwrap();
+        let mut seen_partial = false;
+        for seed in 0..8 {
+            let img = s.crashed_image(CrashMode::TornSectors(seed));
+            let first = &img[256..512];
+            assert!(first.iter().all(|&b| b == 7) || first.iter().all(|&b| b == 0));
+            assert!(img[..256].iter().all(|&b| b == 0));
+            let kept: Vec<bool> = img.chunks(512).skip(1).map(|c| c[0] == 7).collect();
+            for (c, &k) in img.chunks(512).skip(1).zip(&kept) {
+                assert!(
+                    c.iter().all(|&b| b == u8::from(k) * 7),
+                    "a sector was split"
+                );
+            }
+            seen_partial |= kept.iter().any(|&k| k) && kept.iter().any(|&k| !k);
+        }
+        assert!(seen_partial, "no seed tore the write");
     }
 }
