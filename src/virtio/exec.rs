@@ -4,7 +4,7 @@
 use std::io::{IoSlice, IoSliceMut};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 use virtio_queue::desc::split::Descriptor;
@@ -13,6 +13,7 @@ use vm_memory::{Bytes, GuestMemoryBackend};
 
 use super::request::{parse_chain, ParseError, Request, RequestType, Segment};
 use super::stats::QueueStats;
+use super::throttle::{held_note, Throttle};
 use super::{
     BlkConfig, ID_BYTES, SECTOR_SIZE, SEGMENT_SIZE, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
     VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
@@ -30,7 +31,13 @@ pub struct DeviceCtx {
     pub writeback: AtomicBool,
     /// Request counters, one per queue.
     pub stats: Box<[QueueStats]>,
+    /// Limit the warnings for failed and for malformed requests (see `throttle`).
+    failures: Throttle,
+    malformed: Throttle,
 }
+
+/// At most one warning per this interval for failed or malformed requests.
+const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(5);
 
 impl DeviceCtx {
     pub fn new(dev: Arc<dyn BlockDevice>, limits: BlkConfig, serial: &str) -> Self {
@@ -47,6 +54,8 @@ impl DeviceCtx {
             id,
             writeback,
             stats,
+            failures: Throttle::new(FAILURE_LOG_INTERVAL),
+            malformed: Throttle::new(FAILURE_LOG_INTERVAL),
         }
     }
 }
@@ -83,7 +92,14 @@ where
             return 0;
         }
         Err(ParseError::Malformed { status, reason }) => {
-            debug!("malformed request: {reason}");
+            // A driver never sends these: worth a warning, but a broken one may send many.
+            match ctx.malformed.permit(Instant::now()) {
+                Some(held) => warn!(
+                    "malformed request on queue {queue}: {reason}{}",
+                    held_note(held)
+                ),
+                None => debug!("malformed request on queue {queue}: {reason}"),
+            }
             if let Some(s) = stats {
                 s.record(None, 0, false, start.elapsed());
             }
@@ -113,12 +129,15 @@ fn finish<M: GuestMemoryBackend + ?Sized>(
     }
 }
 
-fn status_of(kind: RequestType, e: &BlockError) -> u8 {
+fn status_of(ctx: &DeviceCtx, kind: RequestType, e: &BlockError) -> u8 {
     match e {
         BlockError::OutOfRange { .. } | BlockError::ReadOnly => {
             debug!("{kind:?} refused: {e}");
         }
-        _ => warn!("{kind:?} failed: {e}"),
+        _ => match ctx.failures.permit(Instant::now()) {
+            Some(held) => warn!("{kind:?} failed: {e}{}", held_note(held)),
+            None => debug!("{kind:?} failed: {e}"),
+        },
     }
     VIRTIO_BLK_S_IOERR
 }
@@ -133,7 +152,7 @@ fn execute<M: GuestMemoryBackend + ?Sized>(ctx: &DeviceCtx, mem: &M, req: &Reque
                     status: VIRTIO_BLK_S_OK,
                     written: u32::try_from(req.data_len).unwrap_or(u32::MAX),
                 },
-                Err(e) => Done::status(status_of(kind, &e)),
+                Err(e) => Done::status(status_of(ctx, kind, &e)),
             };
         }
         RequestType::Out => {
@@ -163,7 +182,7 @@ fn execute<M: GuestMemoryBackend + ?Sized>(ctx: &DeviceCtx, mem: &M, req: &Reque
     });
     match r {
         Ok(()) => Done::status(VIRTIO_BLK_S_OK),
-        Err(e) => Done::status(status_of(kind, &e)),
+        Err(e) => Done::status(status_of(ctx, kind, &e)),
     }
 }
 

@@ -9,6 +9,7 @@ mod config;
 mod exec;
 mod request;
 mod stats;
+mod throttle;
 
 pub use config::{BlkConfig, CONFIG_SPACE_SIZE};
 pub use exec::{process_chain, DeviceCtx};
