@@ -17,6 +17,10 @@ fn io_err(what: &'static str) -> impl Fn(io::Error) -> VhostError {
 
 /// Bind the listening socket: a live socket is refused, a stale one replaced, anything else
 /// at the path left alone. The socket gets `mode`.
+///
+/// The socket is bound (and listening, with its mode set) under a temporary name beside `path`,
+/// then renamed into place: whoever waits for `path` to appear (a script starting QEMU, a test)
+/// can connect at once and never meets a socket that refuses connections or has the wrong mode.
 pub(super) fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener, VhostError> {
     if let Ok(md) = fs::symlink_metadata(path) {
         if !md.file_type().is_socket() {
@@ -36,17 +40,39 @@ pub(super) fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener, VhostE
             }
         }
     }
-    let l = UnixListener::bind(path).map_err(|source| VhostError::Bind {
+    let bind_err = |source| VhostError::Bind {
         path: path.into(),
         source,
-    })?;
-    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(|source| {
-        VhostError::Bind {
-            path: path.into(),
-            source,
+    };
+    let tmp = temp_sibling(path);
+    let _ = fs::remove_file(&tmp);
+    let l = match UnixListener::bind(&tmp) {
+        Ok(l) => l,
+        // The temporary name can be too long for a socket address where `path` is not.
+        Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
+            debug!("binding {} in place ({e})", path.display());
+            let l = UnixListener::bind(path).map_err(bind_err)?;
+            fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(bind_err)?;
+            return Ok(l);
         }
-    })?;
+        Err(e) => return Err(bind_err(e)),
+    };
+    let placed = fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))
+        .and_then(|()| fs::rename(&tmp, path));
+    if let Err(e) = placed {
+        let _ = fs::remove_file(&tmp);
+        return Err(bind_err(e));
+    }
     Ok(l)
+}
+
+/// `dir/.name.PID.tmp` for `dir/name`.
+fn temp_sibling(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
 }
 
 /// Removes the socket file when dropped.
@@ -142,5 +168,52 @@ impl Epoll {
 impl Drop for Epoll {
     fn drop(&mut self) {
         let _ = epoll::close(self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode_of(p: &Path) -> u32 {
+        fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    /// The socket appears listening, with its mode, and nothing temporary is left beside it.
+    #[test]
+    fn socket_appears_ready_and_alone() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("vq.sock");
+        let l = bind_socket(&p, 0o640).unwrap();
+        assert_eq!(mode_of(&p), 0o640);
+        let _c = UnixStream::connect(&p).unwrap();
+        assert!(l.accept().is_ok());
+        let names: Vec<_> = fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("vq.sock")]);
+        // A live socket is refused; once it is gone, its stale file is replaced.
+        assert!(matches!(
+            bind_socket(&p, 0o600),
+            Err(VhostError::SocketInUse { .. })
+        ));
+        drop(l);
+        let _l2 = bind_socket(&p, 0o600).unwrap();
+        assert_eq!(mode_of(&p), 0o600);
+    }
+
+    /// A path close to the socket-address limit still binds (in place) though its temporary
+    /// sibling's name would be too long.
+    #[test]
+    fn a_long_path_binds_in_place() {
+        let d = tempfile::tempdir().unwrap();
+        let base = d.path().as_os_str().len() + 1;
+        // sun_path holds 108 bytes with the terminating NUL.
+        let p = d.path().join("s".repeat(107 - base));
+        assert!(temp_sibling(&p).as_os_str().len() > 107);
+        let _l = bind_socket(&p, 0o600).unwrap();
+        assert_eq!(mode_of(&p), 0o600);
+        UnixStream::connect(&p).unwrap();
     }
 }

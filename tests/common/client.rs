@@ -34,23 +34,10 @@ pub struct Client {
 
 impl Client {
     pub fn connect(socket: &Path, num_queues: i32, read_only: bool) -> blkio::Result<Client> {
-        let t0 = Instant::now();
-        let mut b = loop {
-            let mut b = Blkio::new("virtio-blk-vhost-user")?;
-            b.set_str("path", socket.to_str().unwrap())?;
-            b.set_bool("read-only", read_only)?;
-            match b.connect() {
-                Ok(()) => break b,
-                // `wait_for` sees the socket file at bind(), a moment before listen().
-                Err(e)
-                    if e.errno() == blkio::Errno::CONNREFUSED
-                        && t0.elapsed() < Duration::from_secs(5) =>
-                {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(e) => return Err(e),
-            }
-        };
+        let mut b = Blkio::new("virtio-blk-vhost-user")?;
+        b.set_str("path", socket.to_str().unwrap())?;
+        b.set_bool("read-only", read_only)?;
+        b.connect()?;
         b.set_i32("num-queues", num_queues)?;
         b.set_i32("queue-size", QUEUE_SIZE)?;
         let out = b.start()?;
