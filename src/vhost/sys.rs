@@ -3,7 +3,7 @@
 use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
@@ -18,10 +18,18 @@ fn io_err(what: &'static str) -> impl Fn(io::Error) -> VhostError {
 /// Bind the listening socket: a live socket is refused, a stale one replaced, anything else
 /// at the path left alone. The socket gets `mode`.
 ///
-/// The socket is bound (and listening, with its mode set) under a temporary name beside `path`,
-/// then renamed into place: whoever waits for `path` to appear (a script starting QEMU, a test)
-/// can connect at once and never meets a socket that refuses connections or has the wrong mode.
+/// The socket is bound (listening, its mode set) in a private directory beside `path` (mode
+/// 0700, so nobody else can connect to it there) and then hard-linked into place, which fails
+/// rather than replace anything that appeared at `path` meanwhile. So whoever waits for `path`
+/// to appear (a script starting QEMU, a test) can connect at once and never meets a socket that
+/// refuses connections or has the wrong mode. Exception: when the private path would be too long
+/// for a socket address but `path` is not, the socket is bound in place, and appears a moment
+/// before it listens with its mode.
 pub(super) fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener, VhostError> {
+    let bind_err = |source| VhostError::Bind {
+        path: path.into(),
+        source,
+    };
     if let Ok(md) = fs::symlink_metadata(path) {
         if !md.file_type().is_socket() {
             return Err(VhostError::Config(format!(
@@ -33,46 +41,49 @@ pub(super) fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener, VhostE
             Ok(_) => return Err(VhostError::SocketInUse { path: path.into() }),
             Err(e) => {
                 debug!("replacing stale socket {} ({e})", path.display());
-                fs::remove_file(path).map_err(|source| VhostError::Bind {
-                    path: path.into(),
-                    source,
-                })?;
+                fs::remove_file(path).map_err(bind_err)?;
             }
         }
     }
-    let bind_err = |source| VhostError::Bind {
-        path: path.into(),
-        source,
-    };
-    let tmp = temp_sibling(path);
-    let _ = fs::remove_file(&tmp);
-    let l = match UnixListener::bind(&tmp) {
-        Ok(l) => l,
-        // The temporary name can be too long for a socket address where `path` is not.
+    let dir = private_dir(path);
+    let _ = fs::remove_dir_all(&dir);
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(bind_err)?;
+    let tmp = dir.join("s");
+    let r = UnixListener::bind(&tmp).and_then(|l| {
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))?;
+        place(&tmp, path)?;
+        Ok(l)
+    });
+    let _ = fs::remove_dir_all(&dir);
+    match r {
+        Ok(l) => Ok(l),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            Err(VhostError::SocketInUse { path: path.into() })
+        }
+        // The private path can be too long for a socket address where `path` is not.
         Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
             debug!("binding {} in place ({e})", path.display());
             let l = UnixListener::bind(path).map_err(bind_err)?;
             fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(bind_err)?;
-            return Ok(l);
+            Ok(l)
         }
-        Err(e) => return Err(bind_err(e)),
-    };
-    let placed = fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))
-        .and_then(|()| fs::rename(&tmp, path));
-    if let Err(e) = placed {
-        let _ = fs::remove_file(&tmp);
-        return Err(bind_err(e));
+        Err(e) => Err(bind_err(e)),
     }
-    Ok(l)
 }
 
-/// `dir/.name.PID.tmp` for `dir/name`.
-fn temp_sibling(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
+/// Give the bound socket at `tmp` its public name `path`; fails with `AlreadyExists` instead of
+/// replacing whatever is at `path` (another daemon's socket bound meanwhile, say).
+fn place(tmp: &Path, path: &Path) -> io::Result<()> {
+    fs::hard_link(tmp, path)
+}
+
+/// `dir/.vuq.PID` for `dir/name`: short, so that the socket inside it fits a socket address
+/// whenever `path` does, unless `name` is very short.
+fn private_dir(path: &Path) -> PathBuf {
+    path.with_file_name(format!(".vuq.{}", std::process::id()))
 }
 
 /// Removes the socket file when dropped.
@@ -203,17 +214,58 @@ mod tests {
         assert_eq!(mode_of(&p), 0o600);
     }
 
-    /// A path close to the socket-address limit still binds (in place) though its temporary
-    /// sibling's name would be too long.
+    /// A path close to the socket-address limit still binds (in place) though the private
+    /// socket path would be too long.
     #[test]
     fn a_long_path_binds_in_place() {
         let d = tempfile::tempdir().unwrap();
+        // sun_path holds 108 bytes with the terminating NUL: a directory of 102 bytes and a
+        // 4-byte name fill it, the private directory's name (.vuq.PID) does not fit.
         let base = d.path().as_os_str().len() + 1;
-        // sun_path holds 108 bytes with the terminating NUL.
-        let p = d.path().join("s".repeat(107 - base));
-        assert!(temp_sibling(&p).as_os_str().len() > 107);
+        let dir = d.path().join("d".repeat(102 - base));
+        fs::create_dir(&dir).unwrap();
+        let p = dir.join("s.so");
+        assert_eq!(p.as_os_str().len(), 107);
+        assert!(private_dir(&p).join("s").as_os_str().len() > 107);
         let _l = bind_socket(&p, 0o600).unwrap();
         assert_eq!(mode_of(&p), 0o600);
         UnixStream::connect(&p).unwrap();
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 1);
+    }
+
+    /// Placing never replaces what appeared at the path after the stale-socket check: a live
+    /// socket there stays served.
+    #[test]
+    fn placing_never_replaces_a_socket_bound_meanwhile() {
+        let d = tempfile::tempdir().unwrap();
+        let (tmp, p) = (d.path().join("tmp"), d.path().join("p"));
+        let _mine = UnixListener::bind(&tmp).unwrap();
+        let theirs = UnixListener::bind(&p).unwrap();
+        let e = place(&tmp, &p).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        let _c = UnixStream::connect(&p).unwrap();
+        assert!(theirs.accept().is_ok());
+    }
+
+    /// Someone polling for the path connects the moment it appears, and sees its final mode.
+    #[test]
+    fn a_watcher_never_meets_a_socket_that_is_not_ready() {
+        let d = tempfile::tempdir().unwrap();
+        for i in 0..50 {
+            let p = d.path().join(format!("w{i}.sock"));
+            let watch = {
+                let p = p.clone();
+                std::thread::spawn(move || loop {
+                    if let Ok(md) = fs::symlink_metadata(&p) {
+                        let mode = md.permissions().mode() & 0o777;
+                        return (mode, UnixStream::connect(&p).is_ok());
+                    }
+                    std::hint::spin_loop();
+                })
+            };
+            let l = bind_socket(&p, 0o604).unwrap();
+            assert_eq!(watch.join().unwrap(), (0o604, true), "round {i}");
+            drop(l);
+        }
     }
 }

@@ -154,3 +154,9 @@ pub fn fail_with_log(child: &mut Child, what: &str) -> ! {
     let _ = child.wait();
     panic!("{what}\n--- daemon stderr ---\n{}", stderr_of(child));
 }
+
+/// Connect to the daemon `child` serves, or fail the test with its log.
+pub fn connect_or_fail(child: &mut Child, socket: &Path, num_queues: i32) -> Client {
+    Client::connect(socket, num_queues, false)
+        .unwrap_or_else(|e| fail_with_log(child, &format!("connect: {e}")))
+}
