@@ -6,6 +6,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use log::debug;
 
@@ -23,8 +24,8 @@ fn io_err(what: &'static str) -> impl Fn(io::Error) -> VhostError {
 /// rather than replace anything that appeared at `path` meanwhile. So whoever waits for `path`
 /// to appear (a script starting QEMU, a test) can connect at once and never meets a socket that
 /// refuses connections or has the wrong mode. Exception: when the private path would be too long
-/// for a socket address but `path` is not, the socket is bound in place, and appears a moment
-/// before it listens with its mode.
+/// for a socket address but `path` is not, or the filesystem refuses the directory or the link,
+/// the socket is bound in place, and appears a moment before it listens with its mode.
 pub(super) fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener, VhostError> {
     let bind_err = |source| VhostError::Bind {
         path: path.into(),
@@ -47,30 +48,29 @@ pub(super) fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener, VhostE
     }
     let dir = private_dir(path);
     let _ = fs::remove_dir_all(&dir);
-    fs::DirBuilder::new()
+    let tmp = dir.join("s");
+    let mut in_use = false;
+    let r = fs::DirBuilder::new()
         .mode(0o700)
         .create(&dir)
-        .map_err(bind_err)?;
-    let tmp = dir.join("s");
-    let r = UnixListener::bind(&tmp).and_then(|l| {
-        fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))?;
-        place(&tmp, path)?;
-        Ok(l)
-    });
+        .and_then(|()| UnixListener::bind(&tmp))
+        .and_then(|l| {
+            fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))?;
+            place(&tmp, path).inspect_err(|e| in_use = e.kind() == io::ErrorKind::AlreadyExists)?;
+            Ok(l)
+        });
     let _ = fs::remove_dir_all(&dir);
     match r {
         Ok(l) => Ok(l),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            Err(VhostError::SocketInUse { path: path.into() })
-        }
-        // The private path can be too long for a socket address where `path` is not.
-        Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
+        Err(_) if in_use => Err(VhostError::SocketInUse { path: path.into() }),
+        // The private path too long for a socket address where `path` is not, or a directory
+        // or link the filesystem refuses: bind in place, as plain `bind` does.
+        Err(e) => {
             debug!("binding {} in place ({e})", path.display());
             let l = UnixListener::bind(path).map_err(bind_err)?;
             fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(bind_err)?;
             Ok(l)
         }
-        Err(e) => Err(bind_err(e)),
     }
 }
 
@@ -80,10 +80,12 @@ fn place(tmp: &Path, path: &Path) -> io::Result<()> {
     fs::hard_link(tmp, path)
 }
 
-/// `dir/.vuq.PID` for `dir/name`: short, so that the socket inside it fits a socket address
-/// whenever `path` does, unless `name` is very short.
+/// `dir/.vuq.PID.N` for `dir/name` (N counts this process's binds): short, so that the socket
+/// inside it fits a socket address whenever `path` does, unless `name` is very short.
 fn private_dir(path: &Path) -> PathBuf {
-    path.with_file_name(format!(".vuq.{}", std::process::id()))
+    static BINDS: AtomicU32 = AtomicU32::new(0);
+    let n = BINDS.fetch_add(1, Ordering::Relaxed);
+    path.with_file_name(format!(".vuq.{}.{n}", std::process::id()))
 }
 
 /// Removes the socket file when dropped.
