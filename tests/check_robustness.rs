@@ -106,6 +106,8 @@ fn info_matches_qemu_img() {
         &[],
     );
     for img in [&base, &over, &v2] {
+        // actual-size is st_blocks: let writeback settle it before the two reads.
+        std::fs::File::open(img).unwrap().sync_all().unwrap();
         let q: Value =
             serde_json::from_slice(&run("qemu-img", &["info", "--output", "json", s(img)]).stdout)
                 .unwrap();

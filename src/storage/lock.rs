@@ -188,23 +188,33 @@ mod tests {
         // tells us it is open.
         let mut stdin = child.stdin.take().unwrap();
         writeln!(stdin, "write 0 512").unwrap();
+        // Wait by looking only (F_OFD_GETLK): taking our locks to probe could make qemu-io's
+        // own check, which may come more than once while it opens, fail instead of ours.
+        let probe = File::open(f.path()).unwrap();
+        let t0 = std::time::Instant::now();
         let mut held = false;
-        for _ in 0..100 {
-            if ImageLock::acquire(f.path(), false).is_err() {
+        while t0.elapsed() < std::time::Duration::from_secs(30) {
+            if byte_locked_by_others(&probe, 101).unwrap() {
                 held = true;
                 break;
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        let err = ImageLock::acquire(f.path(), true);
+        let rw = ImageLock::acquire(f.path(), false);
+        let ro = ImageLock::acquire(f.path(), true);
         writeln!(stdin, "quit").unwrap();
         drop(stdin);
         child.wait().unwrap();
-        assert!(held, "qemu-io's locks were never seen");
+        assert!(held, "qemu-io's write lock never appeared within 30 s");
         assert!(
-            err.is_err(),
+            rw.is_err(),
+            "a writable open must be refused while qemu-io writes"
+        );
+        assert!(
+            ro.is_err(),
             "a read-only open must be refused while qemu-io writes"
         );
+        drop(probe);
         ImageLock::acquire(f.path(), false).unwrap();
     }
 }

@@ -222,8 +222,12 @@ mod tests {
     fn a_long_path_binds_in_place() {
         let d = tempfile::tempdir().unwrap();
         // sun_path holds 108 bytes with the terminating NUL: a directory of 102 bytes and a
-        // 4-byte name fill it, the private directory's name (.vuq.PID) does not fit.
+        // 4-byte name fill it, the private directory's name (.vuq.PID.N) does not fit.
         let base = d.path().as_os_str().len() + 1;
+        if base >= 100 {
+            eprintln!("skipped: the temporary directory's path is too long for this test");
+            return;
+        }
         let dir = d.path().join("d".repeat(102 - base));
         fs::create_dir(&dir).unwrap();
         let p = dir.join("s.so");

@@ -122,6 +122,9 @@ pub fn spawn_binary(image: &Path, socket: &Path, extra: &[&str]) -> Child {
         .arg("--socket")
         .arg(socket)
         .args(extra)
+        // The tests read the log at info level, and only at exit: more (RUST_LOG=debug from
+        // the caller's environment) could fill the pipe and stall the daemon.
+        .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
