@@ -55,10 +55,15 @@ impl BlkBackend {
     ) -> io::Result<()> {
         let event_idx = self.event_idx.load(Ordering::Acquire);
         let mut state = vring.get_mut();
-        let mut broken = None;
-        loop {
+        // The first error ends the pass, but what was completed before it still reaches the
+        // guest below: a guest left waiting for a completion it will never see is a hung disk.
+        let mut failed: Option<String> = None;
+        'pass: loop {
             if event_idx {
-                state.disable_notification().map_err(io::Error::other)?;
+                if let Err(e) = state.disable_notification() {
+                    failed = Some(format!("cannot disable notifications: {e}"));
+                    break;
+                }
             }
             let mut popped = 0usize;
             while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) {
@@ -73,28 +78,40 @@ impl BlkBackend {
                 }
                 let head = chain.head_index();
                 let used = virtio::process_chain(&self.ctx, queue, &*mem, chain);
-                state.add_used(head, used).map_err(io::Error::other)?;
+                if let Err(e) = state.add_used(head, used) {
+                    failed = Some(format!("cannot complete request {head}: {e}"));
+                    break 'pass;
+                }
                 popped += 1;
             }
-            if !event_idx || !state.enable_notification().map_err(io::Error::other)? {
+            if !event_idx {
                 break;
+            }
+            match state.enable_notification() {
+                Ok(false) => break,
+                Ok(true) => {}
+                Err(e) => {
+                    failed = Some(format!("cannot enable notifications: {e}"));
+                    break;
+                }
             }
             // More is announced but nothing could be taken: a guest that set the available
             // index more than a queue ahead. Looping would spin forever holding the vring.
             if popped == 0 {
                 if let Err(e) = state.get_queue_mut().iter(mem.clone()) {
-                    broken = Some(e);
+                    failed = Some(format!("broken available ring ({e}); no longer served"));
                     break;
                 }
             }
         }
-        if state.needs_notification().map_err(io::Error::other)? {
-            state.signal_used_queue()?;
+        // When unsure whether the guest wants an interrupt, send one: a spurious one is harmless.
+        if state.needs_notification().unwrap_or(true) {
+            if let Err(e) = state.signal_used_queue() {
+                failed.get_or_insert(format!("cannot signal the guest: {e}"));
+            }
         }
-        match broken {
-            Some(e) => Err(io::Error::other(format!(
-                "queue {queue}: broken available ring ({e}); no longer served"
-            ))),
+        match failed {
+            Some(what) => Err(io::Error::other(format!("queue {queue}: {what}"))),
             None => Ok(()),
         }
     }
