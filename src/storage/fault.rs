@@ -180,9 +180,15 @@ impl Storage for FaultStorage {
         if st.crashed {
             return Err(eio());
         }
-        // Length changes are treated as durable at once (as a metadata journal would make them).
+        // Length changes are treated as durable at once (as a metadata journal would make them),
+        // so unflushed writes past a new, shorter end are gone with it.
         self.view.set_len(len)?;
         st.durable.resize(len as usize, 0);
+        st.unflushed.retain_mut(|(off, data)| {
+            let keep = len.saturating_sub(*off).min(data.len() as u64) as usize;
+            data.truncate(keep);
+            keep > 0
+        });
         Ok(())
     }
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -210,6 +216,18 @@ mod tests {
         assert_eq!(&img[..12], &[1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0]);
         let img = s.crashed_image(CrashMode::AllWrites);
         assert_eq!(&img[..12], &[1, 1, 1, 1, 2, 2, 2, 2, 0, 0, 0, 0]);
+    }
+
+    /// A shrink drops what was written past the new end: no crash image grows the file back.
+    #[test]
+    fn shrinking_drops_unflushed_writes_past_the_end() {
+        let s = FaultStorage::new(vec![0; 1024], None);
+        s.write_at(&[5; 512], 256).unwrap();
+        s.write_at(&[6; 100], 900).unwrap();
+        s.set_len(512).unwrap();
+        let img = s.crashed_image(CrashMode::AllWrites);
+        assert_eq!(img.len(), 512);
+        assert!(img[256..].iter().all(|&b| b == 5));
     }
 
     /// A multi-sector write may land in part, sector by sector, and never splits a sector.
