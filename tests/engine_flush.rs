@@ -2,7 +2,10 @@
 //! included), a flush with nothing new costs no sync, and concurrent flushes share syncs
 //! without any of them returning before its own writes are durable.
 
-use std::io::{self, IoSlice, IoSliceMut};
+mod common;
+
+use common::hooked::Hooked;
+use std::io::{IoSlice, IoSliceMut};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,34 +15,16 @@ use vhost_user_qcow2::storage::{CrashMode, FaultStorage, MemStorage, Storage};
 
 const SIZE: u64 = 64 << 20;
 
-/// FaultStorage whose syncs are slow (so flushes overlap) and counted.
-struct SlowSync {
-    inner: FaultStorage,
-    syncs: AtomicU64,
-    delay: Duration,
-}
-
-impl Storage for SlowSync {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.inner.write_at(buf, offset)
-    }
-    fn flush(&self) -> io::Result<()> {
-        self.syncs.fetch_add(1, Ordering::SeqCst);
-        std::thread::sleep(self.delay);
-        self.inner.flush()
-    }
-    fn len(&self) -> io::Result<u64> {
-        self.inner.len()
-    }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        self.inner.set_len(len)
-    }
-    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.inner.punch_hole(offset, len)
-    }
+/// FaultStorage whose syncs are slowed by `delay` (so flushes overlap) and counted.
+fn slow_sync(lazy: bool, delay: Duration) -> (Arc<Hooked<FaultStorage>>, Arc<AtomicU64>) {
+    let syncs = Arc::new(AtomicU64::new(0));
+    let mut st = Hooked::new(FaultStorage::new(image(lazy), None));
+    let n = syncs.clone();
+    st.on_flush = Some(Box::new(move || {
+        n.fetch_add(1, Ordering::SeqCst);
+        std::thread::sleep(delay);
+    }));
+    (Arc::new(st), syncs)
 }
 
 fn image(lazy: bool) -> Vec<u8> {
@@ -82,22 +67,18 @@ fn durable_read(st: &FaultStorage, off: u64, len: usize) -> Vec<u8> {
 #[test]
 fn flush_after_in_place_write_syncs_and_idle_flush_does_not() {
     for lazy in [false, true] {
-        let st = Arc::new(SlowSync {
-            inner: FaultStorage::new(image(lazy), None),
-            syncs: AtomicU64::new(0),
-            delay: Duration::ZERO,
-        });
+        let (st, sync_count) = slow_sync(lazy, Duration::ZERO);
         let q = open(st.clone(), lazy);
         q.write_vectored(0, &[IoSlice::new(&[1u8; 4096])]).unwrap();
         q.flush().unwrap();
         assert_eq!(durable_read(&st.inner, 0, 4096), vec![1u8; 4096]);
         // Nothing new: no sync, no write.
-        let (ops, syncs) = (st.inner.writes(), st.syncs.load(Ordering::SeqCst));
+        let (ops, syncs) = (st.inner.writes(), sync_count.load(Ordering::SeqCst));
         q.flush().unwrap();
         q.flush().unwrap();
         assert_eq!(st.inner.writes(), ops, "lazy {lazy}: idle flush wrote");
         assert_eq!(
-            st.syncs.load(Ordering::SeqCst),
+            sync_count.load(Ordering::SeqCst),
             syncs,
             "lazy {lazy}: idle flush synced"
         );
@@ -120,11 +101,7 @@ fn flush_after_in_place_write_syncs_and_idle_flush_does_not() {
 #[test]
 fn concurrent_flushes_share_syncs_and_each_covers_its_writes() {
     for lazy in [false, true] {
-        let st = Arc::new(SlowSync {
-            inner: FaultStorage::new(image(lazy), None),
-            syncs: AtomicU64::new(0),
-            delay: Duration::from_millis(3),
-        });
+        let (st, _) = slow_sync(lazy, Duration::from_millis(3));
         let q = Arc::new(open(st.clone(), lazy));
         let threads = 4u64;
         let rounds = 25u64;

@@ -1,5 +1,5 @@
 //! A storage that passes every call to an inner one, and lets a test watch or slow chosen calls
-//! (count reads, hold a write in flight, record the holes punched).
+//! (count reads, hold a write in flight, record the holes punched, slow and count syncs).
 
 use std::io::{self, IoSlice, IoSliceMut};
 use vhost_user_qcow2::storage::Storage;
@@ -7,6 +7,7 @@ use vhost_user_qcow2::storage::Storage;
 pub type OnRead = Box<dyn Fn(u64) + Send + Sync>;
 pub type OnWrite = Box<dyn Fn(&[u8], u64) + Send + Sync>;
 pub type OnPunch = Box<dyn Fn(u64, u64) + Send + Sync>;
+pub type OnFlush = Box<dyn Fn() + Send + Sync>;
 
 pub struct Hooked<S> {
     pub inner: S,
@@ -16,6 +17,8 @@ pub struct Hooked<S> {
     pub on_write: Option<OnWrite>,
     /// Before every hole punched, with its offset and length.
     pub on_punch: Option<OnPunch>,
+    /// Before every sync.
+    pub on_flush: Option<OnFlush>,
 }
 
 impl<S> Hooked<S> {
@@ -25,6 +28,7 @@ impl<S> Hooked<S> {
             on_read: None,
             on_write: None,
             on_punch: None,
+            on_flush: None,
         }
     }
 }
@@ -52,6 +56,9 @@ impl<S: Storage> Storage for Hooked<S> {
         self.inner.writev_at(bufs, offset)
     }
     fn flush(&self) -> io::Result<()> {
+        if let Some(f) = &self.on_flush {
+            f();
+        }
         self.inner.flush()
     }
     fn len(&self) -> io::Result<u64> {
