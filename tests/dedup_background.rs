@@ -13,19 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vhost_user_qcow2::block::BlockDevice;
 use vhost_user_qcow2::qcow2::dedup::persist::DedupMode;
-use vhost_user_qcow2::qcow2::{create, CreateOptions, OpenOptions, Qcow2};
-use vhost_user_qcow2::storage::FileStorage;
+use vhost_user_qcow2::qcow2::{OpenOptions, Qcow2};
 
 const CS: u64 = 65536;
-
-fn new_image(path: &Path, size: u64) {
-    let o = CreateOptions {
-        size,
-        dedup: true,
-        ..Default::default()
-    };
-    create(&FileStorage::new(std::fs::File::create(path).unwrap()), &o).unwrap();
-}
 
 fn open(path: &Path, mode: Option<DedupMode>) -> Qcow2 {
     Qcow2::open_with(
@@ -74,7 +64,7 @@ fn drain(q: &Qcow2) -> u64 {
 fn writes_complete_plain_then_the_worker_merges_them() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("b.qcow2");
-    new_image(&img, 16 << 20);
+    common::new_dedup_image(&img, 16 << 20);
     let q = open(&img, Some(DedupMode::Background));
     assert_eq!(q.dedup_mode(), DedupMode::Background);
     write_dups(&q, 64, 32);
@@ -95,7 +85,7 @@ fn writes_complete_plain_then_the_worker_merges_them() {
 fn pending_work_mode_and_pause_survive_a_clean_restart() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("r.qcow2");
-    new_image(&img, 16 << 20);
+    common::new_dedup_image(&img, 16 << 20);
     let q = open(&img, Some(DedupMode::Background));
     write_dups(&q, 40, 10);
     q.set_dedup_paused(true).unwrap();
@@ -129,7 +119,7 @@ fn pending_work_mode_and_pause_survive_a_clean_restart() {
 fn a_crash_in_background_mode_loses_no_pending_work() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("c.qcow2");
-    new_image(&img, 16 << 20);
+    common::new_dedup_image(&img, 16 << 20);
     let q = open(&img, Some(DedupMode::Background));
     write_dups(&q, 48, 12);
     q.flush().unwrap();
@@ -158,7 +148,7 @@ fn the_worker_racing_guest_writes_loses_nothing() {
         let img = dir.path().join("w.qcow2");
         let raw = dir.path().join("w.raw");
         let clusters = 96u64;
-        new_image(&img, clusters * CS);
+        common::new_dedup_image(&img, clusters * CS);
         let q = Arc::new(open(&img, Some(DedupMode::Background)));
         let worker = q.start_dedup_worker().unwrap();
         // Two writers on disjoint halves (so the model is exact), contents from a small set.

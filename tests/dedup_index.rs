@@ -13,22 +13,13 @@ use std::sync::Arc;
 use vhost_user_qcow2::block::BlockDevice;
 use vhost_user_qcow2::qcow2::dedup::persist::{DedupExtension, AUTOCLEAR_DEDUP, EXT_DEDUP};
 use vhost_user_qcow2::qcow2::format::Header;
-use vhost_user_qcow2::qcow2::{create, CreateOptions, OpenOptions, Qcow2};
+use vhost_user_qcow2::qcow2::{OpenOptions, Qcow2};
 use vhost_user_qcow2::storage::FileStorage;
 
 const CS: u64 = 65536;
 
 /// Data that starts with these bytes is written slowly by `open_counting`'s storage.
 const SLOW: &[u8] = b"SLOWSLOW";
-
-fn new_image(path: &Path, size: u64) {
-    let o = CreateOptions {
-        size,
-        dedup: true,
-        ..Default::default()
-    };
-    create(&FileStorage::new(std::fs::File::create(path).unwrap()), &o).unwrap();
-}
 
 /// Opens the image over a storage that counts reads (the counter is returned) and writes data
 /// that starts with `SLOW` slowly (keeping that write in flight while another thread runs).
@@ -96,7 +87,7 @@ fn ext(img: &Path) -> (Header, DedupExtension) {
 fn clean_close_then_open_loads_the_index_without_reading_data() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("l.qcow2");
-    new_image(&img, 64 << 20);
+    common::new_dedup_image(&img, 64 << 20);
     let (q, _) = open_counting(&img);
     assert_eq!(q.dedup_open_report().unwrap().how, "rebuilt");
     for gc in 0..40 {
@@ -140,7 +131,7 @@ fn clean_close_then_open_loads_the_index_without_reading_data() {
 fn a_crash_means_a_rebuild() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("c.qcow2");
-    new_image(&img, 16 << 20);
+    common::new_dedup_image(&img, 16 << 20);
     let (q, _) = open_counting(&img);
     write(&q, 0, &pattern(1));
     q.close().unwrap();
@@ -172,7 +163,7 @@ fn a_crash_means_a_rebuild() {
 fn qemu_writing_in_place_behind_the_kept_bit_is_never_trusted() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("q.qcow2");
-    new_image(&img, 16 << 20);
+    common::new_dedup_image(&img, 16 << 20);
     let (q, _) = open_counting(&img);
     write(&q, 0, &pattern(1));
     write(&q, 1, &pattern(2));
@@ -213,7 +204,7 @@ fn qemu_writing_in_place_behind_the_kept_bit_is_never_trusted() {
 fn qemu_allocating_into_the_area_moves_the_index() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("m.qcow2");
-    new_image(&img, 16 << 20);
+    common::new_dedup_image(&img, 16 << 20);
     let (q, _) = open_counting(&img);
     write(&q, 0, &pattern(1));
     q.close().unwrap();
@@ -251,7 +242,7 @@ fn qemu_allocating_into_the_area_moves_the_index() {
 fn a_compare_waiting_for_a_dedup_write_is_woken() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("w.qcow2");
-    new_image(&img, 64 << 20);
+    common::new_dedup_image(&img, 64 << 20);
     let (q, _) = open_counting(&img);
     write(&q, 0, &pattern(7));
     q.close().unwrap();

@@ -21,6 +21,17 @@ pub fn qemu_img(args: &[&str]) -> (i32, String) {
     run("qemu-img", args)
 }
 
+/// A new image with dedup recorded on (64 KiB clusters).
+pub fn new_dedup_image(path: &Path, size: u64) {
+    let o = vhost_user_qcow2::qcow2::CreateOptions {
+        size,
+        dedup: true,
+        ..Default::default()
+    };
+    let f = std::fs::File::create(path).unwrap();
+    vhost_user_qcow2::qcow2::create(&vhost_user_qcow2::storage::FileStorage::new(f), &o).unwrap();
+}
+
 /// `qemu-img check` must exit 0.
 pub fn assert_check_clean(img: &Path) {
     let (code, out) = qemu_img(&["check", img.to_str().unwrap()]);
