@@ -242,6 +242,22 @@ mod tests {
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};
 
+    /// A 16-entry vring over `q`'s rings, ready to serve.
+    fn ready_vring(
+        mem: &GuestMem,
+        q: &MockSplitQueue<GuestMemoryMmap<()>>,
+        event_idx: bool,
+    ) -> Vring {
+        let vring = Vring::new(mem.clone(), 16).unwrap();
+        vring
+            .set_queue_info(q.desc_table_addr().0, q.avail_addr().0, q.used_addr().0)
+            .unwrap();
+        vring.set_queue_size(16);
+        vring.set_queue_event_idx(event_idx);
+        vring.set_queue_ready(true);
+        vring
+    }
+
     /// A guest that moves the available index more than a queue ahead must not make the worker
     /// spin (it would hold the vring forever): the pass ends with an error.
     #[test]
@@ -249,13 +265,7 @@ mod tests {
         let mmap = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let mem = GuestMemoryAtomic::new(mmap.clone());
         let q = MockSplitQueue::new(&mmap, 16);
-        let vring = Vring::new(mem.clone(), 16).unwrap();
-        vring
-            .set_queue_info(q.desc_table_addr().0, q.avail_addr().0, q.used_addr().0)
-            .unwrap();
-        vring.set_queue_size(16);
-        vring.set_queue_event_idx(true);
-        vring.set_queue_ready(true);
+        let vring = ready_vring(&mem, &q, true);
         // avail.idx lives 2 bytes into the available ring.
         mmap.write_obj(40u16, GuestAddress(q.avail_addr().0 + 2))
             .unwrap();
@@ -290,12 +300,7 @@ mod tests {
         atomic.lock().unwrap().replace(full.clone());
 
         let q = MockSplitQueue::new(&full, 16);
-        let vring = Vring::new(atomic.clone(), 16).unwrap();
-        vring
-            .set_queue_info(q.desc_table_addr().0, q.avail_addr().0, q.used_addr().0)
-            .unwrap();
-        vring.set_queue_size(16);
-        vring.set_queue_ready(true);
+        let vring = ready_vring(&atomic, &q, false);
         let mut h = [0u8; 16];
         h[0..4].copy_from_slice(&crate::virtio::VIRTIO_BLK_T_OUT.to_le_bytes());
         full.write_slice(&h, GuestAddress(hdr)).unwrap();
