@@ -379,6 +379,14 @@ done
 
 mkdir -p "$TARGET/bench"
 "$CLIENT" --report "$RESULTS" | tee "$WORK/table.md"
+# The lazy-refcount rows: what the file system alone allows (examples/sync_floor.rs).
+if printf '%s\n' "${ROW_NAMES[@]}" | grep -q 'lazy'; then
+    FLOOR=$TARGET/release/examples/sync_floor
+    if [ -x "$FLOOR" ]; then
+        echo | tee -a "$WORK/table.md"
+        "$FLOOR" --dir "$WORK" --rounds "$((ROUNDS < 3 ? 5 : ROUNDS + 2))" | tee -a "$WORK/table.md"
+    fi
+fi
 cp "$RESULTS" "$WORK/table.md" "$TARGET/bench/"
 echo "bench.sh: results in $TARGET/bench/results.jsonl and $TARGET/bench/table.md" >&2
 if grep -q '"error"' "$RESULTS"; then
