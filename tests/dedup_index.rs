@@ -280,3 +280,92 @@ fn a_compare_waiting_for_a_dedup_write_is_woken() {
     drop(q);
     common::assert_check_clean(&img);
 }
+
+/// A record cache far smaller than the index area (`OpenOptions::dedup_cache_bytes`, the
+/// daemon's `--dedup-cache-size`): records are written back on eviction and read again, and
+/// every decision that rests on them (links, identical rewrites, the index loaded at the next
+/// open) stays right.
+#[test]
+fn a_record_cache_smaller_than_the_area_evicts_and_reloads_right() {
+    const CS4: u64 = 4096;
+    // 127 records per 4 KiB index cluster: 16384 guest clusters need 130 index clusters.
+    const RPC: u64 = 127;
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("c.qcow2");
+    let o = vhost_user_qcow2::qcow2::CreateOptions {
+        size: 64 << 20,
+        cluster_bits: 12,
+        dedup: true,
+        ..Default::default()
+    };
+    let f = std::fs::File::create(&img).unwrap();
+    vhost_user_qcow2::qcow2::create(&FileStorage::new(f), &o).unwrap();
+    let content = |k: u64| -> Vec<u8> {
+        (0..CS4)
+            .map(|i| (i.wrapping_mul(k * 2 + 1) ^ (k << 3)) as u8)
+            .collect()
+    };
+    let open = |cache: Option<u64>| {
+        let opts = OpenOptions {
+            dedup: Some(true),
+            dedup_cache_bytes: cache,
+            ..Default::default()
+        };
+        Qcow2::open_with(&img, &opts).unwrap()
+    };
+    let wr = |q: &Qcow2, gc: u64, d: &[u8]| {
+        q.write_vectored(gc * CS4, &[IoSlice::new(d)]).unwrap();
+    };
+    let rd = |q: &Qcow2, gc: u64| {
+        let mut b = vec![0u8; CS4 as usize];
+        q.read_vectored(gc * CS4, &mut [IoSliceMut::new(&mut b)])
+            .unwrap();
+        b
+    };
+    // Room for 4 index clusters (the least the cache keeps).
+    let q = open(Some(16 << 10));
+    // 60 unique contents, each in its own index cluster.
+    for k in 0..60 {
+        wr(&q, k * 2 * RPC, &content(k));
+    }
+    // Their duplicates, each in yet another index cluster, and identical rewrites: every one
+    // needs a record that was evicted long ago.
+    for k in 0..60 {
+        wr(&q, k * 2 * RPC + RPC, &content(k));
+        wr(&q, k * 2 * RPC, &content(k));
+    }
+    let s = q.dedup_stats().unwrap();
+    assert_eq!(s.clusters_unique, 60, "{s:?}");
+    assert_eq!(s.clusters_deduplicated, 60, "{s:?}");
+    assert_eq!(s.identical_rewrites, 60, "{s:?}");
+    assert!(
+        s.record_cache_bytes < 64 << 10,
+        "the cache stayed bounded: {s:?}"
+    );
+    q.close().unwrap();
+    drop(q);
+    common::assert_check_clean(&img);
+    assert_eq!(common::physical_clusters(&img, CS4), 60);
+
+    // Loaded again (default cache): the records written on eviction are all there.
+    let q = open(None);
+    let rep = q.dedup_open_report().unwrap();
+    assert_eq!(rep.how, "loaded", "{rep:?}");
+    assert_eq!(rep.clusters_hashed, 0);
+    wr(&q, 7, &content(59));
+    let s = q.dedup_stats().unwrap();
+    assert_eq!(
+        (s.clusters_deduplicated, s.clusters_unique),
+        (1, 0),
+        "{s:?}"
+    );
+    for k in 0..60 {
+        assert_eq!(rd(&q, k * 2 * RPC), content(k), "cluster of content {k}");
+        assert_eq!(rd(&q, k * 2 * RPC + RPC), content(k), "its duplicate");
+    }
+    assert_eq!(rd(&q, 7), content(59));
+    q.close().unwrap();
+    drop(q);
+    common::assert_check_clean(&img);
+    assert_eq!(common::physical_clusters(&img, CS4), 60);
+}

@@ -80,4 +80,26 @@ mod tests {
         assert!(parse_size("12X").is_err());
         assert!(parse_size("99999999999T").is_err());
     }
+
+    #[test]
+    fn dedup_cache_size_is_checked() {
+        let serve = |size: &str| {
+            let a = ["vhost-user-qcow2", "serve", "--image", "i", "--socket", "s"];
+            let a = a.iter().copied().chain(["--dedup-cache-size", size]);
+            match Args::try_parse_from(a).map(|a| a.command) {
+                Ok(Command::Serve(s)) => Ok(s.dedup_cache_size),
+                Ok(_) => Err("not serve".to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        assert_eq!(serve("256M"), Ok(256 << 20));
+        let e = serve("512K").unwrap_err();
+        assert!(e.contains("give 1M to 1T"), "{e}");
+        assert!(serve("lots").is_err());
+        let a = ["vhost-user-qcow2", "serve", "--image", "i", "--socket", "s"];
+        match Args::try_parse_from(a).map(|a| a.command) {
+            Ok(Command::Serve(s)) => assert_eq!(s.dedup_cache_size, 64 << 20),
+            other => panic!("{other:?}"),
+        }
+    }
 }

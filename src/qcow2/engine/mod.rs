@@ -62,6 +62,9 @@ pub struct OpenOptions {
     /// With dedup: build the hint index at open by hashing every allocated cluster (true for
     /// `serve`; offline dedup builds it as it goes). Default (None): true.
     pub dedup_index_at_open: Option<bool>,
+    /// With dedup: most RAM for cached index clusters (the persistent per-cluster records).
+    /// Default (None): `DEFAULT_RECORD_CACHE_BYTES`.
+    pub dedup_cache_bytes: Option<u64>,
 }
 
 impl OpenOptions {
@@ -241,6 +244,8 @@ impl Qcow2 {
                 &h,
                 file_len,
                 opts.dedup_index_at_open.unwrap_or(true),
+                opts.dedup_cache_bytes
+                    .unwrap_or(dedup::DEFAULT_RECORD_CACHE_BYTES),
             )?;
         }
         let dedup_on = meta.dedup.is_some();

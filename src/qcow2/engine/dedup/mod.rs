@@ -25,8 +25,8 @@ mod records;
 
 pub use background::DedupWorker;
 
-pub use lifecycle::IndexOpenReport;
 pub(crate) use lifecycle::{close as write_back, open};
+pub use lifecycle::{IndexOpenReport, DEFAULT_RECORD_CACHE_BYTES};
 
 use super::meta::Meta;
 use super::{iov, Qcow2};
