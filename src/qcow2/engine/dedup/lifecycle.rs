@@ -21,8 +21,8 @@ use std::collections::HashMap;
 /// Default RAM for cached index clusters (`OpenOptions::dedup_cache_bytes`): the whole index
 /// area of an 8 GiB disk with 4 KiB clusters, or of a 128 GiB one with 64 KiB clusters. Random
 /// writes over an area larger than the cache load and write back an index cluster for most
-/// writes, under the metadata lock (at 8 GiB with 4 KiB clusters and a 32 MiB cache, inline dedup
-/// of unique data ran at 40% of the dedup-off IOPS; whole, at 75%).
+/// writes, under the metadata lock (`./run bench`, 8 GiB with 4 KiB clusters: inline dedup of
+/// unique data ran at 39% of the dedup-off IOPS with a 32 MiB cache, at 64% with this one).
 pub const DEFAULT_RECORD_CACHE_BYTES: u64 = 64 << 20;
 /// Bytes read at once when loading the index area.
 const LOAD_CHUNK: u64 = 4 << 20;
