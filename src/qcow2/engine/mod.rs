@@ -99,7 +99,14 @@ pub struct Qcow2 {
     guest_writes: AtomicU64,
     /// Concurrent guest flushes share one sync; a flush with nothing new costs none.
     group: group::GroupCommit,
+    /// Tries at the metadata lock before sleeping on it (0 on a single CPU: see `lock`).
+    lock_spins: u32,
 }
+
+/// Tries at a busy metadata lock before sleeping on it, each followed by a few spin hints:
+/// about 8 µs in all on the test VM (more on CPUs with a slow pause), longer than a request ever
+/// holds the lock (about 1-3 µs).
+const LOCK_SPINS: u32 = 100;
 
 /// Called once when an overlap check marks the image corrupt, with a description.
 pub type CorruptionListener = Box<dyn Fn(&str) + Send + Sync>;
@@ -266,6 +273,10 @@ impl Qcow2 {
             worker_stop: AtomicBool::new(false),
             guest_writes: AtomicU64::new(0),
             group: Default::default(),
+            lock_spins: match std::thread::available_parallelism() {
+                Ok(n) if n.get() > 1 => LOCK_SPINS,
+                _ => 0,
+            },
         };
         if dedup_on && (mode != recorded_mode || !had_setting) {
             // The mode this session runs in is the image's setting from now on.
@@ -291,8 +302,27 @@ impl Qcow2 {
         st
     }
 
+    /// The metadata lock. A busy lock is tried again for a short while before the thread sleeps:
+    /// queue threads hold it for a microsecond or two per request, while a futex sleep and the
+    /// wake-up that ends it cost far more (on a VM, an inter-processor interrupt each). With two
+    /// queues writing unique data with inline dedup, 75% of the daemon's context switches were
+    /// sleeps on this lock; spinning first gave 5-20% more IOPS in every dedup mode and with
+    /// dedup off (8 GiB image, 4 KiB clusters, QD32, 2 queues).
     fn lock(&self) -> MutexGuard<'_, Meta> {
-        // No code path panics while holding the lock; a poisoned lock still guards valid state.
+        use std::sync::TryLockError;
+        for _ in 0..self.lock_spins {
+            match self.meta.try_lock() {
+                Ok(g) => return g,
+                // No code path panics while holding the lock; a poisoned lock still guards
+                // valid state.
+                Err(TryLockError::Poisoned(e)) => return e.into_inner(),
+                Err(TryLockError::WouldBlock) => {
+                    for _ in 0..8 {
+                        std::hint::spin_loop();
+                    }
+                }
+            }
+        }
         self.meta.lock().unwrap_or_else(|e| e.into_inner())
     }
 
