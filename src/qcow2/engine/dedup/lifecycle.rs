@@ -152,12 +152,12 @@ pub(crate) fn open(
             None => new_area(s, m, need, file_len)?,
         };
         let generation = if load { generation } else { generation + 1 };
-        if need.saturating_mul(cs) > cache_bytes {
+        let area_bytes = need.saturating_mul(cs);
+        if area_bytes > cache_bytes {
             log::info!(
                 "dedup records take {} MiB and the record cache holds {} MiB: writes spread \
-                 over more of the disk than that read and write back an index cluster each \
-                 (--dedup-cache-size raises it)",
-                (need * cs) >> 20,
+                 over more of the disk than that read and write back an index cluster each",
+                area_bytes >> 20,
                 cache_bytes >> 20
             );
         }
