@@ -292,14 +292,7 @@ fn a_record_cache_smaller_than_the_area_evicts_and_reloads_right() {
     const RPC: u64 = 127;
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("c.qcow2");
-    let o = vhost_user_qcow2::qcow2::CreateOptions {
-        size: 64 << 20,
-        cluster_bits: 12,
-        dedup: true,
-        ..Default::default()
-    };
-    let f = std::fs::File::create(&img).unwrap();
-    vhost_user_qcow2::qcow2::create(&FileStorage::new(f), &o).unwrap();
+    common::new_dedup_image_with(&img, 64 << 20, 12);
     let content = |k: u64| -> Vec<u8> {
         (0..CS4)
             .map(|i| (i.wrapping_mul(k * 2 + 1) ^ (k << 3)) as u8)

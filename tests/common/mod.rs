@@ -23,8 +23,14 @@ pub fn qemu_img(args: &[&str]) -> (i32, String) {
 
 /// A new image with dedup recorded on (64 KiB clusters).
 pub fn new_dedup_image(path: &Path, size: u64) {
+    new_dedup_image_with(path, size, 16);
+}
+
+/// A new image with dedup recorded on and clusters of `1 << cluster_bits` bytes.
+pub fn new_dedup_image_with(path: &Path, size: u64, cluster_bits: u32) {
     let o = vhost_user_qcow2::qcow2::CreateOptions {
         size,
+        cluster_bits,
         dedup: true,
         ..Default::default()
     };
