@@ -52,11 +52,11 @@ pub struct ServeArgs {
     #[arg(long, value_enum, default_value_t = DedupArg::Auto)]
     pub dedup: DedupArg,
     /// With dedup: most RAM for cached dedup records (32 bytes per guest cluster, kept in the
-    /// image). The default holds all of them for an 8 GiB disk with 4 KiB clusters or a 128 GiB
-    /// one with 64 KiB clusters; random writes over more than fits cost an index-cluster read
-    /// and write each.
-    #[arg(long, default_value = "64M", value_name = "SIZE", value_parser = parse_cache_size)]
-    pub dedup_cache_size: u64,
+    /// image). The default, 64M, holds all of them for an 8 GiB disk with 4 KiB clusters or a
+    /// 128 GiB one with 64 KiB clusters; random writes over more than fits cost an index-cluster
+    /// read and write each.
+    #[arg(long, value_name = "SIZE", value_parser = parse_cache_size)]
+    pub dedup_cache_size: Option<u64>,
     /// Metadata overlap checks before every write: none, constant, cached or all.
     #[arg(long, default_value = "all", value_parser = clap::value_parser!(OverlapMode))]
     pub overlap_check: OverlapMode,
@@ -130,7 +130,7 @@ pub fn open_device(
     lazy: OnOffAuto,
     overlap_check: OverlapMode,
     dedup: DedupArg,
-    dedup_cache_bytes: u64,
+    dedup_cache_bytes: Option<u64>,
 ) -> anyhow::Result<OpenImage> {
     let mut magic = [0u8; 4];
     let n = File::open(path)
@@ -153,7 +153,7 @@ pub fn open_device(
                 DedupArg::Off => Some(DedupMode::Off),
                 DedupArg::Auto => None,
             },
-            dedup_cache_bytes: Some(dedup_cache_bytes),
+            dedup_cache_bytes,
             ..Default::default()
         };
         let q = Arc::new(
