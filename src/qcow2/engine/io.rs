@@ -290,13 +290,11 @@ impl Qcow2 {
         let barrier = m.end_io(seq);
         // The data is in the file (or failed): the next flush must sync it.
         m.changes += 1;
-        if let Some(hold) = hold {
-            hold.release(&mut m);
-        }
-        // Waiters: writers of a guest cluster this request allocated, and dedup verifiers
-        // waiting for older I/O. Without any, no wake-up syscall.
+        let released = hold.is_some_and(|h| h.release(&mut m));
+        // Waiters: writers of a guest cluster this request held or allocated, and dedup
+        // verifiers waiting for older I/O; one wake-up for all of them, none without any.
         let allocated = chunks.iter().any(|c| matches!(c.kind, WKind::Alloc { .. }));
-        let wake = barrier || (allocated && m.cluster_waiters > 0);
+        let wake = barrier || released || (allocated && m.cluster_waiters > 0);
         drop(m);
         if wake {
             self.cond.notify_all();

@@ -181,7 +181,11 @@ impl Qcow2 {
         self.read(gc * cs, &mut [IoSliceMut::new(&mut buf)])?;
         let h = (!is_zero(&buf)).then(|| hash_cluster(&buf));
         let mut m = self.settle_cluster(self.lock(), gc, &buf, h.as_ref(), true)?;
-        guard.release(&mut m);
+        let wake = guard.release(&mut m);
+        drop(m);
+        if wake {
+            self.cond.notify_all();
+        }
         Ok(())
     }
 

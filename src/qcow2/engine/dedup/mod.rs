@@ -155,8 +155,9 @@ impl Dedup {
     }
 }
 
-/// Holds guest cluster `gc` for one writer; released (with a wake-up) by `release` under a lock
-/// the caller has anyway, or else on drop. Never drop one while this thread holds the lock.
+/// Holds guest cluster `gc` for one writer; released by `release` under a lock the caller has
+/// anyway (the caller then wakes the waiters, once, after the lock), or else on drop (which
+/// wakes them itself). Never drop one while this thread holds the lock.
 pub(crate) struct ClusterGuard<'a> {
     q: &'a Qcow2,
     gc: u64,
@@ -165,25 +166,29 @@ pub(crate) struct ClusterGuard<'a> {
 
 impl ClusterGuard<'_> {
     /// Release the cluster under the lock the caller holds (saves taking it once more).
-    pub(crate) fn release(mut self, m: &mut Meta) {
+    /// Returns whether threads wait for a cluster: the caller must then notify the engine's
+    /// condvar (after dropping the lock, together with any other wake-up it owes).
+    #[must_use = "when true, notify the engine's condvar: a writer may wait for this cluster"]
+    pub(crate) fn release(mut self, m: &mut Meta) -> bool {
         self.armed = false;
-        unhold(self.q, m, self.gc);
+        unhold(m, self.gc)
     }
 }
 
-fn unhold(q: &Qcow2, m: &mut Meta, gc: u64) {
+/// Returns whether threads wait for a cluster (they must be woken).
+fn unhold(m: &mut Meta, gc: u64) -> bool {
     m.held.remove(&gc);
     m.published.remove(&gc);
-    if m.cluster_waiters > 0 {
-        // (Under the lock: the waiters look again once it is released.)
-        q.cond.notify_all();
-    }
+    m.cluster_waiters > 0
 }
 
 impl Drop for ClusterGuard<'_> {
     fn drop(&mut self) {
         if self.armed {
-            unhold(self.q, &mut self.q.lock(), self.gc);
+            let wake = unhold(&mut self.q.lock(), self.gc);
+            if wake {
+                self.q.cond.notify_all();
+            }
         }
     }
 }
@@ -372,7 +377,11 @@ impl Qcow2 {
             // One lock section from the hold (whole clusters) to the release, but for the data
             // write of a unique cluster.
             let mut m = self.settle_cluster(m, gc, &buf, h.as_ref(), false)?;
-            guard.release(&mut m);
+            let wake = guard.release(&mut m);
+            drop(m);
+            if wake {
+                self.cond.notify_all();
+            }
         }
         Ok(())
     }
