@@ -269,6 +269,35 @@ fn commands_answer_and_quit_leaves_a_clean_image() {
     drop(c);
 }
 
+/// With two queues, each queue's requests are counted under that queue (each worker thread
+/// numbers its own vrings from 0: the daemon must map them back to the device's queues).
+#[test]
+fn each_queue_counts_its_own_requests() {
+    let mut d = Daemon::start(&["--num-queues", "2"]);
+    let mut q = Qmp::connect(&d.ctl());
+    let mut c = Client::connect(&d.sock(), 2, false).unwrap();
+    c.buf(0, 4096).copy_from_slice(&pattern(3, 4096));
+    for (queue, writes) in [(0usize, 3u64), (1, 5)] {
+        for i in 0..writes {
+            let r = c.write(queue, (queue as u64 * 64 + i) * 4096, 0, 4096);
+            d.check(r == 0, &format!("write {i} on queue {queue} returned {r}"));
+        }
+    }
+    let r = c.read(1, 0, 0, 4096);
+    d.check(r == 0, &format!("read returned {r}"));
+    let s = q.ok("query-stats");
+    let qs = s["queues"].as_array().unwrap();
+    assert_eq!(qs.len(), 2, "{s}");
+    assert_eq!(qs[0]["write-requests"], 3, "{s}");
+    assert_eq!(qs[0]["read-requests"], 0, "{s}");
+    assert_eq!(qs[1]["write-requests"], 5, "{s}");
+    assert_eq!(qs[1]["read-requests"], 1, "{s}");
+    assert_eq!(s["total"]["write-requests"], 8, "{s}");
+    drop(q);
+    d.quit();
+    drop(c);
+}
+
 #[test]
 fn bad_input_gets_errors_and_the_daemon_goes_on() {
     let mut d = Daemon::start(&[]);

@@ -117,6 +117,16 @@ impl BlkBackend {
     }
 }
 
+/// The device queue behind event `device_event` of worker thread `thread_id`: the thread's
+/// `device_event`-th queue in `queues_per_thread` order (vhost-user-backend numbers a thread's
+/// vrings from 0, whichever queues they are).
+fn queue_of(queues_per_thread: &[u64], thread_id: usize, device_event: u16) -> Option<usize> {
+    let mask = *queues_per_thread.get(thread_id)?;
+    (0..64usize)
+        .filter(|q| mask >> q & 1 == 1)
+        .nth(usize::from(device_event))
+}
+
 /// The virtio feature bits this device offers.
 pub fn device_features(read_only: bool) -> u64 {
     use virtio::*;
@@ -228,8 +238,13 @@ impl VhostUserBackend for BlkBackend {
         };
         // An error here is a broken ring (bad addresses from the driver). Returning it would end
         // the worker thread for good; log it and keep the thread for the next kick instead.
-        if let Err(e) = self.process_queue(usize::from(device_event), vring) {
-            warn!("queue {thread_id}: {e}");
+        // `device_event` counts the thread's own vrings, not the device's queues.
+        let Some(queue) = queue_of(&self.queues_per_thread(), thread_id, device_event) else {
+            warn!("thread {thread_id}: event for unknown vring {device_event}");
+            return Ok(());
+        };
+        if let Err(e) = self.process_queue(queue, vring) {
+            warn!("queue {queue}: {e}");
         }
         Ok(())
     }
@@ -256,6 +271,18 @@ mod tests {
         vring.set_queue_event_idx(event_idx);
         vring.set_queue_ready(true);
         vring
+    }
+
+    /// Each worker thread serves its own queue; the event number counts the thread's vrings.
+    #[test]
+    fn events_map_to_the_threads_queues() {
+        let masks = [0b001, 0b010, 0b100];
+        assert_eq!(queue_of(&masks, 0, 0), Some(0));
+        assert_eq!(queue_of(&masks, 1, 0), Some(1));
+        assert_eq!(queue_of(&masks, 2, 0), Some(2));
+        assert_eq!(queue_of(&masks, 2, 1), None);
+        assert_eq!(queue_of(&masks, 3, 0), None);
+        assert_eq!(queue_of(&[0b1010], 0, 1), Some(3));
     }
 
     /// A guest that moves the available index more than a queue ahead must not make the worker
