@@ -117,11 +117,18 @@ impl BlkBackend {
     }
 }
 
-/// The device queue behind event `device_event` of worker thread `thread_id`: the thread's
-/// `device_event`-th queue in `queues_per_thread` order (vhost-user-backend numbers a thread's
-/// vrings from 0, whichever queues they are).
-fn queue_of(queues_per_thread: &[u64], thread_id: usize, device_event: u16) -> Option<usize> {
-    let mask = *queues_per_thread.get(thread_id)?;
+/// The queues worker thread `thread` serves, one bit each: thread i serves queue i alone.
+fn thread_queues(thread: usize) -> u64 {
+    u32::try_from(thread)
+        .ok()
+        .and_then(|t| 1u64.checked_shl(t))
+        .unwrap_or(0)
+}
+
+/// The device queue behind event `device_event` of a worker thread serving the queues in `mask`:
+/// its `device_event`-th queue (vhost-user-backend numbers a thread's vrings from 0, whichever
+/// queues they are).
+fn queue_of(mask: u64, device_event: u16) -> Option<usize> {
     (0..64usize)
         .filter(|q| mask >> q & 1 == 1)
         .nth(usize::from(device_event))
@@ -208,7 +215,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.num_queues()).map(|i| 1u64 << i).collect()
+        (0..self.num_queues()).map(thread_queues).collect()
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -239,7 +246,7 @@ impl VhostUserBackend for BlkBackend {
         // An error here is a broken ring (bad addresses from the driver). Returning it would end
         // the worker thread for good; log it and keep the thread for the next kick instead.
         // `device_event` counts the thread's own vrings, not the device's queues.
-        let Some(queue) = queue_of(&self.queues_per_thread(), thread_id, device_event) else {
+        let Some(queue) = queue_of(thread_queues(thread_id), device_event) else {
             warn!("thread {thread_id}: event for unknown vring {device_event}");
             return Ok(());
         };
@@ -276,13 +283,13 @@ mod tests {
     /// Each worker thread serves its own queue; the event number counts the thread's vrings.
     #[test]
     fn events_map_to_the_threads_queues() {
-        let masks = [0b001, 0b010, 0b100];
-        assert_eq!(queue_of(&masks, 0, 0), Some(0));
-        assert_eq!(queue_of(&masks, 1, 0), Some(1));
-        assert_eq!(queue_of(&masks, 2, 0), Some(2));
-        assert_eq!(queue_of(&masks, 2, 1), None);
-        assert_eq!(queue_of(&masks, 3, 0), None);
-        assert_eq!(queue_of(&[0b1010], 0, 1), Some(3));
+        for t in 0..3 {
+            assert_eq!(queue_of(thread_queues(t), 0), Some(t));
+            assert_eq!(queue_of(thread_queues(t), 1), None);
+        }
+        assert_eq!(thread_queues(64), 0);
+        assert_eq!(queue_of(thread_queues(64), 0), None);
+        assert_eq!(queue_of(0b1010, 1), Some(3));
     }
 
     /// A guest that moves the available index more than a queue ahead must not make the worker
