@@ -236,20 +236,19 @@ impl VhostUserBackend for BlkBackend {
         thread_id: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {
-            warn!("queue {thread_id}: unexpected event set {evset:?}");
+            warn!("thread {thread_id}: unexpected event set {evset:?}");
             return Ok(());
         }
-        let Some(vring) = vrings.get(usize::from(device_event)) else {
-            warn!("queue {thread_id}: event for unknown vring {device_event}");
+        // `device_event` counts the thread's own vrings (`vrings`), not the device's queues.
+        let (Some(vring), Some(queue)) = (
+            vrings.get(usize::from(device_event)),
+            queue_of(thread_queues(thread_id), device_event),
+        ) else {
+            warn!("thread {thread_id}: event for unknown vring {device_event}");
             return Ok(());
         };
         // An error here is a broken ring (bad addresses from the driver). Returning it would end
         // the worker thread for good; log it and keep the thread for the next kick instead.
-        // `device_event` counts the thread's own vrings, not the device's queues.
-        let Some(queue) = queue_of(thread_queues(thread_id), device_event) else {
-            warn!("thread {thread_id}: event for unknown vring {device_event}");
-            return Ok(());
-        };
         if let Err(e) = self.process_queue(queue, vring) {
             warn!("queue {queue}: {e}");
         }
