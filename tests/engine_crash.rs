@@ -8,7 +8,8 @@ mod common;
 
 use std::io::{IoSlice, IoSliceMut};
 use std::sync::Arc;
-use vhost_user_qcow2::block::BlockDevice;
+use vhost_user_qcow2::block::{BlockDevice, BlockError};
+use vhost_user_qcow2::qcow2::dedup::persist::DedupMode;
 use vhost_user_qcow2::qcow2::{create, CreateOptions, OpenOptions, Qcow2};
 use vhost_user_qcow2::storage::{CrashMode, FaultStorage, MemStorage, Storage};
 
@@ -17,9 +18,14 @@ const SIZE: u64 = 8 << 20;
 #[derive(Clone, Copy, Debug)]
 enum Op {
     Write(u64, u64, u8),
+    /// Like `Write`, but each 512-byte sector starts with its own index: clusters of unique
+    /// content.
+    WriteUnique(u64, u64, u8),
     Flush,
     Discard(u64, u64),
     Zero(u64, u64, bool),
+    /// Background dedup: the worker's steps until nothing is pending.
+    Settle,
 }
 
 fn script() -> Vec<Op> {
@@ -57,50 +63,142 @@ fn script() -> Vec<Op> {
     ]
 }
 
-/// Run the script until the storage fails. Returns the model as of the last completed flush and
+/// Dedup links to clusters whose entries reached the disk with COPIED in an earlier flush
+/// interval, several links between flushes with new L2 tables in between, COW of a shared
+/// cluster, and links while refcount blocks and the refcount table grow (1 KiB clusters and
+/// 64-bit refcounts: a refcount block covers 128 KiB, the one-cluster table 16 MiB; the prefill
+/// leaves the allocations just short of 16 MiB).
+fn link_script() -> Vec<Op> {
+    use Op::*;
+    const K: u64 = 1024;
+    vec![
+        // Links to contents flushed in the prefill (on disk with COPIED), each in its own
+        // L2 table (128 entries of 1 KiB: 128 KiB per table).
+        Write(4 * K, 1024, 1),
+        Write(200 * K, 1024, 2),
+        Write(400 * K, 2048, 1),
+        Settle,
+        Flush,
+        // Unique data through the next refcount block and the table's end, with links between.
+        WriteUnique(20 << 20, 12 * K, 50),
+        Write(600 * K, 1024, 2),
+        WriteUnique((20 << 20) + 256 * K, 12 * K, 90),
+        Write(800 * K, 1024, 1),
+        Settle,
+        Flush,
+        // COW of a shared cluster, a link to a cluster linked in the last interval, a third copy.
+        Write(4 * K + 100, 200, 7),
+        Write(1000 * K, 1024, 2),
+        Write(1200 * K, 2048, 1),
+        Settle,
+        Flush,
+        // Copies dropped: refcounts fall back to 1 and the survivors get COPIED again.
+        Discard(200 * K, 1024),
+        Discard(600 * K, 1024),
+        Discard(1000 * K, 1024),
+        Flush,
+        Write(1400 * K, 1024, 2),
+        Settle,
+        Flush,
+    ]
+}
+
+/// Unique data in the prefill: with the metadata and the dedup records (32 bytes per guest
+/// cluster), the allocations end a few clusters short of the refcount table's 16 MiB.
+const PREFILL: u64 = 15_340 * 1024;
+
+/// What the prefill of `link_script` writes (on plain storage, flushed and closed): the first
+/// contents, then unique data up to just short of the refcount table's 2 MiB.
+fn link_prefill() -> Vec<Op> {
+    use Op::*;
+    vec![
+        Write(0, 1024, 1),
+        Write(2048, 1024, 2),
+        WriteUnique(2 << 20, PREFILL, 10),
+        Settle,
+        Flush,
+    ]
+}
+
+/// How the engine is opened for a crash run.
+#[derive(Clone, Copy, Debug)]
+struct Mode {
+    lazy: bool,
+    dedup: DedupMode,
+}
+
+impl Mode {
+    fn options(self) -> OpenOptions {
+        OpenOptions {
+            lazy_refcounts: Some(self.lazy),
+            dedup_mode: Some(self.dedup),
+            ..Default::default()
+        }
+    }
+}
+
+fn fill(model: &mut [u8], op: Op) {
+    match op {
+        Op::Write(o, l, v) => model[o as usize..(o + l) as usize].fill(v),
+        Op::WriteUnique(o, l, v) => {
+            for s in (o..o + l).step_by(512) {
+                let sector = &mut model[s as usize..(s + 512).min(o + l) as usize];
+                sector.fill(v);
+                let tag = (s / 512).to_le_bytes();
+                let n = tag.len().min(sector.len());
+                sector[..n].copy_from_slice(&tag[..n]);
+            }
+        }
+        Op::Discard(o, l) | Op::Zero(o, l, _) => model[o as usize..(o + l) as usize].fill(0),
+        Op::Flush | Op::Settle => {}
+    }
+}
+
+/// Apply `op` to the image and (before) to `model`.
+fn apply(q: &Qcow2, model: &mut [u8], op: Op) -> Result<(), BlockError> {
+    fill(model, op);
+    match op {
+        Op::Write(o, l, _) | Op::WriteUnique(o, l, _) => {
+            let data = model[o as usize..(o + l) as usize].to_vec();
+            q.write_vectored(o, &[IoSlice::new(&data)])
+        }
+        Op::Discard(o, l) => q.discard(o, l),
+        Op::Zero(o, l, u) => q.write_zeroes(o, l, u),
+        Op::Flush => q.flush(),
+        Op::Settle => {
+            while q.dedup_step().map_err(BlockError::from)? {}
+            Ok(())
+        }
+    }
+}
+
+/// Run `ops` until the storage fails. Returns the model as of the last completed flush and
 /// the sectors touched since.
-fn run(storage: Arc<FaultStorage>, lazy: bool, dedup: bool) -> (Vec<u8>, Vec<bool>) {
-    let mut model = vec![0u8; SIZE as usize];
+fn run(storage: Arc<FaultStorage>, ops: &[Op], start: &[u8], mode: Mode) -> (Vec<u8>, Vec<bool>) {
+    let mut model = start.to_vec();
     let mut durable = model.clone();
-    let mut touched = vec![false; (SIZE / 512) as usize];
-    let opts = OpenOptions {
-        lazy_refcounts: Some(lazy),
-        dedup: Some(dedup),
-        ..Default::default()
-    };
-    let q = match Qcow2::open_storage(storage, &opts, None, 0) {
+    let mut touched = vec![false; model.len() / 512];
+    let q = match Qcow2::open_storage(storage, &mode.options(), None, 0) {
         Ok(q) => q,
         Err(_) => return (durable, touched),
     };
-    for op in script() {
-        let (off, len) = match op {
-            Op::Write(o, l, _) | Op::Discard(o, l) | Op::Zero(o, l, _) => (o, l),
-            Op::Flush => (0, 0),
-        };
-        for s in off / 512..(off + len).div_ceil(512) {
-            touched[s as usize] = true;
+    for &op in ops {
+        if let Op::Write(o, l, _)
+        | Op::WriteUnique(o, l, _)
+        | Op::Discard(o, l)
+        | Op::Zero(o, l, _) = op
+        {
+            for s in o / 512..(o + l).div_ceil(512) {
+                touched[s as usize] = true;
+            }
         }
-        let r = match op {
-            Op::Write(o, l, v) => {
-                let data = vec![v; l as usize];
-                model[o as usize..(o + l) as usize].fill(v);
-                q.write_vectored(o, &[IoSlice::new(&data)])
-            }
-            Op::Discard(o, l) => {
-                model[o as usize..(o + l) as usize].fill(0);
-                q.discard(o, l)
-            }
-            Op::Zero(o, l, u) => {
-                model[o as usize..(o + l) as usize].fill(0);
-                q.write_zeroes(o, l, u)
-            }
-            Op::Flush => q.flush().map(|_| {
-                durable = model.clone();
-                touched.fill(false);
-            }),
-        };
+        let r = apply(&q, &mut model, op);
         if r.is_err() {
             break;
+        }
+        if let Op::Flush = op {
+            durable = model.clone();
+            touched.fill(false);
         }
     }
     let _ = q.close();
@@ -109,14 +207,14 @@ fn run(storage: Arc<FaultStorage>, lazy: bool, dedup: bool) -> (Vec<u8>, Vec<boo
 
 #[test]
 fn every_crash_point_leaves_a_consistent_image() {
-    crash_points(false, false);
+    crash_points(&Case::basic(), Mode::plain(false));
 }
 
 /// Dedup links, COPIED cleared and given back when a refcount falls to 1: the same guarantees.
 #[test]
 fn every_crash_point_with_dedup_leaves_a_consistent_image() {
-    crash_points(false, true);
-    crash_points(true, true);
+    crash_points(&Case::basic(), Mode::inline(false));
+    crash_points(&Case::basic(), Mode::inline(true));
 }
 
 /// With lazy refcounts a crash may leave the image DIRTY with refcounts behind the tables: then
@@ -124,51 +222,159 @@ fn every_crash_point_with_dedup_leaves_a_consistent_image() {
 /// consistent as in strict mode.
 #[test]
 fn every_crash_point_with_lazy_refcounts_is_repairable() {
-    crash_points(true, false);
+    crash_points(&Case::basic(), Mode::plain(true));
 }
 
-fn crash_points(lazy: bool, dedup: bool) {
-    let mem = MemStorage::new();
-    let o = CreateOptions {
-        size: SIZE,
-        cluster_bits: 12,
-        ..Default::default()
-    };
-    create(&mem, &o).unwrap();
-    let initial = mem.snapshot();
+/// Links to clusters flushed with COPIED in an earlier interval (the increment side of the
+/// COPIED rule), with refcount-block and table growth between links: strict and lazy, inline.
+#[test]
+fn every_crash_point_of_links_to_flushed_clusters_inline() {
+    let case = Case::links();
+    crash_points(&case, Mode::inline(false));
+    crash_points(&case, Mode::inline(true));
+}
 
-    let dry = Arc::new(FaultStorage::new(initial.clone(), None));
-    run(dry.clone(), lazy, dedup);
+/// The same script with the background worker doing the links.
+#[test]
+fn every_crash_point_of_links_to_flushed_clusters_background() {
+    let case = Case::links();
+    let bg = |lazy| Mode {
+        lazy,
+        dedup: DedupMode::Background,
+    };
+    crash_points(&case, bg(false));
+    crash_points(&case, bg(true));
+}
+
+impl Mode {
+    fn plain(lazy: bool) -> Mode {
+        Mode {
+            lazy,
+            dedup: DedupMode::Off,
+        }
+    }
+    fn inline(lazy: bool) -> Mode {
+        Mode {
+            lazy,
+            dedup: DedupMode::Inline,
+        }
+    }
+}
+
+/// A script with the image it starts from.
+struct Case {
+    ops: Vec<Op>,
+    image: Vec<u8>,
+    /// The guest's view of `image`.
+    start: Vec<u8>,
+    /// The script must move the refcount table (checked on the run without a crash).
+    grows_table: bool,
+}
+
+/// The virtual size of `Case::links` images.
+const LINKS_SIZE: u64 = 24 << 20;
+
+impl Case {
+    fn basic() -> Case {
+        Case::new(script(), SIZE, 12, 4, &[], false)
+    }
+
+    fn links() -> Case {
+        Case::new(link_script(), LINKS_SIZE, 10, 6, &link_prefill(), true)
+    }
+
+    /// A new image (dedup recorded), with `prefill` written, flushed and closed on plain storage.
+    fn new(
+        ops: Vec<Op>,
+        size: u64,
+        cluster_bits: u32,
+        order: u32,
+        prefill: &[Op],
+        grows: bool,
+    ) -> Case {
+        let mem = Arc::new(MemStorage::new());
+        let o = CreateOptions {
+            size,
+            cluster_bits,
+            refcount_order: order,
+            // Recorded where the case prefills with dedup; the basic script starts plain.
+            dedup: !prefill.is_empty(),
+            ..Default::default()
+        };
+        create(mem.as_ref(), &o).unwrap();
+        let mut start = vec![0u8; size as usize];
+        if !prefill.is_empty() {
+            let q =
+                Qcow2::open_storage(mem.clone(), &Mode::inline(false).options(), None, 0).unwrap();
+            for &op in prefill {
+                apply(&q, &mut start, op).unwrap();
+            }
+            q.close().unwrap();
+        }
+        Case {
+            ops,
+            image: mem.snapshot(),
+            start,
+            grows_table: grows,
+        }
+    }
+}
+
+/// The refcount table's offset in a header.
+fn reftable_offset(img: &[u8]) -> u64 {
+    u64::from_be_bytes(img[48..56].try_into().unwrap())
+}
+
+fn crash_points(case: &Case, mode: Mode) {
+    let dry = Arc::new(FaultStorage::new(case.image.clone(), None));
+    let (end, _) = run(dry.clone(), &case.ops, &case.start, mode);
     let total = dry.writes();
     // Without a crash the image is exactly clean: no leak, no COPIED flag out of step.
     let dir0 = tempfile::tempdir().unwrap();
     let clean = dir0.path().join("clean.qcow2");
-    std::fs::write(&clean, dry.crashed_image(CrashMode::AllWrites)).unwrap();
+    let all = dry.crashed_image(CrashMode::AllWrites);
+    std::fs::write(&clean, &all).unwrap();
     common::assert_check_clean(&clean);
+    assert_eq!(
+        read_all(all),
+        end,
+        "{mode:?}: the data after the whole script"
+    );
     assert!(
         total > 30,
         "the script should do real metadata work ({total} writes)"
     );
+    if case.grows_table {
+        assert_ne!(
+            reftable_offset(&case.image),
+            reftable_offset(&dry.crashed_image(CrashMode::AllWrites)),
+            "{mode:?}: the script should move the refcount table"
+        );
+    }
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("crashed.qcow2");
     let mut checked = 0;
     for n in 0..=total {
-        let st = Arc::new(FaultStorage::new(initial.clone(), Some(n)));
-        let (durable, touched) = run(st.clone(), lazy, dedup);
-        for mode in [
+        let st = Arc::new(FaultStorage::new(case.image.clone(), Some(n)));
+        let (durable, touched) = run(st.clone(), &case.ops, &case.start, mode);
+        for cm in [
             CrashMode::FlushedOnly,
             CrashMode::AllWrites,
             CrashMode::RandomSubset(n * 7 + 1),
             CrashMode::TornSectors(n * 11 + 3),
         ] {
-            let bytes = st.crashed_image(mode);
+            let bytes = st.crashed_image(cm);
             std::fs::write(&path, &bytes).unwrap();
             let dirty = bytes[79] & 1 != 0;
-            assert!(lazy || dedup || !dirty, "strict mode never sets DIRTY");
+            let may_dirty = mode.lazy || mode.dedup != DedupMode::Off;
+            assert!(may_dirty || !dirty, "strict mode never sets DIRTY");
             let bytes = if dirty {
                 let (code, out) = common::qemu_img(&["check", "-r", "all", path.to_str().unwrap()]);
-                assert_eq!(code, 0, "crash after write {n} ({mode:?}): repair:\n{out}");
+                assert_eq!(
+                    code, 0,
+                    "{mode:?}: crash after write {n} ({cm:?}): repair:\n{out}"
+                );
                 std::fs::read(&path).unwrap()
             } else {
                 bytes
@@ -176,30 +382,37 @@ fn crash_points(lazy: bool, dedup: bool) {
             let (code, out) = common::qemu_img(&["check", path.to_str().unwrap()]);
             assert!(
                 code == 0 || code == 3,
-                "crash after write {n} ({mode:?}, dirty {dirty}): qemu-img check exit {code}\n{out}"
+                "{mode:?}: crash after write {n} ({cm:?}, dirty {dirty}): qemu-img check exit {code}\n{out}"
             );
             // Every flushed sector not touched since reads back.
-            let q = Qcow2::open_storage(
-                Arc::new(MemStorage::from_vec(bytes)),
-                &OpenOptions::read_only(true),
-                None,
-                0,
-            )
-            .unwrap_or_else(|e| panic!("crash after write {n} ({mode:?}): reopen: {e}"));
-            let mut disk = vec![0u8; SIZE as usize];
-            q.read_vectored(0, &mut [IoSliceMut::new(&mut disk)])
-                .unwrap();
+            let disk = read_all(bytes);
             for (s, t) in touched.iter().enumerate() {
                 let r = s * 512..(s + 1) * 512;
                 assert!(
                     *t || disk[r.clone()] == durable[r.clone()],
-                    "crash after write {n} ({mode:?}): flushed sector {s} lost"
+                    "{mode:?}: crash after write {n} ({cm:?}): flushed sector {s} lost"
                 );
             }
             checked += 1;
         }
     }
     assert_eq!(checked, 4 * (total + 1));
+}
+
+/// The guest's view of a whole image.
+fn read_all(bytes: Vec<u8>) -> Vec<u8> {
+    let size = u64::from_be_bytes(bytes[24..32].try_into().unwrap());
+    let q = Qcow2::open_storage(
+        Arc::new(MemStorage::from_vec(bytes)),
+        &OpenOptions::read_only(true),
+        None,
+        0,
+    )
+    .unwrap_or_else(|e| panic!("reopen: {e}"));
+    let mut disk = vec![0u8; size as usize];
+    q.read_vectored(0, &mut [IoSliceMut::new(&mut disk)])
+        .unwrap();
+    disk
 }
 
 #[test]

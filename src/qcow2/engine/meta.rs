@@ -95,12 +95,10 @@ pub(crate) struct Meta {
     /// Host clusters shared by dedup links, with the active guest clusters that point at them;
     /// when a refcount falls back to 1 the survivor gets COPIED again.
     pub shared: ClusterMap<ClusterSet>,
-    /// L2 tables whose COPIED flags were cleared: written (and synced) before other L2 tables,
-    /// so no new reference to a cluster reaches the disk before the old one lost COPIED.
-    pub l2_first: BTreeSet<u64>,
-    /// A survivor got COPIED back: the next flush writes refcounts and tables inside a DIRTY
-    /// window, since no order of those two writes is consistent on its own.
-    copied_fixup: bool,
+    /// COPIED changed on an entry while its refcount changed between 1 and 2 (a dedup link
+    /// cleared it, or a survivor got it back): the next flush writes refcounts and tables
+    /// inside a DIRTY window, since no order of those two writes is consistent on its own.
+    copied_window: bool,
     /// A cluster was linked since the last sync whose data must reach the disk before its L2
     /// entry (it had bytes to copy, or it was not fresh past the end of the file).
     pub data_before_l2: bool,
@@ -113,13 +111,13 @@ pub(crate) struct Meta {
 pub(crate) struct FlushTicket {
     /// Frees whose unlink the sync makes durable.
     unlink: Vec<u64>,
-    /// A survivor got COPIED back: DIRTY is cleared after the sync (the sync runs under the lock).
+    /// A COPIED window: DIRTY is cleared after the sync (the sync runs under the lock).
     fixup: bool,
     corrupt: bool,
 }
 
 impl FlushTicket {
-    /// True when the sync must run with the lock held (a COPIED fix-up clears DIRTY after it).
+    /// True when the sync must run with the lock held (a COPIED window clears DIRTY after it).
     pub(crate) fn keep_lock(&self) -> bool {
         self.fixup
     }
@@ -164,8 +162,7 @@ impl Meta {
             pinned: ClusterMap::default(),
             published: ClusterSet::default(),
             shared: ClusterMap::default(),
-            l2_first: BTreeSet::new(),
-            copied_fixup: false,
+            copied_window: false,
             incompatible: 0,
             data_before_l2: false,
             changes: 0,
@@ -476,7 +473,7 @@ impl Meta {
         let l2_dirty = self.l2.has_dirty();
         let l1_dirty = !self.l1_dirty.is_empty();
         let mut sync_first = self.data_before_l2;
-        let fixup = self.copied_fixup;
+        let fixup = self.copied_window;
         if fixup && self.incompatible & INCOMPAT_DIRTY == 0 {
             self.set_incompatible(s, self.incompatible | INCOMPAT_DIRTY)?;
         }
@@ -500,14 +497,6 @@ impl Meta {
             self.data_before_l2 = false;
             if l2_dirty {
                 let (rc, cs) = (&self.rc, self.g.cluster_size());
-                if !self.l2_first.is_empty() {
-                    let first: Vec<u64> = self.l2_first.iter().copied().collect();
-                    self.l2
-                        .write_tables(s, first, |off| rc.guard(off, cs, kind::ACTIVE_L2))?;
-                    s.flush()?;
-                    // Kept until written and synced: after an error they still go first.
-                    self.l2_first.clear();
-                }
                 self.l2
                     .write_dirty(s, |off| rc.guard(off, cs, kind::ACTIVE_L2))?;
             }
@@ -539,7 +528,7 @@ impl Meta {
     }
 
     /// The rest of `flush` once its last sync returned `synced`: clear DIRTY after a COPIED
-    /// fix-up, start the frees made durable, apply those no I/O can still touch.
+    /// window, start the frees made durable, apply those no I/O can still touch.
     pub(crate) fn flush_end(
         &mut self,
         s: &dyn Storage,
@@ -575,7 +564,7 @@ impl Meta {
             self.pending_io.push((seq, c));
         }
         if t.fixup {
-            self.copied_fixup = false;
+            self.copied_window = false;
             if !self.lazy {
                 self.set_incompatible(s, self.incompatible & !INCOMPAT_DIRTY)?;
             }
@@ -604,22 +593,12 @@ impl Meta {
         if let L2Entry::Normal { host, copied: c } = self.entry(s, gc)? {
             if host.0 / cs == hc && c != copied {
                 self.set_entry(s, gc, L2Entry::Normal { host, copied })?;
-                if !copied {
-                    if let Some(off) = self.l2_offset(gc) {
-                        self.l2_first.insert(off);
-                    }
-                }
+                // The refcount moves with the flag (a link to it, or the last other reference
+                // gone): the flush that writes both does it inside a DIRTY window.
+                self.copied_window = true;
             }
         }
         Ok(())
-    }
-
-    /// The L2 table offset of guest cluster `gc`, if it has one.
-    fn l2_offset(&self, gc: u64) -> Option<u64> {
-        self.l1
-            .get(self.g.l1_index(gc))
-            .and_then(|&e| L1Entry::decode(e).l2_offset)
-            .map(|o| o.0)
     }
 
     /// Sequence number of the oldest data I/O still in flight.
@@ -652,7 +631,7 @@ impl Meta {
         // Tables first: no refcount written below may run ahead of a COPIED flag it implies
         // (a flush can give a survivor COPIED back; the next one writes it).
         self.flush(s)?;
-        if self.copied_fixup {
+        if self.copied_window {
             self.flush(s)?;
         }
         if self.rc.has_dirty() {
@@ -727,7 +706,6 @@ impl Meta {
                         }
                         if let [survivor] = alive[..] {
                             self.set_copied(s, survivor, c, true)?;
-                            self.copied_fixup = true;
                         }
                     }
                 }

@@ -543,12 +543,13 @@ impl Qcow2 {
                         self.cond.notify_all();
                     }
                     m.unpin(hc);
+                    let same = read.is_ok() && theirs == buf && m.rc.get(s, hc)? >= 1;
+                    if !same && copied && m.rc.get(s, hc)? == 1 {
+                        // Not linked after all: the candidate is its cluster's only user again.
+                        m.set_copied(s, cand, hc, true)?;
+                    }
                     read?;
-                    let same = theirs == buf && m.rc.get(s, hc)? >= 1;
                     if !same {
-                        if copied && m.rc.get(s, hc)? == 1 {
-                            m.set_copied(s, cand, hc, true)?;
-                        }
                         self.drop_hint(&mut m, &h, cand)?;
                         continue 'candidates;
                     }
