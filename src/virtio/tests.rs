@@ -333,3 +333,63 @@ fn writethrough_flushes_every_write() {
     e.run(&[(HDR, 16, R), (DATA, 512, R), (STATUS, 1, W)]);
     assert_eq!(flushes(), 1);
 }
+
+/// A device whose every call panics (a bug in the engine, say in a decompressor).
+struct PanickingDisk;
+
+impl BlockDevice for PanickingDisk {
+    fn capacity(&self) -> u64 {
+        1 << 20
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn read_vectored(
+        &self,
+        _offset: u64,
+        _bufs: &mut [std::io::IoSliceMut<'_>],
+    ) -> Result<(), crate::block::BlockError> {
+        panic!("injected read panic")
+    }
+    fn write_vectored(
+        &self,
+        _offset: u64,
+        _bufs: &[std::io::IoSlice<'_>],
+    ) -> Result<(), crate::block::BlockError> {
+        panic!("injected write panic")
+    }
+    fn flush(&self) -> Result<(), crate::block::BlockError> {
+        panic!("injected flush panic")
+    }
+    fn discard(&self, _offset: u64, _len: u64) -> Result<(), crate::block::BlockError> {
+        panic!("injected discard panic")
+    }
+    fn write_zeroes(
+        &self,
+        _offset: u64,
+        _len: u64,
+        _unmap: bool,
+    ) -> Result<(), crate::block::BlockError> {
+        panic!("injected write-zeroes panic")
+    }
+}
+
+/// A panic below the request layer fails that request with IOERR; the queue thread goes on.
+#[test]
+fn a_panicking_device_fails_the_request_not_the_queue() {
+    let mut e = env(false);
+    e.ctx = DeviceCtx::new(
+        Arc::new(PanickingDisk),
+        BlkConfig::new(1 << 20, 1, 16, 4096, true),
+        "serial-123",
+    );
+    for t in [VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT] {
+        e.header(t, 0);
+        let f = if t == VIRTIO_BLK_T_IN { W } else { R };
+        let (_, st) = e.run(&[(HDR, 16, R), (DATA, 512, f), (STATUS, 1, W)]);
+        assert_eq!(st, VIRTIO_BLK_S_IOERR);
+    }
+    e.header(VIRTIO_BLK_T_FLUSH, 0);
+    let (used, st) = e.run(&[(HDR, 16, R), (STATUS, 1, W)]);
+    assert_eq!((used, st), (1, VIRTIO_BLK_S_IOERR));
+}

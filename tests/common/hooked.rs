@@ -15,6 +15,8 @@ pub struct Hooked<S> {
     pub on_read: Option<OnRead>,
     /// Before every `write_at`, with its data and offset.
     pub on_write: Option<OnWrite>,
+    /// Before every `writev_at` (the plain write path's data writes), with its offset.
+    pub on_writev: Option<OnRead>,
     /// Before every hole punched, with its offset and length.
     pub on_punch: Option<OnPunch>,
     /// Before every sync.
@@ -27,6 +29,7 @@ impl<S> Hooked<S> {
             inner,
             on_read: None,
             on_write: None,
+            on_writev: None,
             on_punch: None,
             on_flush: None,
         }
@@ -53,6 +56,9 @@ impl<S: Storage> Storage for Hooked<S> {
         self.inner.readv_at(bufs, offset)
     }
     fn writev_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<()> {
+        if let Some(f) = &self.on_writev {
+            f(offset);
+        }
         self.inner.writev_at(bufs, offset)
     }
     fn flush(&self) -> io::Result<()> {

@@ -1,6 +1,7 @@
 //! Read and write paths: plan under the metadata lock, move data outside it, link under it.
 
 use super::dedup::ClusterGuard;
+use super::guard::{AllocGuard, IoTicket};
 use super::{compress, iov, Qcow2};
 use crate::qcow2::error::{Qcow2Error, Result};
 use crate::qcow2::format::L2Entry;
@@ -88,7 +89,7 @@ impl Qcow2 {
         }
         let cb = self.g.cluster_bits;
         let mut segs: Vec<(usize, usize, Src)> = Vec::new();
-        let seq = {
+        let io = {
             let mut m = self.lock();
             let s = self.storage.as_ref();
             for iov::Chunk {
@@ -120,11 +121,11 @@ impl Qcow2 {
                     _ => segs.push((buf_off, n as usize, src)),
                 }
             }
-            m.begin_io()
+            self.begin_io(&mut m)
         };
         let r = self.read_segments(bufs, &segs);
         let mut m = self.lock();
-        if m.end_io(seq) {
+        if io.end(&mut m) {
             drop(m);
             self.cond.notify_all();
         }
@@ -247,9 +248,10 @@ impl Qcow2 {
         if len == 0 {
             return Ok(());
         }
-        let (chunks, seq) = self.plan_write(offset, len)?;
+        let (chunks, mut alloc, io) = self.plan_write(offset, len)?;
         let r = self.write_chunks(bufs, &chunks);
         let mut m = self.lock();
+        alloc.linking();
         let s = self.storage.as_ref();
         let mut result = r;
         for c in &chunks {
@@ -287,7 +289,8 @@ impl Qcow2 {
                 m.inflight.remove(&c.gc);
             }
         }
-        let barrier = m.end_io(seq);
+        alloc.disarm();
+        let barrier = io.end(&mut m);
         // The data is in the file (or failed): the next flush must sync it.
         m.changes += 1;
         let released = hold.is_some_and(|h| h.release(&mut m));
@@ -303,8 +306,13 @@ impl Qcow2 {
     }
 
     /// Map every cluster of the write; reserve new clusters for those that need one. Waits while
-    /// another request allocates one of the same guest clusters.
-    fn plan_write(&self, offset: u64, len: u64) -> Result<(Vec<WChunk>, u64)> {
+    /// another request allocates one of the same guest clusters. The reservations and the I/O
+    /// are registered in guards: the caller's link step ends them, or their drop does.
+    fn plan_write(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Result<(Vec<WChunk>, AllocGuard<'_>, IoTicket<'_>)> {
         let cb = self.g.cluster_bits;
         let cs = self.g.cluster_size();
         let s = self.storage.as_ref();
@@ -399,13 +407,16 @@ impl Qcow2 {
                     return Err(e);
                 }
             }
+            let mut registered = Vec::new();
             for c in &chunks {
-                if matches!(c.kind, WKind::Alloc { .. }) {
+                if let WKind::Alloc { host, reuse, .. } = c.kind {
                     m.inflight.insert(c.gc);
+                    registered.push((c.gc, (!reuse).then_some(host)));
                 }
             }
-            let seq = m.begin_io();
-            return Ok((chunks, seq));
+            let io = self.begin_io(&mut m);
+            drop(m);
+            return Ok((chunks, AllocGuard::new(self, registered), io));
         }
     }
 

@@ -10,6 +10,7 @@ mod clustermap;
 mod compress;
 pub mod dedup;
 mod group;
+mod guard;
 mod io;
 mod iov;
 mod l2cache;

@@ -533,13 +533,13 @@ impl Qcow2 {
                         }
                         m.barrier_waiters -= 1;
                     }
-                    let seq = m.begin_io();
+                    let io = self.begin_io(&mut m);
                     drop(m);
                     // 2. Compare.
                     let mut theirs = vec![0u8; cs as usize];
                     let read = s.read_at(&mut theirs, host);
                     m = self.lock();
-                    if m.end_io(seq) {
+                    if io.end(&mut m) {
                         self.cond.notify_all();
                     }
                     m.unpin(hc);
@@ -629,11 +629,14 @@ impl Qcow2 {
             d.index.insert(&h, gc);
         }
         m.published.insert(gc);
-        let seq = m.begin_io();
+        let io = self.begin_io(&mut m);
+        // A panic before the data is in place must not leave a verified record that says it is.
+        let record = RecordGuard { q: self, gc };
         drop(m);
         let w = s.write_at(buf, host);
         let mut m = self.lock();
-        if m.end_io(seq) {
+        std::mem::forget(record);
+        if io.end(&mut m) {
             // (Waking under the lock: the waiters look again once we release it.)
             self.cond.notify_all();
         }
@@ -724,6 +727,19 @@ fn set_record(m: &mut Meta, s: &dyn Storage, gc: u64, h: &[u8; 32]) -> Result<()
         d.index.remove(&old, gc);
     }
     Ok(())
+}
+
+/// The record of a unique cluster set before its data lands: if the data write unwinds instead
+/// of returning, the record is forgotten (the error paths forget it themselves).
+struct RecordGuard<'a> {
+    q: &'a Qcow2,
+    gc: u64,
+}
+
+impl Drop for RecordGuard<'_> {
+    fn drop(&mut self) {
+        forget_after_error(&mut self.q.lock(), self.q.storage.as_ref(), self.gc);
+    }
 }
 
 /// `forget` while handling another error, which is the one to report. If forgetting fails too,
