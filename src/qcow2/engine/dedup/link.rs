@@ -1,0 +1,360 @@
+//! Settling one whole cluster of new content: an identical rewrite (no I/O), a link to a proven
+//! copy, or unique data. Each step runs under the metadata lock but the candidate's compare
+//! read and the unique data write, which run outside it.
+
+use super::{forget_after_error, record, set_record, RecordGuard, MAX_HINTS};
+use crate::qcow2::engine::meta::Meta;
+use crate::qcow2::engine::Qcow2;
+use crate::qcow2::error::{Qcow2Error, Result};
+use crate::qcow2::format::L2Entry;
+use crate::qcow2::offsets::HostOffset;
+use std::sync::MutexGuard;
+
+/// What trying one candidate came to.
+enum Tried<'a> {
+    /// Linked: done.
+    Linked(MutexGuard<'a, Meta>),
+    /// Not usable: try the next one.
+    Next(MutexGuard<'a, Meta>),
+    /// The candidates changed (a wait, a stale hint): look them up again.
+    Again(MutexGuard<'a, Meta>),
+}
+
+/// A candidate the index named, as its entry is now.
+#[derive(Clone, Copy)]
+struct Candidate {
+    gc: u64,
+    /// Host offset of its cluster.
+    host: u64,
+    /// Its entry has COPIED.
+    copied: bool,
+}
+
+impl Qcow2 {
+    /// Write whole cluster `buf` with hash `h` to guest cluster `gc` (held by the caller): a link
+    /// to an identical cluster if one is proven, else unique data.
+    /// With `have`, `gc` already holds `buf`: nothing is written, a unique cluster is only
+    /// recorded and indexed where it is.
+    /// Takes the lock (taken by the caller, who holds `gc`) and gives it back at the end, so the
+    /// caller releases `gc` without taking it again.
+    pub(super) fn link_or_write<'a>(
+        &'a self,
+        mut m: MutexGuard<'a, Meta>,
+        gc: u64,
+        buf: &[u8],
+        h: &[u8; 32],
+        have: bool,
+    ) -> Result<MutexGuard<'a, Meta>> {
+        if self.identical_rewrite(&mut m, gc, h)? {
+            return Ok(m);
+        }
+        'lookup: loop {
+            let cands = self.ranked_candidates(&mut m, gc, h)?;
+            let n_cands = cands.len();
+            for cand in cands {
+                match self.try_candidate(m, gc, cand, buf, h, n_cands)? {
+                    Tried::Linked(done) => return Ok(done),
+                    Tried::Next(next) => m = next,
+                    Tried::Again(again) => {
+                        m = again;
+                        continue 'lookup;
+                    }
+                }
+            }
+            break;
+        }
+        if have {
+            let s = self.storage.as_ref();
+            set_record(&mut m, s, gc, h)?;
+            if let Some(d) = m.dedup.as_mut() {
+                d.index.insert(h, gc);
+            }
+            return Ok(m);
+        }
+        self.write_unique(m, gc, buf, h)
+    }
+
+    /// The guest rewrites the content its cluster holds (a verified record says so): counted,
+    /// nothing to do.
+    fn identical_rewrite(&self, m: &mut Meta, gc: u64, h: &[u8; 32]) -> Result<bool> {
+        let s = self.storage.as_ref();
+        if let (Some((rh, true)), L2Entry::Normal { .. }) = (record(m, s, gc)?, m.entry(s, gc)?) {
+            if rh == *h {
+                if let Some(d) = m.dedup.as_mut() {
+                    d.stats.identical_rewrites += 1;
+                }
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// The guest clusters the index names for `h`, the most shared copy first and our own
+    /// cluster last: linking to it frees ours if it held a separate copy, and separate copies
+    /// of one content converge on one cluster.
+    fn ranked_candidates(&self, m: &mut Meta, gc: u64, h: &[u8; 32]) -> Result<Vec<u64>> {
+        let s = self.storage.as_ref();
+        let cs = self.g.cluster_size();
+        let Some(d) = m.dedup.as_ref() else {
+            return Err(Qcow2Error::DedupOff);
+        };
+        let mut cands: Vec<(bool, u64, u64)> = Vec::new();
+        for c in d.index.lookup(h) {
+            let rc = match m.entry(s, c)? {
+                L2Entry::Normal { host, .. } => m.rc.get(s, host.0 / cs)?,
+                _ => 0,
+            };
+            cands.push((c == gc, u64::MAX - rc, c));
+        }
+        cands.sort_unstable();
+        Ok(cands.into_iter().map(|(_, _, c)| c).collect())
+    }
+
+    /// Try to link `gc` to candidate `cand`: skip it if another writer replaces it, wait for a
+    /// writer publishing this content there, drop a stale hint, respect the refcount cap, then
+    /// prove the content (a verified record, or a compare) and link.
+    fn try_candidate<'a>(
+        &'a self,
+        mut m: MutexGuard<'a, Meta>,
+        gc: u64,
+        cand: u64,
+        buf: &[u8],
+        h: &[u8; 32],
+        n_cands: usize,
+    ) -> Result<Tried<'a>> {
+        let s = self.storage.as_ref();
+        let cs = self.g.cluster_size();
+        if cand != gc && m.held.contains(&cand) {
+            if m.published.contains(&cand) {
+                // Its writer is writing this content there right now: wait, then look again
+                // (so two writers of one content end with one cluster).
+                return Ok(Tried::Again(self.wait_cluster(m)));
+            }
+            // Its writer is replacing the content the hint names (and may itself be waiting
+            // for the cluster we hold): not a candidate.
+            return Ok(Tried::Next(m));
+        }
+        let c = match m.entry(s, cand)? {
+            L2Entry::Normal { host, copied } => Candidate {
+                gc: cand,
+                host: host.0,
+                copied,
+            },
+            _ => {
+                self.drop_hint(&mut m, h, cand)?;
+                return Ok(Tried::Next(m));
+            }
+        };
+        let hc = c.host / cs;
+        let cap = m.dedup.as_ref().map_or(0, |d| d.cap);
+        if m.rc.get(s, hc)? >= cap {
+            if let Some(d) = m.dedup.as_mut() {
+                d.stats.refcount_cap_hits += 1;
+            }
+            return Ok(Tried::Next(m));
+        }
+        // A verified record of the candidate proves its content (full SHA-256, kept current
+        // under this lock by every write since it was computed; no writer holds the
+        // candidate): link without reading it back.
+        let proven = matches!(record(&mut m, s, cand)?, Some((rh, true)) if rh == *h);
+        if proven {
+            if c.copied && cand != gc {
+                m.set_copied(s, cand, hc, false)?;
+            }
+            if let Some(d) = m.dedup.as_mut() {
+                d.stats.links_without_read += 1;
+            }
+        } else {
+            let (mm, same) = self.compare(m, gc, c, buf)?;
+            m = mm;
+            if !same {
+                self.drop_hint(&mut m, h, cand)?;
+                return Ok(Tried::Again(m));
+            }
+            // The candidate's record is proven now.
+            set_record(&mut m, s, cand, h)?;
+        }
+        self.link(&mut m, gc, c, h, n_cands)?;
+        Ok(Tried::Linked(m))
+    }
+
+    /// Prove candidate `c` holds `buf` by reading it back:
+    /// 1. freeze it: no COPIED (no new write goes to it in place), pinned (its frees wait), and
+    ///    the data I/O planned while it had COPIED finished;
+    /// 2. compare, outside the lock;
+    /// 3. on a mismatch or a failed read, COPIED back if it is its cluster's only user.
+    ///
+    /// Returns the lock and whether the content is the same (and the cluster still in use).
+    fn compare<'a>(
+        &'a self,
+        mut m: MutexGuard<'a, Meta>,
+        gc: u64,
+        c: Candidate,
+        buf: &[u8],
+    ) -> Result<(MutexGuard<'a, Meta>, bool)> {
+        let s = self.storage.as_ref();
+        let cs = self.g.cluster_size();
+        let hc = c.host / cs;
+        let copied = c.copied && c.gc != gc;
+        if copied {
+            m.set_copied(s, c.gc, hc, false)?;
+        }
+        m.pin(hc);
+        if c.copied {
+            // Writes planned while the entry still had COPIED may be writing into the cluster
+            // in place: let them finish. A cluster without COPIED has had none since the link
+            // that cleared it waited here.
+            let barrier = m.next_io();
+            m.barrier_waiters += 1;
+            while m.oldest_io() < barrier {
+                m = self.wait(m);
+            }
+            m.barrier_waiters -= 1;
+        }
+        let io = self.begin_io(&mut m);
+        drop(m);
+        let mut theirs = vec![0u8; cs as usize];
+        let read = s.read_at(&mut theirs, c.host);
+        let mut m = self.lock();
+        if io.end(&mut m) {
+            self.cond.notify_all();
+        }
+        m.unpin(hc);
+        let same = read.is_ok() && theirs == buf && m.rc.get(s, hc)? >= 1;
+        if !same && copied && m.rc.get(s, hc)? == 1 {
+            // Not linked after all: the candidate is its cluster's only user again.
+            m.set_copied(s, c.gc, hc, true)?;
+        }
+        read?;
+        Ok((m, same))
+    }
+
+    /// Link `gc` to the proven candidate `c`: refcount + 1, the new entry without COPIED, the
+    /// old entry released, both recorded as sharing the cluster; `gc` indexed while the content
+    /// has few hints.
+    fn link(
+        &self,
+        m: &mut Meta,
+        gc: u64,
+        c: Candidate,
+        h: &[u8; 32],
+        n_cands: usize,
+    ) -> Result<()> {
+        let s = self.storage.as_ref();
+        let cs = self.g.cluster_size();
+        let hc = c.host / cs;
+        let cur = m.entry(s, gc)?;
+        let cand_alive = matches!(m.entry(s, c.gc)?,
+            L2Entry::Normal { host, .. } if host.0 == c.host);
+        let identical = cur.host_cluster().map(|o| o.0) == Some(c.host);
+        if !identical {
+            m.rc.add(s, hc, 1)?;
+            m.set_entry(
+                s,
+                gc,
+                L2Entry::Normal {
+                    host: HostOffset(c.host),
+                    copied: false,
+                },
+            )?;
+            m.release(s, gc, cur)?;
+            let list = m.shared.entry(hc).or_default();
+            if cand_alive {
+                list.insert(c.gc);
+            }
+            list.insert(gc);
+        }
+        set_record(m, s, gc, h)?;
+        if let Some(d) = m.dedup.as_mut() {
+            // Both hold the content now: either can serve as the hint later. A few hints per
+            // content are enough to survive rewrites of the first ones; more would only make
+            // every lookup of a popular content longer.
+            if n_cands < MAX_HINTS {
+                d.index.insert(h, gc);
+            }
+            // Space saved counts links only: an identical rewrite saves a write, not space.
+            if identical {
+                d.stats.identical_rewrites += 1;
+            } else {
+                d.stats.clusters_deduplicated += 1;
+                d.stats.bytes_saved += cs;
+            }
+        }
+        Ok(())
+    }
+
+    /// Unique data: in place when the cluster is ours alone, else a new cluster. Recorded and
+    /// indexed before the data lands, so a concurrent writer of the same content waits for this
+    /// one (we hold the cluster) and links to it instead of writing a copy.
+    fn write_unique<'a>(
+        &'a self,
+        mut m: MutexGuard<'a, Meta>,
+        gc: u64,
+        buf: &[u8],
+        h: &[u8; 32],
+    ) -> Result<MutexGuard<'a, Meta>> {
+        let s = self.storage.as_ref();
+        let cs = self.g.cluster_size();
+        let cur = m.entry(s, gc)?;
+        let (host, fresh_alloc) = match cur {
+            L2Entry::Normal { host, copied: true } => (host.0, false),
+            _ => (m.alloc_data(s, 1)?.0, true),
+        };
+        let placed =
+            m.rc.guard(host, cs, 0)
+                .and_then(|()| set_record(&mut m, s, gc, h));
+        if let Err(e) = placed {
+            if fresh_alloc {
+                m.unalloc_data(s, host, 1);
+            }
+            return Err(e);
+        }
+        if let Some(d) = m.dedup.as_mut() {
+            d.index.insert(h, gc);
+        }
+        m.published.insert(gc);
+        let io = self.begin_io(&mut m);
+        // A panic before the data is in place must not leave a verified record that says it is.
+        let record = RecordGuard { q: self, gc };
+        drop(m);
+        let w = s.write_at(buf, host);
+        let mut m = self.lock();
+        std::mem::forget(record);
+        if io.end(&mut m) {
+            // (Waking under the lock: the waiters look again once we release it.)
+            self.cond.notify_all();
+        }
+        // The data is in the file (or failed): the next flush must sync it.
+        m.changes += 1;
+        // On any failure from here the record is false: forget it first, so that no link and no
+        // "identical rewrite" ever trusts it.
+        if let Err(e) = w {
+            forget_after_error(&mut m, s, gc);
+            if fresh_alloc {
+                m.unalloc_data(s, host, 1);
+            }
+            return Err(e.into());
+        }
+        if fresh_alloc {
+            let linked = m
+                .set_entry(
+                    s,
+                    gc,
+                    L2Entry::Normal {
+                        host: HostOffset(host),
+                        copied: true,
+                    },
+                )
+                .and_then(|()| m.release(s, gc, cur));
+            if let Err(e) = linked {
+                forget_after_error(&mut m, s, gc);
+                return Err(e);
+            }
+            m.data_before_l2 = true;
+        }
+        if let Some(d) = m.dedup.as_mut() {
+            d.stats.clusters_unique += 1;
+        }
+        Ok(m)
+    }
+}
