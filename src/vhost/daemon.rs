@@ -6,7 +6,7 @@
 //! worker threads) on the same listening socket, so a VMM can disconnect and come back.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -210,156 +210,215 @@ pub fn serve(device: Arc<dyn BlockDevice>, mut config: ServeConfig) -> Result<()
     } else {
         None
     };
-
-    let limits = BlkConfig::new(
-        device.capacity(),
-        config.num_queues,
-        config.queue_size,
-        config.discard_granularity,
-        config.writeback,
-    );
-    let ctx = Arc::new(DeviceCtx::new(device.clone(), limits, &config.serial));
-    let mut listener = Listener::from(bind_socket(&config.socket, config.socket_mode)?);
-    let socket = SocketFile(config.socket.clone());
-
-    let ep = Epoll::new()?;
-    ep.add(listener.as_raw_fd(), TOKEN_LISTEN)?;
-    if let Some(fd) = &sigfd {
-        ep.add(fd.as_raw_fd(), TOKEN_SIGNAL)?;
-    }
-    let stop = match config.stop.clone() {
-        Some(s) => s,
-        None => StopHandle::new().map_err(io_err("creating the stop event"))?,
-    };
-    ep.add(stop.fd.as_raw_fd(), TOKEN_STOP)?;
-    let done = EventFd::new(EFD_NONBLOCK).map_err(io_err("creating an eventfd"))?;
-    ep.add(done.as_raw_fd(), TOKEN_DONE)?;
     let image = config.image.take();
     let events = config.events.take();
-    // Without a control socket the image's counters still feed the statistics line.
-    let (mut control, image) = match config.control.as_deref() {
-        Some(path) => {
-            let image = image.unwrap_or_else(|| {
-                Box::new(PlainControl {
-                    path: Default::default(),
-                    format: "raw",
-                    capacity: device.capacity(),
-                })
-            });
-            (Some(ControlServer::new(path, image, events, &ep)?), None)
-        }
-        None => (None, image),
-    };
-    let mut periodic = Periodic::new(&config, &ep)?;
+    let mut main = MainLoop::new(device, &config, sigfd, image, events)?;
     info!(
         "serving on {} ({} queues)",
         config.socket.display(),
         config.num_queues
     );
+    let reason = main.run()?;
+    main.shut_down(reason)
+}
 
-    let mut conn: Option<Connection> = None;
-    let mut events = vec![epoll::Event::new(epoll::Events::empty(), 0); 32];
-    let reason = 'main: loop {
-        let n = match epoll::wait(ep.fd(), -1, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                return Err(VhostError::Io {
-                    what: "waiting for events",
-                    source: e,
-                })
-            }
-        };
-        for ev in events.iter().take(n) {
-            let token = ev.data; // a copy: Event is packed
-            match token {
-                TOKEN_LISTEN if conn.is_none() => {
-                    match start_connection(&ctx, config.queue_size, &mut listener, &done) {
-                        Ok(c) => {
-                            info!("VMM connected");
-                            ep.del(listener.as_raw_fd())?;
-                            conn = Some(c);
-                        }
-                        Err(e) => warn!("cannot start serving a connection: {e}"),
-                    }
-                }
-                TOKEN_DONE => {
-                    let _ = done.read();
-                    if let Some(c) = conn.take() {
-                        end_connection(c);
-                    }
-                    if let Err(e) = device.flush() {
-                        warn!("flush after disconnect failed: {e}");
-                    }
-                    ep.add(listener.as_raw_fd(), TOKEN_LISTEN)?;
-                    info!("waiting for the next connection");
-                }
-                TOKEN_SIGNAL => {
-                    if let Some(fd) = &sigfd {
-                        match read_signal(fd) {
-                            Some(libc::SIGHUP) => info!("SIGHUP ignored"),
-                            Some(sig) => {
-                                info!("signal {sig}: shutting down");
-                                break 'main "host-signal";
-                            }
-                            None => {}
-                        }
-                    }
-                }
-                TOKEN_STOP => {
-                    info!("stop requested: shutting down");
-                    break 'main "host-signal";
-                }
-                TOKEN_TIMER => {
-                    if let Some(p) = periodic.as_mut() {
-                        let img = match &control {
-                            Some(c) => Some(c.image()),
-                            None => image.as_deref(),
-                        };
-                        p.fire(&ctx, img);
-                    }
-                }
-                t => {
-                    if let Some(c) = control.as_mut() {
-                        let mut view = View {
-                            ctx: &ctx,
-                            connected: conn.is_some(),
-                            quit: false,
-                        };
-                        c.handle(t, &ep, &mut view);
-                        if view.quit {
-                            info!("quit on the control socket: shutting down");
-                            break 'main "host-qmp-quit";
-                        }
-                    }
-                }
-            }
-        }
-    };
+/// What ends the main loop, as QMP's SHUTDOWN event names it.
+type Reason = &'static str;
 
-    if let Some(c) = control.as_mut() {
-        c.broadcast(
-            &Event::new(
-                "SHUTDOWN",
-                serde_json::json!({"guest": false, "reason": reason}),
-            ),
-            &ep,
+/// The main thread's state: the sockets, the epoll set and what it watches, the connection.
+struct MainLoop<'a> {
+    device: Arc<dyn BlockDevice>,
+    queue_size: u16,
+    ctx: Arc<DeviceCtx>,
+    listener: Listener,
+    socket: SocketFile,
+    ep: Epoll,
+    sigfd: Option<OwnedFd>,
+    /// Kept so the stop event stays open (it may be the daemon's own).
+    _stop: StopHandle,
+    done: EventFd,
+    control: Option<ControlServer>,
+    /// The image's counters for the statistics line when there is no control socket.
+    image: Option<Box<dyn ImageControl>>,
+    periodic: Option<Periodic<'a>>,
+    conn: Option<Connection>,
+}
+
+impl<'a> MainLoop<'a> {
+    fn new(
+        device: Arc<dyn BlockDevice>,
+        config: &'a ServeConfig,
+        sigfd: Option<OwnedFd>,
+        image: Option<Box<dyn ImageControl>>,
+        events: Option<crate::control::EventReceiver>,
+    ) -> Result<Self, VhostError> {
+        let limits = BlkConfig::new(
+            device.capacity(),
+            config.num_queues,
+            config.queue_size,
+            config.discard_granularity,
+            config.writeback,
         );
-    }
-    if let Some(c) = conn.take() {
-        if let Some(h) = &c.shutdown {
-            h.shutdown();
+        let ctx = Arc::new(DeviceCtx::new(device.clone(), limits, &config.serial));
+        let listener = Listener::from(bind_socket(&config.socket, config.socket_mode)?);
+        let socket = SocketFile(config.socket.clone());
+        let ep = Epoll::new()?;
+        ep.add(listener.as_raw_fd(), TOKEN_LISTEN)?;
+        if let Some(fd) = &sigfd {
+            ep.add(fd.as_raw_fd(), TOKEN_SIGNAL)?;
         }
-        end_connection(c);
+        let stop = match config.stop.clone() {
+            Some(s) => s,
+            None => StopHandle::new().map_err(io_err("creating the stop event"))?,
+        };
+        ep.add(stop.fd.as_raw_fd(), TOKEN_STOP)?;
+        let done = EventFd::new(EFD_NONBLOCK).map_err(io_err("creating an eventfd"))?;
+        ep.add(done.as_raw_fd(), TOKEN_DONE)?;
+        // Without a control socket the image's counters still feed the statistics line.
+        let (control, image) = match config.control.as_deref() {
+            Some(path) => {
+                let image = image.unwrap_or_else(|| {
+                    Box::new(PlainControl {
+                        path: Default::default(),
+                        format: "raw",
+                        capacity: device.capacity(),
+                    })
+                });
+                (Some(ControlServer::new(path, image, events, &ep)?), None)
+            }
+            None => (None, image),
+        };
+        let periodic = Periodic::new(config, &ep)?;
+        Ok(MainLoop {
+            device,
+            queue_size: config.queue_size,
+            ctx,
+            listener,
+            socket,
+            ep,
+            sigfd,
+            _stop: stop,
+            done,
+            control,
+            image,
+            periodic,
+            conn: None,
+        })
     }
-    drop(listener);
-    drop(socket);
-    device.flush().map_err(VhostError::Close)?;
-    device.close().map_err(VhostError::Close)?;
-    info!("image closed cleanly");
-    // The control clients see their connection end only now, with the image closed.
-    drop(control);
-    Ok(())
+
+    /// Wait for events until one ends the loop; returns why.
+    fn run(&mut self) -> Result<Reason, VhostError> {
+        let mut events = vec![epoll::Event::new(epoll::Events::empty(), 0); 32];
+        loop {
+            let n = match epoll::wait(self.ep.fd(), -1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    return Err(VhostError::Io {
+                        what: "waiting for events",
+                        source: e,
+                    })
+                }
+            };
+            for ev in events.iter().take(n) {
+                let token = ev.data; // a copy: Event is packed
+                if let Some(reason) = self.on_event(token)? {
+                    return Ok(reason);
+                }
+            }
+        }
+    }
+
+    /// Handle one ready fd; Some(reason) when the daemon must shut down.
+    fn on_event(&mut self, token: u64) -> Result<Option<Reason>, VhostError> {
+        match token {
+            TOKEN_LISTEN if self.conn.is_none() => {
+                match start_connection(&self.ctx, self.queue_size, &mut self.listener, &self.done) {
+                    Ok(c) => {
+                        info!("VMM connected");
+                        self.ep.del(self.listener.as_raw_fd())?;
+                        self.conn = Some(c);
+                    }
+                    Err(e) => warn!("cannot start serving a connection: {e}"),
+                }
+            }
+            TOKEN_DONE => {
+                let _ = self.done.read();
+                if let Some(c) = self.conn.take() {
+                    end_connection(c);
+                }
+                if let Err(e) = self.device.flush() {
+                    warn!("flush after disconnect failed: {e}");
+                }
+                self.ep.add(self.listener.as_raw_fd(), TOKEN_LISTEN)?;
+                info!("waiting for the next connection");
+            }
+            TOKEN_SIGNAL => match self.sigfd.as_ref().and_then(read_signal) {
+                Some(libc::SIGHUP) => info!("SIGHUP ignored"),
+                Some(sig) => {
+                    info!("signal {sig}: shutting down");
+                    return Ok(Some("host-signal"));
+                }
+                None => {}
+            },
+            TOKEN_STOP => {
+                info!("stop requested: shutting down");
+                return Ok(Some("host-signal"));
+            }
+            TOKEN_TIMER => {
+                if let Some(p) = self.periodic.as_mut() {
+                    let img = match &self.control {
+                        Some(c) => Some(c.image()),
+                        None => self.image.as_deref(),
+                    };
+                    p.fire(&self.ctx, img);
+                }
+            }
+            t => {
+                if let Some(c) = self.control.as_mut() {
+                    let mut view = View {
+                        ctx: &self.ctx,
+                        connected: self.conn.is_some(),
+                        quit: false,
+                    };
+                    c.handle(t, &self.ep, &mut view);
+                    if view.quit {
+                        info!("quit on the control socket: shutting down");
+                        return Ok(Some("host-qmp-quit"));
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Tell the control clients, end the connection (its in-flight requests finish), remove
+    /// the socket, flush and close the image; the control clients see their connection end
+    /// only then.
+    fn shut_down(mut self, reason: Reason) -> Result<(), VhostError> {
+        if let Some(c) = self.control.as_mut() {
+            c.broadcast(
+                &Event::new(
+                    "SHUTDOWN",
+                    serde_json::json!({"guest": false, "reason": reason}),
+                ),
+                &self.ep,
+            );
+        }
+        if let Some(c) = self.conn.take() {
+            if let Some(h) = &c.shutdown {
+                h.shutdown();
+            }
+            end_connection(c);
+        }
+        drop(self.listener);
+        drop(self.socket);
+        self.device.flush().map_err(VhostError::Close)?;
+        self.device.close().map_err(VhostError::Close)?;
+        info!("image closed cleanly");
+        drop(self.control);
+        Ok(())
+    }
 }
 
 fn validate(c: &ServeConfig) -> Result<(), VhostError> {
