@@ -158,38 +158,7 @@ impl Qcow2 {
         let cb = h.cluster_bits;
         let cs = h.cluster_size();
         let l2_bits = cb - 3;
-        let needed_l1 = h.size.div_ceil(cs << l2_bits);
-        if (h.l1_size as u64) < needed_l1 {
-            return Err(Qcow2Error::corrupt(format!(
-                "L1 table has {} entries, the disk size needs {needed_l1}",
-                h.l1_size
-            )));
-        }
-        let l1_bytes = h.l1_size as u64 * 8;
-        if l1_bytes > MAX_L1_BYTES {
-            return Err(Qcow2Error::corrupt(format!(
-                "L1 table of {} entries is larger than 32 MiB",
-                h.l1_size
-            )));
-        }
-        if h.l1_size > 0 && (h.l1_table_offset % cs != 0 || h.l1_table_offset == 0) {
-            return Err(Qcow2Error::corrupt(format!(
-                "L1 table offset {:#x} is not cluster aligned",
-                h.l1_table_offset
-            )));
-        }
-        if h.l1_size > 0
-            && h.l1_table_offset
-                .checked_add(l1_bytes)
-                .is_none_or(|e| e > file_len)
-        {
-            return Err(Qcow2Error::corrupt(
-                "L1 table lies past the end of the file",
-            ));
-        }
-        let mut l1b = vec![0u8; l1_bytes as usize];
-        s.read_at(&mut l1b, h.l1_table_offset)?;
-        let l1 = format::decode_table(&l1b);
+        let l1 = read_l1(s, &h, file_len)?;
         let mut rc = refcount::Refcounts::load(
             s,
             cb,
@@ -225,37 +194,7 @@ impl Qcow2 {
             && opts
                 .lazy_refcounts
                 .unwrap_or(h.compatible_features & COMPAT_LAZY_REFCOUNTS != 0);
-        let recorded = h
-            .extension(crate::qcow2::dedup::persist::EXT_DEDUP)
-            .and_then(|d| crate::qcow2::dedup::persist::DedupExtension::decode(d).ok());
-        let recorded_mode = recorded.as_ref().map_or(DedupMode::Off, |e| e.mode);
-        let mode = opts.dedup_mode.unwrap_or(match opts.dedup {
-            Some(true) => DedupMode::Inline,
-            Some(false) => DedupMode::Off,
-            None => recorded_mode,
-        });
-        let paused = recorded.as_ref().is_some_and(|e| e.paused);
-        let had_setting = recorded.is_some();
-        let want_dedup = mode != DedupMode::Off;
-        if want_dedup && !read_only {
-            if h.version < 3 {
-                return Err(Qcow2Error::Unsupported(
-                    "deduplication needs a qcow2 v3 image (compat 1.1)".into(),
-                ));
-            }
-            let mut d = dedup::Dedup::new(meta.rc.max_refcount());
-            d.recorded = recorded;
-            meta.dedup = Some(d);
-            dedup::open(
-                s,
-                &mut meta,
-                &h,
-                file_len,
-                opts.dedup_index_at_open.unwrap_or(true),
-                opts.dedup_cache_bytes
-                    .unwrap_or(dedup::DEFAULT_RECORD_CACHE_BYTES),
-            )?;
-        }
+        let (mode, paused, new_setting) = open_dedup(s, &mut meta, &h, file_len, opts)?;
         let dedup_on = meta.dedup.is_some();
         let img = Qcow2 {
             storage,
@@ -279,7 +218,7 @@ impl Qcow2 {
                 _ => 0,
             },
         };
-        if dedup_on && (mode != recorded_mode || !had_setting) {
+        if dedup_on && new_setting {
             // The mode this session runs in is the image's setting from now on.
             img.persist_dedup_setting()?;
         }
@@ -533,6 +472,90 @@ fn metadata_map(
 }
 
 /// The decoded header (cluster 0) and the file length.
+/// The active L1 table, after checking that it covers the disk, is at most 32 MiB, cluster
+/// aligned and inside the file.
+fn read_l1(s: &dyn Storage, h: &Header, file_len: u64) -> Result<Vec<u64>> {
+    let cs = h.cluster_size();
+    let l2_bits = h.cluster_bits - 3;
+    let needed_l1 = h.size.div_ceil(cs << l2_bits);
+    if (h.l1_size as u64) < needed_l1 {
+        return Err(Qcow2Error::corrupt(format!(
+            "L1 table has {} entries, the disk size needs {needed_l1}",
+            h.l1_size
+        )));
+    }
+    let l1_bytes = h.l1_size as u64 * 8;
+    if l1_bytes > MAX_L1_BYTES {
+        return Err(Qcow2Error::corrupt(format!(
+            "L1 table of {} entries is larger than 32 MiB",
+            h.l1_size
+        )));
+    }
+    if h.l1_size > 0 && (!h.l1_table_offset.is_multiple_of(cs) || h.l1_table_offset == 0) {
+        return Err(Qcow2Error::corrupt(format!(
+            "L1 table offset {:#x} is not cluster aligned",
+            h.l1_table_offset
+        )));
+    }
+    if h.l1_size > 0
+        && h.l1_table_offset
+            .checked_add(l1_bytes)
+            .is_none_or(|e| e > file_len)
+    {
+        return Err(Qcow2Error::corrupt(
+            "L1 table lies past the end of the file",
+        ));
+    }
+    let mut l1b = vec![0u8; l1_bytes as usize];
+    s.read_at(&mut l1b, h.l1_table_offset)?;
+    Ok(format::decode_table(&l1b))
+}
+
+/// The dedup mode the options and the image's recorded setting ask for, whether it is paused,
+/// and whether that differs from the recorded setting (to be written once open); with dedup on
+/// (read-write only), its state is set up in `meta` (index loaded or rebuilt).
+fn open_dedup(
+    s: &dyn Storage,
+    meta: &mut Meta,
+    h: &Header,
+    file_len: u64,
+    opts: &OpenOptions,
+) -> Result<(DedupMode, bool, bool)> {
+    let read_only = opts.read_only;
+    let recorded = h
+        .extension(crate::qcow2::dedup::persist::EXT_DEDUP)
+        .and_then(|d| crate::qcow2::dedup::persist::DedupExtension::decode(d).ok());
+    let recorded_mode = recorded.as_ref().map_or(DedupMode::Off, |e| e.mode);
+    let mode = opts.dedup_mode.unwrap_or(match opts.dedup {
+        Some(true) => DedupMode::Inline,
+        Some(false) => DedupMode::Off,
+        None => recorded_mode,
+    });
+    let paused = recorded.as_ref().is_some_and(|e| e.paused);
+    let had_setting = recorded.is_some();
+    let want_dedup = mode != DedupMode::Off;
+    if want_dedup && !read_only {
+        if h.version < 3 {
+            return Err(Qcow2Error::Unsupported(
+                "deduplication needs a qcow2 v3 image (compat 1.1)".into(),
+            ));
+        }
+        let mut d = dedup::Dedup::new(meta.rc.max_refcount());
+        d.recorded = recorded;
+        meta.dedup = Some(d);
+        dedup::open(
+            s,
+            meta,
+            h,
+            file_len,
+            opts.dedup_index_at_open.unwrap_or(true),
+            opts.dedup_cache_bytes
+                .unwrap_or(dedup::DEFAULT_RECORD_CACHE_BYTES),
+        )?;
+    }
+    Ok((mode, paused, mode != recorded_mode || !had_setting))
+}
+
 fn read_header(s: &dyn Storage) -> Result<(Header, u64)> {
     let file_len = s.len()?;
     if file_len < 72 {
