@@ -9,6 +9,7 @@ use super::clustermap::{ClusterMap, ClusterSet};
 use super::l2cache::L2Cache;
 use super::overlap::kind;
 use super::refcount::Refcounts;
+use super::sharing::Sharing;
 use crate::qcow2::error::{Qcow2Error, Result};
 use crate::qcow2::format::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY, OFF_INCOMPATIBLE};
 use crate::qcow2::format::{self, L1Entry, L2Entry};
@@ -81,20 +82,14 @@ pub(crate) struct Meta {
     pub incompatible: u64,
     /// An overlap check fired: no more metadata or data writes.
     pub corrupt: bool,
-    /// Inline deduplication state, when it is on.
-    pub dedup: Option<super::dedup::Dedup>,
-    /// Threads waiting for older I/O to finish (dedup verification): reads must wake them.
+    /// Threads waiting for older I/O to finish (a verifier's barrier): every end of an I/O must
+    /// wake them.
     pub barrier_waiters: usize,
-    /// Host clusters dedup links are verifying, with how many: their frees wait.
-    pub pinned: ClusterMap<u32>,
-    /// Held guest clusters whose writer has recorded their new content and waits for nothing
-    /// more before it releases them. A dedup writer waits only for these: a writer still
-    /// choosing a candidate holds its cluster too, and two of those waiting for each other's
-    /// cluster would wait for ever.
-    pub published: ClusterSet,
-    /// Host clusters shared by dedup links, with the active guest clusters that point at them;
-    /// when a refcount falls back to 1 the survivor gets COPIED again.
-    pub shared: ClusterMap<ClusterSet>,
+    /// Host clusters being verified (read back), with how many verifiers: their frees wait.
+    pinned: ClusterMap<u32>,
+    /// Active guest clusters sharing a host cluster: when its refcount falls back to 1 the
+    /// survivor gets COPIED again.
+    pub sharing: Sharing,
     /// COPIED changed on an entry while its refcount changed between 1 and 2 (a dedup link
     /// cleared it, or a survivor got it back): the next flush writes refcounts and tables
     /// inside a DIRTY window, since no order of those two writes is consistent on its own.
@@ -157,11 +152,9 @@ impl Meta {
             stats: EngineStats::default(),
             lazy: false,
             corrupt: false,
-            dedup: None,
             barrier_waiters: 0,
             pinned: ClusterMap::default(),
-            published: ClusterSet::default(),
-            shared: ClusterMap::default(),
+            sharing: Sharing::default(),
             copied_window: false,
             incompatible: 0,
             data_before_l2: false,
@@ -169,7 +162,7 @@ impl Meta {
         }
     }
 
-    /// Keep the frees of host cluster `hc` waiting while a dedup link verifies it.
+    /// Keep the frees of host cluster `hc` waiting while a verifier reads it.
     pub(crate) fn pin(&mut self, hc: u64) {
         *self.pinned.entry(hc).or_default() += 1;
     }
@@ -373,9 +366,7 @@ impl Meta {
     pub(crate) fn release(&mut self, s: &dyn Storage, gc: u64, entry: L2Entry) -> Result<()> {
         let cs = self.g.cluster_size();
         if let L2Entry::Normal { host, .. } = entry {
-            if let Some(list) = self.shared.get_mut(&(host.0 / cs)) {
-                list.remove(&gc);
-            }
+            self.sharing.remove(host.0 / cs, gc);
         }
         match entry {
             L2Entry::Normal { host, .. }
@@ -684,18 +675,18 @@ impl Meta {
         let cs = self.g.cluster_size();
         for (seq, c) in ready {
             if self.pinned.contains_key(&c) {
-                // A dedup link is verifying this cluster: free it later.
+                // A verifier is reading this cluster: free it later.
                 self.pending_io.push((seq, c));
                 continue;
             }
             match self.rc.add(s, c, -1)? {
                 0 => {
-                    self.shared.remove(&c);
+                    self.sharing.take(c);
                     self.stats.clusters_freed += 1;
                     freed.push(c);
                 }
                 1 => {
-                    if let Some(list) = self.shared.remove(&c) {
+                    if let Some(list) = self.sharing.take(c) {
                         // The one entry still pointing at the cluster gets COPIED back.
                         let mut alive = Vec::new();
                         for g in list {

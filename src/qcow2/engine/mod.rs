@@ -17,6 +17,8 @@ mod l2cache;
 mod meta;
 pub mod overlap;
 mod refcount;
+mod sharing;
+mod state;
 mod zero;
 
 pub use backing::resolve as resolve_backing;
@@ -31,6 +33,7 @@ use crate::qcow2::format::{self, header::*, Header};
 use crate::storage::{FileStorage, Storage};
 use meta::{Geometry, Meta};
 use overlap::MetadataMap;
+use state::State;
 use std::io::{IoSlice, IoSliceMut};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -80,7 +83,7 @@ impl OpenOptions {
 /// An open qcow2 image.
 pub struct Qcow2 {
     storage: Arc<dyn Storage>,
-    meta: Mutex<Meta>,
+    meta: Mutex<State>,
     cond: Condvar,
     g: Geometry,
     header: Header,
@@ -194,11 +197,12 @@ impl Qcow2 {
             && opts
                 .lazy_refcounts
                 .unwrap_or(h.compatible_features & COMPAT_LAZY_REFCOUNTS != 0);
-        let (mode, paused, new_setting) = open_dedup(s, &mut meta, &h, file_len, opts)?;
-        let dedup_on = meta.dedup.is_some();
+        let mut state = State { meta, dedup: None };
+        let (mode, paused, new_setting) = open_dedup(s, &mut state, &h, file_len, opts)?;
+        let dedup_on = state.dedup.is_some();
         let img = Qcow2 {
             storage,
-            meta: Mutex::new(meta),
+            meta: Mutex::new(state),
             cond: Condvar::new(),
             g,
             header: h,
@@ -250,7 +254,7 @@ impl Qcow2 {
     /// dedup off (8 GiB image, 4 KiB clusters, QD32, 2 queues). (std's `Mutex` spins too, but
     /// for about 100 checks only, and not at all once a sleeper is queued.) The re-lock after a
     /// condvar wait does not spin: those waits are for I/O, not for a short lock section.
-    fn lock(&self) -> MutexGuard<'_, Meta> {
+    fn lock(&self) -> MutexGuard<'_, State> {
         use std::sync::TryLockError;
         for _ in 0..self.lock_spins {
             match self.meta.try_lock() {
@@ -268,13 +272,13 @@ impl Qcow2 {
         self.meta.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn wait<'a>(&self, g: MutexGuard<'a, Meta>) -> MutexGuard<'a, Meta> {
+    fn wait<'a>(&self, g: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
         self.cond.wait(g).unwrap_or_else(|e| e.into_inner())
     }
 
     /// Wait until some held or in-flight guest cluster is released (counted, so that a release
     /// wakes threads only when there are any).
-    pub(crate) fn wait_cluster<'a>(&self, mut m: MutexGuard<'a, Meta>) -> MutexGuard<'a, Meta> {
+    pub(crate) fn wait_cluster<'a>(&self, mut m: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
         m.cluster_waiters += 1;
         let mut m = self.wait(m);
         m.cluster_waiters -= 1;
@@ -516,7 +520,7 @@ fn read_l1(s: &dyn Storage, h: &Header, file_len: u64) -> Result<Vec<u64>> {
 /// (read-write only), its state is set up in `meta` (index loaded or rebuilt).
 fn open_dedup(
     s: &dyn Storage,
-    meta: &mut Meta,
+    state: &mut State,
     h: &Header,
     file_len: u64,
     opts: &OpenOptions,
@@ -540,12 +544,12 @@ fn open_dedup(
                 "deduplication needs a qcow2 v3 image (compat 1.1)".into(),
             ));
         }
-        let mut d = dedup::Dedup::new(meta.rc.max_refcount());
+        let mut d = dedup::Dedup::new(state.rc.max_refcount());
         d.recorded = recorded;
-        meta.dedup = Some(d);
+        state.dedup = Some(d);
         dedup::open(
             s,
-            meta,
+            state,
             h,
             file_len,
             opts.dedup_index_at_open.unwrap_or(true),

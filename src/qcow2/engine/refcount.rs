@@ -35,8 +35,8 @@ pub(crate) struct Refcounts {
     /// Kinds of metadata every write is checked against.
     pub(crate) check_mask: u16,
     /// Clusters the allocator must not hand out although their refcount is 0 (the dedup index
-    /// area: first cluster, count).
-    pub(crate) reserved: Option<(u64, u64)>,
+    /// area: first cluster, count); set by `reserve`.
+    reserved: Option<(u64, u64)>,
 }
 
 /// Largest refcount table QEMU accepts (8 MiB).
@@ -138,6 +138,15 @@ impl Refcounts {
             self.blocks.insert(b, Block { data, dirty: false });
         }
         Ok(self.blocks.get_mut(&b))
+    }
+
+    /// Keep clusters `first..first + n` (refcount 0) from the allocator, and record them in the
+    /// overlap map as metadata of kind `k`, so that no data or table write lands there.
+    pub(crate) fn reserve(&mut self, first: u64, n: u64, k: u16) {
+        if let Some((f, m)) = self.reserved.replace((first, n)) {
+            self.map.remove(f, m, k);
+        }
+        self.map.add(first, n, k);
     }
 
     fn is_reserved(&self, c: u64) -> bool {
@@ -407,6 +416,28 @@ mod tests {
         s.write_at(&blk, 2 * cs as u64).unwrap();
         let r = Refcounts::load(&s, cluster_bits, order, cs as u64, 1).unwrap();
         (s, r)
+    }
+
+    #[test]
+    fn a_reserved_area_is_skipped_and_guarded() {
+        let (s, mut r) = setup(16, 4);
+        r.reserve(3, 2, kind::DEDUP_INDEX);
+        assert_eq!(r.alloc(&s, 1).unwrap(), 5, "the allocator skips the area");
+        let cs = 1u64 << 16;
+        assert!(
+            r.guard(3 * cs + 512, 512, 0).is_err(),
+            "a write into it is refused"
+        );
+        assert!(
+            r.guard(4 * cs, cs, kind::DEDUP_INDEX).is_ok(),
+            "its own writes pass"
+        );
+        r.reserve(6, 1, kind::DEDUP_INDEX);
+        assert!(
+            r.guard(3 * cs, cs, 0).is_ok(),
+            "a moved area frees the old range"
+        );
+        assert!(r.guard(6 * cs, cs, 0).is_err());
     }
 
     #[test]

@@ -8,7 +8,7 @@
 
 use super::{forget, ClusterGuard};
 use crate::qcow2::dedup::{hash_cluster, is_zero};
-use crate::qcow2::engine::meta::Meta;
+use crate::qcow2::engine::state::State;
 use crate::qcow2::engine::Qcow2;
 use crate::qcow2::error::Result;
 use crate::qcow2::format::L2Entry;
@@ -88,7 +88,7 @@ impl Pending {
 
 /// Mark guest cluster `gc` pending (its data was just written plain in background mode).
 /// Returns true when nothing was pending before.
-pub(crate) fn mark_pending(m: &mut Meta, s: &dyn Storage, gc: u64) -> Result<bool> {
+pub(crate) fn mark_pending(m: &mut State, s: &dyn Storage, gc: u64) -> Result<bool> {
     let Some(d) = m.dedup.as_mut() else {
         return Ok(false);
     };
@@ -111,7 +111,7 @@ impl Qcow2 {
     }
 
     /// True while the worker has work it may do (pending clusters, not paused, not off, open).
-    fn worker_may_run(&self, m: &Meta) -> bool {
+    fn worker_may_run(&self, m: &State) -> bool {
         !self.closed.load(Ordering::SeqCst)
             && !self.worker_stop.load(Ordering::SeqCst)
             && !self.dedup_paused()

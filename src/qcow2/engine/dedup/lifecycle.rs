@@ -12,7 +12,8 @@ use crate::qcow2::dedup::persist::{
     self, DedupExtension, DedupMode, IndexCluster, SealInput, Trust, AUTOCLEAR_DEDUP, EXT_DEDUP,
     PENDING,
 };
-use crate::qcow2::engine::meta::Meta;
+use crate::qcow2::engine::overlap::kind;
+use crate::qcow2::engine::state::State;
 use crate::qcow2::error::{Qcow2Error, Result};
 use crate::qcow2::format::{Header, L1Entry, L2Entry};
 use crate::storage::Storage;
@@ -53,7 +54,7 @@ fn seal_input(h: &Header, file_len: u64, generation: u64) -> SealInput {
 /// Whether `area` can hold the index: inside the file, every cluster free (refcount 0), and no
 /// known metadata. (The allocator skips it while reserved, and places no refcount block or table
 /// on it.)
-fn area_usable(s: &dyn Storage, m: &mut Meta, a: &Area, file_len: u64) -> Result<bool> {
+fn area_usable(s: &dyn Storage, m: &mut State, a: &Area, file_len: u64) -> Result<bool> {
     let cs = m.g.cluster_size();
     let Some(end) = a
         .clusters
@@ -75,7 +76,7 @@ fn area_usable(s: &dyn Storage, m: &mut Meta, a: &Area, file_len: u64) -> Result
 
 /// A new index area of `n` clusters past the end of the file and of everything allocated (all
 /// free there), reserved from the allocator; the file grows to cover it.
-fn new_area(s: &dyn Storage, m: &mut Meta, n: u64, file_len: u64) -> Result<Area> {
+fn new_area(s: &dyn Storage, m: &mut State, n: u64, file_len: u64) -> Result<Area> {
     let cs = m.g.cluster_size();
     let mut first = file_len.div_ceil(cs).max(m.rc.allocations).max(1);
     // Refcounts past the end of the file would be corruption, but do not write over them.
@@ -86,7 +87,7 @@ fn new_area(s: &dyn Storage, m: &mut Meta, n: u64, file_len: u64) -> Result<Area
         }
         c += 1;
     }
-    m.rc.reserved = Some((first, n));
+    m.rc.reserve(first, n, kind::DEDUP_INDEX);
     m.extend_file(s, (first + n) * cs)?;
     Ok(Area {
         offset: first * cs,
@@ -100,7 +101,7 @@ fn new_area(s: &dyn Storage, m: &mut Meta, n: u64, file_len: u64) -> Result<Area
 /// goes). The caller has cleared the autoclear bit already.
 pub(crate) fn open(
     s: &dyn Storage,
-    m: &mut Meta,
+    m: &mut State,
     h: &Header,
     file_len: u64,
     hash_data: bool,
@@ -146,7 +147,7 @@ pub(crate) fn open(
     } else {
         let area = match old_area {
             Some(a) => {
-                m.rc.reserved = Some((a.offset / cs, a.clusters));
+                m.rc.reserve(a.offset / cs, a.clusters, kind::DEDUP_INDEX);
                 a
             }
             None => new_area(s, m, need, file_len)?,
@@ -217,7 +218,7 @@ pub(crate) fn open(
             let hc = host.0 / cs;
             let refs = if copied { 1 } else { m.rc.get(s, hc)? };
             if refs >= 2 {
-                m.shared.entry(hc).or_default().insert(gc);
+                m.sharing.add(hc, gc);
             }
             if !rehash.get((gc / rpc) as usize).copied().unwrap_or(false) {
                 continue;

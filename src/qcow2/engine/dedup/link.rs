@@ -3,7 +3,7 @@
 //! read and the unique data write, which run outside it.
 
 use super::{forget_after_error, record, set_record, RecordGuard, MAX_HINTS};
-use crate::qcow2::engine::meta::Meta;
+use crate::qcow2::engine::state::State;
 use crate::qcow2::engine::Qcow2;
 use crate::qcow2::error::{Qcow2Error, Result};
 use crate::qcow2::format::L2Entry;
@@ -13,11 +13,11 @@ use std::sync::MutexGuard;
 /// What trying one candidate came to.
 enum Tried<'a> {
     /// Linked: done.
-    Linked(MutexGuard<'a, Meta>),
+    Linked(MutexGuard<'a, State>),
     /// Not usable: try the next one.
-    Next(MutexGuard<'a, Meta>),
+    Next(MutexGuard<'a, State>),
     /// The candidates changed (a wait, a stale hint): look them up again.
-    Again(MutexGuard<'a, Meta>),
+    Again(MutexGuard<'a, State>),
 }
 
 /// A candidate the index named, as its entry is now.
@@ -39,12 +39,12 @@ impl Qcow2 {
     /// caller releases `gc` without taking it again.
     pub(super) fn link_or_write<'a>(
         &'a self,
-        mut m: MutexGuard<'a, Meta>,
+        mut m: MutexGuard<'a, State>,
         gc: u64,
         buf: &[u8],
         h: &[u8; 32],
         have: bool,
-    ) -> Result<MutexGuard<'a, Meta>> {
+    ) -> Result<MutexGuard<'a, State>> {
         if self.identical_rewrite(&mut m, gc, h)? {
             return Ok(m);
         }
@@ -76,7 +76,7 @@ impl Qcow2 {
 
     /// The guest rewrites the content its cluster holds (a verified record says so): counted,
     /// nothing to do.
-    fn identical_rewrite(&self, m: &mut Meta, gc: u64, h: &[u8; 32]) -> Result<bool> {
+    fn identical_rewrite(&self, m: &mut State, gc: u64, h: &[u8; 32]) -> Result<bool> {
         let s = self.storage.as_ref();
         if let (Some((rh, true)), L2Entry::Normal { .. }) = (record(m, s, gc)?, m.entry(s, gc)?) {
             if rh == *h {
@@ -92,7 +92,7 @@ impl Qcow2 {
     /// The guest clusters the index names for `h`, the most shared copy first and our own
     /// cluster last: linking to it frees ours if it held a separate copy, and separate copies
     /// of one content converge on one cluster.
-    fn ranked_candidates(&self, m: &mut Meta, gc: u64, h: &[u8; 32]) -> Result<Vec<u64>> {
+    fn ranked_candidates(&self, m: &mut State, gc: u64, h: &[u8; 32]) -> Result<Vec<u64>> {
         let s = self.storage.as_ref();
         let cs = self.g.cluster_size();
         let Some(d) = m.dedup.as_ref() else {
@@ -115,7 +115,7 @@ impl Qcow2 {
     /// prove the content (a verified record, or a compare) and link.
     fn try_candidate<'a>(
         &'a self,
-        mut m: MutexGuard<'a, Meta>,
+        mut m: MutexGuard<'a, State>,
         gc: u64,
         cand: u64,
         buf: &[u8],
@@ -125,7 +125,10 @@ impl Qcow2 {
         let s = self.storage.as_ref();
         let cs = self.g.cluster_size();
         if cand != gc && m.held.contains(&cand) {
-            if m.published.contains(&cand) {
+            if m.dedup
+                .as_ref()
+                .is_some_and(|d| d.published.contains(&cand))
+            {
                 // Its writer is writing this content there right now: wait, then look again
                 // (so two writers of one content end with one cluster).
                 return Ok(Tried::Again(self.wait_cluster(m)));
@@ -187,11 +190,11 @@ impl Qcow2 {
     /// Returns the lock and whether the content is the same (and the cluster still in use).
     fn compare<'a>(
         &'a self,
-        mut m: MutexGuard<'a, Meta>,
+        mut m: MutexGuard<'a, State>,
         gc: u64,
         c: Candidate,
         buf: &[u8],
-    ) -> Result<(MutexGuard<'a, Meta>, bool)> {
+    ) -> Result<(MutexGuard<'a, State>, bool)> {
         let s = self.storage.as_ref();
         let cs = self.g.cluster_size();
         let hc = c.host / cs;
@@ -234,7 +237,7 @@ impl Qcow2 {
     /// has few hints.
     fn link(
         &self,
-        m: &mut Meta,
+        m: &mut State,
         gc: u64,
         c: Candidate,
         h: &[u8; 32],
@@ -258,11 +261,10 @@ impl Qcow2 {
                 },
             )?;
             m.release(s, gc, cur)?;
-            let list = m.shared.entry(hc).or_default();
             if cand_alive {
-                list.insert(c.gc);
+                m.sharing.add(hc, c.gc);
             }
-            list.insert(gc);
+            m.sharing.add(hc, gc);
         }
         set_record(m, s, gc, h)?;
         if let Some(d) = m.dedup.as_mut() {
@@ -288,11 +290,11 @@ impl Qcow2 {
     /// one (we hold the cluster) and links to it instead of writing a copy.
     fn write_unique<'a>(
         &'a self,
-        mut m: MutexGuard<'a, Meta>,
+        mut m: MutexGuard<'a, State>,
         gc: u64,
         buf: &[u8],
         h: &[u8; 32],
-    ) -> Result<MutexGuard<'a, Meta>> {
+    ) -> Result<MutexGuard<'a, State>> {
         let s = self.storage.as_ref();
         let cs = self.g.cluster_size();
         let cur = m.entry(s, gc)?;
@@ -311,8 +313,8 @@ impl Qcow2 {
         }
         if let Some(d) = m.dedup.as_mut() {
             d.index.insert(h, gc);
+            d.published.insert(gc);
         }
-        m.published.insert(gc);
         let io = self.begin_io(&mut m);
         // A panic before the data is in place must not leave a verified record that says it is.
         let record = RecordGuard { q: self, gc };

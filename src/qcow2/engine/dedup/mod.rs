@@ -29,7 +29,8 @@ pub use background::DedupWorker;
 pub(crate) use lifecycle::{close as write_back, open};
 pub use lifecycle::{IndexOpenReport, DEFAULT_RECORD_CACHE_BYTES};
 
-use super::meta::Meta;
+use super::clustermap::ClusterSet;
+use super::state::State;
 use super::{iov, Qcow2};
 use crate::qcow2::dedup::persist::{DedupExtension, DedupMode};
 use crate::qcow2::dedup::{hash_cluster, is_zero, DedupIndex};
@@ -130,6 +131,11 @@ pub(crate) struct Dedup {
     pending: background::Pending,
     /// The worker holds a cluster now.
     pub(crate) worker_busy: bool,
+    /// Held guest clusters whose writer has recorded their new content and waits for nothing
+    /// more before it releases them. A dedup writer waits only for these: a writer still
+    /// choosing a candidate holds its cluster too, and two of those waiting for each other's
+    /// cluster would wait for ever.
+    published: ClusterSet,
 }
 
 impl Dedup {
@@ -141,6 +147,7 @@ impl Dedup {
             open_report: IndexOpenReport::default(),
             pending: background::Pending::default(),
             worker_busy: false,
+            published: ClusterSet::default(),
             stats: DedupStats::default(),
             cap: (max_refcount / 2).max(1),
         }
@@ -169,16 +176,18 @@ impl ClusterGuard<'_> {
     /// Returns whether threads wait for a cluster: the caller must then notify the engine's
     /// condvar (after dropping the lock, together with any other wake-up it owes).
     #[must_use = "when true, notify the engine's condvar: a writer may wait for this cluster"]
-    pub(crate) fn release(mut self, m: &mut Meta) -> bool {
+    pub(crate) fn release(mut self, m: &mut State) -> bool {
         self.armed = false;
         unhold(m, self.gc)
     }
 }
 
 /// Returns whether threads wait for a cluster (they must be woken).
-fn unhold(m: &mut Meta, gc: u64) -> bool {
+fn unhold(m: &mut State, gc: u64) -> bool {
     m.held.remove(&gc);
-    m.published.remove(&gc);
+    if let Some(d) = m.dedup.as_mut() {
+        d.published.remove(&gc);
+    }
     m.cluster_waiters > 0
 }
 
@@ -278,7 +287,7 @@ impl Qcow2 {
     fn hold_cluster_then<T>(
         &self,
         gc: u64,
-        f: impl FnOnce(&mut Meta) -> T,
+        f: impl FnOnce(&mut State) -> T,
     ) -> (ClusterGuard<'_>, T) {
         let (mut m, guard) = self.hold_cluster_locked(gc);
         let t = f(&mut m);
@@ -287,7 +296,7 @@ impl Qcow2 {
     }
 
     /// Hold guest cluster `gc`; returns the lock, still taken, and the hold.
-    fn hold_cluster_locked(&self, gc: u64) -> (MutexGuard<'_, Meta>, ClusterGuard<'_>) {
+    fn hold_cluster_locked(&self, gc: u64) -> (MutexGuard<'_, State>, ClusterGuard<'_>) {
         let mut m = self.lock();
         while m.held.contains(&gc) {
             m = self.wait_cluster(m);
@@ -392,12 +401,12 @@ impl Qcow2 {
     /// same section; on an error the lock is already released, so the hold may drop.
     fn settle_cluster<'a>(
         &'a self,
-        mut m: MutexGuard<'a, Meta>,
+        mut m: MutexGuard<'a, State>,
         gc: u64,
         buf: &[u8],
         h: Option<&[u8; 32]>,
         have: bool,
-    ) -> Result<MutexGuard<'a, Meta>> {
+    ) -> Result<MutexGuard<'a, State>> {
         match h {
             Some(h) => self.link_or_write(m, gc, buf, h, have),
             None => {
@@ -408,7 +417,7 @@ impl Qcow2 {
     }
 
     /// Turn guest cluster `gc` (held by the caller) into a zero cluster.
-    fn make_zero_cluster(&self, m: &mut Meta, gc: u64) -> Result<()> {
+    fn make_zero_cluster(&self, m: &mut State, gc: u64) -> Result<()> {
         let s = self.storage.as_ref();
         let cs = self.g.cluster_size();
         let old = m.entry(s, gc)?;
@@ -450,7 +459,7 @@ impl Qcow2 {
     }
 
     /// A hint proved wrong: forget it, and the candidate's record if it says the same.
-    fn drop_hint(&self, m: &mut Meta, h: &[u8; 32], cand: u64) -> Result<()> {
+    fn drop_hint(&self, m: &mut State, h: &[u8; 32], cand: u64) -> Result<()> {
         if matches!(record(m, self.storage.as_ref(), cand)?, Some((rh, _)) if rh == *h) {
             forget(m, self.storage.as_ref(), cand)?;
         }
@@ -463,7 +472,7 @@ impl Qcow2 {
 }
 
 /// The record of guest cluster `gc` (its content's hash) and whether it is verified.
-fn record(m: &mut Meta, s: &dyn Storage, gc: u64) -> Result<Option<([u8; 32], bool)>> {
+fn record(m: &mut State, s: &dyn Storage, gc: u64) -> Result<Option<([u8; 32], bool)>> {
     match m.dedup.as_mut().and_then(|d| d.records.as_mut()) {
         Some(r) => r.get(s, gc),
         None => Ok(None),
@@ -472,7 +481,7 @@ fn record(m: &mut Meta, s: &dyn Storage, gc: u64) -> Result<Option<([u8; 32], bo
 
 /// Guest cluster `gc` holds content `h` now (proven this session): record it, and drop the hint
 /// of the content it held before.
-fn set_record(m: &mut Meta, s: &dyn Storage, gc: u64, h: &[u8; 32]) -> Result<()> {
+fn set_record(m: &mut State, s: &dyn Storage, gc: u64, h: &[u8; 32]) -> Result<()> {
     let Some(d) = m.dedup.as_mut() else {
         return Ok(());
     };
@@ -501,7 +510,7 @@ impl Drop for RecordGuard<'_> {
 
 /// `forget` while handling another error, which is the one to report. If forgetting fails too,
 /// `forget` has already stopped trusting whatever is loaded from the area later.
-fn forget_after_error(m: &mut Meta, s: &dyn Storage, gc: u64) {
+fn forget_after_error(m: &mut State, s: &dyn Storage, gc: u64) {
     if let Err(e) = forget(m, s, gc) {
         log::warn!("dedup record of guest cluster {gc} not cleared: {e}");
     }
@@ -509,7 +518,7 @@ fn forget_after_error(m: &mut Meta, s: &dyn Storage, gc: u64) {
 
 /// Guest cluster `gc` is about to get content we do not hash: forget its record and its hint.
 /// Called under the lock before the change is planned, so no record ever outlives the content.
-pub(crate) fn forget(m: &mut Meta, s: &dyn Storage, gc: u64) -> Result<()> {
+pub(crate) fn forget(m: &mut State, s: &dyn Storage, gc: u64) -> Result<()> {
     let Some(d) = m.dedup.as_mut() else {
         return Ok(());
     };
