@@ -1,6 +1,7 @@
 //! Helpers over scatter-gather lists: sub-ranges, fills and copies, without copying the data.
 
 use std::io::{IoSlice, IoSliceMut};
+use vm_memory::VolatileSlice;
 
 /// One cluster's share of a byte range: guest cluster, offset in it, length, offset in the
 /// request.
@@ -97,9 +98,29 @@ pub(crate) fn slice<'a>(bufs: &'a [IoSlice<'_>], start: usize, len: usize) -> Ve
         .collect()
 }
 
+/// A caller's buffer as a volatile slice. The buffers the engine is handed are often guest
+/// memory, which the guest (or an overlapping request on another queue) may change at any
+/// moment: every copy the engine itself makes into or out of them is volatile, so the compiler
+/// assumes nothing about the bytes. (Handing them to `preadv`/`pwritev` is the kernel's copy.)
+fn volatile(ptr: *mut u8, len: usize) -> VolatileSlice<'static> {
+    // SAFETY: `ptr..ptr + len` is one of the caller's buffers, valid for reads and writes (the
+    // mutable ones) for the duration of the engine call that uses the returned slice, which
+    // never outlives that call (every use below is a single copy).
+    unsafe { VolatileSlice::new(ptr, len) }
+}
+
 pub(crate) fn fill_zero(bufs: &mut [IoSliceMut<'_>]) {
+    const ZEROS: [u8; 4096] = [0; 4096];
     for b in bufs.iter_mut() {
-        b.fill(0);
+        let v = volatile(b.as_mut_ptr(), b.len());
+        let mut at = 0;
+        while at < b.len() {
+            let n = (b.len() - at).min(ZEROS.len());
+            if let Ok(piece) = v.subslice(at, n) {
+                piece.copy_from(&ZEROS[..n]);
+            }
+            at += n;
+        }
     }
 }
 
@@ -108,11 +129,22 @@ pub(crate) fn copy_into(bufs: &mut [IoSliceMut<'_>], src: &[u8]) {
     let mut p = 0usize;
     for b in bufs.iter_mut() {
         let n = b.len().min(src.len() - p);
-        b[..n].copy_from_slice(&src[p..p + n]);
+        volatile(b.as_mut_ptr(), n).copy_from(&src[p..p + n]);
         p += n;
         if p == src.len() {
             break;
         }
+    }
+}
+
+/// Copy the list into `dst` from byte `at` of `dst` on (up to the shorter of both).
+pub(crate) fn copy_out(bufs: &[IoSlice<'_>], dst: &mut [u8], at: usize) {
+    let mut p = at;
+    for b in bufs {
+        let n = b.len().min(dst.len().saturating_sub(p));
+        // Only read through the slice (the pointer is cast for the constructor's sake).
+        volatile(b.as_ptr().cast_mut(), n).copy_to(&mut dst[p..p + n]);
+        p += n;
     }
 }
 
@@ -162,5 +194,30 @@ mod tests {
             assert_eq!(ro, rw, "{start}+{len}");
             assert_eq!(ro.iter().map(Vec::len).sum::<usize>(), len, "{start}+{len}");
         }
+    }
+
+    #[test]
+    fn volatile_fills_and_copies_cross_segments() {
+        let mut a = vec![7u8; 5000];
+        let mut b = vec![7u8; 3];
+        let mut v = [IoSliceMut::new(&mut a), IoSliceMut::new(&mut b)];
+        fill_zero(&mut v);
+        assert!(
+            v.iter().all(|x| x.iter().all(|&y| y == 0)),
+            "zeros past 4 KiB too"
+        );
+        let src: Vec<u8> = (0..5003u32).map(|i| i as u8).collect();
+        copy_into(&mut v, &src);
+        let r = [IoSlice::new(&v[0]), IoSlice::new(&v[1])];
+        let mut dst = vec![0u8; 5010];
+        copy_out(&r, &mut dst, 7);
+        assert_eq!(&dst[7..], &src[..]);
+        let mut short = vec![0u8; 10];
+        copy_out(&r, &mut short, 4);
+        assert_eq!(
+            &short[4..],
+            &src[..6],
+            "stops at the end of the destination"
+        );
     }
 }

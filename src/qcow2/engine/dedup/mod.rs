@@ -367,11 +367,7 @@ impl Qcow2 {
             } else {
                 None
             };
-            let mut p = in_off as usize;
-            for b in &sub {
-                buf[p..p + b.len()].copy_from_slice(b);
-                p += b.len();
-            }
+            iov::copy_out(&sub, &mut buf, in_off as usize);
             let h = (!is_zero(&buf)).then(|| hash_cluster(&buf));
             let (m, guard) = match partial {
                 Some(guard) => {
