@@ -14,10 +14,10 @@ pub struct CreateArgs {
     /// Path of the new image.
     pub image: PathBuf,
     /// Virtual size, e.g. 8G (defaults to the backing file's size).
-    #[arg(long, value_parser = super::parse_size)]
+    #[arg(long, value_parser = super::size::parse_size)]
     pub size: Option<u64>,
     /// Cluster size, a power of two from 512 to 2M.
-    #[arg(long, default_value = "64K", value_parser = super::parse_size)]
+    #[arg(long, default_value = "64K", value_parser = super::size::parse_size)]
     pub cluster_size: u64,
     /// Refcount width in bits: 1, 2, 4, 8, 16, 32 or 64.
     #[arg(long, default_value_t = 16)]

@@ -96,7 +96,7 @@ pub enum OnOff {
 }
 
 fn parse_cache_size(s: &str) -> Result<u64, String> {
-    let n = super::parse_size(s)?;
+    let n = super::size::parse_size(s)?;
     if (1 << 20..=1 << 40).contains(&n) {
         Ok(n)
     } else {

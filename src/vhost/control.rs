@@ -10,8 +10,8 @@ use std::path::Path;
 
 use log::{debug, info, warn};
 
+use super::config::VhostError;
 use super::sys::{bind_socket, Epoll, SocketFile};
-use super::VhostError;
 use crate::control::qmp::event_bytes;
 use crate::control::{
     Commands, DaemonView, Event, EventReceiver, ImageControl, Session, QMP_VERSION,

@@ -19,9 +19,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::backend::BlkBackend;
+use super::config::{ServeConfig, StopHandle, Tick, VhostError};
 use super::control::ControlServer;
 use super::sys::{bind_socket, read_signal, signal_fd, Epoll, SocketFile};
-use super::{ServeConfig, StopHandle, VhostError};
 use crate::block::BlockDevice;
 use crate::control::{DaemonView, Event, ImageControl, PlainControl, StatusInfo};
 use crate::virtio::{BlkConfig, DeviceCtx, QueueSnapshot};
@@ -76,7 +76,7 @@ fn queue_stats(ctx: &DeviceCtx) -> Vec<QueueSnapshot> {
 struct Periodic<'a> {
     timer: TimerFd,
     expirations: u64,
-    tick: Option<(&'a super::Tick, u64)>,
+    tick: Option<(&'a Tick, u64)>,
     stats_every: u64,
     last: StatsLine,
 }
@@ -493,6 +493,3 @@ fn end_connection(c: Connection) {
         Err(_) => warn!("the connection thread panicked"),
     }
 }
-
-/// Keeps the tick interval type in one place for callers.
-pub const DEFAULT_TICK: Duration = Duration::from_secs(1);

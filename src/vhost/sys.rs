@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use log::debug;
 
-use super::VhostError;
+use super::config::VhostError;
 
 fn io_err(what: &'static str) -> impl Fn(io::Error) -> VhostError {
     move |source| VhostError::Io { what, source }

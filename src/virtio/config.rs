@@ -1,6 +1,6 @@
 //! The virtio-blk configuration space (`struct virtio_blk_config`), serialised little-endian.
 
-use super::SECTOR_SIZE;
+use super::consts::SECTOR_SIZE;
 
 /// Size of `struct virtio_blk_config` up to and including the zoned characteristics.
 pub const CONFIG_SPACE_SIZE: usize = 96;

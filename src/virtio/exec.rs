@@ -12,13 +12,14 @@ use virtio_queue::desc::split::Descriptor;
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestMemoryBackend};
 
+use super::config::BlkConfig;
+use super::consts::{
+    ID_BYTES, SECTOR_SIZE, SEGMENT_SIZE, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
+    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+};
 use super::request::{parse_chain, ParseError, Request, RequestType, Segment};
 use super::stats::QueueStats;
 use super::throttle::{held_note, Throttle};
-use super::{
-    BlkConfig, ID_BYTES, SECTOR_SIZE, SEGMENT_SIZE, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
-    VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
-};
 use crate::block::{check_range, BlockDevice, BlockError};
 
 /// Everything a queue worker needs to run requests; shared by all queues.

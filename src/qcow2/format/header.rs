@@ -1,6 +1,6 @@
 //! The qcow2 header (cluster 0): fixed fields, header extensions, backing file name.
 
-use super::{be32, be64, FormatError};
+use super::codec::{be32, be64, FormatError};
 
 pub const MAGIC: u32 = 0x5146_49fb;
 pub const V2_HEADER_LEN: u32 = 72;

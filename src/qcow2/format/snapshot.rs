@@ -1,6 +1,6 @@
 //! The internal snapshot table.
 
-use super::{be16, be32, be64, FormatError};
+use super::codec::{be16, be32, be64, FormatError};
 
 /// One snapshot table entry (the fields the engine and checker use, plus its raw bytes).
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,0 +1,120 @@
+//! How to serve (`ServeConfig`), how to stop a running daemon (`StopHandle`), and the
+//! transport's errors.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::block::BlockError;
+use crate::control::{EventReceiver, ImageControl};
+
+/// The default period of `ServeConfig::tick`.
+pub const DEFAULT_TICK: Duration = Duration::from_secs(1);
+
+/// Errors of the transport and the daemon loop.
+#[derive(Debug, thiserror::Error)]
+pub enum VhostError {
+    #[error("socket {path} is in use by a running server; refusing to replace it")]
+    SocketInUse { path: PathBuf },
+    #[error("cannot listen on {path}: {source}")]
+    Bind { path: PathBuf, source: io::Error },
+    #[error("{0}")]
+    Config(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        source: io::Error,
+    },
+    #[error("vhost-user: {0}")]
+    Daemon(String),
+    #[error("closing the image failed: {0}")]
+    Close(BlockError),
+}
+
+/// A handle that makes a running [`serve`] shut down cleanly (as SIGTERM does).
+#[derive(Clone)]
+pub struct StopHandle {
+    pub(super) fd: Arc<EventFd>,
+}
+
+impl StopHandle {
+    pub fn new() -> io::Result<Self> {
+        Ok(StopHandle {
+            fd: Arc::new(EventFd::new(EFD_NONBLOCK)?),
+        })
+    }
+    /// Ask the daemon to stop; safe to call more than once.
+    pub fn stop(&self) {
+        let _ = self.fd.write(1);
+    }
+}
+
+impl AsRawFd for StopHandle {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// A periodic job run on the daemon's main thread (lazy refcount flushes, statistics).
+pub type Tick = Box<dyn Fn() + Send>;
+
+/// How to serve.
+pub struct ServeConfig {
+    /// The UNIX socket to listen on.
+    pub socket: PathBuf,
+    /// Number of request queues (one worker thread each).
+    pub num_queues: u16,
+    /// Largest queue size offered.
+    pub queue_size: u16,
+    /// GET_ID answer (at most 20 bytes are used).
+    pub serial: String,
+    /// Writeback cache at start (the driver may change it through CONFIG_WCE).
+    pub writeback: bool,
+    /// The engine's allocation unit in bytes (discard alignment and optimal I/O size hint).
+    pub discard_granularity: u32,
+    /// Permission bits of the socket file.
+    pub socket_mode: u32,
+    /// Take SIGINT/SIGTERM/SIGHUP through a signalfd (the CLI); off for in-process tests.
+    pub handle_signals: bool,
+    /// Period of `tick`.
+    pub tick_interval: Duration,
+    /// Periodic job on the main thread, if any.
+    pub tick: Option<Tick>,
+    /// An extra way to stop the daemon.
+    pub stop: Option<StopHandle>,
+    /// The QMP control socket to listen on (mode 0600), if any.
+    pub control: Option<PathBuf>,
+    /// What the control socket and the statistics line report about the image.
+    pub image: Option<Box<dyn ImageControl>>,
+    /// Events to forward to the control socket's clients.
+    pub events: Option<EventReceiver>,
+    /// Period of the one-line I/O summary at info level; zero for none.
+    pub stats_interval: Duration,
+}
+
+impl ServeConfig {
+    /// Defaults: 1 queue of 256, writeback on, 64 KiB granularity, mode 0600, no signals.
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        ServeConfig {
+            socket: socket.into(),
+            num_queues: 1,
+            queue_size: 256,
+            serial: String::new(),
+            writeback: true,
+            discard_granularity: 65536,
+            socket_mode: 0o600,
+            handle_signals: false,
+            tick_interval: DEFAULT_TICK,
+            tick: None,
+            stop: None,
+            control: None,
+            image: None,
+            events: None,
+            stats_interval: Duration::ZERO,
+        }
+    }
+}
