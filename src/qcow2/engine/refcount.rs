@@ -416,6 +416,7 @@ impl Refcounts {
     }
 
     /// Refcount blocks held in RAM now (dirty, clean).
+    #[cfg(test)]
     pub(crate) fn cached_blocks(&self) -> (usize, usize) {
         (self.dirty.len(), self.clean.len())
     }

@@ -16,7 +16,7 @@ use crate::qcow2::engine::meta::Meta;
 use crate::qcow2::error::{Qcow2Error, Result};
 use crate::qcow2::format::{Header, L1Entry, L2Entry};
 use crate::storage::Storage;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 /// Default RAM for cached index clusters (`OpenOptions::dedup_cache_bytes`): the whole index
 /// area of an 8 GiB disk with 4 KiB clusters, or of a 128 GiB one with 64 KiB clusters. Random
@@ -164,12 +164,25 @@ pub(crate) fn open(
         Some(Records::new(cb, area, generation, load, cache_bytes))
     };
     // Index clusters to hash again: all of them on a rebuild, the bad ones after a load.
-    let mut rehash = vec![hash_data && !load; need as usize];
+    let rehash_all = hash_data && !load;
+    let mut rehash_bad: BTreeSet<u64> = BTreeSet::new();
     if let (true, Some(r)) = (load, recs.as_mut()) {
         let per = (LOAD_CHUNK / cs).max(1);
         let mut buf = vec![0u8; (per * cs) as usize];
         let mut k0 = 0;
         while k0 < need {
+            // Holes hold no records (`Records::write_all` leaves the empty ranges as holes):
+            // skip them, or a huge disk's area (8 TiB for 512 PiB) would be read as zeros.
+            match s.next_data(r.area.offset + k0 * cs)? {
+                None => break,
+                Some(d) => {
+                    let k = (d - r.area.offset) / cs;
+                    if k >= need {
+                        break;
+                    }
+                    k0 = k0.max(k);
+                }
+            }
             let n = per.min(need - k0);
             let b = &mut buf[..(n * cs) as usize];
             s.read_at(b, r.area.offset + k0 * cs)?;
@@ -194,7 +207,7 @@ pub(crate) fn open(
                     Err(e) => {
                         log::warn!("dedup index cluster {k} ignored ({e}): hashing its range");
                         r.mark_lost(k);
-                        rehash[k as usize] = true;
+                        rehash_bad.insert(k);
                         rep.bad_index_clusters += 1;
                     }
                 }
@@ -219,7 +232,7 @@ pub(crate) fn open(
             if refs >= 2 {
                 m.shared.entry(hc).or_default().insert(gc);
             }
-            if !rehash.get((gc / rpc) as usize).copied().unwrap_or(false) {
+            if !rehash_all && !rehash_bad.contains(&(gc / rpc)) {
                 continue;
             }
             let Some(r) = recs.as_mut() else { continue };
