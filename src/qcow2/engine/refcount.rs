@@ -421,6 +421,36 @@ impl Refcounts {
         (self.dirty.len(), self.clean.len())
     }
 
+    /// The first cluster `c >= from` such that `c .. c + n` all have refcount 0 (the reserved
+    /// range is not looked at). Ranges without a refcount block are skipped whole, so the cost
+    /// follows the blocks that exist, not the size of the range.
+    pub(crate) fn free_run(&mut self, s: &dyn Storage, from: u64, n: u64) -> Result<u64> {
+        let (epb, order) = (self.epb, self.order);
+        let mut start = from;
+        let mut c = from;
+        while c - start < n {
+            let b = c / epb;
+            let next = (b + 1).saturating_mul(epb);
+            let Some(blk) = self.block(s, b)? else {
+                c = next;
+                continue;
+            };
+            let lo = (c % epb) as usize;
+            match (lo..epb as usize).find(|&i| refblock::get(blk, i, order) != 0) {
+                Some(i) => {
+                    let used = b * epb + i as u64;
+                    if used - start >= n {
+                        break;
+                    }
+                    start = used + 1;
+                    c = start;
+                }
+                None => c = next,
+            }
+        }
+        Ok(start)
+    }
+
     /// Where the refcount table lives (offset, clusters).
     pub(crate) fn table_location(&self) -> (u64, u64) {
         (self.table_offset, self.table_clusters)
@@ -555,5 +585,22 @@ mod tests {
         r.add(&s, got[0], -1).unwrap();
         assert_eq!(r.get(&s, got[0]).unwrap(), 0);
         assert_eq!(r.alloc(&s, 1).unwrap(), got[0], "freed cluster reused");
+    }
+
+    #[test]
+    fn free_run_finds_the_first_gap() {
+        // 512-byte clusters, 16-bit refcounts: 256 clusters per block; clusters 0-2 used.
+        let (s, mut r) = setup(9, 4);
+        assert_eq!(r.free_run(&s, 1, 10).unwrap(), 3);
+        for c in [3u64, 20, 30] {
+            r.set(&s, c, 1).unwrap();
+        }
+        assert_eq!(r.free_run(&s, 1, 10).unwrap(), 4);
+        assert_eq!(r.free_run(&s, 1, 16).unwrap(), 4);
+        assert_eq!(r.free_run(&s, 1, 17).unwrap(), 31);
+        // Past the blocks that exist everything is free.
+        assert_eq!(r.free_run(&s, 1, 100_000).unwrap(), 31);
+        r.set(&s, 255, 1).unwrap();
+        assert_eq!(r.free_run(&s, 1, 300).unwrap(), 256);
     }
 }
