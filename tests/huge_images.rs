@@ -61,6 +61,8 @@ fn run_measured(dir: &Path, args: &[&str], as_limit: u64) -> (i32, String, u64) 
             Ok(())
         });
     }
+    // Reaped by wait4 below, which also gives its peak RSS.
+    #[allow(clippy::zombie_processes)]
     let child = cmd.spawn().unwrap();
     let mut status = 0i32;
     // SAFETY (test): zeroed rusage is a valid value; wait4 fills it for our own child.
