@@ -83,7 +83,12 @@ impl RefArray {
         let len = self.len;
         self.chunks
             .keys()
-            .map(move |&ci| (ci * CHUNK, ((ci + 1) * CHUNK).min(len)))
+            .map(move |&ci| {
+                (
+                    ci * CHUNK,
+                    (ci.saturating_add(1).saturating_mul(CHUNK)).min(len),
+                )
+            })
             .filter(|(a, b)| a < b)
     }
 

@@ -81,7 +81,10 @@ fn area_usable(s: &dyn Storage, m: &mut Meta, a: &Area, file_len: u64) -> Result
 fn new_area(s: &dyn Storage, m: &mut Meta, n: u64, file_len: u64) -> Result<Area> {
     let cs = m.g.cluster_size();
     let mut first = m.rc.free_run(s, 1, n)?;
-    if m.rc.guard(first * cs, n.saturating_mul(cs), 0).is_err() {
+    if m.rc
+        .guard(first.saturating_mul(cs), n.saturating_mul(cs), 0)
+        .is_err()
+    {
         // Known metadata with a refcount of 0 there (a damaged image): past everything instead.
         let past = file_len.div_ceil(cs).max(m.rc.allocations).max(first);
         first = m.rc.free_run(s, past, n)?;
@@ -104,7 +107,7 @@ fn new_area(s: &dyn Storage, m: &mut Meta, n: u64, file_len: u64) -> Result<Area
         )));
     }
     Ok(Area {
-        offset: first * cs,
+        offset: end - n * cs,
         clusters: n,
     })
 }
