@@ -74,6 +74,27 @@ impl Storage for FileStorage {
         self.file.set_len(len)
     }
 
+    fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
+        let Ok(off) = i64::try_from(offset) else {
+            return Ok(None);
+        };
+        // SAFETY: lseek only takes integers and a file descriptor we own. It moves the file
+        // position, which nothing here uses (every read and write is positioned).
+        let r = unsafe { libc::lseek(self.file.as_raw_fd(), off, libc::SEEK_DATA) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            // No SEEK_DATA on this file system: assume data everywhere.
+            Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => {
+                Ok((offset < self.len()?).then_some(offset))
+            }
+            _ => Err(e),
+        }
+    }
+
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
             return Err(io::Error::new(

@@ -53,6 +53,12 @@ pub trait Storage: Send + Sync {
     fn is_empty(&self) -> io::Result<bool> {
         Ok(self.len()? == 0)
     }
+    /// The first offset at or after `offset` that may hold data (not a hole), or None when only
+    /// holes (or the end) follow. Lets a reader skip the holes of a large sparse area instead
+    /// of reading terabytes of zeros. The default knows no holes.
+    fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
+        Ok((offset < self.len()?).then_some(offset))
+    }
 }
 
 impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
@@ -79,5 +85,8 @@ impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
     }
     fn writev_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<()> {
         (**self).writev_at(bufs, offset)
+    }
+    fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
+        (**self).next_data(offset)
     }
 }

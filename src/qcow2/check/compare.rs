@@ -3,8 +3,9 @@
 //! Both can repair in place when asked.
 
 use super::image::Image;
+use super::image::REFT_OFFSET_MASK;
 use super::ondisk::OnDisk;
-use super::refarray::RefArray;
+use super::refarray::{merge_ranges, RefArray};
 use super::walk::{classify, Kind};
 use super::{CheckError, Findings, Progress, RepairMode};
 use crate::qcow2::format::entries::{
@@ -25,8 +26,20 @@ pub(crate) fn compare(
 ) -> Result<(), CheckError> {
     let mut disk = OnDisk::new(st, img);
     f.highest_cluster = 0;
-    for i in 0..refs.len() {
-        p.tick(1);
+    // Only clusters that are referenced or have a refcount block can differ: walk those
+    // ranges, not every cluster up to the end of a possibly huge sparse file.
+    let mut ranges: Vec<(u64, u64)> = refs.ranges().collect();
+    let bits = img.refblock_bits();
+    for (ti, &e) in img.reftable.iter().enumerate() {
+        if e & REFT_OFFSET_MASK != 0 && (ti as u64) < img.reftable_entries {
+            let lo = (ti as u64) << bits;
+            ranges.push((lo, lo.saturating_add(1u64 << bits).min(refs.len())));
+        }
+    }
+    let mut covered = 0u64;
+    for i in merge_ranges(ranges).into_iter().flat_map(|(a, b)| a..b) {
+        p.tick(i.saturating_sub(covered) + 1);
+        covered = i + 1;
         let r1 = match disk.get(i) {
             Ok(v) => v,
             Err(e) => {
@@ -76,6 +89,7 @@ pub(crate) fn compare(
             f.leaks += 1;
         }
     }
+    p.tick(refs.len().saturating_sub(covered));
     if let Err(e) = disk.write_back() {
         f.error(format!("ERROR could not write refcount block: {e}"));
     }

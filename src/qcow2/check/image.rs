@@ -67,9 +67,19 @@ pub(crate) fn read_table(
     file_len: u64,
 ) -> Result<Vec<u64>, CheckError> {
     let in_file = file_len.saturating_sub(offset).div_ceil(8).min(entries);
-    let mut buf = vec![0u8; (in_file * 8) as usize];
-    st.read_at(&mut buf, offset)?;
-    Ok(decode_table(&buf))
+    // Read in pieces: a 32 MiB L1 table is not held twice (as bytes and as entries).
+    const PIECE: u64 = 1 << 17; // entries (1 MiB)
+    let mut out = Vec::with_capacity(in_file as usize);
+    let mut buf = vec![0u8; (PIECE.min(in_file) * 8) as usize];
+    let mut done = 0u64;
+    while done < in_file {
+        let n = PIECE.min(in_file - done);
+        let b = &mut buf[..(n * 8) as usize];
+        st.read_at(b, offset + done * 8)?;
+        out.extend(decode_table(b));
+        done += n;
+    }
+    Ok(out)
 }
 
 fn be32(b: &[u8], o: usize) -> u32 {

@@ -143,31 +143,50 @@ pub(crate) fn run(
     })
 }
 
-/// Where a fresh refcount structure goes: `blocks` refcount blocks from cluster `start`, then a
-/// table of `table_clusters` clusters, all past `start`, covering every cluster up to their own
-/// end.
+/// Where a fresh refcount structure goes: one refcount block for each index in `blocks` (in
+/// order, from cluster `start`), then a table of `table_clusters` clusters. `blocks` holds the
+/// blocks with a referenced cluster before `start` and those that cover the new structure
+/// itself; ranges with nothing referenced get no block (a zero table entry: refcount 0), so a
+/// small image in a huge sparse file gets a structure the size of what it uses.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Layout {
     pub start: u64,
-    pub blocks: u64,
+    pub blocks: Vec<u64>,
     pub table_clusters: u64,
 }
 
-pub(crate) fn layout(start: u64, cluster_bits: u32, refblock_bits: u32) -> Layout {
+impl Layout {
+    /// First cluster past the new structure.
+    pub fn end(&self) -> u64 {
+        self.start + self.blocks.len() as u64 + self.table_clusters
+    }
+}
+
+/// `used`: sorted, distinct indices of the blocks needed for clusters before `start`.
+pub(crate) fn layout(start: u64, used: &[u64], cluster_bits: u32, refblock_bits: u32) -> Layout {
     let cs = 1u64 << cluster_bits;
-    let (mut blocks, mut table_clusters) = (0u64, 0u64);
+    let (mut n_blocks, mut table_clusters) = (used.len() as u64, 0u64);
     loop {
-        let end = start + blocks + table_clusters;
-        let b = end.div_ceil(1u64 << refblock_bits).max(1);
-        let t = (b * 8).div_ceil(cs);
-        if b == blocks && t == table_clusters {
+        let end = start + n_blocks + table_clusters;
+        // Blocks covering [start, end), beyond those already used.
+        let (lo, hi) = (
+            start >> refblock_bits,
+            (end.max(start + 1) - 1) >> refblock_bits,
+        );
+        let own = (lo..=hi).filter(|b| used.binary_search(b).is_err()).count() as u64;
+        let b = used.len() as u64 + own;
+        let t = ((hi + 1) * 8).div_ceil(cs);
+        if b == n_blocks && t == table_clusters {
+            let mut blocks: Vec<u64> = used.to_vec();
+            blocks.extend((lo..=hi).filter(|b| used.binary_search(b).is_err()));
+            blocks.sort_unstable();
             return Layout {
                 start,
                 blocks,
                 table_clusters,
             };
         }
-        blocks = b;
+        n_blocks = b;
         table_clusters = t;
     }
 }
@@ -184,35 +203,49 @@ fn rebuild_refcounts(
     let (cs, cb) = (img.cs, img.cb);
     let order = img.header.refcount_order;
     let rb_bits = img.refblock_bits();
-    let epb = 1u64 << rb_bits;
     let max = refblock::max_refcount(order);
     let start = refs.len().max(img.file_len.div_ceil(cs));
-    let l = layout(start, cb, rb_bits);
+    // Blocks with a referenced cluster (the ranges are sorted, so are their block indices).
+    let mut used: Vec<u64> = Vec::new();
+    for (a, b) in refs.ranges() {
+        for i in a..b {
+            if refs.get(i) != 0 {
+                let bi = i >> rb_bits;
+                if used.last() != Some(&bi) {
+                    used.push(bi);
+                }
+            }
+        }
+    }
+    let l = layout(start, &used, cb, rb_bits);
     if l.table_clusters * cs > MAX_REFTABLE_BYTES {
         return Err(CheckError::Invalid(
             "a rebuilt refcount table would exceed 8 MiB".to_string(),
         ));
     }
-    for c in start..start + l.blocks + l.table_clusters {
+    for c in start..l.end() {
         refs.set(c, 1);
     }
     let mut table = vec![0u64; (l.table_clusters * cs / 8) as usize];
     let mut block = vec![0u8; cs as usize];
-    for b in 0..l.blocks {
+    let epb = 1u64 << rb_bits;
+    for (j, &bi) in l.blocks.iter().enumerate() {
         block.fill(0);
-        let first = b * epb;
+        let first = bi << rb_bits;
         for k in 0..epb.min(refs.len().saturating_sub(first)) {
             let v = refs.get(first + k).min(max);
             if v != 0 {
                 refblock::set(&mut block, k as usize, order, v);
             }
         }
-        let off = (start + b) << cb;
+        let off = (start + j as u64) << cb;
         st.write_at(&block, off)?;
-        table[b as usize] = off;
+        if let Some(t) = table.get_mut(bi as usize) {
+            *t = off;
+        }
         p.tick(epb);
     }
-    let table_off = (start + l.blocks) << cb;
+    let table_off = (start + l.blocks.len() as u64) << cb;
     st.write_at(&encode_table(&table), table_off)?;
     st.flush()?;
     let mut field = [0u8; 12];
@@ -235,22 +268,37 @@ mod tests {
             (255, 9, 8),
             (1 << 20, 12, 13),
         ] {
-            let l = layout(start, cb, rbb);
-            let end = start + l.blocks + l.table_clusters;
-            assert!(l.blocks << rbb >= end, "{l:?}");
-            assert!(l.table_clusters << (cb - 3) >= l.blocks, "{l:?}");
-            // Minimal: one block fewer would not do.
-            assert!((l.blocks - 1) << rbb < end, "{l:?}");
+            let used: Vec<u64> = (0..start.div_ceil(1 << rbb)).collect();
+            let l = layout(start, &used, cb, rbb);
+            let end = l.end();
+            // Every cluster before the end has its block, and the table covers every block.
+            for c in 0..end {
+                assert!(l.blocks.binary_search(&(c >> rbb)).is_ok(), "{l:?} {c}");
+            }
+            let top = *l.blocks.last().unwrap();
+            assert!(l.table_clusters << (cb - 3) > top, "{l:?}");
+            // Minimal: no block beyond the last cluster's.
+            assert_eq!(top, (end - 1) >> rbb, "{l:?}");
         }
         // 512-byte clusters, 16-bit refcounts: 256 clusters per block.
-        let l = layout(255, 9, 8);
+        let l = layout(255, &[0], 9, 8);
         assert_eq!(
             l,
             Layout {
                 start: 255,
-                blocks: 2,
+                blocks: vec![0, 1],
                 table_clusters: 1
             }
         );
+    }
+
+    #[test]
+    fn layout_is_sparse() {
+        // A small image (blocks 0) in a file of 2^32 clusters: one data block, the blocks of the
+        // new structure itself, and a table as long as the last block index needs.
+        let start = 1u64 << 32;
+        let l = layout(start, &[0], 16, 15);
+        assert_eq!(l.blocks, vec![0, start >> 15]);
+        assert_eq!(l.table_clusters, ((start >> 15) + 1) * 8 / 65536 + 1);
     }
 }

@@ -165,7 +165,14 @@ impl<'a> Walker<'a> {
         }
         let img = self.img;
         self.inc(l1_off, l1_size as u64 * 8);
-        let l1 = read_table(self.st, l1_off, l1_size as u64, img.file_len)?;
+        // The active table is in memory already (`Image::l1`); a snapshot's is read.
+        let read;
+        let l1: &[u64] = if active && l1_off == img.header.l1_table_offset {
+            &img.l1
+        } else {
+            read = read_table(self.st, l1_off, l1_size as u64, img.file_len)?;
+            &read
+        };
         // Entries past the end of the file read as zero: nothing to walk.
         p.tick(l1_size as u64 - l1.len() as u64);
         for (i, &e) in l1.iter().enumerate() {

@@ -1,19 +1,27 @@
 //! Refcount table and blocks: lookup, cluster allocation, and crash-safe growth.
 //!
-//! Refcount blocks are loaded on demand and kept in memory (they are 1/32768 of the image for
-//! 64 KiB clusters with 16-bit refcounts). Changes are made in memory and written by
-//! `write_dirty`; the caller orders that against L2 writes (see docs/design.md).
+//! Refcount blocks are loaded on demand. Changed (dirty) blocks stay in memory until
+//! `write_dirty` writes them; the caller orders that against L2 writes (see docs/design.md).
+//! Clean blocks live in a bounded LRU cache (`CLEAN_CACHE_BYTES`), so the RAM they take does not
+//! grow with the image: an image of 512-byte clusters has one block per 128 KiB of data.
 //! New refcount blocks and a grown refcount table are written and synced before they are linked.
 
-use super::clustermap::ClusterMap;
+use super::clustermap::{ClusterHash, ClusterMap};
 use super::overlap::{kind, MetadataMap, OverlapMode};
 use crate::qcow2::error::{Qcow2Error, Result};
 use crate::qcow2::format::{self, header, refblock};
 use crate::storage::Storage;
+use lru::LruCache;
+use std::num::NonZeroUsize;
 
-struct Block {
-    data: Vec<u8>,
-    dirty: bool,
+/// Most RAM for clean (unchanged since read or written) refcount blocks; the least recently
+/// used is dropped past it. 16 MiB covers the refcounts of 512 GiB of data at 64 KiB clusters.
+pub(crate) const CLEAN_CACHE_BYTES: u64 = 16 << 20;
+
+/// Clean blocks kept for `cluster_bits` (at least 8, whatever the cluster size).
+fn clean_cap(cluster_bits: u32) -> NonZeroUsize {
+    NonZeroUsize::new(((CLEAN_CACHE_BYTES >> cluster_bits).max(8)) as usize)
+        .unwrap_or(NonZeroUsize::MIN)
 }
 
 /// In-memory view of the refcount structures.
@@ -25,7 +33,10 @@ pub(crate) struct Refcounts {
     table: Vec<u64>,
     table_offset: u64,
     table_clusters: u64,
-    blocks: ClusterMap<Block>,
+    /// Blocks changed in memory and not yet written: kept until `write_dirty`.
+    dirty: ClusterMap<Vec<u8>>,
+    /// Blocks as they are on disk, least recently used dropped first.
+    clean: LruCache<u64, Vec<u8>, ClusterHash>,
     /// No cluster below this index is free.
     free_hint: u64,
     /// First cluster index past everything referenced by the refcount structures we know of.
@@ -91,7 +102,8 @@ impl Refcounts {
             table,
             table_offset,
             table_clusters,
-            blocks: ClusterMap::default(),
+            dirty: ClusterMap::default(),
+            clean: LruCache::with_hasher(clean_cap(cluster_bits), ClusterHash::default()),
             free_hint: 0,
             allocations: 0,
             map: MetadataMap::new(),
@@ -127,17 +139,41 @@ impl Refcounts {
         }
     }
 
-    fn block(&mut self, s: &dyn Storage, b: u64) -> Result<Option<&mut Block>> {
-        if !self.blocks.contains_key(&b) {
-            let off = match self.table.get(b as usize) {
-                Some(&o) if o != 0 => o,
-                _ => return Ok(None),
-            };
-            let mut data = vec![0u8; self.cs() as usize];
-            s.read_at(&mut data, off)?;
-            self.blocks.insert(b, Block { data, dirty: false });
+    /// Load block `b` into the cache if the table has one; false when it has none.
+    fn load_block(&mut self, s: &dyn Storage, b: u64) -> Result<bool> {
+        if self.dirty.contains_key(&b) || self.clean.contains(&b) {
+            return Ok(true);
         }
-        Ok(self.blocks.get_mut(&b))
+        let off = match self.table.get(b as usize) {
+            Some(&o) if o != 0 => o,
+            _ => return Ok(false),
+        };
+        let mut data = vec![0u8; self.cs() as usize];
+        s.read_at(&mut data, off)?;
+        self.clean.put(b, data);
+        Ok(true)
+    }
+
+    /// The contents of block `b` (None when the table has no block for it).
+    fn block(&mut self, s: &dyn Storage, b: u64) -> Result<Option<&[u8]>> {
+        if !self.load_block(s, b)? {
+            return Ok(None);
+        }
+        if let Some(d) = self.dirty.get(&b) {
+            return Ok(Some(d));
+        }
+        Ok(self.clean.get(&b).map(|d| d.as_slice()))
+    }
+
+    /// Block `b` for a change: moved to the dirty blocks, where it stays until written.
+    fn block_mut(&mut self, s: &dyn Storage, b: u64) -> Result<Option<&mut Vec<u8>>> {
+        if !self.load_block(s, b)? {
+            return Ok(None);
+        }
+        if let Some(d) = self.clean.pop(&b) {
+            self.dirty.insert(b, d);
+        }
+        Ok(self.dirty.get_mut(&b))
     }
 
     /// Keep clusters `first..first + n` (refcount 0) from the allocator, and record them in the
@@ -149,6 +185,13 @@ impl Refcounts {
         self.map.add(first, n, k);
     }
 
+    /// Undo `reserve` (kind `k` as given there).
+    pub(crate) fn unreserve(&mut self, k: u16) {
+        if let Some((f, n)) = self.reserved.take() {
+            self.map.remove(f, n, k);
+        }
+    }
+
     fn is_reserved(&self, c: u64) -> bool {
         self.reserved.is_some_and(|(f, n)| c >= f && c - f < n)
     }
@@ -158,7 +201,7 @@ impl Refcounts {
         let (b, i, order) = (c / self.epb, (c % self.epb) as usize, self.order);
         Ok(self
             .block(s, b)?
-            .map_or(0, |blk| refblock::get(&blk.data, i, order)))
+            .map_or(0, |blk| refblock::get(blk, i, order)))
     }
 
     /// Set the refcount of cluster `c`, creating its refcount block when needed.
@@ -176,10 +219,9 @@ impl Refcounts {
             self.create_block(s, b)?;
         }
         let blk = self
-            .block(s, b)?
+            .block_mut(s, b)?
             .ok_or_else(|| Qcow2Error::corrupt("refcount block vanished"))?;
-        refblock::set(&mut blk.data, i, order, v);
-        blk.dirty = true;
+        refblock::set(blk, i, order, v);
         if v == 0 && c < self.free_hint {
             self.free_hint = c;
         }
@@ -276,7 +318,7 @@ impl Refcounts {
         self.guard(self.table_offset + b * 8, 8, kind::REFCOUNT_TABLE)?;
         s.write_at(&first.to_be_bytes(), self.table_offset + b * 8)?;
         s.flush()?;
-        self.blocks.insert(b, Block { data, dirty: false });
+        self.clean.put(b, data);
         self.allocations = self.allocations.max(at + 1);
         log::debug!("new refcount block {b} at {first:#x}");
         Ok(())
@@ -348,8 +390,7 @@ impl Refcounts {
         self.table_offset = table_off;
         self.table_clusters = t_clusters;
         for (j, data) in new_blocks.into_iter().enumerate() {
-            self.blocks
-                .insert(b + j as u64, Block { data, dirty: false });
+            self.clean.put(b + j as u64, data);
         }
         self.allocations = self.allocations.max(at + used);
         // The header no longer points at the old table: free its clusters.
@@ -364,27 +405,66 @@ impl Refcounts {
 
     /// True when some block has changes not yet written.
     pub(crate) fn has_dirty(&self) -> bool {
-        self.blocks.values().any(|b| b.dirty)
+        !self.dirty.is_empty()
     }
 
-    /// Write every changed block (no sync: the caller orders it).
+    /// Write every changed block (no sync: the caller orders it). Written blocks become clean
+    /// (and may then be dropped from the cache).
     pub(crate) fn write_dirty(&mut self, s: &dyn Storage) -> Result<()> {
-        let mut keys: Vec<u64> = self
-            .blocks
-            .iter()
-            .filter(|(_, b)| b.dirty)
-            .map(|(&k, _)| k)
-            .collect();
+        let mut keys: Vec<u64> = self.dirty.keys().copied().collect();
         keys.sort_unstable();
         for k in keys {
-            let off = self.table[k as usize];
+            let off = self.table.get(k as usize).copied().unwrap_or(0);
+            if off == 0 {
+                return Err(Qcow2Error::corrupt(format!(
+                    "dirty refcount block {k} has no table entry"
+                )));
+            }
             self.guard(off, self.cs(), kind::REFCOUNT_BLOCK)?;
-            if let Some(blk) = self.blocks.get_mut(&k) {
-                s.write_at(&blk.data, off)?;
-                blk.dirty = false;
+            if let Some(data) = self.dirty.get(&k) {
+                s.write_at(data, off)?;
+            }
+            if let Some(data) = self.dirty.remove(&k) {
+                self.clean.put(k, data);
             }
         }
         Ok(())
+    }
+
+    /// Refcount blocks held in RAM now (dirty, clean).
+    #[cfg(test)]
+    pub(crate) fn cached_blocks(&self) -> (usize, usize) {
+        (self.dirty.len(), self.clean.len())
+    }
+
+    /// The first cluster `c >= from` such that `c .. c + n` all have refcount 0 (the reserved
+    /// range is not looked at). Ranges without a refcount block are skipped whole, so the cost
+    /// follows the blocks that exist, not the size of the range.
+    pub(crate) fn free_run(&mut self, s: &dyn Storage, from: u64, n: u64) -> Result<u64> {
+        let (epb, order) = (self.epb, self.order);
+        let mut start = from;
+        let mut c = from;
+        while c - start < n {
+            let b = c / epb;
+            let next = (b + 1).saturating_mul(epb);
+            let Some(blk) = self.block(s, b)? else {
+                c = next;
+                continue;
+            };
+            let lo = (c % epb) as usize;
+            match (lo..epb as usize).find(|&i| refblock::get(blk, i, order) != 0) {
+                Some(i) => {
+                    let used = b * epb + i as u64;
+                    if used - start >= n {
+                        break;
+                    }
+                    start = used + 1;
+                    c = start;
+                }
+                None => c = next,
+            }
+        }
+        Ok(start)
     }
 
     /// Where the refcount table lives (offset, clusters).
@@ -518,5 +598,47 @@ mod tests {
         for off in r.block_offsets().collect::<Vec<_>>() {
             assert_eq!(r2.get(&s, off / 512).unwrap(), 1, "block at {off:#x}");
         }
+    }
+
+    #[test]
+    fn clean_blocks_are_bounded_and_dirty_ones_kept_until_written() {
+        // 512-byte clusters, 16-bit refcounts: 256 clusters per block.
+        let (s, mut r) = setup(9, 4);
+        r.clean.resize(NonZeroUsize::new(4).unwrap());
+        let mut got = Vec::new();
+        for _ in 0..5_000 {
+            got.push(r.alloc(&s, 1).unwrap());
+        }
+        let (dirty, clean) = r.cached_blocks();
+        assert!(dirty >= 19, "changed blocks stay until written: {dirty}");
+        assert!(clean <= 4, "{clean} clean blocks");
+        r.write_dirty(&s).unwrap();
+        assert_eq!(r.cached_blocks().0, 0);
+        assert!(r.cached_blocks().1 <= 4);
+        // Evicted blocks are read again with what was written.
+        for &c in &got {
+            assert_eq!(r.get(&s, c).unwrap(), 1, "cluster {c}");
+            assert!(r.cached_blocks().1 <= 4);
+        }
+        r.add(&s, got[0], -1).unwrap();
+        assert_eq!(r.get(&s, got[0]).unwrap(), 0);
+        assert_eq!(r.alloc(&s, 1).unwrap(), got[0], "freed cluster reused");
+    }
+
+    #[test]
+    fn free_run_finds_the_first_gap() {
+        // 512-byte clusters, 16-bit refcounts: 256 clusters per block; clusters 0-2 used.
+        let (s, mut r) = setup(9, 4);
+        assert_eq!(r.free_run(&s, 1, 10).unwrap(), 3);
+        for c in [3u64, 20, 30] {
+            r.set(&s, c, 1).unwrap();
+        }
+        assert_eq!(r.free_run(&s, 1, 10).unwrap(), 4);
+        assert_eq!(r.free_run(&s, 1, 16).unwrap(), 4);
+        assert_eq!(r.free_run(&s, 1, 17).unwrap(), 31);
+        // Past the blocks that exist everything is free.
+        assert_eq!(r.free_run(&s, 1, 100_000).unwrap(), 31);
+        r.set(&s, 255, 1).unwrap();
+        assert_eq!(r.free_run(&s, 1, 300).unwrap(), 256);
     }
 }

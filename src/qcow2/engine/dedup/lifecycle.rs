@@ -17,7 +17,7 @@ use crate::qcow2::engine::state::State;
 use crate::qcow2::error::{Qcow2Error, Result};
 use crate::qcow2::format::{Header, L1Entry, L2Entry};
 use crate::storage::Storage;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 /// Default RAM for cached index clusters (`OpenOptions::dedup_cache_bytes`): the whole index
 /// area of an 8 GiB disk with 4 KiB clusters, or of a 128 GiB one with 64 KiB clusters. Random
@@ -74,23 +74,41 @@ fn area_usable(s: &dyn Storage, m: &mut State, a: &Area, file_len: u64) -> Resul
     Ok(true)
 }
 
-/// A new index area of `n` clusters past the end of the file and of everything allocated (all
-/// free there), reserved from the allocator; the file grows to cover it.
+/// A new index area of `n` clusters, all free (refcount 0), reserved from the allocator; the
+/// file grows to cover it. It takes the first free run of `n` clusters, not the end of the
+/// file: most often that is the area of a session that ended before it could record it (a
+/// crash), which would otherwise make the file grow by a whole area (8 TiB for 512 PiB at 2 MiB
+/// clusters) at every unclean restart.
 fn new_area(s: &dyn Storage, m: &mut State, n: u64, file_len: u64) -> Result<Area> {
     let cs = m.g.cluster_size();
-    let mut first = file_len.div_ceil(cs).max(m.rc.allocations).max(1);
-    // Refcounts past the end of the file would be corruption, but do not write over them.
-    let mut c = first;
-    while c < first + n {
-        if m.rc.get(s, c)? != 0 {
-            first = c + 1;
-        }
-        c += 1;
+    let mut first = m.rc.free_run(s, 1, n)?;
+    if m.rc
+        .guard(first.saturating_mul(cs), n.saturating_mul(cs), 0)
+        .is_err()
+    {
+        // Known metadata with a refcount of 0 there (a damaged image): past everything instead.
+        let past = file_len.div_ceil(cs).max(m.rc.allocations).max(first);
+        first = m.rc.free_run(s, past, n)?;
     }
+    let end = first
+        .checked_add(n)
+        .and_then(|e| e.checked_mul(cs))
+        .ok_or_else(|| Qcow2Error::Unsupported("the dedup index area overflows".into()))?;
     m.rc.reserve(first, n, kind::DEDUP_INDEX);
-    m.extend_file(s, (first + n) * cs)?;
+    if let Err(e) = m.extend_file(s, end) {
+        m.rc.unreserve(kind::DEDUP_INDEX);
+        // The area takes 32 bytes per guest cluster (a hole until written, but the file must
+        // reach that far): 16 TiB for 512 PiB at 1 MiB clusters, past ext4's largest file.
+        return Err(Qcow2Error::Unsupported(format!(
+            "the dedup index area ({} GiB of file, 32 bytes per guest cluster) cannot be made: \
+             the file would end at {} GiB ({e}); serve it with --dedup off, or use larger \
+             clusters",
+            (n * cs) >> 30,
+            end >> 30
+        )));
+    }
     Ok(Area {
-        offset: first * cs,
+        offset: end - n * cs,
         clusters: n,
     })
 }
@@ -165,12 +183,25 @@ pub(crate) fn open(
         Some(Records::new(cb, area, generation, load, cache_bytes))
     };
     // Index clusters to hash again: all of them on a rebuild, the bad ones after a load.
-    let mut rehash = vec![hash_data && !load; need as usize];
+    let rehash_all = hash_data && !load;
+    let mut rehash_bad: BTreeSet<u64> = BTreeSet::new();
     if let (true, Some(r)) = (load, recs.as_mut()) {
         let per = (LOAD_CHUNK / cs).max(1);
         let mut buf = vec![0u8; (per * cs) as usize];
         let mut k0 = 0;
         while k0 < need {
+            // Holes hold no records (`Records::write_all` leaves the empty ranges as holes):
+            // skip them, or a huge disk's area (8 TiB for 512 PiB) would be read as zeros.
+            match s.next_data(r.area.offset + k0 * cs)? {
+                None => break,
+                Some(d) => {
+                    let k = (d - r.area.offset) / cs;
+                    if k >= need {
+                        break;
+                    }
+                    k0 = k0.max(k);
+                }
+            }
             let n = per.min(need - k0);
             let b = &mut buf[..(n * cs) as usize];
             s.read_at(b, r.area.offset + k0 * cs)?;
@@ -195,7 +226,7 @@ pub(crate) fn open(
                     Err(e) => {
                         log::warn!("dedup index cluster {k} ignored ({e}): hashing its range");
                         r.mark_lost(k);
-                        rehash[k as usize] = true;
+                        rehash_bad.insert(k);
                         rep.bad_index_clusters += 1;
                     }
                 }
@@ -220,7 +251,7 @@ pub(crate) fn open(
             if refs >= 2 {
                 m.sharing.add(hc, gc);
             }
-            if !rehash.get((gc / rpc) as usize).copied().unwrap_or(false) {
+            if !rehash_all && !rehash_bad.contains(&(gc / rpc)) {
                 continue;
             }
             let Some(r) = recs.as_mut() else { continue };
