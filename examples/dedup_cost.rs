@@ -11,7 +11,7 @@ use std::io::IoSlice;
 use std::sync::Arc;
 use std::time::Instant;
 use vhost_user_qcow2::block::BlockDevice;
-use vhost_user_qcow2::qcow2::dedup::DedupMode;
+use vhost_user_qcow2::qcow2::format::dedup::DedupMode;
 use vhost_user_qcow2::qcow2::{create, CreateOptions, OpenOptions, Qcow2};
 use vhost_user_qcow2::storage::{MemStorage, Storage};
 
@@ -77,7 +77,7 @@ fn main() -> anyhow::Result<()> {
     let t = Instant::now();
     for i in 0..writes {
         buf[0] = i as u8;
-        std::hint::black_box(vhost_user_qcow2::qcow2::dedup::hash_cluster(&buf));
+        std::hint::black_box(vhost_user_qcow2::qcow2::hashindex::hash_cluster(&buf));
     }
     let sha = t.elapsed().as_nanos() as f64 / writes as f64;
     println!(

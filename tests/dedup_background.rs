@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vhost_user_qcow2::block::BlockDevice;
-use vhost_user_qcow2::qcow2::dedup::persist::DedupMode;
+use vhost_user_qcow2::qcow2::format::dedup::DedupMode;
 use vhost_user_qcow2::qcow2::{OpenOptions, Qcow2};
 
 const CS: u64 = 65536;

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use vhost_user_qcow2::block::BlockDevice;
-use vhost_user_qcow2::qcow2::dedup::persist::{DedupExtension, AUTOCLEAR_DEDUP, EXT_DEDUP};
+use vhost_user_qcow2::qcow2::format::dedup::{DedupExtension, AUTOCLEAR_DEDUP, EXT_DEDUP};
 use vhost_user_qcow2::qcow2::format::Header;
 use vhost_user_qcow2::qcow2::{OpenOptions, Qcow2};
 use vhost_user_qcow2::storage::FileStorage;

@@ -9,7 +9,7 @@ mod common;
 use std::io::{IoSlice, IoSliceMut};
 use std::sync::Arc;
 use vhost_user_qcow2::block::{BlockDevice, BlockError};
-use vhost_user_qcow2::qcow2::dedup::persist::DedupMode;
+use vhost_user_qcow2::qcow2::format::dedup::DedupMode;
 use vhost_user_qcow2::qcow2::{create, CreateOptions, OpenOptions, Qcow2};
 use vhost_user_qcow2::storage::{CrashMode, FaultStorage, MemStorage, Storage};
 

@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use vhost_user_qcow2::block::BlockDevice;
 use vhost_user_qcow2::control::{self, ImageControl, PlainControl, Qcow2Control};
-use vhost_user_qcow2::qcow2::dedup::persist::DedupMode;
 use vhost_user_qcow2::qcow2::engine::OverlapMode;
+use vhost_user_qcow2::qcow2::format::dedup::DedupMode;
 use vhost_user_qcow2::qcow2::{OpenOptions, Qcow2};
 use vhost_user_qcow2::raw::RawDisk;
 use vhost_user_qcow2::storage::lock::ImageLock;

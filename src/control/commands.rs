@@ -83,9 +83,9 @@ pub enum DedupMode {
     Background,
 }
 
-impl From<crate::qcow2::dedup::persist::DedupMode> for DedupMode {
-    fn from(m: crate::qcow2::dedup::persist::DedupMode) -> Self {
-        use crate::qcow2::dedup::persist::DedupMode as M;
+impl From<crate::qcow2::format::dedup::DedupMode> for DedupMode {
+    fn from(m: crate::qcow2::format::dedup::DedupMode) -> Self {
+        use crate::qcow2::format::dedup::DedupMode as M;
         match m {
             M::Off => DedupMode::Off,
             M::Inline => DedupMode::Inline,
@@ -94,7 +94,7 @@ impl From<crate::qcow2::dedup::persist::DedupMode> for DedupMode {
     }
 }
 
-impl From<DedupMode> for crate::qcow2::dedup::persist::DedupMode {
+impl From<DedupMode> for crate::qcow2::format::dedup::DedupMode {
     fn from(m: DedupMode) -> Self {
         match m {
             DedupMode::Off => Self::Off,

@@ -123,7 +123,7 @@ pub fn create(s: &dyn Storage, o: &CreateOptions) -> Result<()> {
         });
     }
     if o.dedup {
-        use super::dedup::persist::{DedupExtension, DedupMode, EXT_DEDUP};
+        use super::format::dedup::{DedupExtension, DedupMode, EXT_DEDUP};
         if o.version < 3 {
             return Err(Qcow2Error::Invalid(
                 "deduplication needs compat 1.1 (qcow2 v3)".into(),

@@ -93,7 +93,7 @@ pub struct DedupRecorded {
 }
 
 fn dedup_recorded(h: &crate::qcow2::format::Header) -> Option<DedupRecorded> {
-    use crate::qcow2::dedup::persist::{DedupExtension, DedupMode, EXT_DEDUP};
+    use crate::qcow2::format::dedup::{DedupExtension, DedupMode, EXT_DEDUP};
     let e = DedupExtension::decode(h.extension(EXT_DEDUP)?).ok()?;
     let c = e.counters;
     Some(DedupRecorded {

@@ -2,10 +2,10 @@
 
 pub mod check;
 pub mod create;
-pub mod dedup;
 pub mod engine;
 pub mod error;
 pub mod format;
+pub mod hashindex;
 pub mod info;
 pub mod offsets;
 

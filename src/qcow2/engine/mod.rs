@@ -27,8 +27,8 @@ pub use meta::EngineStats;
 pub use overlap::OverlapMode;
 
 use crate::block::{BlockDevice, BlockError};
-use crate::qcow2::dedup::persist::DedupMode;
 use crate::qcow2::error::{Qcow2Error, Result};
+use crate::qcow2::format::dedup::DedupMode;
 use crate::qcow2::format::{self, header::*, Header};
 use crate::storage::{FileStorage, Storage};
 use meta::{Geometry, Meta};
@@ -535,8 +535,8 @@ fn open_dedup(
 ) -> Result<(DedupMode, bool, bool)> {
     let read_only = opts.read_only;
     let recorded = h
-        .extension(crate::qcow2::dedup::persist::EXT_DEDUP)
-        .and_then(|d| crate::qcow2::dedup::persist::DedupExtension::decode(d).ok());
+        .extension(crate::qcow2::format::dedup::EXT_DEDUP)
+        .and_then(|d| crate::qcow2::format::dedup::DedupExtension::decode(d).ok());
     let recorded_mode = recorded.as_ref().map_or(DedupMode::Off, |e| e.mode);
     let mode = opts.dedup_mode.unwrap_or(match opts.dedup {
         Some(true) => DedupMode::Inline,

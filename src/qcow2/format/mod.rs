@@ -1,6 +1,7 @@
 //! Pure big-endian codecs for qcow2's on-disk structures: bytes in, structs out, and back. No file
 //! handles here; the engine and the checker do the I/O.
 
+pub mod dedup;
 pub mod entries;
 pub mod header;
 pub mod refblock;

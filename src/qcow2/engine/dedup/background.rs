@@ -7,11 +7,11 @@
 //! cluster. The worker yields to the guest: it works while the guest does not write.
 
 use super::{forget, ClusterGuard};
-use crate::qcow2::dedup::{hash_cluster, is_zero};
 use crate::qcow2::engine::state::State;
 use crate::qcow2::engine::Qcow2;
 use crate::qcow2::error::Result;
 use crate::qcow2::format::L2Entry;
+use crate::qcow2::hashindex::{hash_cluster, is_zero};
 use crate::storage::Storage;
 use std::collections::BTreeMap;
 use std::io::IoSliceMut;
@@ -146,7 +146,7 @@ impl Qcow2 {
         !self.closed.load(Ordering::SeqCst)
             && !self.worker_stop.load(Ordering::SeqCst)
             && !self.dedup_paused()
-            && self.dedup_mode() != crate::qcow2::dedup::persist::DedupMode::Off
+            && self.dedup_mode() != crate::qcow2::format::dedup::DedupMode::Off
             && m.dedup.as_ref().is_some_and(|d| d.pending.len() > 0)
     }
 

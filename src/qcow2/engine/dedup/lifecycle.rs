@@ -6,16 +6,16 @@
 
 use super::records::{Area, Records};
 use super::Dedup;
-use crate::qcow2::dedup::hash_cluster;
-use crate::qcow2::dedup::is_zero;
-use crate::qcow2::dedup::persist::{
-    self, DedupExtension, DedupMode, IndexCluster, SealInput, Trust, AUTOCLEAR_DEDUP, EXT_DEDUP,
-    PENDING,
-};
 use crate::qcow2::engine::overlap::kind;
 use crate::qcow2::engine::state::State;
 use crate::qcow2::error::{Qcow2Error, Result};
+use crate::qcow2::format::dedup as codec;
+use crate::qcow2::format::dedup::{
+    DedupExtension, DedupMode, IndexCluster, SealInput, Trust, AUTOCLEAR_DEDUP, EXT_DEDUP, PENDING,
+};
 use crate::qcow2::format::{Header, L1Entry, L2Entry};
+use crate::qcow2::hashindex::hash_cluster;
+use crate::qcow2::hashindex::is_zero;
 use crate::storage::Storage;
 use std::collections::{BTreeSet, HashMap};
 
@@ -128,9 +128,9 @@ pub(crate) fn open(
     let t0 = std::time::Instant::now();
     let cb = m.g.cluster_bits;
     let cs = m.g.cluster_size();
-    let rpc = persist::records_per_cluster(cb);
+    let rpc = codec::records_per_cluster(cb);
     let guest_clusters = m.g.size / cs;
-    let need = persist::index_clusters_for(cb, guest_clusters);
+    let need = codec::index_clusters_for(cb, guest_clusters);
     let mut d = m.dedup.take().ok_or(Qcow2Error::DedupOff)?;
     d.pending = super::background::Pending::new(guest_clusters);
     let mut rep = IndexOpenReport::default();
@@ -146,7 +146,7 @@ pub(crate) fn open(
         _ => None,
     };
     let trust = match &ext {
-        Some(e) => persist::trust(
+        Some(e) => codec::trust(
             h.autoclear_features,
             e,
             &seal_input(h, file_len, e.generation),
@@ -377,7 +377,7 @@ fn write_extension(
     s.read_at(&mut c0, 0)?;
     let header = Header::decode(&c0)?;
     if seal {
-        ext.seal = persist::seal(&seal_input(&header, s.len()?, ext.generation));
+        ext.seal = codec::seal(&seal_input(&header, s.len()?, ext.generation));
     }
     let data = ext.encode();
     match Header::extension_offset(&c0, EXT_DEDUP) {

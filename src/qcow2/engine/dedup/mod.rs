@@ -32,10 +32,10 @@ pub use lifecycle::{IndexOpenReport, DEFAULT_RECORD_CACHE_BYTES};
 use super::clustermap::ClusterSet;
 use super::state::State;
 use super::{iov, Qcow2};
-use crate::qcow2::dedup::persist::{DedupExtension, DedupMode};
-use crate::qcow2::dedup::{hash_cluster, is_zero, DedupIndex};
 use crate::qcow2::error::{Qcow2Error, Result};
+use crate::qcow2::format::dedup::{DedupExtension, DedupMode};
 use crate::qcow2::format::L2Entry;
+use crate::qcow2::hashindex::{hash_cluster, is_zero, DedupIndex};
 use crate::storage::Storage;
 use std::io::{IoSlice, IoSliceMut};
 use std::sync::MutexGuard;
@@ -74,7 +74,7 @@ pub struct DedupStats {
 }
 
 /// The hint index: hash -> guest clusters that held that content, in the compact index of
-/// `qcow2::dedup` (under 8 bytes per entry). It stores guest cluster + 1 (0 marks a free slot).
+/// `qcow2::hashindex` (under 8 bytes per entry). It stores guest cluster + 1 (0 marks a free slot).
 #[derive(Default)]
 pub(crate) struct HintIndex {
     inner: DedupIndex,

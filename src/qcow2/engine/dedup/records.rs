@@ -10,10 +10,11 @@
 //! a byte compare. Records loaded from the image are not verified: QEMU may have written the
 //! cluster in place since (docs/dedup.md, "Staleness").
 
-use crate::qcow2::dedup::is_zero;
-use crate::qcow2::dedup::persist::{self, IndexCluster, PENDING};
 use crate::qcow2::engine::clustermap::ClusterMap;
 use crate::qcow2::error::Result;
+use crate::qcow2::format::dedup as codec;
+use crate::qcow2::format::dedup::{IndexCluster, PENDING};
+use crate::qcow2::hashindex::is_zero;
 use crate::storage::Storage;
 use std::collections::VecDeque;
 
@@ -80,7 +81,7 @@ impl Records {
         let cs = 1u64 << cluster_bits;
         Records {
             cluster_bits,
-            rpc: persist::records_per_cluster(cluster_bits),
+            rpc: codec::records_per_cluster(cluster_bits),
             area,
             generation,
             cache: ClusterMap::default(),

@@ -332,22 +332,16 @@ pub fn records_per_cluster(cluster_bits: u32) -> u64 {
     ((cluster_size(cluster_bits) - INDEX_HEADER_LEN) / RECORD_LEN) as u64
 }
 
-/// Index clusters needed to cover `host_clusters` host clusters.
-pub fn index_clusters_for(cluster_bits: u32, host_clusters: u64) -> u64 {
-    host_clusters.div_ceil(records_per_cluster(cluster_bits))
-}
-
-/// (index cluster number, record number in it) of a host cluster.
-pub fn locate(cluster_bits: u32, host_cluster: u64) -> (u64, usize) {
-    let rpc = records_per_cluster(cluster_bits);
-    (host_cluster / rpc, (host_cluster % rpc) as usize)
+/// Index clusters needed to cover `clusters` clusters.
+pub fn index_clusters_for(cluster_bits: u32, clusters: u64) -> u64 {
+    clusters.div_ceil(records_per_cluster(cluster_bits))
 }
 
 /// One index cluster.
 ///
-/// Layout (big-endian): 0 magic "DDIX", 4 crc32c of bytes 8..end, 8 generation u64, 16 first host
+/// Layout (big-endian): 0 magic "DDIX", 4 crc32c of bytes 8..end, 8 generation u64, 16 first
 /// cluster u64, 24 number of non-zero records u32, 28 reserved u32, 32.. records of 32 bytes (the
-/// SHA-256 of host cluster `first + i`, or zeros).
+/// SHA-256 of cluster `first + i`, or zeros).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IndexCluster {
     pub generation: u64,
@@ -452,5 +446,186 @@ impl IndexCluster {
             first,
             records,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A distinct 32-byte hash for `n` (the codecs do not care what it hashes).
+    fn h(n: u64) -> [u8; 32] {
+        let mut x = [0x5au8; 32];
+        x[..8].copy_from_slice(&n.to_le_bytes());
+        x
+    }
+
+    fn ext() -> DedupExtension {
+        DedupExtension {
+            mode: DedupMode::Inline,
+            paused: true,
+            cluster_bits: 16,
+            share_cap: 32767,
+            index_offset: 0x50000,
+            index_clusters: 3,
+            generation: 42,
+            seal: 0xdead_beef_0123_4567,
+            counters: DedupCounters {
+                deduplicated: 1,
+                written_unique: 2,
+                zero_detected: 3,
+                bytes_saved: 4,
+                partial_reads: 5,
+                cap_hits: 6,
+                stale_rejected: 7,
+                reserved: 0,
+            },
+        }
+    }
+
+    #[test]
+    fn extension_round_trip_and_errors() {
+        let e = ext();
+        let b = e.encode();
+        assert_eq!(b.len(), EXT_LEN);
+        assert_eq!(DedupExtension::decode(&b), Ok(e.clone()));
+        // Padding after the data is fine.
+        let mut p = b.clone();
+        p.extend_from_slice(&[0; 8]);
+        assert_eq!(DedupExtension::decode(&p), Ok(e.clone()));
+        for m in [DedupMode::Off, DedupMode::Background] {
+            let e2 = DedupExtension {
+                mode: m,
+                paused: false,
+                ..e.clone()
+            };
+            assert_eq!(DedupExtension::decode(&e2.encode()), Ok(e2));
+        }
+        assert_eq!(
+            DedupExtension::decode(&b[..100]),
+            Err(PersistError::Truncated(100))
+        );
+        let mut c = b.clone();
+        c[60] ^= 1;
+        assert!(matches!(
+            DedupExtension::decode(&c),
+            Err(PersistError::BadChecksum { .. })
+        ));
+        let mut v = b.clone();
+        v[3] = 2;
+        assert_eq!(DedupExtension::decode(&v), Err(PersistError::BadVersion(2)));
+        let unaligned = DedupExtension {
+            index_offset: 0x50200,
+            ..e.clone()
+        };
+        assert!(matches!(
+            DedupExtension::decode(&unaligned.encode()),
+            Err(PersistError::Invalid(_))
+        ));
+        let bad_mode = DedupExtension { ..e.clone() }.encode();
+        let mut bm = bad_mode.clone();
+        bm[7] = 3; // mode 3
+        let crc = crc32c::crc32c(&bm[..124]);
+        bm[124..].copy_from_slice(&crc.to_be_bytes());
+        assert!(matches!(
+            DedupExtension::decode(&bm),
+            Err(PersistError::Invalid(_))
+        ));
+    }
+    #[test]
+    fn seal_and_trust() {
+        let s = SealInput {
+            generation: 42,
+            file_len: 1 << 30,
+            size: 1 << 34,
+            l1_table_offset: 0x30000,
+            l1_size: 32,
+            refcount_table_offset: 0x10000,
+            refcount_table_clusters: 1,
+            snapshots_offset: 0,
+            nb_snapshots: 0,
+        };
+        let e = DedupExtension {
+            seal: seal(&s),
+            ..ext()
+        };
+        assert_eq!(trust(AUTOCLEAR_DEDUP, &e, &s), Trust::Load);
+        assert!(matches!(trust(0, &e, &s), Trust::Rebuild(_)));
+        for changed in [
+            SealInput {
+                file_len: s.file_len + 65536,
+                ..s
+            },
+            SealInput {
+                nb_snapshots: 1,
+                ..s
+            },
+            SealInput {
+                l1_table_offset: 0x40000,
+                ..s
+            },
+            SealInput {
+                refcount_table_clusters: 2,
+                ..s
+            },
+            SealInput { size: 1, ..s },
+            SealInput {
+                generation: 43,
+                ..s
+            },
+        ] {
+            assert!(matches!(
+                trust(AUTOCLEAR_DEDUP, &e, &changed),
+                Trust::Rebuild(_)
+            ));
+        }
+        let none = DedupExtension {
+            index_offset: 0,
+            index_clusters: 0,
+            ..e
+        };
+        assert!(matches!(
+            trust(AUTOCLEAR_DEDUP, &none, &s),
+            Trust::Rebuild(_)
+        ));
+    }
+    #[test]
+    fn index_cluster_round_trip_and_errors() {
+        for bits in [9u32, 12, 16, 21] {
+            let rpc = records_per_cluster(bits);
+            let mut ic = IndexCluster::empty(bits, 5, 2);
+            assert_eq!(ic.first, 2 * rpc);
+            assert!(ic.set(0, Some(&h(1))));
+            assert!(ic.set(rpc as usize - 1, Some(&h(2))));
+            assert!(!ic.set(rpc as usize, Some(&h(3))));
+            let b = ic.encode(bits);
+            assert_eq!(b.len(), 1 << bits);
+            let d = IndexCluster::decode(&b, bits, 5, 2).unwrap();
+            assert_eq!(d, ic);
+            assert_eq!(d.get(0), Some(&h(1)));
+            assert_eq!(d.get(1), None);
+            // Corrupt a record byte: checksum.
+            let mut c = b.clone();
+            c[INDEX_HEADER_LEN + 5] ^= 0x80;
+            assert!(matches!(
+                IndexCluster::decode(&c, bits, 5, 2),
+                Err(PersistError::BadChecksum { .. })
+            ));
+            // Truncated.
+            assert!(matches!(
+                IndexCluster::decode(&b[..b.len() - 1], bits, 5, 2),
+                Err(PersistError::Truncated(_))
+            ));
+            // Wrong generation, wrong position, bad magic.
+            assert!(IndexCluster::decode(&b, bits, 6, 2).is_err());
+            assert!(IndexCluster::decode(&b, bits, 5, 3).is_err());
+            let mut m = b.clone();
+            m[0] = 0;
+            assert!(IndexCluster::decode(&m, bits, 5, 2).is_err());
+            // Guest data that happens to sit where the index was: rejected.
+            assert!(IndexCluster::decode(&vec![0u8; 1 << bits], bits, 5, 2).is_err());
+        }
+        assert_eq!(index_clusters_for(16, 2047), 1);
+        assert_eq!(index_clusters_for(16, 2048), 2);
     }
 }

@@ -1,11 +1,12 @@
-//! The in-RAM deduplication index: SHA-256 fingerprint -> host cluster index, at under 8 bytes per
-//! unique cluster.
+//! The content-hash index of deduplication, a pure data structure: SHA-256 fingerprint ->
+//! cluster numbers (the engine stores guest cluster + 1), at under 8 bytes per entry; and the
+//! hash itself.
 //!
 //! Layout. The first 32 bits of the SHA-256 are the fingerprint. Its top [`SHARD_BITS`] bits pick
 //! one of [`SHARDS`] shards; the remaining [`TAG_BITS`] bits are the tag stored in the slot and
 //! also choose the slot's home position in the shard (`tag * capacity >> TAG_BITS`). A slot is 7
-//! bytes (56 bits): the tag in the top 20 bits, the host cluster index in the low 36 bits. Cluster
-//! index 0 (the image header, never a data cluster) marks an empty slot.
+//! bytes (56 bits): the tag in the top 20 bits, the cluster number in the low 36 bits. Cluster
+//! number 0 marks an empty slot (the engine stores guest cluster + 1).
 //!
 //! Each shard is an open-addressing table with linear probing in Robin Hood order (entries sorted
 //! cyclically by home, so a lookup stops at the first entry whose home lies after its own) and
@@ -13,7 +14,7 @@
 //! [`MAX_LOAD`] it is rehashed to a capacity giving [`GROW_TO_LOAD`], so the whole index stays
 //! between those loads and no growth ever doubles the RAM of the whole index.
 //!
-//! Cap: host cluster indices of at most 36 bits (2^36 clusters: 4 PiB at 64 KiB clusters, 256 TiB
+//! Cap: cluster numbers of at most 36 bits (2^36 clusters: 4 PiB at 64 KiB clusters, 256 TiB
 //! at 4 KiB clusters). A larger index is refused with [`IndexError::ClusterTooLarge`]: that cluster
 //! is simply not deduplicated.
 //!
@@ -22,7 +23,21 @@
 //! positive therefore costs one read; its rate is about (entries in the shard) / 2^20 per lookup,
 //! i.e. 0.001 at 1M entries (4096 shards of ~250 entries: 250 / 2^20 = 0.0002).
 
+use sha2::{Digest, Sha256};
 use std::mem::size_of;
+
+/// SHA-256 of a cluster's bytes.
+pub fn hash_cluster(data: &[u8]) -> [u8; 32] {
+    let d = Sha256::digest(data);
+    let mut h = [0u8; 32];
+    h.copy_from_slice(&d);
+    h
+}
+
+/// Whether a cluster is all zeros (it becomes a zero cluster and is never indexed).
+pub fn is_zero(data: &[u8]) -> bool {
+    data.iter().all(|&b| b == 0)
+}
 
 /// Bits of the fingerprint that select the shard.
 pub const SHARD_BITS: u32 = 12;
@@ -30,9 +45,9 @@ pub const SHARD_BITS: u32 = 12;
 pub const SHARDS: usize = 1 << SHARD_BITS;
 /// Bits of the fingerprint stored in a slot.
 pub const TAG_BITS: u32 = 20;
-/// Bits of the host cluster index stored in a slot.
+/// Bits of the cluster number stored in a slot.
 pub const CLUSTER_BITS: u32 = 36;
-/// Largest host cluster index the index can hold.
+/// Largest cluster number the index can hold.
 pub const MAX_CLUSTER: u64 = (1 << CLUSTER_BITS) - 1;
 /// Bytes per slot.
 pub const SLOT_BYTES: usize = 7;
@@ -48,7 +63,7 @@ const TAG_MASK: u64 = (1 << TAG_BITS) - 1;
 /// Errors of the RAM index.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum IndexError {
-    #[error("host cluster {0} cannot be indexed (0 or above the 36-bit cap)")]
+    #[error("cluster number {0} cannot be indexed (0 or above the 36-bit cap)")]
     ClusterTooLarge(u64),
 }
 
@@ -234,20 +249,6 @@ impl DedupIndex {
         DedupIndex { shards, len: 0 }
     }
 
-    /// An empty index sized for `entries` unique clusters without growing (for example, the number
-    /// of data clusters in the image at open).
-    pub fn with_capacity(entries: u64) -> Self {
-        let mut idx = Self::new();
-        let per = entries.div_ceil(SHARDS as u64) as f64;
-        let cap = ((per / GROW_TO_LOAD).ceil() as usize).max(MIN_CAPACITY);
-        if entries > 0 {
-            for s in &mut idx.shards {
-                s.rehash(cap);
-            }
-        }
-        idx
-    }
-
     /// Number of entries (hash, cluster) in the index.
     pub fn len(&self) -> u64 {
         self.len
@@ -265,6 +266,7 @@ impl DedupIndex {
     }
 
     /// Total slots (for load-factor reporting).
+    #[cfg(test)]
     pub fn slots(&self) -> u64 {
         self.shards.iter().map(|s| s.cap() as u64).sum()
     }
@@ -344,40 +346,234 @@ impl DedupIndex {
             None => false,
         }
     }
+}
 
-    /// Shrinks every shard loaded below [`GROW_TO_LOAD`] to that load, one shard at a time (for
-    /// after a load into an index presized from an upper bound, or after many removals).
-    pub fn shrink_to_fit(&mut self) {
-        for s in &mut self.shards {
-            let want = if s.len == 0 {
-                0
-            } else {
-                ((s.len as f64 / GROW_TO_LOAD).ceil() as usize).max(MIN_CAPACITY)
-            };
-            if want < s.cap() {
-                s.rehash(want);
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, RngCore, SeedableRng};
+    use std::collections::{HashMap, HashSet};
+    use std::time::Instant;
+
+    fn h(n: u64) -> [u8; 32] {
+        hash_cluster(&n.to_le_bytes())
+    }
+
+    /// A hash with a chosen 32-bit fingerprint and distinct remaining bytes.
+    fn h_fp(fp: u32, n: u64) -> [u8; 32] {
+        let mut x = [0u8; 32];
+        x[0..4].copy_from_slice(&fp.to_be_bytes());
+        x[4..12].copy_from_slice(&n.to_le_bytes());
+        x
+    }
+
+    #[test]
+    fn insert_lookup_remove() {
+        let mut idx = DedupIndex::new();
+        assert!(idx.lookup(&h(1)).is_empty());
+        assert_eq!(idx.insert(&h(1), 10), Ok(true));
+        assert_eq!(idx.insert(&h(1), 10), Ok(false));
+        assert_eq!(idx.insert(&h(2), 20), Ok(true));
+        assert_eq!(idx.lookup(&h(1)), vec![10]);
+        assert_eq!(idx.lookup(&h(2)), vec![20]);
+        assert_eq!(idx.len(), 2);
+        assert!(!idx.remove(&h(1), 11));
+        assert!(idx.remove(&h(1), 10));
+        assert!(idx.lookup(&h(1)).is_empty());
+        assert_eq!(idx.lookup(&h(2)), vec![20]);
+        assert_eq!(idx.len(), 1);
+    }
+
+    #[test]
+    fn cluster_cap() {
+        let mut idx = DedupIndex::new();
+        assert_eq!(idx.insert(&h(1), 0), Err(IndexError::ClusterTooLarge(0)));
+        assert_eq!(
+            idx.insert(&h(1), MAX_CLUSTER + 1),
+            Err(IndexError::ClusterTooLarge(MAX_CLUSTER + 1))
+        );
+        assert_eq!(idx.insert(&h(1), MAX_CLUSTER), Ok(true));
+        assert_eq!(idx.lookup(&h(1)), vec![MAX_CLUSTER]);
+    }
+
+    #[test]
+    fn tag_collisions_are_all_candidates() {
+        // Same 32-bit fingerprint, different hashes: all are candidates (hints), removal is exact.
+        let mut idx = DedupIndex::new();
+        for n in 1..=50u64 {
+            idx.insert(&h_fp(0xabcd_1234, n), n).unwrap();
+        }
+        // Neighbours in the same shard with nearby tags.
+        for n in 1..=50u64 {
+            idx.insert(&h_fp(0xabcd_1235, n), 1000 + n).unwrap();
+            idx.insert(&h_fp(0xabcd_1233, n), 2000 + n).unwrap();
+        }
+        let mut c = idx.lookup(&h_fp(0xabcd_1234, 999));
+        c.sort();
+        assert_eq!(c, (1..=50).collect::<Vec<_>>());
+        for n in (1..=50u64).step_by(2) {
+            assert!(idx.remove(&h_fp(0xabcd_1234, 0), n));
+        }
+        let mut c = idx.lookup(&h_fp(0xabcd_1234, 0));
+        c.sort();
+        assert_eq!(c, (2..=50).step_by(2).collect::<Vec<_>>());
+        assert_eq!(idx.lookup(&h_fp(0xabcd_1235, 0)).len(), 50);
+        assert_eq!(idx.lookup(&h_fp(0xabcd_1233, 0)).len(), 50);
+        assert!(idx.remove(&h_fp(0xabcd_1235, 7), 1001));
+        assert_eq!(idx.lookup(&h_fp(0xabcd_1235, 0)).len(), 49);
+    }
+
+    #[test]
+    fn growth_keeps_everything() {
+        let mut idx = DedupIndex::new();
+        for n in 1..=100_000u64 {
+            idx.insert(&h(n), n).unwrap();
+        }
+        assert_eq!(idx.len(), 100_000);
+        for n in 1..=100_000u64 {
+            assert!(idx.contains(&h(n), n), "{n}");
+        }
+        let load = idx.len() as f64 / idx.slots() as f64;
+        assert!(load > 0.85 && load <= MAX_LOAD, "load {load}");
+    }
+
+    #[test]
+    fn random_ops_match_model() {
+        for seed in 0..4u64 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let mut idx = DedupIndex::new();
+            let mut model: HashMap<[u8; 4], HashSet<u64>> = HashMap::new();
+            // Four shards; tags over the whole range, including the last home of a shard (wrap).
+            let mut fps: Vec<u32> = (0..62).map(|_| rng.random::<u32>() & 0x003f_ffff).collect();
+            fps.extend([0x000f_ffff, 0x000f_fffe]);
+            let hashes: Vec<[u8; 32]> = (0..400)
+                .map(|i| h_fp(fps[rng.random_range(0..fps.len())], i))
+                .collect();
+            let fp = |x: &[u8; 32]| [x[0], x[1], x[2], x[3]];
+            for _ in 0..10_000 {
+                let hh = hashes[rng.random_range(0..hashes.len())];
+                let c = rng.random_range(1..300u64);
+                match rng.random_range(0..10) {
+                    0..=5 => {
+                        let new = model.entry(fp(&hh)).or_default().insert(c);
+                        assert_eq!(idx.insert(&hh, c).unwrap(), new, "seed {seed}");
+                    }
+                    6..=8 => {
+                        let had = model.get_mut(&fp(&hh)).is_some_and(|s| s.remove(&c));
+                        assert_eq!(idx.remove(&hh, c), had, "seed {seed}");
+                    }
+                    _ => {
+                        let mut cands = idx.lookup(&hh);
+                        cands.sort();
+                        let mut want: Vec<u64> =
+                            model.get(&fp(&hh)).into_iter().flatten().copied().collect();
+                        want.sort();
+                        assert_eq!(cands, want, "seed {seed}");
+                    }
+                }
+            }
+            let total: usize = model.values().map(|s| s.len()).sum();
+            assert_eq!(idx.len(), total as u64);
+            for (k, set) in &model {
+                let mut x = [0u8; 32];
+                x[..4].copy_from_slice(k);
+                let mut cands = idx.lookup(&x);
+                cands.sort();
+                let mut want: Vec<u64> = set.iter().copied().collect();
+                want.sort();
+                assert_eq!(cands, want);
             }
         }
     }
 
-    /// Forgets every entry pointing at `cluster` when its hash is not known. O(entries): for
-    /// rare bulk invalidation only.
-    pub fn remove_cluster_slow(&mut self, cluster: u64) -> u64 {
-        let mut removed = 0;
-        for s in &mut self.shards {
-            let mut i = 0;
-            while i < s.cap() {
-                let v = s.get(i);
-                if slot_cluster(v) == cluster && cluster != 0 {
-                    // Backward shift may move a not-yet-visited entry into `i`: look again.
-                    s.remove_at(i);
-                    removed += 1;
-                } else {
-                    i += 1;
+    #[test]
+    fn random_ops_exact_model() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut idx = DedupIndex::new();
+        let mut model: HashMap<u64, u64> = HashMap::new(); // key n -> cluster
+        for _ in 0..200_000 {
+            let n = rng.random_range(0..5_000u64);
+            let c = rng.random_range(1..1_000_000u64);
+            if rng.random_bool(0.6) {
+                if let Some(old) = model.insert(n, c) {
+                    assert!(idx.remove(&h(n), old));
                 }
+                idx.insert(&h(n), c).unwrap();
+            } else if let Some(old) = model.remove(&n) {
+                assert!(idx.remove(&h(n), old));
             }
+            assert_eq!(idx.len(), model.len() as u64);
         }
-        self.len -= removed;
-        removed
+        for (n, c) in &model {
+            assert_eq!(idx.lookup(&h(*n)), vec![*c]);
+        }
+    }
+
+    #[test]
+    fn ram_per_entry_1m() {
+        let n = 1_000_000u64;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let hashes: Vec<[u8; 32]> = (0..n)
+            .map(|_| {
+                let mut x = [0u8; 32];
+                rng.fill_bytes(&mut x);
+                x
+            })
+            .collect();
+        let t = Instant::now();
+        let mut idx = DedupIndex::new();
+        for (i, x) in hashes.iter().enumerate() {
+            idx.insert(x, i as u64 + 1).unwrap();
+        }
+        let insert_s = t.elapsed().as_secs_f64();
+        let per = idx.ram_bytes() as f64 / n as f64;
+        let load = idx.len() as f64 / idx.slots() as f64;
+        let t = Instant::now();
+        let mut fp = 0u64;
+        for x in &hashes {
+            fp += idx.lookup(x).len() as u64 - 1;
+        }
+        let lookup_s = t.elapsed().as_secs_f64();
+        println!(
+            "dedup index 1M entries (grown): {} bytes, {per:.3} B/entry, load {load:.3}, \
+             insert {insert_s:.3}s, lookup {lookup_s:.3}s, extra candidates {fp}",
+            idx.ram_bytes()
+        );
+        assert!(per <= 8.0, "{per} bytes per entry");
+        // Removals keep every other entry.
+        for (i, x) in hashes.iter().enumerate().step_by(2) {
+            assert!(idx.remove(x, i as u64 + 1));
+        }
+        for (i, x) in hashes.iter().enumerate() {
+            assert_eq!(idx.contains(x, i as u64 + 1), i % 2 == 1);
+        }
+    }
+
+    #[test]
+    fn hash_throughput() {
+        let buf = vec![0x5au8; 64 * 1024];
+        let n = 512;
+        let t = Instant::now();
+        let mut acc = 0u8;
+        for i in 0..n {
+            let mut b = buf.clone();
+            b[0] = i as u8;
+            acc ^= hash_cluster(&b)[0];
+        }
+        let s = t.elapsed().as_secs_f64();
+        println!(
+            "sha256 64 KiB clusters: {:.0} MB/s on one core (xor {acc})",
+            (n * buf.len()) as f64 / s / 1e6
+        );
+        let small = vec![0x5au8; 4096];
+        let t = Instant::now();
+        for _ in 0..8192 {
+            acc ^= hash_cluster(&small)[1];
+        }
+        let s = t.elapsed().as_secs_f64();
+        println!(
+            "sha256 4 KiB clusters: {:.0} MB/s on one core (xor {acc})",
+            (8192 * 4096) as f64 / s / 1e6
+        );
     }
 }
