@@ -126,16 +126,88 @@ pub(crate) fn open(
     cache_bytes: u64,
 ) -> Result<IndexOpenReport> {
     let t0 = std::time::Instant::now();
-    let cb = m.g.cluster_bits;
-    let cs = m.g.cluster_size();
-    let rpc = codec::records_per_cluster(cb);
-    let guest_clusters = m.g.size / cs;
-    let need = codec::index_clusters_for(cb, guest_clusters);
+    let guest_clusters = m.g.size / m.g.cluster_size();
     let mut d = m.dedup.take().ok_or(Qcow2Error::DedupOff)?;
     d.pending = super::background::Pending::new(guest_clusters);
     let mut rep = IndexOpenReport::default();
-    let ext = d.recorded.clone();
-    let old_area = match &ext {
+    let (mut recs, load) = place_records(s, m, &d, h, file_len, hash_data, cache_bytes, &mut rep)?;
+    // Index clusters to hash again: all of them on a rebuild, the bad ones after a load.
+    let rehash = match (load, recs.as_mut()) {
+        (true, Some(r)) => Rehash::Some(load_records(
+            s,
+            r,
+            &mut d,
+            (m.g.cluster_bits, guest_clusters),
+            &mut rep,
+        )?),
+        _ if hash_data => Rehash::All,
+        _ => Rehash::Some(BTreeSet::new()),
+    };
+    scan_active(s, m, &mut d, recs.as_mut(), &rehash, &mut rep)?;
+    rep.how = if load {
+        "loaded"
+    } else if hash_data {
+        "rebuilt"
+    } else {
+        "empty"
+    }
+    .to_string();
+    rep.millis = t0.elapsed().as_millis() as u64;
+    log::info!(
+        "dedup index {} in {:.2?}: {} hints, {} data clusters hashed, {} bad index clusters, {} \
+         clusters pending background dedup{}",
+        rep.how,
+        t0.elapsed(),
+        rep.hints,
+        rep.clusters_hashed,
+        rep.bad_index_clusters,
+        d.pending.len(),
+        rep.reason
+            .as_ref()
+            .map(|r| format!(" (rebuilt because: {r})"))
+            .unwrap_or_default()
+    );
+    d.records = recs;
+    d.open_report = rep.clone();
+    m.dedup = Some(d);
+    Ok(rep)
+}
+
+/// Which index clusters' ranges the scan of the active tables hashes again.
+enum Rehash {
+    All,
+    Some(BTreeSet<u64>),
+}
+
+impl Rehash {
+    fn covers(&self, k: u64) -> bool {
+        match self {
+            Rehash::All => true,
+            Rehash::Some(bad) => bad.contains(&k),
+        }
+    }
+}
+
+/// Decide where the records live: the recorded area when it is still usable (and whether its
+/// records may be loaded: sealed, same generation, `hash_data`), else a new area. Reserves the
+/// area and sets up the record cache (None for a disk smaller than one cluster). Returns it
+/// with whether to load; `rep.reason` says why not.
+#[allow(clippy::too_many_arguments)]
+fn place_records(
+    s: &dyn Storage,
+    m: &mut State,
+    d: &Dedup,
+    h: &Header,
+    file_len: u64,
+    hash_data: bool,
+    cache_bytes: u64,
+    rep: &mut IndexOpenReport,
+) -> Result<(Option<Records>, bool)> {
+    let cb = m.g.cluster_bits;
+    let cs = m.g.cluster_size();
+    let need = codec::index_clusters_for(cb, m.g.size / cs);
+    let ext = d.recorded.as_ref();
+    let old_area = match ext {
         Some(e) if e.index_clusters == need && e.cluster_bits == cb && need > 0 => {
             let a = Area {
                 offset: e.index_offset,
@@ -145,7 +217,7 @@ pub(crate) fn open(
         }
         _ => None,
     };
-    let trust = match &ext {
+    let trust = match ext {
         Some(e) => codec::trust(
             h.autoclear_features,
             e,
@@ -153,88 +225,116 @@ pub(crate) fn open(
         ),
         None => Trust::Rebuild("no index"),
     };
-    let generation = ext.as_ref().map_or(0, |e| e.generation);
+    let generation = ext.map_or(0, |e| e.generation);
     let load = hash_data && old_area.is_some() && trust == Trust::Load;
     if let Trust::Rebuild(why) = trust {
         rep.reason = Some(why.to_string());
     } else if old_area.is_none() {
         rep.reason = Some("the index area was taken or resized".to_string());
     }
-    let mut recs = if need == 0 {
-        None
-    } else {
-        let area = match old_area {
-            Some(a) => {
-                m.rc.reserve(a.offset / cs, a.clusters, kind::DEDUP_INDEX);
-                a
-            }
-            None => new_area(s, m, need, file_len)?,
-        };
-        let generation = if load { generation } else { generation + 1 };
-        let area_bytes = need.saturating_mul(cs);
-        if area_bytes > cache_bytes {
-            log::info!(
-                "dedup records take {} MiB and the record cache holds {} MiB: writes spread \
-                 over more of the disk than that read and write back an index cluster each",
-                area_bytes >> 20,
-                cache_bytes >> 20
-            );
+    if need == 0 {
+        return Ok((None, load));
+    }
+    let area = match old_area {
+        Some(a) => {
+            m.rc.reserve(a.offset / cs, a.clusters, kind::DEDUP_INDEX);
+            a
         }
-        Some(Records::new(cb, area, generation, load, cache_bytes))
+        None => new_area(s, m, need, file_len)?,
     };
-    // Index clusters to hash again: all of them on a rebuild, the bad ones after a load.
-    let rehash_all = hash_data && !load;
-    let mut rehash_bad: BTreeSet<u64> = BTreeSet::new();
-    if let (true, Some(r)) = (load, recs.as_mut()) {
-        let per = (LOAD_CHUNK / cs).max(1);
-        let mut buf = vec![0u8; (per * cs) as usize];
-        let mut k0 = 0;
-        while k0 < need {
-            // Holes hold no records (`Records::write_all` leaves the empty ranges as holes):
-            // skip them, or a huge disk's area (8 TiB for 512 PiB) would be read as zeros.
-            match s.next_data(r.area.offset + k0 * cs)? {
-                None => break,
-                Some(d) => {
-                    let k = (d - r.area.offset) / cs;
-                    if k >= need {
-                        break;
-                    }
-                    k0 = k0.max(k);
+    let generation = if load { generation } else { generation + 1 };
+    let area_bytes = need.saturating_mul(cs);
+    if area_bytes > cache_bytes {
+        log::info!(
+            "dedup records take {} MiB and the record cache holds {} MiB: writes spread \
+             over more of the disk than that read and write back an index cluster each",
+            area_bytes >> 20,
+            cache_bytes >> 20
+        );
+    }
+    Ok((
+        Some(Records::new(cb, area, generation, load, cache_bytes)),
+        load,
+    ))
+}
+
+/// Load the records of a trusted area into `d` (hints and pending clusters; records past the
+/// disk's `guest_clusters` are ignored). Returns the index clusters that did not decode: their
+/// ranges are hashed again.
+fn load_records(
+    s: &dyn Storage,
+    r: &mut Records,
+    d: &mut Dedup,
+    (cb, guest_clusters): (u32, u64),
+    rep: &mut IndexOpenReport,
+) -> Result<BTreeSet<u64>> {
+    let cs = 1u64 << cb;
+    let need = r.area.clusters;
+    let mut bad = BTreeSet::new();
+    let per = (LOAD_CHUNK / cs).max(1);
+    let mut buf = vec![0u8; (per * cs) as usize];
+    let mut k0 = 0;
+    while k0 < need {
+        // Holes hold no records (`Records::write_all` leaves the empty ranges as holes): skip
+        // them, or a huge disk's area (8 TiB for 512 PiB) would be read as zeros.
+        match s.next_data(r.area.offset + k0 * cs)? {
+            None => break,
+            Some(at) => {
+                let k = (at - r.area.offset) / cs;
+                if k >= need {
+                    break;
                 }
+                k0 = k0.max(k);
             }
-            let n = per.min(need - k0);
-            let b = &mut buf[..(n * cs) as usize];
-            s.read_at(b, r.area.offset + k0 * cs)?;
-            for (j, c) in b.chunks_exact(cs as usize).enumerate() {
-                let k = k0 + j as u64;
-                if is_zero(c) {
-                    // No records for this range (written as a hole).
-                    continue;
-                }
-                match IndexCluster::decode(c, cb, r.generation, k) {
-                    Ok(ic) => {
-                        for (i, rec) in ic.records.iter().enumerate() {
-                            let gc = ic.first + i as u64;
-                            if *rec == PENDING {
-                                d.pending.insert(gc);
-                            } else if *rec != [0u8; 32] && gc < guest_clusters {
-                                d.index.insert_limited(rec, gc);
-                                rep.hints += 1;
-                            }
+        }
+        let n = per.min(need - k0);
+        let b = &mut buf[..(n * cs) as usize];
+        s.read_at(b, r.area.offset + k0 * cs)?;
+        for (j, c) in b.chunks_exact(cs as usize).enumerate() {
+            let k = k0 + j as u64;
+            if is_zero(c) {
+                // No records for this range (written as a hole).
+                continue;
+            }
+            match IndexCluster::decode(c, cb, r.generation, k) {
+                Ok(ic) => {
+                    for (i, rec) in ic.records.iter().enumerate() {
+                        let gc = ic.first + i as u64;
+                        if *rec == PENDING {
+                            d.pending.insert(gc);
+                        } else if *rec != [0u8; 32] && gc < guest_clusters {
+                            d.index.insert_limited(rec, gc);
+                            rep.hints += 1;
                         }
                     }
-                    Err(e) => {
-                        log::warn!("dedup index cluster {k} ignored ({e}): hashing its range");
-                        r.mark_lost(k);
-                        rehash_bad.insert(k);
-                        rep.bad_index_clusters += 1;
-                    }
+                }
+                Err(e) => {
+                    log::warn!("dedup index cluster {k} ignored ({e}): hashing its range");
+                    r.mark_lost(k);
+                    bad.insert(k);
+                    rep.bad_index_clusters += 1;
                 }
             }
-            k0 += n;
         }
+        k0 += n;
     }
-    // One pass over the active L2 tables: shared clusters, and the hashing where needed.
+    Ok(bad)
+}
+
+/// One pass over the active L2 tables: note the shared clusters, and hash the data of the
+/// ranges `rehash` names (a copy of a content already seen, in a cluster of its own, becomes
+/// pending for the worker).
+fn scan_active(
+    s: &dyn Storage,
+    m: &mut State,
+    d: &mut Dedup,
+    mut recs: Option<&mut Records>,
+    rehash: &Rehash,
+    rep: &mut IndexOpenReport,
+) -> Result<()> {
+    let cs = m.g.cluster_size();
+    let rpc = codec::records_per_cluster(m.g.cluster_bits);
+    let guest_clusters = m.g.size / cs;
     let per_table = 1u64 << m.g.l2_bits;
     let mut shared_hashes: HashMap<u64, [u8; 32]> = HashMap::new();
     let mut buf = vec![0u8; cs as usize];
@@ -251,10 +351,12 @@ pub(crate) fn open(
             if refs >= 2 {
                 m.sharing.add(hc, gc);
             }
-            if !rehash_all && !rehash_bad.contains(&(gc / rpc)) {
+            if !rehash.covers(gc / rpc) {
                 continue;
             }
-            let Some(r) = recs.as_mut() else { continue };
+            let Some(r) = recs.as_deref_mut() else {
+                continue;
+            };
             let h = match shared_hashes.get(&hc) {
                 Some(h) => *h,
                 None => {
@@ -288,33 +390,7 @@ pub(crate) fn open(
             rep.hints += 1;
         }
     }
-    rep.how = if load {
-        "loaded"
-    } else if hash_data {
-        "rebuilt"
-    } else {
-        "empty"
-    }
-    .to_string();
-    rep.millis = t0.elapsed().as_millis() as u64;
-    log::info!(
-        "dedup index {} in {:.2?}: {} hints, {} data clusters hashed, {} bad index clusters, {} \
-         clusters pending background dedup{}",
-        rep.how,
-        t0.elapsed(),
-        rep.hints,
-        rep.clusters_hashed,
-        rep.bad_index_clusters,
-        d.pending.len(),
-        rep.reason
-            .as_ref()
-            .map(|r| format!(" (rebuilt because: {r})"))
-            .unwrap_or_default()
-    );
-    d.records = recs;
-    d.open_report = rep.clone();
-    m.dedup = Some(d);
-    Ok(rep)
+    Ok(())
 }
 
 /// At a clean close (after the refcounts are written): write the index, then our header
