@@ -7,7 +7,8 @@
 //! could hold after power loss: the durable state plus none, all, or a random subset of the writes
 //! that were never flushed, or a random subset of their 512-byte sectors (torn writes).
 
-use super::{MemStorage, Storage};
+use super::mem::MemStorage;
+use super::traits::Storage;
 use std::io;
 use std::sync::{Mutex, MutexGuard};
 

@@ -1,6 +1,6 @@
 //! Real-file storage: pread/pwrite and preadv/pwritev on a file descriptor.
 
-use super::Storage;
+use super::traits::Storage;
 use std::fs::File;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::unix::fs::FileExt;

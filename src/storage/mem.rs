@@ -1,6 +1,6 @@
 //! In-memory storage, for unit tests.
 
-use super::Storage;
+use super::traits::Storage;
 use std::io;
 use std::sync::{Mutex, MutexGuard};
 

@@ -6,8 +6,8 @@ use super::image::Image;
 use super::image::REFT_OFFSET_MASK;
 use super::ondisk::OnDisk;
 use super::refarray::{merge_ranges, RefArray};
+use super::report::{CheckError, Findings, Progress, RepairMode};
 use super::walk::{classify, Kind};
-use super::{CheckError, Findings, Progress, RepairMode};
 use crate::qcow2::format::entries::{
     L1E_OFFSET_MASK, L2E_OFFSET_MASK, L2E_RESERVED_MASK, OFLAG_COPIED,
 };

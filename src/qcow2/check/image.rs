@@ -2,7 +2,7 @@
 //! table. Every read is bounded by the file size and by QEMU's own limits, so a hostile header
 //! can neither make us allocate gigabytes nor panic.
 
-use super::CheckError;
+use super::report::CheckError;
 use crate::qcow2::format::header::{
     AUTOCLEAR_BITMAPS, EXT_BITMAPS, EXT_CRYPTO, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE,
     INCOMPAT_EXTL2, INCOMPAT_KNOWN,

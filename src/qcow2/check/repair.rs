@@ -2,11 +2,12 @@
 //! Every step is ordered so that a crash in the middle leaves an image that is no worse than
 //! before: at most leaked clusters, never a reference whose refcount is too low.
 
+use super::analyze::analyze;
 use super::compare::{check_copied, compare};
 use super::image::{Image, MAX_REFTABLE_BYTES};
 use super::refarray::RefArray;
+use super::report::{CheckError, CheckOptions, Findings, Progress, RepairMode};
 use super::walk::Walker;
-use super::{analyze, CheckError, CheckOptions, Findings, Progress, RepairMode};
 use crate::qcow2::format::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY, OFF_INCOMPATIBLE};
 use crate::qcow2::format::{encode_table, refblock};
 use crate::storage::Storage;

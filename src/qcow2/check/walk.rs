@@ -5,25 +5,13 @@
 
 use super::image::{read_table, Image, REFT_OFFSET_MASK, REFT_RESERVED_MASK};
 use super::refarray::RefArray;
-use super::{CheckError, Findings, Progress};
+use super::report::{CheckError, EntryFix, Findings, Progress};
 use crate::qcow2::format::entries::{
     compressed_fields, L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK, L2E_RESERVED_MASK,
     OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
 };
 use crate::qcow2::format::refblock::max_refcount;
 use crate::storage::Storage;
-
-/// An 8-byte table entry that repair (mode "all") rewrites before refcounts are fixed. Only
-/// changes that drop a reference without changing what the guest reads are recorded.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct EntryFix {
-    /// Byte offset of the entry in the file.
-    pub at: u64,
-    pub value: u64,
-    /// The entry is in an L2 table (else in an L1 table).
-    pub in_l2: bool,
-    pub why: String,
-}
 
 /// How an L2 entry is classified (QEMU's `qcow2_get_cluster_type` for standard L2 entries).
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
