@@ -1,6 +1,6 @@
 //! Backing files: a raw file or another qcow2 image, opened read-only.
 
-use super::Qcow2;
+use super::image::{OpenOptions, Qcow2};
 use crate::block::BlockDevice;
 use crate::qcow2::error::{Qcow2Error, Result};
 use crate::storage::{FileStorage, Storage};
@@ -48,7 +48,7 @@ pub(crate) fn open(path: &Path, format: Option<&str>, depth: u32) -> Result<Arc<
         let dir = path.parent().map(Path::to_path_buf);
         let img = Qcow2::open_storage(
             Arc::new(storage),
-            &super::OpenOptions::read_only(true),
+            &OpenOptions::read_only(true),
             dir.as_deref(),
             depth + 1,
         )

@@ -7,8 +7,8 @@
 //! A guard's drop takes the lock: never let one drop while this thread holds it. (On a panic
 //! under the lock, the lock guard is declared later and so dropped first.)
 
+use super::image::Qcow2;
 use super::meta::Meta;
-use super::Qcow2;
 
 /// A data I/O registered with `Meta::begin_io`.
 pub(crate) struct IoTicket<'a> {

@@ -2,7 +2,8 @@
 
 use super::dedup::ClusterGuard;
 use super::guard::{AllocGuard, IoTicket};
-use super::{compress, iov, Qcow2};
+use super::image::Qcow2;
+use super::{compress, iov};
 use crate::qcow2::error::{Qcow2Error, Result};
 use crate::qcow2::format::L2Entry;
 use std::io::{IoSlice, IoSliceMut};

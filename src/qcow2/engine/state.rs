@@ -2,7 +2,7 @@
 //! dedup type) and, for an image served with dedup, the dedup state beside it. Code that needs
 //! only the metadata reaches it through `Deref`; dedup code takes the whole `State`.
 
-use super::dedup::Dedup;
+use super::dedup::store::Dedup;
 use super::meta::Meta;
 use std::ops::{Deref, DerefMut};
 

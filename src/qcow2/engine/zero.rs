@@ -1,6 +1,6 @@
 //! Discard and write-zeroes: metadata-only for whole clusters, real zeros for the partial ends.
 
-use super::Qcow2;
+use super::image::Qcow2;
 use crate::qcow2::error::{Qcow2Error, Result};
 use crate::qcow2::format::L2Entry;
 use std::io::IoSlice;
@@ -17,6 +17,16 @@ const BATCH: u64 = 4096;
 impl Qcow2 {
     pub(crate) fn zero_range(&self, offset: u64, len: u64, mode: Mode) -> Result<()> {
         self.note_error(self.zero_range_inner(offset, len, mode))
+    }
+
+    /// Discard `offset..offset + len` (whole clusters; see `Mode::Discard`).
+    pub(crate) fn discard_range(&self, offset: u64, len: u64) -> Result<()> {
+        self.zero_range(offset, len, Mode::Discard)
+    }
+
+    /// Make `offset..offset + len` read as zeros; `unmap` lets whole clusters be freed.
+    pub(crate) fn write_zeroes_range(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        self.zero_range(offset, len, Mode::Zero { unmap })
     }
 
     fn zero_range_inner(&self, offset: u64, len: u64, mode: Mode) -> Result<()> {

@@ -4,8 +4,9 @@
 //! image". Every read-write open clears that bit before anything is written; a clean close writes
 //! the index, then the extension, then sets the bit again.
 
+use super::pending::Pending;
 use super::records::{Area, Records};
-use super::Dedup;
+use super::store::{Dedup, IndexOpenReport};
 use crate::qcow2::engine::overlap::kind;
 use crate::qcow2::engine::state::State;
 use crate::qcow2::error::{Qcow2Error, Result};
@@ -19,33 +20,8 @@ use crate::qcow2::hashindex::is_zero;
 use crate::storage::Storage;
 use std::collections::{BTreeSet, HashMap};
 
-/// Default RAM for cached index clusters (`OpenOptions::dedup_cache_bytes`): the whole index
-/// area of an 8 GiB disk with 4 KiB clusters, or of a 128 GiB one with 64 KiB clusters. Random
-/// writes over an area larger than the cache load and write back an index cluster for most
-/// writes, under the metadata lock (`./run bench`, 8 GiB with 4 KiB clusters: inline dedup of
-/// unique data ran at 39% of the dedup-off IOPS with a 32 MiB cache, at 64% with this one).
-pub const DEFAULT_RECORD_CACHE_BYTES: u64 = 64 << 20;
 /// Bytes read at once when loading the index area.
 const LOAD_CHUNK: u64 = 4 << 20;
-
-/// What the open found (logged, and kept for `query-dedup`).
-#[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct IndexOpenReport {
-    /// "loaded", "rebuilt" or "empty" (offline dedup builds it as it goes).
-    pub how: String,
-    /// Why the index was rebuilt, when it was.
-    pub reason: Option<String>,
-    /// Hints put into the RAM index.
-    pub hints: u64,
-    /// Data clusters read and hashed.
-    pub clusters_hashed: u64,
-    /// Index clusters that failed to load (their ranges were hashed again).
-    pub bad_index_clusters: u64,
-    /// Duplicates found by a rebuild, left to the background worker.
-    pub pending: u64,
-    /// Time the whole step took, in milliseconds.
-    pub millis: u64,
-}
 
 fn seal_input(h: &Header, file_len: u64, generation: u64) -> SealInput {
     SealInput::of(h, file_len, generation)
@@ -128,7 +104,7 @@ pub(crate) fn open(
     let t0 = std::time::Instant::now();
     let guest_clusters = m.g.size / m.g.cluster_size();
     let mut d = m.dedup.take().ok_or(Qcow2Error::DedupOff)?;
-    d.pending = super::background::Pending::new(guest_clusters);
+    d.pending = Pending::new(guest_clusters);
     let mut rep = IndexOpenReport::default();
     let (mut recs, load) = place_records(s, m, &d, h, file_len, hash_data, cache_bytes, &mut rep)?;
     // Index clusters to hash again: all of them on a rebuild, the bad ones after a load.

@@ -3,8 +3,8 @@
 //! read and the unique data write, which run outside it.
 
 use super::{forget_after_error, record, set_record, RecordGuard, MAX_HINTS};
+use crate::qcow2::engine::image::Qcow2;
 use crate::qcow2::engine::state::State;
-use crate::qcow2::engine::Qcow2;
 use crate::qcow2::error::{Qcow2Error, Result};
 use crate::qcow2::format::L2Entry;
 use crate::qcow2::offsets::HostOffset;

@@ -19,148 +19,26 @@
 //! A guest cluster rewritten with the content its verified record says it has costs no I/O;
 //! with an unverified (loaded) record, one read and no write.
 
-mod background;
-mod lifecycle;
+pub(crate) mod background;
+pub(crate) mod lifecycle;
 mod link;
+mod pending;
 mod records;
+pub(crate) mod store;
 
-pub use background::DedupWorker;
+pub use store::{DedupStats, IndexOpenReport, DEFAULT_RECORD_CACHE_BYTES};
 
-pub(crate) use lifecycle::{close as write_back, open};
-pub use lifecycle::{IndexOpenReport, DEFAULT_RECORD_CACHE_BYTES};
-
-use super::clustermap::ClusterSet;
+use super::image::Qcow2;
+use super::iov;
 use super::state::State;
-use super::{iov, Qcow2};
 use crate::qcow2::error::{Qcow2Error, Result};
-use crate::qcow2::format::dedup::{DedupExtension, DedupMode};
+use crate::qcow2::format::dedup::DedupMode;
 use crate::qcow2::format::L2Entry;
-use crate::qcow2::hashindex::{hash_cluster, is_zero, DedupIndex};
+use crate::qcow2::hashindex::{hash_cluster, is_zero};
 use crate::storage::Storage;
 use std::io::{IoSlice, IoSliceMut};
 use std::sync::MutexGuard;
-
-/// Counters of the dedup layer.
-#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
-pub struct DedupStats {
-    /// Clusters written as a reference to an existing cluster.
-    pub clusters_deduplicated: u64,
-    /// Clusters written as new, unique data.
-    pub clusters_unique: u64,
-    /// All-zero clusters turned into zero clusters.
-    pub zero_clusters: u64,
-    /// Rewrites of a cluster with the content it already had (no I/O).
-    pub identical_rewrites: u64,
-    /// Space saved: clusters linked plus zero clusters detected, in bytes.
-    pub bytes_saved: u64,
-    /// Partial-cluster writes that read the rest of their cluster first.
-    pub partial_cluster_reads: u64,
-    /// Hashes in the index.
-    pub index_entries: u64,
-    /// RAM used by the index.
-    pub index_ram_bytes: u64,
-    /// Links not made because the cluster was shared to the cap.
-    pub refcount_cap_hits: u64,
-    /// Index hints found stale (content differed, or the cluster moved on).
-    pub stale_hints_rejected: u64,
-    /// Links made on a verified record, without reading the candidate back.
-    pub links_without_read: u64,
-    /// RAM of the cached index clusters (the persistent records), bounded.
-    pub record_cache_bytes: u64,
-    /// Clusters waiting for the background worker.
-    pub pending_clusters: u64,
-    /// Clusters the background worker has processed.
-    pub background_processed: u64,
-}
-
-/// The hint index: hash -> guest clusters that held that content, in the compact index of
-/// `qcow2::hashindex` (under 8 bytes per entry). It stores guest cluster + 1 (0 marks a free slot).
-#[derive(Default)]
-pub(crate) struct HintIndex {
-    inner: DedupIndex,
-}
-
-impl HintIndex {
-    fn lookup(&self, h: &[u8; 32]) -> Vec<u64> {
-        self.inner.lookup(h).into_iter().map(|c| c - 1).collect()
-    }
-    fn insert(&mut self, h: &[u8; 32], gc: u64) {
-        if !self.inner.contains(h, gc + 1) {
-            // A guest cluster past the index's reach is simply not indexed (written unshared).
-            let _ = self.inner.insert(h, gc + 1);
-        }
-    }
-    /// Insert unless the content already has `MAX_HINTS` hints (counted by fingerprint).
-    fn insert_limited(&mut self, h: &[u8; 32], gc: u64) {
-        let mut n = 0;
-        self.inner.for_each_candidate(h, |_| {
-            n += 1;
-            n < MAX_HINTS
-        });
-        if n < MAX_HINTS {
-            self.insert(h, gc);
-        }
-    }
-    fn remove(&mut self, h: &[u8; 32], gc: u64) {
-        self.inner.remove(h, gc + 1);
-    }
-    fn len(&self) -> u64 {
-        self.inner.len()
-    }
-    fn ram_bytes(&self) -> u64 {
-        self.inner.ram_bytes()
-    }
-}
-
-/// Hints kept per content (see the link step).
-const MAX_HINTS: usize = 4;
-
-/// Dedup state, kept under the metadata lock.
-pub(crate) struct Dedup {
-    index: HintIndex,
-    pub stats: DedupStats,
-    /// Largest refcount a dedup link may produce.
-    cap: u64,
-    /// The image's recorded setting and counters (our header extension), as found at open.
-    pub recorded: Option<DedupExtension>,
-    /// The persistent records (None for a disk smaller than one cluster).
-    records: Option<records::Records>,
-    /// How the index came to be at open.
-    pub open_report: IndexOpenReport,
-    /// Guest clusters waiting for the background worker.
-    pending: background::Pending,
-    /// The worker holds a cluster now.
-    pub(crate) worker_busy: bool,
-    /// Held guest clusters whose writer has recorded their new content and waits for nothing
-    /// more before it releases them. A dedup writer waits only for these: a writer still
-    /// choosing a candidate holds its cluster too, and two of those waiting for each other's
-    /// cluster would wait for ever.
-    published: ClusterSet,
-}
-
-impl Dedup {
-    pub(crate) fn new(max_refcount: u64) -> Dedup {
-        Dedup {
-            index: HintIndex::default(),
-            recorded: None,
-            records: None,
-            open_report: IndexOpenReport::default(),
-            pending: background::Pending::default(),
-            worker_busy: false,
-            published: ClusterSet::default(),
-            stats: DedupStats::default(),
-            cap: (max_refcount / 2).max(1),
-        }
-    }
-    pub(crate) fn snapshot_stats(&self) -> DedupStats {
-        let mut s = self.stats;
-        s.index_entries = self.index.len();
-        s.index_ram_bytes = self.index.ram_bytes();
-        s.record_cache_bytes = self.records.as_ref().map_or(0, records::Records::ram_bytes);
-        s.pending_clusters = self.pending.len();
-        s
-    }
-}
+use store::{Dedup, MAX_HINTS};
 
 /// Holds guest cluster `gc` for one writer; released by `release` under a lock the caller has
 /// anyway (the caller then wakes the waiters, once, after the lock), or else on drop (which
@@ -346,7 +224,7 @@ impl Qcow2 {
                 let background = self.dedup_mode() == DedupMode::Background;
                 let (guard, first) = self.hold_cluster_then(gc, |m| {
                     if background {
-                        background::mark_pending(m, s, gc)
+                        mark_pending(m, s, gc)
                     } else {
                         forget(m, s, gc).map(|()| false)
                     }
@@ -534,4 +412,22 @@ pub(crate) fn forget(m: &mut State, s: &dyn Storage, gc: u64) -> Result<()> {
         d.index.remove(&old, gc);
     }
     Ok(())
+}
+
+/// Mark guest cluster `gc` pending (its data was just written plain in background mode).
+/// Returns true when nothing was pending before.
+pub(crate) fn mark_pending(m: &mut State, s: &dyn Storage, gc: u64) -> Result<bool> {
+    let Some(d) = m.dedup.as_mut() else {
+        return Ok(false);
+    };
+    let old = match d.records.as_mut() {
+        Some(r) => r.set_pending(s, gc)?,
+        None => None,
+    };
+    if let Some(old) = old {
+        d.index.remove(&old, gc);
+    }
+    let first = d.pending.len() == 0;
+    d.pending.insert(gc);
+    Ok(first)
 }
