@@ -65,10 +65,10 @@ fn script() -> Vec<Op> {
 
 /// Dedup links to clusters whose entries reached the disk with COPIED in an earlier flush
 /// interval, several links between flushes with new L2 tables in between, COW of a shared
-/// cluster, and links while refcount blocks and the refcount table grow (1 KiB clusters and
-/// 64-bit refcounts: a refcount block covers 128 KiB, the one-cluster table 16 MiB; the prefill
-/// leaves the allocations just short of 16 MiB).
-fn link_script() -> Vec<Op> {
+/// cluster, and links while refcount blocks grow (1 KiB clusters and 64-bit refcounts: a refcount
+/// block covers 128 KiB). Unique data (`unique_len` twice) goes to `unique_at`; after the big prefill of
+/// `Case::links_table` it also moves the refcount table (which covers 16 MiB).
+fn link_script(unique_at: u64, unique_len: u64) -> Vec<Op> {
     use Op::*;
     const K: u64 = 1024;
     vec![
@@ -80,9 +80,9 @@ fn link_script() -> Vec<Op> {
         Settle,
         Flush,
         // Unique data through the next refcount block and the table's end, with links between.
-        WriteUnique(20 << 20, 12 * K, 50),
+        WriteUnique(unique_at, unique_len, 50),
         Write(600 * K, 1024, 2),
-        WriteUnique((20 << 20) + 256 * K, 12 * K, 90),
+        WriteUnique(unique_at + 256 * K, unique_len, 90),
         Write(800 * K, 1024, 1),
         Settle,
         Flush,
@@ -108,16 +108,15 @@ fn link_script() -> Vec<Op> {
 const PREFILL: u64 = 15_340 * 1024;
 
 /// What the prefill of `link_script` writes (on plain storage, flushed and closed): the first
-/// contents, then unique data up to just short of the refcount table's 2 MiB.
-fn link_prefill() -> Vec<Op> {
+/// contents, then (`fill`) unique data up to just short of the refcount table's 16 MiB.
+fn link_prefill(fill: bool) -> Vec<Op> {
     use Op::*;
-    vec![
-        Write(0, 1024, 1),
-        Write(2048, 1024, 2),
-        WriteUnique(2 << 20, PREFILL, 10),
-        Settle,
-        Flush,
-    ]
+    let mut ops = vec![Write(0, 1024, 1), Write(2048, 1024, 2)];
+    if fill {
+        ops.push(WriteUnique(2 << 20, PREFILL, 10));
+    }
+    ops.extend([Settle, Flush]);
+    ops
 }
 
 /// How the engine is opened for a crash run.
@@ -226,7 +225,7 @@ fn every_crash_point_with_lazy_refcounts_is_repairable() {
 }
 
 /// Links to clusters flushed with COPIED in an earlier interval (the increment side of the
-/// COPIED rule), with refcount-block and table growth between links: strict and lazy, inline.
+/// COPIED rule), with refcount-block growth between links: strict and lazy, inline.
 #[test]
 fn every_crash_point_of_links_to_flushed_clusters_inline() {
     let case = Case::links();
@@ -238,12 +237,14 @@ fn every_crash_point_of_links_to_flushed_clusters_inline() {
 #[test]
 fn every_crash_point_of_links_to_flushed_clusters_background() {
     let case = Case::links();
-    let bg = |lazy| Mode {
-        lazy,
-        dedup: DedupMode::Background,
-    };
-    crash_points(&case, bg(false));
-    crash_points(&case, bg(true));
+    crash_points(&case, Mode::background(false));
+    crash_points(&case, Mode::background(true));
+}
+
+/// The same links while the refcount table moves (a 16 MiB image: one mode, the slowest case).
+#[test]
+fn every_crash_point_of_links_while_the_refcount_table_grows() {
+    crash_points(&Case::links_table(), Mode::background(true));
 }
 
 impl Mode {
@@ -259,6 +260,12 @@ impl Mode {
             dedup: DedupMode::Inline,
         }
     }
+    fn background(lazy: bool) -> Mode {
+        Mode {
+            lazy,
+            dedup: DedupMode::Background,
+        }
+    }
 }
 
 /// A script with the image it starts from.
@@ -271,8 +278,9 @@ struct Case {
     grows_table: bool,
 }
 
-/// The virtual size of `Case::links` images.
-const LINKS_SIZE: u64 = 24 << 20;
+/// The virtual size of `Case::links` and `Case::links_table` images.
+const LINKS_SIZE: u64 = 4 << 20;
+const LINKS_TABLE_SIZE: u64 = 24 << 20;
 
 impl Case {
     fn basic() -> Case {
@@ -280,7 +288,14 @@ impl Case {
     }
 
     fn links() -> Case {
-        Case::new(link_script(), LINKS_SIZE, 10, 6, &link_prefill(), true)
+        // 140 new clusters: past at least one 128-cluster refcount block.
+        let ops = link_script(3 << 20, 70 << 10);
+        Case::new(ops, LINKS_SIZE, 10, 6, &link_prefill(false), false)
+    }
+
+    fn links_table() -> Case {
+        let ops = link_script(20 << 20, 12 << 10);
+        Case::new(ops, LINKS_TABLE_SIZE, 10, 6, &link_prefill(true), true)
     }
 
     /// A new image (dedup recorded), with `prefill` written, flushed and closed on plain storage.
@@ -325,6 +340,21 @@ fn reftable_offset(img: &[u8]) -> u64 {
     u64::from_be_bytes(img[48..56].try_into().unwrap())
 }
 
+/// How many refcount blocks the refcount table points at.
+fn refcount_blocks(img: &[u8]) -> usize {
+    let off = reftable_offset(img) as usize;
+    let clusters = u32::from_be_bytes(img[56..60].try_into().unwrap()) as usize;
+    let cs = 1usize << u32::from_be_bytes(img[20..24].try_into().unwrap());
+    img[off..off + clusters * cs]
+        .chunks_exact(8)
+        .filter(|e| e.iter().any(|&b| b != 0))
+        .count()
+}
+
+fn all_writes(st: &FaultStorage) -> Vec<u8> {
+    st.crashed_image(CrashMode::AllWrites)
+}
+
 fn crash_points(case: &Case, mode: Mode) {
     let dry = Arc::new(FaultStorage::new(case.image.clone(), None));
     let (end, _) = run(dry.clone(), &case.ops, &case.start, mode);
@@ -344,6 +374,15 @@ fn crash_points(case: &Case, mode: Mode) {
         total > 30,
         "the script should do real metadata work ({total} writes)"
     );
+    if !case.ops.iter().any(|op| matches!(op, Op::WriteUnique(..))) {
+        // (the basic script)
+    } else {
+        let blocks = |img: &[u8]| refcount_blocks(img);
+        assert!(
+            blocks(&all_writes(&dry)) > blocks(&case.image),
+            "{mode:?}: the script should add refcount blocks"
+        );
+    }
     if case.grows_table {
         assert_ne!(
             reftable_offset(&case.image),
