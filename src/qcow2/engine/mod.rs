@@ -1,7 +1,8 @@
 //! The qcow2 engine: open, validate, and serve reads and writes of a qcow2 image.
 //!
-//! One mutex guards the metadata (`Meta`). A request takes it only to build a plan (which host
-//! ranges to touch); data moves between the caller's buffers and the file outside the lock.
+//! One mutex guards the engine's state (`state::State`: the metadata core `Meta` and the dedup
+//! state beside it). A request takes it only to build a plan (which host ranges to touch); data
+//! moves between the caller's buffers and the file outside the lock.
 //! Allocating writes reserve their clusters first and link them in the L2 table after the data
 //! is written; a guest cluster being allocated is marked in flight so a second writer waits.
 
