@@ -1,13 +1,16 @@
-//! In-memory storage, for unit tests.
+//! In-memory storage, for unit tests and fuzzing.
 
 use super::traits::Storage;
 use std::io;
 use std::sync::{Mutex, MutexGuard};
 
-/// A growable byte vector behind a mutex.
+/// A growable byte vector behind a mutex, optionally capped in size.
 #[derive(Default)]
 pub struct MemStorage {
     data: Mutex<Vec<u8>>,
+    /// Writes and `set_len` that would make the storage longer than this fail with an I/O
+    /// error instead of allocating (an image may point at clusters far past its end).
+    cap: Option<u64>,
 }
 
 impl MemStorage {
@@ -19,6 +22,24 @@ impl MemStorage {
     pub fn from_vec(data: Vec<u8>) -> Self {
         MemStorage {
             data: Mutex::new(data),
+            cap: None,
+        }
+    }
+    /// Storage holding `data` that refuses to grow past `cap` bytes (it may start larger).
+    pub fn with_cap(data: Vec<u8>, cap: u64) -> Self {
+        MemStorage {
+            data: Mutex::new(data),
+            cap: Some(cap),
+        }
+    }
+    /// Fails when growing to `end` bytes would pass the cap.
+    fn check_cap(&self, cur: usize, end: u64) -> io::Result<()> {
+        match self.cap {
+            Some(cap) if end > cur as u64 && end > cap => Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                "in-memory storage would grow past its cap",
+            )),
+            _ => Ok(()),
         }
     }
     /// A copy of the whole content.
@@ -54,6 +75,7 @@ impl Storage for MemStorage {
         let mut d = self.lock();
         let end = end_of(offset, buf.len())?;
         if d.len() < end {
+            self.check_cap(d.len(), end as u64)?;
             d.resize(end, 0);
         }
         d[offset as usize..end].copy_from_slice(buf);
@@ -68,7 +90,9 @@ impl Storage for MemStorage {
     fn set_len(&self, len: u64) -> io::Result<()> {
         let len = usize::try_from(len)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "length overflow"))?;
-        self.lock().resize(len, 0);
+        let mut d = self.lock();
+        self.check_cap(d.len(), len as u64)?;
+        d.resize(len, 0);
         Ok(())
     }
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -77,5 +101,31 @@ impl Storage for MemStorage {
         let end = (offset.saturating_add(len) as usize).min(d.len());
         d[start..end].fill(0);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_capped_storage_refuses_to_grow_past_its_cap() {
+        let s = MemStorage::with_cap(vec![1; 100], 4096);
+        s.write_at(&[2; 96], 4000).unwrap();
+        assert_eq!(s.len().unwrap(), 4096);
+        assert!(s.write_at(&[3], 4096).is_err());
+        assert!(s.write_at(&[3], u64::MAX / 2).is_err());
+        assert!(s.set_len(4097).is_err());
+        assert!(s.set_len(1 << 40).is_err());
+        assert_eq!(s.len().unwrap(), 4096);
+        // Writes inside it and shrinking still work.
+        s.write_at(&[4; 10], 0).unwrap();
+        s.set_len(10).unwrap();
+        assert_eq!(s.snapshot(), vec![4; 10]);
+        // Storage that starts past its cap may be written inside but not grown.
+        let big = MemStorage::with_cap(vec![0; 200], 100);
+        big.write_at(&[1; 10], 150).unwrap();
+        assert!(big.set_len(201).is_err());
+        big.set_len(200).unwrap();
     }
 }

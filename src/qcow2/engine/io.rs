@@ -378,7 +378,12 @@ impl Qcow2 {
                 });
             }
             if need > 0 {
-                let (mut next, past_eof) = m.alloc_data(s, need)?;
+                // New clusters come in runs of at most `max_run`: fresh space has no longer
+                // run (each new refcount block takes the first cluster of the range it covers),
+                // so asking for more would never succeed. Runs need not follow each other.
+                let max_run = m.rc.max_run();
+                let (mut next, mut past_eof, mut left, mut remaining) = (0, false, 0, need);
+                let mut failed = None;
                 for c in chunks.iter_mut() {
                     if let WKind::Alloc {
                         host,
@@ -387,10 +392,36 @@ impl Qcow2 {
                         ..
                     } = &mut c.kind
                     {
+                        if left == 0 {
+                            let k = remaining.min(max_run);
+                            match m.alloc_data(s, k) {
+                                Ok(r) => (next, past_eof) = r,
+                                Err(e) => {
+                                    failed = Some(e);
+                                    break;
+                                }
+                            }
+                            (left, remaining) = (k, remaining - k);
+                        }
                         *host = next;
                         *fresh = past_eof;
                         next += cs;
+                        left -= 1;
                     }
+                }
+                if let Some(e) = failed {
+                    // Give back the runs taken before the one that failed.
+                    for c in &chunks {
+                        if let WKind::Alloc {
+                            host, reuse: false, ..
+                        } = c.kind
+                        {
+                            if host != 0 {
+                                m.unalloc_data(s, host, 1);
+                            }
+                        }
+                    }
+                    return Err(e);
                 }
             }
             // Overlap checks: no data write may land on metadata.

@@ -240,7 +240,14 @@ impl Refcounts {
         Ok(new)
     }
 
+    /// Longest run `alloc` can always find: fresh space past the last refcount block is in
+    /// runs of this many clusters (a new block takes the first cluster of the range it covers).
+    pub(crate) fn max_run(&self) -> u64 {
+        self.epb.saturating_sub(1).max(1)
+    }
+
     /// Find and take `n` contiguous free clusters (refcount 0 -> 1). Returns the first index.
+    /// `n` should be at most [`Self::max_run`]: a longer run may never be found.
     pub(crate) fn alloc(&mut self, s: &dyn Storage, n: u64) -> Result<u64> {
         if n == 0 {
             return Err(Qcow2Error::Invalid("zero-cluster allocation".into()));
