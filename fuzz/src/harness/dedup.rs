@@ -4,19 +4,19 @@
 //! - 0: `DedupExtension::decode` of the rest (and again with its CRC made right, so the fields
 //!   behind the checksum are reached); whatever decodes must encode and decode to itself.
 //! - 1: `IndexCluster::decode` (cluster bits, generation and position from the input; magic and
-//!   CRC made right when the input asks), round trip as above; then `load` of it.
-//! - 2: `DedupIndex` against a model: a sequence of insert / remove / contains / lookup /
-//!   shrink / remove-by-cluster operations; after each, the index and a set of (fingerprint,
-//!   cluster) pairs must agree (the index keys on the first 32 bits of the hash).
-//! - 3: `encode_records` of records from the input, then `load` of the result: every record
-//!   that fits must come back.
+//!   CRC made right when the input asks), round trip as above.
+//! - 2: `DedupIndex` against a model: a sequence of insert / remove / contains / lookup
+//!   operations; after each, the index and a set of (fingerprint, cluster) pairs must agree (the
+//!   index keys on the first 32 bits of the hash).
+//! - 3: records from the input set into index clusters (`IndexCluster::set`, by position),
+//!   encoded and decoded: every record must come back, the last one set for a position winning.
 
 use super::Cursor;
 use std::collections::BTreeSet;
-use vhost_user_qcow2::qcow2::dedup::persist::{
-    records_per_cluster, DedupExtension, IndexCluster, EXT_LEN, INDEX_MAGIC,
+use vhost_user_qcow2::qcow2::format::dedup::{
+    index_clusters_for, records_per_cluster, DedupExtension, IndexCluster, EXT_LEN, INDEX_MAGIC,
 };
-use vhost_user_qcow2::qcow2::dedup::{encode_records, load, DedupIndex, MAX_CLUSTER};
+use vhost_user_qcow2::qcow2::hashindex::{DedupIndex, MAX_CLUSTER};
 
 /// Largest cluster size used here: 64 KiB (the codecs do not change above it).
 const MAX_BITS: u32 = 16;
@@ -72,9 +72,6 @@ fn index_cluster(c: &mut Cursor<'_>) {
             Ok(&ic)
         );
     }
-    // As index cluster 0 of a load (any k other than 0 fails its position check).
-    let (idx, rep) = load([&b[..]], bits, generation, 0);
-    assert_eq!(idx.len(), rep.entries);
 }
 
 fn hash(c: &mut Cursor<'_>) -> [u8; 32] {
@@ -93,15 +90,9 @@ fn fp(h: &[u8; 32]) -> u32 {
 }
 
 fn index_ops(c: &mut Cursor<'_>) {
-    let mut idx = if c.u8() & 1 != 0 {
-        DedupIndex::with_capacity(u64::from(c.u16() % 8192))
-    } else {
-        DedupIndex::new()
-    };
+    let mut idx = DedupIndex::new();
     let mut model: BTreeSet<(u32, u64)> = BTreeSet::new();
     let mut ops = 0;
-    // Shrinking and removal by cluster walk every slot: at most a few per input.
-    let mut walks = 0;
     while !c.is_empty() && ops < 512 {
         ops += 1;
         let op = c.u8();
@@ -113,7 +104,7 @@ fn index_ops(c: &mut Cursor<'_>) {
         } else {
             cl
         };
-        match op % 16 {
+        match op % 14 {
             0..=5 => {
                 let r = idx.insert(&h, cl);
                 if cl == 0 || cl > MAX_CLUSTER {
@@ -127,7 +118,7 @@ fn index_ops(c: &mut Cursor<'_>) {
                 model.remove(&(fp(&h), cl)),
                 "remove {cl}"
             ),
-            10..=13 => {
+            _ => {
                 let mut got = idx.lookup(&h);
                 got.sort_unstable();
                 let want: Vec<u64> = model
@@ -137,28 +128,15 @@ fn index_ops(c: &mut Cursor<'_>) {
                 assert_eq!(got, want, "lookup {h:?}");
                 assert_eq!(idx.contains(&h, cl), model.contains(&(fp(&h), cl)));
             }
-            14 | 15 if walks >= 4 => {}
-            14 => {
-                walks += 1;
-                idx.shrink_to_fit();
-            }
-            _ => {
-                walks += 1;
-                let n = idx.remove_cluster_slow(cl);
-                let before = model.len();
-                model.retain(|&(_, c)| c != cl || cl == 0);
-                assert_eq!(n, (before - model.len()) as u64, "remove_cluster_slow {cl}");
-            }
         }
         assert_eq!(idx.len(), model.len() as u64);
     }
-    assert!(idx.slots() >= idx.len());
 }
 
 fn records(c: &mut Cursor<'_>) {
     let bits = 9 + u32::from(c.u8()) % (MAX_BITS - 8);
     let generation = c.u64();
-    let index_clusters = u64::from(c.u8() % 4);
+    let rpc = records_per_cluster(bits);
     let mut recs = Vec::new();
     while !c.is_empty() && recs.len() < 1024 {
         let cl = u64::from(c.u16());
@@ -167,29 +145,22 @@ fn records(c: &mut Cursor<'_>) {
         h[31] = 1; // never the all-zero "no record"
         recs.push((cl, h));
     }
-    let (enc, dropped) = encode_records(recs.iter().copied(), bits, generation, index_clusters);
-    assert_eq!(enc.clusters.len() as u64, index_clusters);
-    let covered = index_clusters * records_per_cluster(bits);
-    assert_eq!(
-        dropped,
-        recs.iter().filter(|(cl, _)| *cl >= covered).count() as u64
-    );
-    let (idx, rep) = load(
-        enc.clusters.iter().map(Vec::as_slice),
-        bits,
-        generation,
-        recs.len() as u64,
-    );
-    assert!(rep.bad_clusters.is_empty());
-    // The last record for a cluster wins; cluster 0 is never indexed.
+    let n = index_clusters_for(bits, recs.iter().map(|&(cl, _)| cl + 1).max().unwrap_or(0));
+    let mut ics: Vec<IndexCluster> = (0..n)
+        .map(|k| IndexCluster::empty(bits, generation, k))
+        .collect();
     let mut last = std::collections::BTreeMap::new();
-    for (cl, h) in &recs {
-        if *cl < covered {
-            last.insert(*cl, *h);
-        }
+    for &(cl, h) in &recs {
+        assert!(ics[(cl / rpc) as usize].set((cl % rpc) as usize, Some(&h)));
+        last.insert(cl, h);
+    }
+    for (k, ic) in ics.iter().enumerate() {
+        let enc = ic.encode(bits);
+        let back = IndexCluster::decode(&enc, bits, generation, k as u64);
+        assert_eq!(back.as_ref(), Ok(ic), "index cluster {k}");
     }
     for (cl, h) in &last {
-        assert_eq!(idx.contains(h, *cl), *cl != 0, "record {cl}");
+        let ic = &ics[(cl / rpc) as usize];
+        assert_eq!(ic.get((cl % rpc) as usize), Some(h), "record {cl}");
     }
-    assert_eq!(rep.entries + rep.not_indexable, last.len() as u64);
 }

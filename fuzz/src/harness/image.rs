@@ -11,8 +11,8 @@ use super::{backing, image_bytes, Cursor, STORAGE_CAP};
 use std::io::{IoSlice, IoSliceMut};
 use std::sync::Arc;
 use vhost_user_qcow2::block::BlockDevice;
-use vhost_user_qcow2::qcow2::dedup::persist::DedupMode;
 use vhost_user_qcow2::qcow2::engine::OverlapMode;
+use vhost_user_qcow2::qcow2::format::dedup::DedupMode;
 use vhost_user_qcow2::qcow2::{OpenOptions, Qcow2};
 use vhost_user_qcow2::storage::MemStorage;
 
