@@ -3,9 +3,11 @@
 use super::dedup::ClusterGuard;
 use super::guard::{AllocGuard, IoTicket};
 use super::image::Qcow2;
+use super::meta::Meta;
 use super::{compress, iov};
 use crate::qcow2::error::{Qcow2Error, Result};
 use crate::qcow2::format::L2Entry;
+use crate::storage::Storage;
 use std::io::{IoSlice, IoSliceMut};
 
 /// Where a piece of a read comes from.
@@ -64,6 +66,20 @@ impl WChunk {
             WKind::Alloc { host, .. } if self.padded() => (host, host + cs),
             WKind::Direct(h) | WKind::Alloc { host: h, .. } => {
                 (h + self.in_off, h + self.in_off + self.len as u64)
+            }
+        }
+    }
+}
+
+/// Give back the new clusters a plan took (those it assigned one; a host offset is never 0).
+fn give_back(m: &mut Meta, s: &dyn Storage, chunks: &[WChunk]) {
+    for c in chunks {
+        if let WKind::Alloc {
+            host, reuse: false, ..
+        } = c.kind
+        {
+            if host != 0 {
+                m.unalloc_data(s, host, 1);
             }
         }
     }
@@ -411,16 +427,7 @@ impl Qcow2 {
                 }
                 if let Some(e) = failed {
                     // Give back the runs taken before the one that failed.
-                    for c in &chunks {
-                        if let WKind::Alloc {
-                            host, reuse: false, ..
-                        } = c.kind
-                        {
-                            if host != 0 {
-                                m.unalloc_data(s, host, 1);
-                            }
-                        }
-                    }
+                    give_back(&mut m, s, &chunks);
                     return Err(e);
                 }
             }
@@ -428,14 +435,7 @@ impl Qcow2 {
             for c in &chunks {
                 let (lo, hi) = c.host_range(cs);
                 if let Err(e) = m.rc.guard(lo, hi - lo, 0) {
-                    for c in &chunks {
-                        if let WKind::Alloc {
-                            host, reuse: false, ..
-                        } = c.kind
-                        {
-                            m.unalloc_data(s, host, 1);
-                        }
-                    }
+                    give_back(&mut m, s, &chunks);
                     return Err(e);
                 }
             }
