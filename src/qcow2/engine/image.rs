@@ -116,8 +116,8 @@ impl Qcow2 {
         for _ in 0..self.lock_spins {
             match self.meta.try_lock() {
                 Ok(g) => return g,
-                // No code path panics while holding the lock; a poisoned lock still guards
-                // valid state.
+                // A panic under the lock fails only its request (the request layer catches
+                // it, the guards undo its registrations): the state stays usable.
                 Err(TryLockError::Poisoned(e)) => return e.into_inner(),
                 Err(TryLockError::WouldBlock) => {
                     for _ in 0..8 {
