@@ -82,9 +82,9 @@ impl Drop for AllocGuard<'_> {
             if let (Some(host), false) = (host, self.linking) {
                 m.unalloc_data(s, host, 1);
             }
-            m.inflight.remove(&gc);
+            let _ = m.end_alloc(gc);
         }
-        let wake = m.cluster_waiters > 0;
+        let wake = m.cluster_waiters();
         drop(m);
         if wake {
             self.q.cond.notify_all();

@@ -136,20 +136,20 @@ impl Qcow2 {
     /// Wait until some held or in-flight guest cluster is released (counted, so that a release
     /// wakes threads only when there are any).
     pub(crate) fn wait_cluster<'a>(&self, mut m: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
-        m.cluster_waiters += 1;
+        m.cluster_wait(true);
         let mut m = self.wait(m);
-        m.cluster_waiters -= 1;
+        m.cluster_wait(false);
         m
     }
 
     /// Make everything durable that completed before the call (data and metadata). Concurrent
     /// calls share one sync, which runs without the metadata lock (see `group`).
     pub fn flush_all(&self) -> Result<()> {
-        let want = self.lock().changes;
+        let want = self.lock().changes();
         let r = self.group.flush(want, || {
             let s = self.storage.as_ref();
             let mut m = self.lock();
-            let sampled = m.changes;
+            let sampled = m.changes();
             let t = m.flush_begin(s)?;
             if t.keep_lock() {
                 let r = s.flush();
@@ -171,7 +171,7 @@ impl Qcow2 {
 
     /// True once an overlap check has fired: writes are refused, reads still work.
     pub fn is_corrupt(&self) -> bool {
-        self.lock().corrupt
+        self.lock().is_corrupt()
     }
 
     /// After an error: if it is an overlap, set the CORRUPT bit, log it and tell the listener.
@@ -227,7 +227,7 @@ impl Qcow2 {
         // Flushes the tables, applies the frees they made durable, writes every refcount
         // (those decrements included, so the image has no leaks) and clears DIRTY.
         m.write_refcounts(s)?;
-        let corrupt = m.corrupt;
+        let corrupt = m.is_corrupt();
         if let Some(d) = m.dedup.as_mut() {
             if !corrupt {
                 let (mode, paused) = (self.dedup_mode(), self.dedup_paused());

@@ -235,7 +235,7 @@ impl Qcow2 {
             // whatever landed before it is counted here.
             let r = self.write_dedup(offset, bufs);
             if r.is_err() {
-                self.lock().changes += 1;
+                self.lock().note_change();
             }
             r
         } else {
@@ -275,7 +275,7 @@ impl Qcow2 {
             if let WKind::Alloc { host, reuse, .. } = c.kind {
                 if result.is_ok() {
                     if c.padded() {
-                        m.data_before_l2 = true;
+                        m.data_first();
                     }
                     let linked = m.entry(s, c.gc).and_then(|old| {
                         m.set_entry(
@@ -303,18 +303,18 @@ impl Qcow2 {
                 } else if !reuse {
                     m.unalloc_data(s, host, 1);
                 }
-                m.inflight.remove(&c.gc);
+                let _ = m.end_alloc(c.gc);
             }
         }
         alloc.disarm();
         let barrier = io.end(&mut m);
         // The data is in the file (or failed): the next flush must sync it.
-        m.changes += 1;
+        m.note_change();
         let released = hold.is_some_and(|h| h.release(&mut m));
         // Waiters: writers of a guest cluster this request held or allocated, and dedup
         // verifiers waiting for older I/O; one wake-up for all of them, none without any.
         let allocated = chunks.iter().any(|c| matches!(c.kind, WKind::Alloc { .. }));
-        let wake = barrier || released || (allocated && m.cluster_waiters > 0);
+        let wake = barrier || released || (allocated && m.cluster_waiters());
         drop(m);
         if wake {
             self.cond.notify_all();
@@ -336,7 +336,7 @@ impl Qcow2 {
         let mut m = self.lock();
         'retry: loop {
             // Checked again after every wait: the image may have been marked meanwhile.
-            if m.corrupt {
+            if m.is_corrupt() {
                 return Err(Qcow2Error::MarkedCorrupt);
             }
             let mut chunks = Vec::new();
@@ -351,7 +351,7 @@ impl Qcow2 {
                 let e = m.entry(s, gc)?;
                 let kind = match e {
                     L2Entry::Normal { host, copied: true } => WKind::Direct(host.0),
-                    _ if m.inflight.contains(&gc) => {
+                    _ if m.allocating(gc) => {
                         m = self.wait_cluster(m);
                         continue 'retry;
                     }
@@ -442,7 +442,7 @@ impl Qcow2 {
             let mut registered = Vec::new();
             for c in &chunks {
                 if let WKind::Alloc { host, reuse, .. } = c.kind {
-                    m.inflight.insert(c.gc);
+                    m.begin_alloc(c.gc);
                     registered.push((c.gc, (!reuse).then_some(host)));
                 }
             }

@@ -54,22 +54,22 @@ pub struct EngineStats {
 pub(crate) struct Meta {
     pub g: Geometry,
     pub l1: Vec<u64>,
-    pub l1_offset: u64,
+    l1_offset: u64,
     l1_dirty: BTreeSet<usize>,
-    pub l2: L2Cache,
+    l2: L2Cache,
     pub rc: Refcounts,
     /// Host clusters to decrement once the change that unlinked them is durable.
     pending_unlink: Vec<u64>,
     /// Host clusters whose unlink is durable, with the I/O sequence number at that time.
     pending_io: Vec<(u64, u64)>,
     /// Guest clusters with an allocation in flight.
-    pub inflight: ClusterSet,
+    inflight: ClusterSet,
     /// Guest clusters held by a writer of an image served with dedup (every data write to such
     /// an image holds its clusters, so a held-free cluster has no data I/O in flight).
-    pub held: ClusterSet,
+    held: ClusterSet,
     /// Threads waiting for a held or in-flight guest cluster (a release wakes only when there
     /// are any).
-    pub cluster_waiters: usize,
+    cluster_waiters: usize,
     io_seq: u64,
     inflight_io: BTreeMap<u64, u32>,
     file_len: u64,
@@ -81,10 +81,10 @@ pub(crate) struct Meta {
     /// The incompatible feature bits as they are on disk.
     pub incompatible: u64,
     /// An overlap check fired: no more metadata or data writes.
-    pub corrupt: bool,
+    corrupt: bool,
     /// Threads waiting for older I/O to finish (a verifier's barrier): every end of an I/O must
     /// wake them.
-    pub barrier_waiters: usize,
+    barrier_waiters: usize,
     /// Host clusters being verified (read back), with how many verifiers: their frees wait.
     pinned: ClusterMap<u32>,
     /// Active guest clusters sharing a host cluster: when its refcount falls back to 1 the
@@ -96,10 +96,10 @@ pub(crate) struct Meta {
     copied_window: bool,
     /// A cluster was linked since the last sync whose data must reach the disk before its L2
     /// entry (it had bytes to copy, or it was not fresh past the end of the file).
-    pub data_before_l2: bool,
+    data_before_l2: bool,
     /// Counts changes a guest flush must make durable (links, table changes, completed writes);
     /// a flush whose count was reached by a finished sync needs no sync of its own.
-    pub changes: u64,
+    changes: u64,
 }
 
 /// What `flush_begin` hands to `flush_end`, across the sync that may run without the lock.
@@ -159,6 +159,83 @@ impl Meta {
             incompatible: 0,
             data_before_l2: false,
             changes: 0,
+        }
+    }
+
+    /// A change a guest flush must make durable (a completed write, a table change).
+    pub(crate) fn note_change(&mut self) {
+        self.changes += 1;
+    }
+
+    /// The count of such changes so far (a flush that saw it needs no sync of its own once a
+    /// sync that started later has finished).
+    pub(crate) fn changes(&self) -> u64 {
+        self.changes
+    }
+
+    /// A cluster was linked whose data must be durable before its L2 entry (see `flush_begin`).
+    pub(crate) fn data_first(&mut self) {
+        self.data_before_l2 = true;
+    }
+
+    /// An overlap check fired: no more metadata or data writes.
+    pub(crate) fn is_corrupt(&self) -> bool {
+        self.corrupt
+    }
+
+    /// Guest cluster `gc` has an allocation in flight (other writers of it wait).
+    pub(crate) fn allocating(&self, gc: u64) -> bool {
+        self.inflight.contains(&gc)
+    }
+
+    pub(crate) fn begin_alloc(&mut self, gc: u64) {
+        self.inflight.insert(gc);
+    }
+
+    /// Ends `begin_alloc`; returns whether threads wait for a cluster (they must be woken).
+    #[must_use = "when true, notify the engine's condvar: a writer may wait for this cluster"]
+    pub(crate) fn end_alloc(&mut self, gc: u64) -> bool {
+        self.inflight.remove(&gc);
+        self.cluster_waiters > 0
+    }
+
+    /// Guest cluster `gc` is held by a writer for a whole read-modify-write.
+    pub(crate) fn is_held(&self, gc: u64) -> bool {
+        self.held.contains(&gc)
+    }
+
+    pub(crate) fn hold(&mut self, gc: u64) {
+        self.held.insert(gc);
+    }
+
+    /// Ends `hold`; returns whether threads wait for a cluster (they must be woken).
+    #[must_use = "when true, notify the engine's condvar: a writer may wait for this cluster"]
+    pub(crate) fn unhold(&mut self, gc: u64) -> bool {
+        self.held.remove(&gc);
+        self.cluster_waiters > 0
+    }
+
+    /// Whether threads wait for a held or allocating guest cluster.
+    pub(crate) fn cluster_waiters(&self) -> bool {
+        self.cluster_waiters > 0
+    }
+
+    /// Count a thread waiting for a cluster (+1) or done waiting (-1).
+    pub(crate) fn cluster_wait(&mut self, enter: bool) {
+        if enter {
+            self.cluster_waiters += 1;
+        } else {
+            self.cluster_waiters -= 1;
+        }
+    }
+
+    /// Count a thread waiting for older I/O (+1) or done waiting (-1): every end of an I/O
+    /// wakes them while there are any.
+    pub(crate) fn barrier_wait(&mut self, enter: bool) {
+        if enter {
+            self.barrier_waiters += 1;
+        } else {
+            self.barrier_waiters -= 1;
         }
     }
 

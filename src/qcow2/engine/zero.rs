@@ -77,10 +77,10 @@ impl Qcow2 {
     fn zero_clusters(&self, from: u64, to: u64, mode: Mode) -> Result<()> {
         let s = self.storage.as_ref();
         let mut m = self.lock();
-        while (from..to).any(|gc| m.inflight.contains(&gc) || m.held.contains(&gc)) {
+        while (from..to).any(|gc| m.allocating(gc) || m.is_held(gc)) {
             m = self.wait_cluster(m);
         }
-        if m.corrupt {
+        if m.is_corrupt() {
             return Err(Qcow2Error::MarkedCorrupt);
         }
         let v3 = self.g.version >= 3;

@@ -124,7 +124,7 @@ impl Qcow2 {
     ) -> Result<Tried<'a>> {
         let s = self.storage.as_ref();
         let cs = self.g.cluster_size();
-        if cand != gc && m.held.contains(&cand) {
+        if cand != gc && m.is_held(cand) {
             if m.dedup
                 .as_ref()
                 .is_some_and(|d| d.published.contains(&cand))
@@ -208,11 +208,11 @@ impl Qcow2 {
             // in place: let them finish. A cluster without COPIED has had none since the link
             // that cleared it waited here.
             let barrier = m.next_io();
-            m.barrier_waiters += 1;
+            m.barrier_wait(true);
             while m.oldest_io() < barrier {
                 m = self.wait(m);
             }
-            m.barrier_waiters -= 1;
+            m.barrier_wait(false);
         }
         let io = self.begin_io(&mut m);
         drop(m);
@@ -327,7 +327,7 @@ impl Qcow2 {
             self.cond.notify_all();
         }
         // The data is in the file (or failed): the next flush must sync it.
-        m.changes += 1;
+        m.note_change();
         // On any failure from here the record is false: forget it first, so that no link and no
         // "identical rewrite" ever trusts it.
         if let Err(e) = w {
@@ -352,7 +352,7 @@ impl Qcow2 {
                 forget_after_error(&mut m, s, gc);
                 return Err(e);
             }
-            m.data_before_l2 = true;
+            m.data_first();
         }
         if let Some(d) = m.dedup.as_mut() {
             d.stats.clusters_unique += 1;

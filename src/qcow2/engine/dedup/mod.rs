@@ -62,11 +62,10 @@ impl ClusterGuard<'_> {
 
 /// Returns whether threads wait for a cluster (they must be woken).
 fn unhold(m: &mut State, gc: u64) -> bool {
-    m.held.remove(&gc);
     if let Some(d) = m.dedup.as_mut() {
         d.published.remove(&gc);
     }
-    m.cluster_waiters > 0
+    m.unhold(gc)
 }
 
 impl Drop for ClusterGuard<'_> {
@@ -176,10 +175,10 @@ impl Qcow2 {
     /// Hold guest cluster `gc`; returns the lock, still taken, and the hold.
     fn hold_cluster_locked(&self, gc: u64) -> (MutexGuard<'_, State>, ClusterGuard<'_>) {
         let mut m = self.lock();
-        while m.held.contains(&gc) {
+        while m.is_held(gc) {
             m = self.wait_cluster(m);
         }
-        m.held.insert(gc);
+        m.hold(gc);
         let guard = ClusterGuard {
             q: self,
             gc,
