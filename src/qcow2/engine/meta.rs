@@ -118,6 +118,15 @@ impl FlushTicket {
     }
 }
 
+/// One more waiter (`enter`) or one fewer.
+fn count(waiters: &mut usize, enter: bool) {
+    if enter {
+        *waiters += 1;
+    } else {
+        *waiters = waiters.saturating_sub(1);
+    }
+}
+
 /// How much the file grows at least when allocations pass its end.
 const GROW_STEP: u64 = 4 << 20;
 
@@ -222,21 +231,13 @@ impl Meta {
 
     /// Count a thread waiting for a cluster (+1) or done waiting (-1).
     pub(crate) fn cluster_wait(&mut self, enter: bool) {
-        if enter {
-            self.cluster_waiters += 1;
-        } else {
-            self.cluster_waiters -= 1;
-        }
+        count(&mut self.cluster_waiters, enter);
     }
 
     /// Count a thread waiting for older I/O (+1) or done waiting (-1): every end of an I/O
     /// wakes them while there are any.
     pub(crate) fn barrier_wait(&mut self, enter: bool) {
-        if enter {
-            self.barrier_waiters += 1;
-        } else {
-            self.barrier_waiters -= 1;
-        }
+        count(&mut self.barrier_waiters, enter);
     }
 
     /// Keep the frees of host cluster `hc` waiting while a verifier reads it.
