@@ -8,6 +8,9 @@
 # Usage: scripts/bench.sh [--quick] [--rounds N] [--runtime SECS] [--queues "1 2"]
 #                         [--rows REGEX] [--out DIR] [--no-build] [--keep]
 #   --quick     1 round, short runs, small images (about a minute and a half in all)
+#   --cold      also the cold-cache rows (the page cache is dropped before every run; needs
+#               root, else they are skipped with the reason): a COLD_SIZE image (default 4G,
+#               1G with --quick) filled with random data, used in place
 #   --rows      only rows whose name matches the (grep -E) regex, e.g. --rows 'randread'
 #   --out DIR   where images, sockets, logs and results.jsonl go (default: a new temp dir,
 #               removed at the end unless --keep); results.jsonl and table.md are copied to
@@ -50,6 +53,7 @@ ROWS_RE=""
 OUT=""
 BUILD=1
 KEEP=0
+COLD=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1 ;;
@@ -60,6 +64,7 @@ while [ $# -gt 0 ]; do
         --out) OUT=$2; shift ;;
         --no-build) BUILD=0 ;;
         --keep) KEEP=1 ;;
+        --cold) COLD=1 ;;
         -h|--help) sed -n '2,45p' "$0"; exit 0 ;;
         *) echo "bench.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
     esac
@@ -69,11 +74,13 @@ if [ "$QUICK" = 1 ]; then
     ROUNDS=${ROUNDS:-1}
     RUNTIME=${RUNTIME:-1}
     FILL_SIZE=256M      # virtual size of the data-filled image (read and overwrite rows)
+    COLD_SIZE=${COLD_SIZE:-1G}
     ALLOC_SIZE=1G       # virtual size of the fresh image (allocating rows)
 else
     ROUNDS=${ROUNDS:-3}
     RUNTIME=${RUNTIME:-5}
     FILL_SIZE=1G
+    COLD_SIZE=${COLD_SIZE:-4G}
     ALLOC_SIZE=8G        # 131072 allocating 4 KiB writes at most; up to 8 GiB of disk per run
 fi
 
@@ -91,6 +98,8 @@ CLIENT=$TARGET/release/examples/bench
 OURS_CMD_DEFAULT="$TARGET/release/vhost-user-qcow2 serve --image {image} --socket {socket} --num-queues {queues} {extra}"
 QSD_CMD_DEFAULT="qemu-storage-daemon --blockdev driver=file,node-name=f0,filename={image},cache.direct=off,discard=unmap --blockdev driver=qcow2,node-name=d0,file=f0{extra} --export type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={socket},writable=on,num-queues={queues}"
 QSD_CMD=${BENCH_QSD_CMD:-$QSD_CMD_DEFAULT}
+# qemu-storage-daemon as production VMs run it: O_DIRECT, io_uring (cache=none,aio=io_uring).
+QSDD_CMD=${QSD_CMD/cache.direct=off/cache.direct=on,aio=io_uring}
 OURS_CMD=${BENCH_OURS_CMD:-$OURS_CMD_DEFAULT}
 if [ "${BENCH_OURS:-}" = qsd ]; then
     OURS_CMD=$QSD_CMD
@@ -127,11 +136,16 @@ base_image() {
     kind=${spec%%:*}
     opts=""
     [ "$kind" != "$spec" ] && opts=${spec#*:}
-    path=$WORK/base/$(printf '%s' "$spec-$FILL_SIZE-$ALLOC_SIZE" | tr -c 'A-Za-z0-9_.=-' '_').qcow2
+    path=$WORK/base/$(printf '%s' "$spec-$FILL_SIZE-$ALLOC_SIZE-$COLD_SIZE" | tr -c 'A-Za-z0-9_.=-' '_').qcow2
     if [ ! -f "$path" ]; then
         case "$kind" in
             fresh)
                 qemu-img create -q -f qcow2 ${opts:+-o "$opts"} "$path" "$ALLOC_SIZE" >&2 ;;
+            cold)
+                # The cold rows' image, used in place (reads and overwrites leave it valid),
+                # with a raw copy of the same data for fio on a raw file.
+                head -c "$(numfmt --from=iec "$COLD_SIZE")" /dev/urandom >"$WORK/base/cold.raw"
+                qemu-img convert -q -f raw -O qcow2 "$WORK/base/cold.raw" "$path" >&2 ;;
             filled)
                 # Incompressible, never-repeating data in every cluster (no zero or duplicate
                 # cluster a daemon could shortcut).
@@ -183,6 +197,7 @@ define_rows() {
         row "1M seqwrite QD8 ${q}q" fresh "$q" nopin \
             "--workload seqwrite --bs 1M --iodepth 8 --no-repeat --runtime {runtime}"
     done
+    [ "$COLD" = 1 ] && define_cold_rows
     # Lazy refcounts (issue 4): allocating 4 KiB writes, each followed by a FLUSH.
     local d
     for d in 1 8; do
@@ -212,6 +227,65 @@ define_rows() {
     done
 }
 
+# Cold-cache rows (issue 16): data read from the disk, not the page cache. "ours" runs with
+# --cache none against qemu-storage-daemon with cache.direct=on,aio=io_uring ("qsd") and fio
+# on a raw file of the same size (O_DIRECT, io_uring, same depth: what the disk allows); the
+# buffered rows compare both daemons without O_DIRECT on the same cold data.
+define_cold_rows() {
+    local q direct=("ours=ours:--cache none" "qsd=qsdd" "fio-raw=fio")
+    for q in 1 2; do
+        row "cold 4k randread QD1 ${q}q" cold "$q" pin \
+            "--workload randread --bs 4k --iodepth 1 --runtime {runtime}" "${direct[@]}"
+        row "cold 4k randread QD32 ${q}q" cold "$q" nopin \
+            "--workload randread --bs 4k --iodepth 32 --runtime {runtime}" "${direct[@]}"
+    done
+    row "cold 4k randwrite QD32 1q overwrite" cold 1 nopin \
+        "--workload randwrite --bs 4k --iodepth 32 --runtime {runtime}" "${direct[@]}"
+    row "cold 4k randread QD32 2q buffered" cold 2 nopin \
+        "--workload randread --bs 4k --iodepth 32 --runtime {runtime}" "ours=ours" "qsd=qsd"
+}
+
+# fio_json ARGS...: the client's JSON fields from a fio run (--output-format=json) on stdin.
+fio_json() {
+    python3 -c '
+import json, sys
+d = json.load(sys.stdin)
+ios = 0; secs = 0.0; p50 = []; p99 = []; byts = 0; errs = 0
+for j in d["jobs"]:
+    for k in ("read", "write"):
+        x = j[k]
+        if x["total_ios"] == 0:
+            continue
+        ios += x["total_ios"]; byts += x["io_bytes"]
+        secs = max(secs, x["runtime"] / 1000.0)
+        pc = x["clat_ns"].get("percentile", {})
+        p50.append(pc.get("50.000000", 0) / 1000.0); p99.append(pc.get("99.000000", 0) / 1000.0)
+    errs += j.get("error", 0)
+secs = max(secs, 1e-9)
+print(json.dumps({"ios": ios, "bytes": byts, "errors": errs, "elapsed_s": secs,
+    "iops": ios / secs, "mbps": byts / secs / 1e6,
+    "lat_p50_us": max(p50) if p50 else None, "lat_p99_us": max(p99) if p99 else None}))'
+}
+
+# run_fio CLIENT-ARGS QUEUES RAW: fio on RAW with the bench client's workload (one job per
+# queue, O_DIRECT, io_uring), printing the client's JSON fields.
+run_fio() {
+    local args=$1 queues=$2 raw=$3 rw="" bs="" depth="" runtime=""
+    read -r -a a <<<"$args"
+    local k
+    for ((k = 0; k < ${#a[@]}; k++)); do
+        case "${a[$k]}" in
+            --workload) rw=${a[$((k + 1))]} ;;
+            --bs) bs=${a[$((k + 1))]} ;;
+            --iodepth) depth=${a[$((k + 1))]} ;;
+            --runtime) runtime=${a[$((k + 1))]} ;;
+        esac
+    done
+    fio --name=raw --filename="$raw" --direct=1 --ioengine=io_uring --rw="$rw" --bs="$bs" \
+        --iodepth="$depth" --numjobs="$queues" --runtime="$runtime" --time_based \
+        --randrepeat=0 --norandommap --group_reporting=0 --output-format=json 2>/dev/null | fio_json
+}
+
 # Daemon command for KIND with EXTRA, as an array in CMD.
 daemon_cmd() {
     local kind=$1 extra=$2 img=$3 sock=$4 queues=$5 tmpl
@@ -220,6 +294,7 @@ daemon_cmd() {
               # Our CLI flags make no sense to qsd standing in for us.
               [ "${BENCH_OURS:-}" = qsd ] && extra="" ;;
         qsd) tmpl=$QSD_CMD ;;
+        qsdd) tmpl=$QSDD_CMD ;;
         *) echo "bench.sh: unknown daemon kind '$kind'" >&2; return 1 ;;
     esac
     tmpl=${tmpl//\{image\}/$img}
@@ -281,9 +356,34 @@ run_one() {
     log=$WORK/logs/$(printf '%s' "$name-$label-r$round" | tr -c 'A-Za-z0-9_.-' '_').log
     local base
     base=$(base_image "${ROW_IMAGES[$i]}")
-    cp --sparse=always "$base" "$img"
-    sync "$img"
+    if [ "${ROW_IMAGES[$i]}" = cold ]; then
+        if [ "$(id -u)" != 0 ]; then
+            echo "bench.sh: $name / $label: skipped (dropping the page cache needs root)" >&2
+            printf '{"row":%s,"variant":%s,"kind":%s,"round":%d,"queues":%d,"client":null,"error":"skipped: needs root to drop the page cache"}\n' \
+                "$(json_str "$name")" "$(json_str "$label")" "$(json_str "$kind")" "$round" "$queues" >>"$RESULTS"
+            return 0
+        fi
+        img=$base
+        sync
+        echo 3 >/proc/sys/vm/drop_caches
+    else
+        cp --sparse=always "$base" "$img"
+        sync "$img"
+    fi
     rm -f "$sock"
+    if [ "$kind" = fio ]; then
+        local out args=${client_args//\{runtime\}/$RUNTIME} err=""
+        out=$(run_fio "$args" "$queues" "$WORK/base/cold.raw") || err="fio failed"
+        [ -z "$out" ] && out=null
+        {
+            printf '{"row":%s,"variant":%s,"kind":"fio","round":%d,"queues":%d,"cpu_s":null,"client":%s' \
+                "$(json_str "$name")" "$(json_str "$label")" "$round" "$queues" "$out"
+            [ -n "$err" ] && printf ',"error":%s' "$(json_str "$err")"
+            printf '}\n'
+        } >>"$RESULTS"
+        printf 'bench.sh: %-36s %-10s round %d: %s\n' "$name" "$label" "$round" "$(grep -o '"iops": [0-9.]*' <<<"$out")" >&2
+        return 0
+    fi
 
     local -a taskset_cmd=()
     [ "$pin" = pin ] && taskset_cmd=(taskset -c 0)
@@ -339,7 +439,8 @@ run_one() {
     # Space the image takes on disk after the daemon closed it (allocated blocks, not its length).
     local disk_bytes
     disk_bytes=$(stat -c '%b %B' "$img" | awk '{ print $1 * $2 }')
-    rm -f "$img" "$sock" "$ctl"
+    [ "${ROW_IMAGES[$i]}" = cold ] || rm -f "$img"
+    rm -f "$sock" "$ctl"
     [ -z "$client_out" ] && client_out=null
     {
         printf '{"row":%s,"variant":%s,"kind":%s,"round":%d,"queues":%d,' \

@@ -44,6 +44,49 @@ pub trait BlockDevice: Send + Sync {
     fn close(&self) -> Result<(), BlockError> {
         self.flush()
     }
+    /// Plan a read or an in-place write that the caller runs itself on the device's file (on
+    /// an io_uring, say). `None`: this request needs the device's own (blocking) path. A plan
+    /// is registered with the device until `end_direct(plan.seq, ..)`: call it exactly once,
+    /// after the I/O finished or failed. The default has no direct path.
+    fn plan_direct(
+        &self,
+        _dir: Direction,
+        _offset: u64,
+        _len: u64,
+    ) -> Result<Option<DirectPlan>, BlockError> {
+        Ok(None)
+    }
+    /// End a direct plan (see `plan_direct`); `ok` says whether its I/O succeeded.
+    fn end_direct(&self, _seq: u64, _dir: Direction, _ok: bool) {}
+}
+
+/// The direction of a direct plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Read,
+    Write,
+}
+
+/// One piece of a direct plan: `len` bytes at `buf_off` of the request's buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirectSeg {
+    pub buf_off: u64,
+    pub len: u64,
+    /// Where in the file; `None`: the range reads as zeros (reads only).
+    pub host: Option<u64>,
+}
+
+/// The file I/O a request needs, as planned by `BlockDevice::plan_direct`.
+#[derive(Debug)]
+pub struct DirectPlan {
+    /// The file every piece is in.
+    pub fd: std::os::fd::RawFd,
+    /// Buffer addresses, lengths and file offsets must be multiples of this (O_DIRECT); the
+    /// caller runs an unaligned request on the device's own path instead.
+    pub align: u64,
+    pub segs: Vec<DirectSeg>,
+    /// The registration `end_direct` ends.
+    pub seq: u64,
 }
 
 /// Check that `offset..offset+len` lies inside a disk of `capacity` bytes.

@@ -5,7 +5,7 @@ use std::fs::OpenOptions;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::path::Path;
 
-use crate::block::{check_range, BlockDevice, BlockError};
+use crate::block::{check_range, BlockDevice, BlockError, DirectPlan, DirectSeg, Direction};
 use crate::storage::{FileStorage, Storage};
 
 /// A raw disk image: guest offset == file offset. The capacity is the file length at open.
@@ -18,6 +18,13 @@ pub struct RawDisk<S: Storage = FileStorage> {
 impl RawDisk<FileStorage> {
     /// Open a raw image file.
     pub fn open(path: &Path, read_only: bool) -> io::Result<Self> {
+        Self::open_with(path, read_only, false)
+    }
+    /// Open a raw image file; `direct`: with O_DIRECT.
+    pub fn open_with(path: &Path, read_only: bool, direct: bool) -> io::Result<Self> {
+        if direct {
+            return RawDisk::new(FileStorage::open_direct(path, !read_only)?, read_only);
+        }
         let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
         RawDisk::new(FileStorage::new(file), read_only)
     }
@@ -98,6 +105,32 @@ impl<S: Storage> BlockDevice for RawDisk<S> {
             done += n as u64;
         }
         Ok(())
+    }
+    fn plan_direct(
+        &self,
+        dir: Direction,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<DirectPlan>, BlockError> {
+        let Some((fd, align)) = self.storage.direct_fd() else {
+            return Ok(None);
+        };
+        if dir == Direction::Write {
+            self.writable(offset, len)?;
+        } else {
+            check_range(offset, len, self.capacity)?;
+        }
+        // Guest offset == file offset; nothing to register (`end_direct` has nothing to end).
+        Ok(Some(DirectPlan {
+            fd,
+            align,
+            segs: vec![DirectSeg {
+                buf_off: 0,
+                len,
+                host: Some(offset),
+            }],
+            seq: 0,
+        }))
     }
 }
 

@@ -54,7 +54,13 @@ impl Backend {
                     .arg(img)
                     .arg("--socket")
                     .arg(sock)
-                    .args(["--num-queues", QUEUES]);
+                    .args(["--num-queues", QUEUES])
+                    // `./run test`'s second pass (other executor, O_DIRECT).
+                    .args(
+                        std::env::var("VUQ_TEST_SERVE_ARGS")
+                            .unwrap_or_default()
+                            .split_whitespace(),
+                    );
                 c
             }
             Which::Qsd => {

@@ -37,9 +37,25 @@ pub struct ServeArgs {
     /// Serial number reported to the guest (GET_ID, at most 20 bytes).
     #[arg(long)]
     pub serial: Option<String>,
-    /// Start with the guest's write cache on (flush needed) or off (every write is durable).
-    #[arg(long, value_enum, default_value_t = OnOff::On)]
-    pub writeback: OnOff,
+    /// Host cache mode, as QEMU's `-drive cache=`: writeback (host page cache, guest write
+    /// cache on), none (O_DIRECT, guest write cache on), writethrough (page cache, every
+    /// write durable before it completes), directsync (O_DIRECT and writethrough).
+    #[arg(long, value_enum, default_value_t = CacheMode::Writeback)]
+    pub cache: CacheMode,
+    /// The guest's write cache at start, overriding what `--cache` implies: on (flush needed)
+    /// or off (every write is durable). The guest may change it (CONFIG_WCE).
+    #[arg(long, value_enum)]
+    pub writeback: Option<OnOff>,
+    /// How data I/O runs: io_uring (one ring per queue for reads and in-place writes, a thread
+    /// pool for the rest; falls back to the pool alone, with a warning, where io_uring cannot
+    /// be set up) or threads (the pool for everything).
+    #[arg(long, value_enum, default_value_t = AioArg::IoUring)]
+    pub aio: AioArg,
+    /// Threads of the pool that runs requests which may block (allocating writes, flushes,
+    /// discards, cache misses).
+    #[arg(long, default_value_t = vhost::DEFAULT_POOL_THREADS as u16,
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub aio_threads: u16,
     /// Lazy refcounts: on, off, or auto (follow the image's lazy-refcounts bit).
     #[arg(long, value_enum, default_value_t = OnOffAuto::Auto)]
     pub lazy_refcounts: OnOffAuto,
@@ -90,6 +106,32 @@ pub enum DedupArg {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CacheMode {
+    Writeback,
+    None,
+    Writethrough,
+    Directsync,
+}
+
+impl CacheMode {
+    /// O_DIRECT on the image file.
+    pub fn direct(self) -> bool {
+        matches!(self, CacheMode::None | CacheMode::Directsync)
+    }
+    /// The guest's write cache on.
+    pub fn writeback(self) -> bool {
+        matches!(self, CacheMode::Writeback | CacheMode::None)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AioArg {
+    #[value(name = "io_uring")]
+    IoUring,
+    Threads,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum OnOff {
     On,
     Off,
@@ -131,6 +173,7 @@ pub fn open_device(
     overlap_check: OverlapMode,
     dedup: DedupArg,
     dedup_cache_bytes: Option<u64>,
+    direct: bool,
 ) -> anyhow::Result<OpenImage> {
     let mut magic = [0u8; 4];
     let n = File::open(path)
@@ -154,6 +197,7 @@ pub fn open_device(
                 DedupArg::Auto => None,
             },
             dedup_cache_bytes,
+            direct,
             ..Default::default()
         };
         let q = Arc::new(
@@ -175,7 +219,7 @@ pub fn open_device(
             _lock: lock,
         });
     }
-    let raw = RawDisk::open(path, read_only)
+    let raw = RawDisk::open_with(path, read_only, direct)
         .with_context(|| format!("cannot open image {}", path.display()))?;
     Ok(OpenImage {
         device: Arc::new(raw),
@@ -193,6 +237,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         args.overlap_check,
         args.dedup,
         args.dedup_cache_size,
+        args.cache.direct(),
     )?;
     let serial = args.serial.clone().unwrap_or_else(|| {
         // (The device cuts the serial to its 20 bytes; cutting a String here could split a
@@ -207,7 +252,15 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     cfg.num_queues = args.num_queues;
     cfg.queue_size = args.queue_size;
     cfg.serial = serial;
-    cfg.writeback = args.writeback == OnOff::On;
+    cfg.writeback = match args.writeback {
+        Some(w) => w == OnOff::On,
+        None => args.cache.writeback(),
+    };
+    cfg.aio = match args.aio {
+        AioArg::IoUring => vhost::AioMode::IoUring,
+        AioArg::Threads => vhost::AioMode::Threads,
+    };
+    cfg.pool_threads = usize::from(args.aio_threads);
     cfg.discard_granularity = image.granularity;
     cfg.socket_mode = args.socket_mode;
     cfg.handle_signals = true;

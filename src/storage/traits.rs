@@ -49,6 +49,12 @@ pub trait Storage: Send + Sync {
     fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
         Ok((offset < self.len()?).then_some(offset))
     }
+    /// The file descriptor a caller may read and write itself (an io_uring), with the
+    /// alignment its buffers, lengths and offsets need (1 unless opened with O_DIRECT). None
+    /// for storage that is not one plain file (memory, fault injection).
+    fn direct_fd(&self) -> Option<(std::os::fd::RawFd, u64)> {
+        None
+    }
 }
 
 impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
@@ -78,5 +84,8 @@ impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
     }
     fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
         (**self).next_data(offset)
+    }
+    fn direct_fd(&self) -> Option<(std::os::fd::RawFd, u64)> {
+        (**self).direct_fd()
     }
 }

@@ -2,7 +2,8 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -15,10 +16,15 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::virtio::{self, BlkConfig, DeviceCtx};
+use crate::aio::{AioMode, Pool};
+use crate::virtio::{self, BlkConfig, DeviceCtx, QueueExec};
 
 pub(crate) type GuestMem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
 pub(crate) type Vring = VringRwLock<GuestMem>;
+type MemGuard = GuestMemoryLoadGuard<GuestMemoryMmap<()>>;
+
+/// How long stopping a queue waits for its requests in flight.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One connection's backend. A fresh one is built for every VMM connection; the device context
 /// (block device, limits, writeback flag) is shared across connections.
@@ -27,15 +33,111 @@ pub struct BlkBackend {
     mem: GuestMem,
     event_idx: AtomicBool,
     queue_size: usize,
+    /// One executor per queue (its in-flight table, its ring).
+    execs: Vec<Mutex<QueueExec<MemGuard>>>,
 }
 
 impl BlkBackend {
-    pub(crate) fn new(ctx: Arc<DeviceCtx>, mem: GuestMem, queue_size: usize) -> Self {
-        BlkBackend {
+    pub(crate) fn new(
+        ctx: Arc<DeviceCtx>,
+        mem: GuestMem,
+        queue_size: usize,
+        pool: Arc<Pool>,
+        aio: AioMode,
+    ) -> io::Result<Self> {
+        let queues = usize::from(ctx.limits.num_queues).max(1);
+        let mut execs = Vec::with_capacity(queues);
+        for q in 0..queues {
+            let e = QueueExec::new(
+                ctx.clone(),
+                pool.clone(),
+                q,
+                queue_size,
+                aio == AioMode::IoUring,
+            )?;
+            execs.push(Mutex::new(e));
+        }
+        Ok(BlkBackend {
             ctx,
             mem,
             event_idx: AtomicBool::new(false),
             queue_size,
+            execs,
+        })
+    }
+
+    fn exec(&self, queue: usize) -> Option<MutexGuard<'_, QueueExec<MemGuard>>> {
+        self.execs
+            .get(queue)
+            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The completion eventfd of each queue, with the epoll data its worker thread must
+    /// register it under (past the queue and exit events vhost-user-backend reserves).
+    pub(crate) fn completion_events(&self) -> Vec<(usize, std::os::fd::RawFd, u64)> {
+        let n = self.execs.len() as u64;
+        (0..self.execs.len())
+            .filter_map(|q| {
+                self.exec(q)
+                    .map(|e| (thread_of(q), e.event_fd(), n + 1 + q as u64))
+            })
+            .collect()
+    }
+
+    /// True when at least one queue runs its reads and writes on an io_uring.
+    pub(crate) fn uses_io_uring(&self) -> bool {
+        (0..self.execs.len()).any(|q| self.exec(q).is_some_and(|e| e.has_ring()))
+    }
+
+    /// Wait until queue `queue` (every queue when None) has nothing in flight; the worker
+    /// threads complete what finishes meanwhile. Gives up after `timeout` (logged).
+    pub(crate) fn drain(&self, queue: Option<usize>, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let busy = |q: usize| self.exec(q).is_some_and(|e| e.in_flight() > 0);
+        loop {
+            let left: Vec<usize> = match queue {
+                Some(q) => vec![q],
+                None => (0..self.execs.len()).collect(),
+            }
+            .into_iter()
+            .filter(|&q| busy(q))
+            .collect();
+            if left.is_empty() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                warn!("queues {left:?}: requests still in flight after {timeout:?}");
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Put every finished request of `queue` in its used ring and signal the guest if it
+    /// wants to know.
+    fn complete_queue(&self, queue: usize, vring: &Vring) -> io::Result<()> {
+        let mut done = Vec::new();
+        if let Some(mut e) = self.exec(queue) {
+            e.reap(&mut done);
+        }
+        if done.is_empty() {
+            return Ok(());
+        }
+        let mut state = vring.get_mut();
+        let mut failed = None;
+        for (head, used) in done {
+            if let Err(e) = state.add_used(head, used) {
+                failed.get_or_insert(format!("cannot complete request {head}: {e}"));
+            }
+        }
+        if state.needs_notification().unwrap_or(true) {
+            if let Err(e) = state.signal_used_queue() {
+                failed.get_or_insert(format!("cannot signal the guest: {e}"));
+            }
+        }
+        match failed {
+            Some(what) => Err(io::Error::other(format!("queue {queue}: {what}"))),
+            None => Ok(()),
         }
     }
 
@@ -54,6 +156,9 @@ impl BlkBackend {
         mut mem: GuestMemoryLoadGuard<GuestMemoryMmap<()>>,
     ) -> io::Result<()> {
         let event_idx = self.event_idx.load(Ordering::Acquire);
+        let Some(mut exec) = self.exec(queue) else {
+            return Err(io::Error::other(format!("no executor for queue {queue}")));
+        };
         let mut state = vring.get_mut();
         // The first error ends the pass, but what was completed before it still reaches the
         // guest below: a guest left waiting for a completion it will never see is a hung disk.
@@ -77,12 +182,15 @@ impl BlkBackend {
                     continue;
                 }
                 let head = chain.head_index();
-                let used = virtio::process_chain(&self.ctx, queue, &*mem, chain);
+                popped += 1;
+                // Most requests finish later (`complete_queue`); some at once.
+                let Some(used) = exec.submit(mem.clone(), head, chain) else {
+                    continue;
+                };
                 if let Err(e) = state.add_used(head, used) {
                     failed = Some(format!("cannot complete request {head}: {e}"));
                     break 'pass;
                 }
-                popped += 1;
             }
             if !event_idx {
                 break;
@@ -104,6 +212,16 @@ impl BlkBackend {
                 }
             }
         }
+        exec.flush_submissions();
+        // What already finished goes out with this pass's notification.
+        let mut done = Vec::new();
+        exec.reap(&mut done);
+        drop(exec);
+        for (head, used) in done {
+            if let Err(e) = state.add_used(head, used) {
+                failed.get_or_insert(format!("cannot complete request {head}: {e}"));
+            }
+        }
         // When unsure whether the guest wants an interrupt, send one: a spurious one is harmless.
         if state.needs_notification().unwrap_or(true) {
             if let Err(e) = state.signal_used_queue() {
@@ -123,6 +241,11 @@ fn thread_queues(thread: usize) -> u64 {
         .ok()
         .and_then(|t| 1u64.checked_shl(t))
         .unwrap_or(0)
+}
+
+/// The worker thread that serves queue `queue`.
+fn thread_of(queue: usize) -> usize {
+    queue
 }
 
 /// The device queue behind event `device_event` of a worker thread serving the queues in `mask`:
@@ -209,6 +332,16 @@ impl VhostUserBackend for BlkBackend {
         }
     }
 
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // The frontend takes the ring back when this returns: finish what is in flight first
+        // (the worker thread keeps completing it), or its completions would land in a ring
+        // that is no longer ours.
+        if let Ok(q) = usize::try_from(queue_index) {
+            self.drain(Some(q), DRAIN_TIMEOUT);
+        }
+        Ok(())
+    }
+
     fn update_memory(&self, _mem: GuestMem) -> io::Result<()> {
         // `self.mem` is the daemon's GuestMemoryAtomic itself: the update is already visible.
         Ok(())
@@ -237,6 +370,22 @@ impl VhostUserBackend for BlkBackend {
     ) -> io::Result<()> {
         if evset != EventSet::IN {
             warn!("thread {thread_id}: unexpected event set {evset:?}");
+            return Ok(());
+        }
+        let mask = thread_queues(thread_id);
+        let nq = self.execs.len();
+        if usize::from(device_event) > nq {
+            // A queue's completion event.
+            let queue = usize::from(device_event) - nq - 1;
+            let vring = (0..64usize)
+                .filter(|q| mask >> q & 1 == 1)
+                .position(|q| q == queue)
+                .and_then(|i| vrings.get(i));
+            if let Some(vring) = vring {
+                if let Err(e) = self.complete_queue(queue, vring) {
+                    warn!("{e}");
+                }
+            }
             return Ok(());
         }
         // `device_event` counts the thread's own vrings (`vrings`), not the device's queues.
@@ -279,6 +428,23 @@ mod tests {
         vring
     }
 
+    fn test_backend(ctx: DeviceCtx, mem: GuestMem) -> BlkBackend {
+        let pool = Pool::new(2, "test").unwrap();
+        BlkBackend::new(Arc::new(ctx), mem, 16, pool, AioMode::IoUring).unwrap()
+    }
+
+    /// Complete queue 0 until nothing is in flight (a worker thread does this on events).
+    fn wait_idle(b: &BlkBackend, vring: &Vring) {
+        for _ in 0..10_000 {
+            b.complete_queue(0, vring).unwrap();
+            if b.exec(0).unwrap().in_flight() == 0 {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        panic!("requests still in flight");
+    }
+
     /// Each worker thread serves its own queue; the event number counts the thread's vrings.
     #[test]
     fn events_map_to_the_threads_queues() {
@@ -304,7 +470,7 @@ mod tests {
             .unwrap();
         let disk = Arc::new(MemDisk::new(1 << 20, false));
         let ctx = DeviceCtx::new(disk, BlkConfig::new(1 << 20, 1, 16, 4096, true), "s");
-        let b = BlkBackend::new(Arc::new(ctx), mem, 16);
+        let b = test_backend(ctx, mem);
         b.event_idx.store(true, Ordering::Release);
         let (tx, rx) = std::sync::mpsc::channel();
         let t = std::thread::spawn(move || {
@@ -355,8 +521,9 @@ mod tests {
             BlkConfig::new(1 << 20, 1, 16, 4096, true),
             "s",
         );
-        let b = BlkBackend::new(Arc::new(ctx), atomic, 16);
+        let b = test_backend(ctx, atomic);
         b.process_queue_from(0, &vring, stale).unwrap();
+        wait_idle(&b, &vring);
         let st: u8 = full.read_obj(GuestAddress(status)).unwrap();
         assert_eq!(st, crate::virtio::VIRTIO_BLK_S_OK);
         assert_eq!(&disk.contents()[..512], &[0xa5; 512][..]);

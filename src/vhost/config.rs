@@ -1,6 +1,7 @@
 //! How to serve (`ServeConfig`), how to stop a running daemon (`StopHandle`), and the
 //! transport's errors.
 
+use crate::aio::AioMode;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -94,7 +95,15 @@ pub struct ServeConfig {
     pub events: Option<EventReceiver>,
     /// Period of the one-line I/O summary at info level; zero for none.
     pub stats_interval: Duration,
+    /// How data I/O runs: io_uring (falls back to the pool) or the thread pool alone.
+    pub aio: AioMode,
+    /// Threads of the pool that runs the blocking requests (allocating writes, flushes,
+    /// discards; everything under `AioMode::Threads`).
+    pub pool_threads: usize,
 }
+
+/// Default size of the blocking-request pool: enough for two queues at depth 32 on cold data.
+pub const DEFAULT_POOL_THREADS: usize = 64;
 
 impl ServeConfig {
     /// Defaults: 1 queue of 256, writeback on, 64 KiB granularity, mode 0600, no signals.
@@ -115,6 +124,8 @@ impl ServeConfig {
             image: None,
             events: None,
             stats_interval: Duration::ZERO,
+            aio: AioMode::IoUring,
+            pool_threads: DEFAULT_POOL_THREADS,
         }
     }
 }

@@ -22,6 +22,7 @@ use super::backend::BlkBackend;
 use super::config::{ServeConfig, StopHandle, Tick, VhostError};
 use super::control::ControlServer;
 use super::sys::{bind_socket, read_signal, signal_fd, Epoll, SocketFile};
+use crate::aio::{AioMode, Pool};
 use crate::block::BlockDevice;
 use crate::control::{DaemonView, Event, ImageControl, PlainControl, StatusInfo};
 use crate::virtio::{BlkConfig, DeviceCtx, QueueSnapshot};
@@ -242,6 +243,9 @@ struct MainLoop<'a> {
     image: Option<Box<dyn ImageControl>>,
     periodic: Option<Periodic<'a>>,
     conn: Option<Connection>,
+    /// Runs the requests that block; shared by all connections.
+    pool: Arc<Pool>,
+    aio: AioMode,
 }
 
 impl<'a> MainLoop<'a> {
@@ -289,7 +293,11 @@ impl<'a> MainLoop<'a> {
             None => (None, image),
         };
         let periodic = Periodic::new(config, &ep)?;
+        let pool =
+            Pool::new(config.pool_threads, "vuq-io").map_err(io_err("starting the I/O pool"))?;
         Ok(MainLoop {
+            pool,
+            aio: config.aio,
             device,
             queue_size: config.queue_size,
             ctx,
@@ -333,7 +341,14 @@ impl<'a> MainLoop<'a> {
     fn on_event(&mut self, token: u64) -> Result<Option<Reason>, VhostError> {
         match token {
             TOKEN_LISTEN if self.conn.is_none() => {
-                match start_connection(&self.ctx, self.queue_size, &mut self.listener, &self.done) {
+                let io = (self.pool.clone(), self.aio);
+                match start_connection(
+                    &self.ctx,
+                    self.queue_size,
+                    &mut self.listener,
+                    &self.done,
+                    io,
+                ) {
                     Ok(c) => {
                         info!("VMM connected");
                         self.ep.del(self.listener.as_raw_fd())?;
@@ -451,6 +466,7 @@ fn start_connection(
     queue_size: u16,
     listener: &mut Listener,
     done: &EventFd,
+    (pool, aio): (Arc<Pool>, AioMode),
 ) -> Result<Connection, VhostError> {
     // Each connection starts from the configured cache mode, as after a device reset.
     ctx.writeback.store(
@@ -458,13 +474,28 @@ fn start_connection(
         std::sync::atomic::Ordering::Relaxed,
     );
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
-    let backend = Arc::new(BlkBackend::new(
-        ctx.clone(),
-        mem.clone(),
-        usize::from(queue_size),
-    ));
-    let mut daemon = VhostUserDaemon::new("vhost-user-qcow2".into(), backend, mem)
+    let backend = Arc::new(
+        BlkBackend::new(ctx.clone(), mem.clone(), usize::from(queue_size), pool, aio)
+            .map_err(io_err("setting up the queues"))?,
+    );
+    let mut daemon = VhostUserDaemon::new("vhost-user-qcow2".into(), backend.clone(), mem)
         .map_err(|e| VhostError::Daemon(e.to_string()))?;
+    log::debug!(
+        "data I/O: {}, blocking requests on a pool",
+        if backend.uses_io_uring() {
+            "io_uring per queue"
+        } else {
+            "thread pool only"
+        }
+    );
+    let handlers = daemon.get_epoll_handlers();
+    for (thread, fd, data) in backend.completion_events() {
+        let Some(h) = handlers.get(thread) else {
+            return Err(VhostError::Daemon(format!("no worker thread {thread}")));
+        };
+        h.register_listener(fd, vmm_sys_util::epoll::EventSet::IN, data)
+            .map_err(io_err("watching a queue's completions"))?;
+    }
     daemon
         .start(listener)
         .map_err(|e| VhostError::Daemon(e.to_string()))?;
@@ -474,6 +505,9 @@ fn start_connection(
         .name("vhost-conn".into())
         .spawn(move || {
             let r = daemon.wait().map_err(|e| e.to_string());
+            // Requests still in flight finish (and reach the used ring) before the workers go.
+            backend.drain(None, std::time::Duration::from_secs(60));
+            drop(backend);
             for h in daemon.get_epoll_handlers() {
                 h.send_exit_event();
             }

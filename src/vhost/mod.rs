@@ -9,7 +9,8 @@ mod control;
 mod daemon;
 mod sys;
 
+pub use crate::aio::AioMode;
 pub use backend::{device_features, BlkBackend};
-pub use config::{ServeConfig, StopHandle, Tick, VhostError, DEFAULT_TICK};
+pub use config::{ServeConfig, StopHandle, Tick, VhostError, DEFAULT_POOL_THREADS, DEFAULT_TICK};
 pub use control::MAX_CLIENTS;
 pub use daemon::serve;

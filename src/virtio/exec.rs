@@ -63,13 +63,13 @@ impl DeviceCtx {
 }
 
 /// Outcome of running a request: the status byte and the bytes written into guest buffers.
-struct Done {
-    status: u8,
-    written: u32,
+pub(crate) struct Done {
+    pub status: u8,
+    pub written: u32,
 }
 
 impl Done {
-    fn status(status: u8) -> Self {
+    pub(crate) fn status(status: u8) -> Self {
         Done { status, written: 0 }
     }
 }
@@ -83,15 +83,39 @@ where
     I: IntoIterator<Item = Descriptor>,
 {
     let start = Instant::now();
+    match parse_or_answer(ctx, queue, mem, descs, start) {
+        Parsed::Answered(used) => used,
+        Parsed::Request(req) => run_request(ctx, queue, mem, &req, start),
+    }
+}
+
+/// A chain after parsing: a request to run, or already answered (malformed, no status).
+pub(crate) enum Parsed {
+    Answered(u32),
+    Request(Request),
+}
+
+/// Parse one chain; a chain that is not a request is answered (and counted) here.
+pub(crate) fn parse_or_answer<M, I>(
+    ctx: &DeviceCtx,
+    queue: usize,
+    mem: &M,
+    descs: I,
+    start: Instant,
+) -> Parsed
+where
+    M: GuestMemoryBackend + ?Sized,
+    I: IntoIterator<Item = Descriptor>,
+{
     let stats = ctx.stats.get(queue);
-    let req = match parse_chain(mem, descs) {
-        Ok(r) => r,
+    match parse_chain(mem, descs) {
+        Ok(r) => Parsed::Request(r),
         Err(ParseError::NoStatus) => {
             debug!("dropping a chain without a status byte");
             if let Some(s) = stats {
                 s.record(None, 0, false, start.elapsed());
             }
-            return 0;
+            Parsed::Answered(0)
         }
         Err(ParseError::Malformed { status, reason }) => {
             // A driver never sends these: worth a warning, but a broken one may send many.
@@ -105,12 +129,23 @@ where
             if let Some(s) = stats {
                 s.record(None, 0, false, start.elapsed());
             }
-            return finish(mem, status, Done::status(VIRTIO_BLK_S_IOERR));
+            Parsed::Answered(finish(mem, status, Done::status(VIRTIO_BLK_S_IOERR)))
         }
-    };
+    }
+}
+
+/// Run a parsed request on the device's own (blocking) path, write its status, count it.
+/// Returns the used length.
+pub(crate) fn run_request<M: GuestMemoryBackend + ?Sized>(
+    ctx: &DeviceCtx,
+    queue: usize,
+    mem: &M,
+    req: &Request,
+    start: Instant,
+) -> u32 {
     // A bug below (say, in a decompressor) fails this request only: the engine's guards undo
     // what it registered, and the queue goes on with the next one.
-    let done = match std::panic::catch_unwind(AssertUnwindSafe(|| execute(ctx, mem, &req))) {
+    let done = match std::panic::catch_unwind(AssertUnwindSafe(|| execute(ctx, mem, req))) {
         Ok(done) => done,
         Err(p) => {
             error!(
@@ -121,11 +156,35 @@ where
             Done::status(VIRTIO_BLK_S_IOERR)
         }
     };
-    if let Some(s) = stats {
+    complete(
+        ctx,
+        queue,
+        mem,
+        req.kind,
+        req.data_len,
+        req.status,
+        done,
+        start,
+    )
+}
+
+/// Count a finished request and write its status. Returns the used length.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn complete<M: GuestMemoryBackend + ?Sized>(
+    ctx: &DeviceCtx,
+    queue: usize,
+    mem: &M,
+    kind: RequestType,
+    data_len: u64,
+    status: vm_memory::GuestAddress,
+    done: Done,
+    start: Instant,
+) -> u32 {
+    if let Some(s) = ctx.stats.get(queue) {
         let ok = done.status == VIRTIO_BLK_S_OK;
-        s.record(Some(req.kind), req.data_len, ok, start.elapsed());
+        s.record(Some(kind), data_len, ok, start.elapsed());
     }
-    finish(mem, req.status, done)
+    finish(mem, status, done)
 }
 
 /// The message a panic carried, if it was a string.
@@ -151,7 +210,7 @@ fn finish<M: GuestMemoryBackend + ?Sized>(
     }
 }
 
-fn status_of(ctx: &DeviceCtx, kind: RequestType, e: &BlockError) -> u8 {
+pub(crate) fn status_of(ctx: &DeviceCtx, kind: RequestType, e: &BlockError) -> u8 {
     match e {
         BlockError::OutOfRange { .. } | BlockError::ReadOnly => {
             debug!("{kind:?} refused: {e}");
@@ -209,7 +268,7 @@ fn execute<M: GuestMemoryBackend + ?Sized>(ctx: &DeviceCtx, mem: &M, req: &Reque
 }
 
 /// Byte offset of an IN/OUT request after the alignment and capacity checks.
-fn rw_offset(dev: &dyn BlockDevice, req: &Request) -> Result<u64, BlockError> {
+pub(crate) fn rw_offset(dev: &dyn BlockDevice, req: &Request) -> Result<u64, BlockError> {
     let capacity = dev.capacity();
     let offset = req
         .sector

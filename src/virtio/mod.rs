@@ -8,6 +8,8 @@
 mod config;
 mod consts;
 mod exec;
+mod inflight;
+mod queue;
 mod request;
 mod stats;
 mod throttle;
@@ -15,6 +17,8 @@ mod throttle;
 pub use config::{BlkConfig, CONFIG_SPACE_SIZE};
 pub use consts::*;
 pub use exec::{process_chain, DeviceCtx};
+pub use inflight::{InflightError, InflightTable, Slot};
+pub use queue::QueueExec;
 pub use request::{parse_chain, ParseError, Request, RequestType, Segment};
 pub use stats::{Histogram, QueueSnapshot, QueueStats, LATENCY_BOUNDS_US};
 

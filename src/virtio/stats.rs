@@ -26,6 +26,7 @@ pub struct QueueStats {
     bytes_read: AtomicU64,
     bytes_written: AtomicU64,
     errors: AtomicU64,
+    in_flight: AtomicU64,
     bins: [AtomicU64; BINS],
 }
 
@@ -68,6 +69,11 @@ impl QueueStats {
         add(&self.bins[bin_of(latency)], 1);
     }
 
+    /// Set the gauge of requests in flight (taken from the ring, not completed).
+    pub fn set_in_flight(&self, n: u64) {
+        self.in_flight.store(n, Relaxed);
+    }
+
     /// The counters now (each read on its own: a snapshot taken under load may be off by the
     /// requests finishing meanwhile).
     pub fn snapshot(&self, queue: u16) -> QueueSnapshot {
@@ -95,6 +101,7 @@ impl QueueStats {
             bytes_read: g(&self.bytes_read),
             bytes_written: g(&self.bytes_written),
             errors: g(&self.errors),
+            in_flight: g(&self.in_flight),
             latency_histogram: Histogram {
                 boundaries_us: (0..LATENCY_BOUNDS_US).map(|i| 1u64 << i).collect(),
                 bins: self.bins.iter().map(g).collect(),
@@ -128,6 +135,8 @@ pub struct QueueSnapshot {
     pub bytes_read: u64,
     pub bytes_written: u64,
     pub errors: u64,
+    /// Requests in flight at the moment of the snapshot (a gauge, not a counter).
+    pub in_flight: u64,
     pub latency_histogram: Histogram,
 }
 
@@ -144,6 +153,7 @@ impl QueueSnapshot {
         self.bytes_read += o.bytes_read;
         self.bytes_written += o.bytes_written;
         self.errors += o.errors;
+        self.in_flight += o.in_flight;
         let h = &mut self.latency_histogram;
         if h.boundaries_us.is_empty() {
             h.boundaries_us = o.latency_histogram.boundaries_us.clone();

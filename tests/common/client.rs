@@ -114,6 +114,14 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// Flags `./run test` adds to every daemon the tests start, for a second pass in other modes
+/// (e.g. "--aio threads --cache none"); a test's own flags come after and win.
+pub fn env_serve_args() -> Vec<String> {
+    std::env::var("VUQ_TEST_SERVE_ARGS")
+        .map(|v| v.split_whitespace().map(String::from).collect())
+        .unwrap_or_default()
+}
+
 pub fn spawn_binary(image: &Path, socket: &Path, extra: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_vhost-user-qcow2"))
         .arg("serve")
@@ -121,6 +129,7 @@ pub fn spawn_binary(image: &Path, socket: &Path, extra: &[&str]) -> Child {
         .arg(image)
         .arg("--socket")
         .arg(socket)
+        .args(env_serve_args())
         .args(extra)
         // The tests read the log at info level, and only at exit: more (RUST_LOG=debug from
         // the caller's environment) could fill the pipe and stall the daemon.

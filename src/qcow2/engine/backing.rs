@@ -20,7 +20,13 @@ pub fn resolve(name: &str, image_dir: Option<&Path>) -> PathBuf {
 }
 
 /// Open a backing file read-only; `format` from the header extension, else probed.
-pub(crate) fn open(path: &Path, format: Option<&str>, depth: u32) -> Result<Arc<dyn BlockDevice>> {
+/// `direct`: with O_DIRECT, as the image itself.
+pub(crate) fn open(
+    path: &Path,
+    format: Option<&str>,
+    depth: u32,
+    direct: bool,
+) -> Result<Arc<dyn BlockDevice>> {
     let wrap = |e: Qcow2Error| Qcow2Error::Backing {
         path: path.display().to_string(),
         source: Box::new(e),
@@ -30,8 +36,11 @@ pub(crate) fn open(path: &Path, format: Option<&str>, depth: u32) -> Result<Arc<
             "backing chain longer than {MAX_CHAIN} (or a loop)"
         ))));
     }
-    let file = std::fs::File::open(path).map_err(|e| wrap(e.into()))?;
-    let storage = FileStorage::new(file);
+    let storage = if direct {
+        FileStorage::open_direct(path, false).map_err(|e| wrap(e.into()))?
+    } else {
+        FileStorage::new(std::fs::File::open(path).map_err(|e| wrap(e.into()))?)
+    };
     let mut magic = [0u8; 4];
     storage.read_at(&mut magic, 0).map_err(|e| wrap(e.into()))?;
     let is_qcow2 = match format {
@@ -48,7 +57,10 @@ pub(crate) fn open(path: &Path, format: Option<&str>, depth: u32) -> Result<Arc<
         let dir = path.parent().map(Path::to_path_buf);
         let img = Qcow2::open_storage(
             Arc::new(storage),
-            &OpenOptions::read_only(true),
+            &OpenOptions {
+                direct,
+                ..OpenOptions::read_only(true)
+            },
             dir.as_deref(),
             depth + 1,
         )

@@ -7,7 +7,7 @@ use super::group;
 use super::meta::{EngineStats, Geometry};
 use super::overlap::OverlapMode;
 use super::state::State;
-use crate::block::{BlockDevice, BlockError};
+use crate::block::{BlockDevice, BlockError, DirectPlan, Direction};
 use crate::qcow2::error::{Qcow2Error, Result};
 use crate::qcow2::format::dedup::DedupMode;
 use crate::qcow2::format::Header;
@@ -39,6 +39,9 @@ pub struct OpenOptions {
     /// With dedup: most RAM for cached index clusters (the persistent per-cluster records).
     /// Default (None): `DEFAULT_RECORD_CACHE_BYTES`.
     pub dedup_cache_bytes: Option<u64>,
+    /// Open the image (and its backing files) with O_DIRECT, bypassing the host page cache
+    /// (`serve --cache none|directsync`).
+    pub direct: bool,
 }
 
 impl OpenOptions {
@@ -283,5 +286,16 @@ impl BlockDevice for Qcow2 {
     }
     fn close(&self) -> std::result::Result<(), BlockError> {
         Ok(Qcow2::close(self)?)
+    }
+    fn plan_direct(
+        &self,
+        dir: Direction,
+        offset: u64,
+        len: u64,
+    ) -> std::result::Result<Option<DirectPlan>, BlockError> {
+        Ok(self.plan_direct_io(dir, offset, len)?)
+    }
+    fn end_direct(&self, seq: u64, dir: Direction, ok: bool) {
+        self.end_direct_io(seq, dir, ok)
     }
 }

@@ -12,7 +12,7 @@ use std::io::{IoSlice, IoSliceMut};
 
 /// Where a piece of a read comes from.
 #[derive(Clone, Copy, Debug)]
-enum Src {
+pub(super) enum Src {
     Data(u64),
     Zero,
     Backing(u64),
@@ -104,41 +104,10 @@ impl Qcow2 {
         if len == 0 {
             return Ok(());
         }
-        let cb = self.g.cluster_bits;
-        let mut segs: Vec<(usize, usize, Src)> = Vec::new();
-        let io = {
+        let (segs, io) = {
             let mut m = self.lock();
-            let s = self.storage.as_ref();
-            for iov::Chunk {
-                gc,
-                in_off,
-                n,
-                buf_off,
-            } in iov::chunks(offset, len, cb)
-            {
-                let pos = offset + buf_off as u64;
-                let src = match m.entry(s, gc)? {
-                    L2Entry::Normal { host, .. } => Src::Data(host.0 + in_off),
-                    L2Entry::Zero { .. } => Src::Zero,
-                    L2Entry::Unallocated if self.backing.is_some() => Src::Backing(pos),
-                    L2Entry::Unallocated => Src::Zero,
-                    L2Entry::Compressed { host, size } => Src::Compressed { host, size, in_off },
-                    L2Entry::Invalid(raw) => {
-                        return Err(Qcow2Error::corrupt(format!("invalid L2 entry {raw:#x}")))
-                    }
-                };
-                match (segs.last_mut(), src) {
-                    (Some((_, l, Src::Data(h))), Src::Data(h2)) if *h + *l as u64 == h2 => {
-                        *l += n as usize
-                    }
-                    (Some((_, l, Src::Zero)), Src::Zero) => *l += n as usize,
-                    (Some((_, l, Src::Backing(g))), Src::Backing(g2)) if *g + *l as u64 == g2 => {
-                        *l += n as usize
-                    }
-                    _ => segs.push((buf_off, n as usize, src)),
-                }
-            }
-            self.begin_io(&mut m)
+            let segs = self.map_read(&mut m, offset, len)?;
+            (segs, self.begin_io(&mut m))
         };
         let r = self.read_segments(bufs, &segs);
         let mut m = self.lock();
@@ -147,6 +116,49 @@ impl Qcow2 {
             self.cond.notify_all();
         }
         r
+    }
+
+    /// Where each piece of the guest range `offset..offset+len` comes from, host-contiguous
+    /// pieces merged: (offset in the caller's buffers, length, source).
+    pub(super) fn map_read(
+        &self,
+        m: &mut Meta,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<(usize, usize, Src)>> {
+        let cb = self.g.cluster_bits;
+        let s = self.storage.as_ref();
+        let mut segs: Vec<(usize, usize, Src)> = Vec::new();
+        for iov::Chunk {
+            gc,
+            in_off,
+            n,
+            buf_off,
+        } in iov::chunks(offset, len, cb)
+        {
+            let pos = offset + buf_off as u64;
+            let src = match m.entry(s, gc)? {
+                L2Entry::Normal { host, .. } => Src::Data(host.0 + in_off),
+                L2Entry::Zero { .. } => Src::Zero,
+                L2Entry::Unallocated if self.backing.is_some() => Src::Backing(pos),
+                L2Entry::Unallocated => Src::Zero,
+                L2Entry::Compressed { host, size } => Src::Compressed { host, size, in_off },
+                L2Entry::Invalid(raw) => {
+                    return Err(Qcow2Error::corrupt(format!("invalid L2 entry {raw:#x}")))
+                }
+            };
+            match (segs.last_mut(), src) {
+                (Some((_, l, Src::Data(h))), Src::Data(h2)) if *h + *l as u64 == h2 => {
+                    *l += n as usize
+                }
+                (Some((_, l, Src::Zero)), Src::Zero) => *l += n as usize,
+                (Some((_, l, Src::Backing(g))), Src::Backing(g2)) if *g + *l as u64 == g2 => {
+                    *l += n as usize
+                }
+                _ => segs.push((buf_off, n as usize, src)),
+            }
+        }
+        Ok(segs)
     }
 
     fn read_segments(

@@ -10,6 +10,7 @@ mod backing;
 mod clustermap;
 mod compress;
 pub mod dedup;
+mod direct;
 mod group;
 mod guard;
 mod image;

@@ -30,12 +30,17 @@ impl Qcow2 {
 
     /// Open the image file at `path` with options.
     pub fn open_with(path: &Path, opts: &OpenOptions) -> Result<Qcow2> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(!opts.read_only)
-            .open(path)?;
+        let storage = if opts.direct {
+            FileStorage::open_direct(path, !opts.read_only)?
+        } else {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(!opts.read_only)
+                .open(path)?;
+            FileStorage::new(file)
+        };
         let dir = path.parent().map(Path::to_path_buf);
-        Self::open_storage(Arc::new(FileStorage::new(file)), opts, dir.as_deref(), 0)
+        Self::open_storage(Arc::new(storage), opts, dir.as_deref(), 0)
     }
 
     /// Open an image on any storage. Relative backing names resolve against `dir`.
@@ -86,7 +91,12 @@ impl Qcow2 {
         let backing = match &h.backing_file {
             Some(name) if !name.is_empty() => {
                 let path = backing::resolve(name, dir);
-                Some(backing::open(&path, h.backing_format().as_deref(), depth)?)
+                Some(backing::open(
+                    &path,
+                    h.backing_format().as_deref(),
+                    depth,
+                    opts.direct,
+                )?)
             }
             _ => None,
         };
