@@ -253,3 +253,83 @@ fn qcow2_at_depth_in_every_aio_and_cache_mode() {
         common::assert_check_clean(&img);
     }
 }
+
+/// Dedup with many writes in flight on one queue: each round writes every cluster with the
+/// content its neighbour had in the previous round (so every write finds a candidate to link
+/// to) while that neighbour is being rewritten, twice per cluster (two in-flight writes of one
+/// cluster, same bytes). Every cluster must read back what was written to it: a link to a
+/// candidate whose bytes changed meanwhile (a false dedup) would show the neighbour's new data.
+#[test]
+fn dedup_with_many_writes_in_flight_on_one_queue() {
+    for mode in ["inline", "background"] {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("d.qcow2");
+        common::new_dedup_image_with(&img, 16 << 20, 12);
+        let sock = dir.path().join("s.sock");
+        let mut child = spawn_binary(&img, &sock, &["--dedup", mode]);
+        wait_for(&sock);
+        let mut c = connect_or_fail(&mut child, &sock, 1);
+        const N: usize = DEPTH / 2;
+        let bs = 4096;
+        // What each cluster holds now.
+        let mut held: Vec<Vec<u8>> = (0..N).map(|k| pattern(k as u64, bs)).collect();
+        for round in 0..60u64 {
+            // Cluster k takes what cluster k+1 holds (a duplicate: dedup links it), except
+            // every other cluster in odd rounds, whose first sector gets new bytes: a partial
+            // write, in place into its cluster while the old bytes there are the candidate
+            // its neighbour links to.
+            let partial = |k: usize| round % 2 == 1 && k % 2 == 0;
+            let next: Vec<Vec<u8>> = (0..N)
+                .map(|k| {
+                    if partial(k) {
+                        let mut d = held[k].clone();
+                        d[..512].copy_from_slice(&pattern(1000 + round * 64 + k as u64, 512));
+                        d
+                    } else {
+                        held[(k + 1) % N].clone()
+                    }
+                })
+                .collect();
+            for (k, data) in next.iter().enumerate() {
+                for dup in 0..2 {
+                    c.buf((2 * k + dup) * bs, bs).copy_from_slice(data);
+                }
+            }
+            for k in 0..N {
+                let len = if partial(k) { 512 } else { bs };
+                for dup in 0..2 {
+                    let p = c.ptr((2 * k + dup) * bs);
+                    c.queues[0].write((k * bs) as u64, p, len, 2 * k + dup, ReqFlags::empty());
+                }
+            }
+            for (_, ret) in c.reap(0, 2 * N) {
+                assert_eq!(ret, 0, "{mode}: round {round}: write failed");
+            }
+            held = next;
+            c.buf(0, N * bs).fill(0);
+            for k in 0..N {
+                let p = c.ptr(k * bs);
+                c.queues[0].read((k * bs) as u64, p, bs, k, ReqFlags::empty());
+            }
+            for (_, ret) in c.reap(0, N) {
+                assert_eq!(ret, 0, "{mode}: round {round}: read failed");
+            }
+            for (k, want) in held.iter().enumerate() {
+                assert!(
+                    c.buf(k * bs, bs) == want.as_slice(),
+                    "{mode}: round {round}: cluster {k} does not hold what was written to it"
+                );
+            }
+        }
+        drop(c);
+        // SAFETY (test): signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let st = wait_exit(&mut child, Duration::from_secs(30));
+        assert!(
+            st.success(),
+            "{mode}: exit {st:?}: {}",
+            stderr_of(&mut child)
+        );
+        common::assert_check_clean(&img);
+    }
+}
