@@ -278,7 +278,7 @@ fn dedup_with_many_writes_in_flight_on_one_queue() {
             // every other cluster in odd rounds, whose first sector gets new bytes: a partial
             // write, in place into its cluster while the old bytes there are the candidate
             // its neighbour links to.
-            let partial = |k: usize| round % 2 == 1 && k % 2 == 0;
+            let partial = |k: usize| round % 2 == 1 && k.is_multiple_of(2);
             let next: Vec<Vec<u8>> = (0..N)
                 .map(|k| {
                     if partial(k) {
