@@ -198,6 +198,16 @@ define_rows() {
             "--workload seqwrite --bs 1M --iodepth 8 --no-repeat --runtime {runtime}"
     done
     [ "$COLD" = 1 ] && define_cold_rows
+    # Latency under interference (issue 16): 4 KiB random reads at QD1 on one queue, alone and
+    # while a second queue writes and discards 8 MiB ranges and the lazy-refcount timer fires
+    # every second; compare the p99 of the two rows.
+    local half lazy=("ours=ours:--lazy-refcounts on --refcount-flush-interval 1"
+        "none=ours:--cache none --lazy-refcounts on --refcount-flush-interval 1")
+    half=$(($(numfmt --from=iec "$FILL_SIZE") / 2))
+    row "lat 4k randread QD1 alone" filled:lazy_refcounts=on 1 nopin \
+        "--workload randread --bs 4k --iodepth 1 --size $half --runtime {runtime}" "${lazy[@]}"
+    row "lat 4k randread QD1 + discards, lazy timer" filled:lazy_refcounts=on 2 nopin \
+        "--workload randread --bs 4k --iodepth 1 --interfere --runtime {runtime}" "${lazy[@]}"
     # Lazy refcounts (issue 4): allocating 4 KiB writes, each followed by a FLUSH.
     local d
     for d in 1 8; do

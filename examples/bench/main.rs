@@ -108,6 +108,11 @@ struct Cli {
     /// PRNG seed (default: from the clock).
     #[arg(long)]
     seed: Option<u64>,
+    /// Use the last queue to disturb the others instead of measuring it: it writes its slice
+    /// in 1 MiB requests and discards it again in 8 MiB ranges, over and over (only the other
+    /// queues' requests are counted).
+    #[arg(long)]
+    interfere: bool,
     /// Instead of running a load: print the Markdown table for a results file of scripts/bench.sh.
     #[arg(long, conflicts_with = "socket")]
     report: Option<PathBuf>,
@@ -258,6 +263,9 @@ fn run_queue(
     start: &Barrier,
 ) -> Result<QueueResult> {
     let cli = &plan.cli;
+    if cli.interfere && queue + 1 == cli.num_queues {
+        return interfere(q, bufs, queue, plan, start);
+    }
     let qd = cli.iodepth;
     let bs = cli.bs as usize;
     let write = cli.workload.is_write();
@@ -363,6 +371,63 @@ fn run_queue(
     Ok(res)
 }
 
+/// The `--interfere` queue: write 8 MiB of its slice (1 MiB requests), discard it, next 8 MiB,
+/// until the deadline. Its requests are not counted.
+fn interfere(
+    mut q: Blkioq,
+    bufs: &mut [u8],
+    queue: usize,
+    plan: &Plan,
+    start: &Barrier,
+) -> Result<QueueResult> {
+    const CHUNK: u64 = 8 << 20;
+    const WRITE: usize = 1 << 20;
+    let base = plan.cli.offset + queue as u64 * plan.slice_len;
+    let chunks = plan.slice_len / CHUNK;
+    if chunks == 0 || bufs.len() < WRITE {
+        bail!("--interfere needs a slice of 8 MiB and --bs 1M or buffers as large");
+    }
+    let buf = &mut bufs[..WRITE];
+    buf.fill(0x5a);
+    let mut comps: Vec<MaybeUninit<Completion>> = vec![MaybeUninit::uninit()];
+    let mut one = |q: &mut Blkioq| -> Result<()> {
+        let n = q
+            .do_io(&mut comps, 1, None, None)
+            .map_err(|e| anyhow::anyhow!("interfere: do_io: {e}"))?;
+        if n == 1 {
+            // SAFETY: do_io initialised the first completion.
+            let c = unsafe { comps[0].assume_init_read() };
+            if c.ret < 0 {
+                bail!("interfere: {}", error_text(&c));
+            }
+        }
+        Ok(())
+    };
+    start.wait();
+    let t0 = Instant::now();
+    let mut k = 0u64;
+    while plan.deadline.is_none_or(|d| t0.elapsed() < d) {
+        let at = base + (k % chunks) * CHUNK;
+        for w in 0..CHUNK / WRITE as u64 {
+            q.write(
+                at + w * WRITE as u64,
+                buf.as_ptr(),
+                WRITE,
+                0,
+                ReqFlags::empty(),
+            );
+            one(&mut q)?;
+        }
+        q.discard(at, CHUNK, 0, ReqFlags::empty());
+        one(&mut q)?;
+        k += 1;
+    }
+    Ok(QueueResult {
+        elapsed: t0.elapsed(),
+        ..Default::default()
+    })
+}
+
 fn blk<T>(what: &str, r: blkio::Result<T>) -> Result<T> {
     r.map_err(|e| anyhow::anyhow!("{what}: {e} (errno {})", e.errno()))
 }
@@ -419,7 +484,9 @@ fn run_load(cli: Cli) -> Result<serde_json::Value> {
     }
 
     let align = blk("mem-region-alignment", b.get_u64("mem-region-alignment"))?.max(4096) as usize;
-    let buf_stride = (bs as usize).div_ceil(align) * align;
+    // The --interfere queue writes 1 MiB at a time.
+    let buf_bytes = if cli.interfere { bs.max(1 << 20) } else { bs };
+    let buf_stride = (buf_bytes as usize).div_ceil(align) * align;
     let region_len = buf_stride * cli.iodepth * nq;
     let region = blk("alloc_mem_region", b.alloc_mem_region(region_len))?;
     blk("map_mem_region", b.map_mem_region(&region))?;
