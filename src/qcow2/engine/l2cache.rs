@@ -1,43 +1,36 @@
 //! A bounded cache of L2 tables keyed by their host offset, least-recently-used eviction of
-//! clean tables. Dirty tables are written only by the metadata flush, which orders them.
+//! clean tables (the `lru` crate keeps the order: a lookup, an insert and the usual eviction
+//! are O(1)). Dirty tables are written only by the metadata flush, which orders them; a set of
+//! them makes "anything dirty?" and the flush's walk cost what is dirty, not the cache size.
 
-use super::clustermap::ClusterMap;
+use super::clustermap::{ClusterHash, ClusterSet};
 use crate::storage::Storage;
+use lru::LruCache;
 use std::io;
 
-struct Slot {
-    entries: Vec<u64>,
-    dirty: bool,
-    used: u64,
-}
-
 pub(crate) struct L2Cache {
-    map: ClusterMap<Slot>,
+    /// Tables by host offset, most recently used first.
+    map: LruCache<u64, Vec<u64>, ClusterHash>,
+    dirty: ClusterSet,
     cap: usize,
-    tick: u64,
 }
 
 impl L2Cache {
     pub(crate) fn new(cap: usize) -> Self {
         L2Cache {
-            map: ClusterMap::default(),
+            map: LruCache::unbounded_with_hasher(ClusterHash::default()),
+            dirty: ClusterSet::default(),
             cap: cap.max(4),
-            tick: 0,
         }
     }
 
     pub(crate) fn contains(&self, off: u64) -> bool {
-        self.map.contains_key(&off)
+        self.map.contains(&off)
     }
 
-    /// The table at `off`, if cached.
+    /// The table at `off`, if cached (it becomes the most recently used).
     pub(crate) fn get(&mut self, off: u64) -> Option<&mut Vec<u64>> {
-        self.tick += 1;
-        let t = self.tick;
-        self.map.get_mut(&off).map(|s| {
-            s.used = t;
-            &mut s.entries
-        })
+        self.map.get_mut(&off)
     }
 
     /// True when inserting would need an eviction.
@@ -45,17 +38,18 @@ impl L2Cache {
         self.map.len() >= self.cap
     }
 
-    /// Drop the least recently used clean table; false when every table is dirty.
+    /// Drop the least recently used clean table; false when every table is dirty. Walks from
+    /// the least recently used end past dirty tables only.
     pub(crate) fn evict_clean(&mut self) -> bool {
         let victim = self
             .map
             .iter()
-            .filter(|(_, s)| !s.dirty)
-            .min_by_key(|(_, s)| s.used)
-            .map(|(&k, _)| k);
+            .rev()
+            .map(|(&k, _)| k)
+            .find(|k| !self.dirty.contains(k));
         match victim {
             Some(k) => {
-                self.map.remove(&k);
+                self.map.pop(&k);
                 true
             }
             None => false,
@@ -63,25 +57,22 @@ impl L2Cache {
     }
 
     pub(crate) fn insert(&mut self, off: u64, entries: Vec<u64>, dirty: bool) {
-        self.tick += 1;
-        self.map.insert(
-            off,
-            Slot {
-                entries,
-                dirty,
-                used: self.tick,
-            },
-        );
+        self.map.put(off, entries);
+        if dirty {
+            self.dirty.insert(off);
+        } else {
+            self.dirty.remove(&off);
+        }
     }
 
     pub(crate) fn mark_dirty(&mut self, off: u64) {
-        if let Some(s) = self.map.get_mut(&off) {
-            s.dirty = true;
+        if self.map.contains(&off) {
+            self.dirty.insert(off);
         }
     }
 
     pub(crate) fn has_dirty(&self) -> bool {
-        self.map.values().any(|s| s.dirty)
+        !self.dirty.is_empty()
     }
 
     /// Write every dirty table (no sync), each after `guard` allows it.
@@ -90,12 +81,7 @@ impl L2Cache {
         s: &dyn Storage,
         guard: impl Fn(u64) -> Result<(), E>,
     ) -> Result<(), E> {
-        let keys: Vec<u64> = self
-            .map
-            .iter()
-            .filter(|(_, s)| s.dirty)
-            .map(|(&k, _)| k)
-            .collect();
+        let keys: Vec<u64> = self.dirty.iter().copied().collect();
         self.write_tables(s, keys, guard)
     }
 
@@ -108,13 +94,44 @@ impl L2Cache {
     ) -> Result<(), E> {
         keys.sort_unstable();
         for k in keys {
-            let Some(slot) = self.map.get_mut(&k).filter(|s| s.dirty) else {
+            if !self.dirty.contains(&k) {
+                continue;
+            }
+            // Written in place, without changing the recency order.
+            let Some(entries) = self.map.peek(&k) else {
+                self.dirty.remove(&k);
                 continue;
             };
             guard(k)?;
-            s.write_at(&crate::qcow2::format::encode_table(&slot.entries), k)?;
-            slot.dirty = false;
+            s.write_at(&crate::qcow2::format::encode_table(entries), k)?;
+            self.dirty.remove(&k);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn evicts_the_least_recently_used_clean_table() {
+        let mut c = L2Cache::new(4);
+        for off in [0u64, 1, 2, 3] {
+            c.insert(off << 16, vec![off], false);
+        }
+        assert!(c.full());
+        c.mark_dirty(0);
+        assert!(c.get(1 << 16).is_some()); // 1 is now the most recent
+        assert!(c.evict_clean()); // 0 is dirty: 2 goes
+        assert!(!c.contains(2 << 16));
+        assert!(c.contains(0) && c.contains(1 << 16) && c.contains(3 << 16));
+        c.mark_dirty(3 << 16);
+        c.mark_dirty(1 << 16);
+        assert!(!c.evict_clean(), "every table left is dirty");
+        let s = crate::storage::MemStorage::new();
+        c.write_dirty::<io::Error>(&s, |_| Ok(())).unwrap();
+        assert!(!c.has_dirty());
+        assert!(c.evict_clean());
     }
 }
