@@ -131,7 +131,7 @@ fn count(waiters: &mut usize, enter: bool) {
 const GROW_STEP: u64 = 4 << 20;
 
 /// How many unapplied frees make the engine flush on its own.
-const PENDING_FREE_LIMIT: usize = 4096;
+pub(crate) const PENDING_FREE_LIMIT: usize = 4096;
 
 impl Meta {
     pub(crate) fn new(
@@ -460,11 +460,18 @@ impl Meta {
             }
             _ => {}
         }
-        // (Frees waiting for old I/O are not counted: no flush can apply those.)
-        if self.pending_unlink.len() > PENDING_FREE_LIMIT {
+        // (Frees waiting for old I/O are not counted: no flush can apply those.) Discards
+        // flush at the limit between their batches, outside the lock (`zero_range`); this
+        // flush under the lock is the backstop for everything else.
+        if self.pending_unlink.len() > 4 * PENDING_FREE_LIMIT {
             self.flush(s)?;
         }
         Ok(())
+    }
+
+    /// Frees waiting for the next flush to make their unlink durable.
+    pub(crate) fn frees_pending(&self) -> usize {
+        self.pending_unlink.len()
     }
 
     /// Take `n` contiguous data clusters. Returns the first host offset, and whether they lie

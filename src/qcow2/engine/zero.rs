@@ -1,6 +1,7 @@
 //! Discard and write-zeroes: metadata-only for whole clusters, real zeros for the partial ends.
 
 use super::image::Qcow2;
+use super::meta::PENDING_FREE_LIMIT;
 use crate::qcow2::error::{Qcow2Error, Result};
 use crate::qcow2::format::L2Entry;
 use std::io::IoSlice;
@@ -58,6 +59,11 @@ impl Qcow2 {
             let n = (gc_end - gc).min(BATCH);
             self.zero_clusters(gc, gc + n, mode)?;
             gc += n;
+            // Many frees waiting: flush them now, between batches, where the group commit
+            // runs its last sync without the metadata lock (other queues go on meanwhile).
+            if self.lock().frees_pending() > PENDING_FREE_LIMIT {
+                self.flush_all()?;
+            }
         }
         Ok(())
     }
