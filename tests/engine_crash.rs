@@ -26,6 +26,8 @@ enum Op {
     Zero(u64, u64, bool),
     /// Background dedup: the worker's steps until nothing is pending.
     Settle,
+    /// The lazy-refcount timer (`flush_refcounts`): flushes, then writes refcounts.
+    Refcounts,
 }
 
 fn script() -> Vec<Op> {
@@ -37,7 +39,7 @@ fn script() -> Vec<Op> {
         Write(512, 1024, 3),         // in place
         Write(2 << 20, 64 << 10, 4), // new L2 range? (4 KiB clusters: 512 entries = 2 MiB per L2)
         Write(6 << 20, 8192, 5),
-        Flush,
+        Refcounts,
         Discard(1 << 20, 8192),
         Write(3 << 20, 4096, 6),
         Zero(2 << 20, 16 << 10, true),
@@ -49,6 +51,7 @@ fn script() -> Vec<Op> {
         Flush,
         Write(4096, 512, 10),
         Discard(7 << 20, 64 << 10),
+        Refcounts,
         Write((7 << 20) + 4096, 4096, 11),
         Flush,
         Write(100 << 10, 300 << 10, 12),
@@ -149,7 +152,7 @@ fn fill(model: &mut [u8], op: Op) {
             }
         }
         Op::Discard(o, l) | Op::Zero(o, l, _) => model[o as usize..(o + l) as usize].fill(0),
-        Op::Flush | Op::Settle => {}
+        Op::Flush | Op::Settle | Op::Refcounts => {}
     }
 }
 
@@ -164,6 +167,7 @@ fn apply(q: &Qcow2, model: &mut [u8], op: Op) -> Result<(), BlockError> {
         Op::Discard(o, l) => q.discard(o, l),
         Op::Zero(o, l, u) => q.write_zeroes(o, l, u),
         Op::Flush => q.flush(),
+        Op::Refcounts => q.flush_refcounts().map_err(BlockError::from),
         Op::Settle => {
             while q.dedup_step().map_err(BlockError::from)? {}
             Ok(())
@@ -195,7 +199,7 @@ fn run(storage: Arc<FaultStorage>, ops: &[Op], start: &[u8], mode: Mode) -> (Vec
         if r.is_err() {
             break;
         }
-        if let Op::Flush = op {
+        if let Op::Flush | Op::Refcounts = op {
             durable = model.clone();
             touched.fill(false);
         }

@@ -202,12 +202,46 @@ impl Qcow2 {
     }
 
     /// Write the refcount changes that lazy refcounts held back and clear the DIRTY bit. The
-    /// daemon calls this from its timer; close calls it too.
+    /// daemon calls this from its timer. Its syncs run without the metadata lock, so other
+    /// queues go on meanwhile:
+    /// 1. a flush (tables, data, frees) through the group commit;
+    /// 2. under the lock, the dirty refcount blocks are written and the count of table writes
+    ///    is noted;
+    /// 3. sync, without the lock;
+    /// 4. under the lock, DIRTY is cleared (written, synced without the lock) only if no flush
+    ///    wrote table entries since 2: then every entry in the file has its refcount in the
+    ///    file. Otherwise the next tick tries again. A flush that later writes tables ahead of
+    ///    their refcounts sets DIRTY first, as always.
     pub fn flush_refcounts(&self) -> Result<()> {
         if self.read_only {
             return Ok(());
         }
-        self.lock().write_refcounts(self.storage.as_ref())
+        let s = self.storage.as_ref();
+        self.flush_all()?;
+        let seen = {
+            let mut m = self.lock();
+            if m.is_corrupt() {
+                return Ok(());
+            }
+            if m.copied_window_open() {
+                // A COPIED change came in since: the locked path closes its window.
+                return self.note_error(m.write_refcounts(s));
+            }
+            m.write_dirty_refcounts(s)?;
+            m.tables_written()
+        };
+        s.flush()?;
+        let cleared = {
+            let mut m = self.lock();
+            if m.tables_written() != seen || m.copied_window_open() {
+                return Ok(());
+            }
+            m.clear_dirty_unsynced(s)?
+        };
+        if cleared {
+            s.flush()?;
+        }
+        Ok(())
     }
 
     /// True when lazy refcounts are in use.

@@ -94,6 +94,8 @@ pub(crate) struct Meta {
     /// cleared it, or a survivor got it back): the next flush writes refcounts and tables
     /// inside a DIRTY window, since no order of those two writes is consistent on its own.
     copied_window: bool,
+    /// Flushes that wrote L2 or L1 entries to the file so far (see `Qcow2::flush_refcounts`).
+    tables_written: u64,
     /// A cluster was linked since the last sync whose data must reach the disk before its L2
     /// entry (it had bytes to copy, or it was not fresh past the end of the file).
     data_before_l2: bool,
@@ -165,6 +167,7 @@ impl Meta {
             pinned: ClusterMap::default(),
             sharing: Sharing::default(),
             copied_window: false,
+            tables_written: 0,
             incompatible: 0,
             data_before_l2: false,
             changes: 0,
@@ -571,6 +574,7 @@ impl Meta {
                 s.flush()?;
             }
             self.data_before_l2 = false;
+            self.tables_written += 1;
             if l2_dirty {
                 let (rc, cs) = (&self.rc, self.g.cluster_size());
                 self.l2
@@ -696,6 +700,34 @@ impl Meta {
         if self.g.version >= 3 && self.incompatible & INCOMPAT_CORRUPT == 0 {
             self.set_incompatible(s, self.incompatible | INCOMPAT_CORRUPT)?;
         }
+        Ok(true)
+    }
+
+    /// The count of flushes that wrote table entries to the file.
+    pub(crate) fn tables_written(&self) -> u64 {
+        self.tables_written
+    }
+
+    /// True while a COPIED change waits for the flush that closes its DIRTY window.
+    pub(crate) fn copied_window_open(&self) -> bool {
+        self.copied_window
+    }
+
+    /// Write the refcount blocks changed in memory (no sync).
+    pub(crate) fn write_dirty_refcounts(&mut self, s: &dyn Storage) -> Result<()> {
+        self.rc.write_dirty(s)
+    }
+
+    /// Clear the DIRTY bit in the header without a sync (the caller syncs, outside the lock).
+    /// Only when every table entry in the file has its refcount in the file: see
+    /// `Qcow2::flush_refcounts`.
+    pub(crate) fn clear_dirty_unsynced(&mut self, s: &dyn Storage) -> Result<bool> {
+        if self.corrupt || self.incompatible & INCOMPAT_DIRTY == 0 {
+            return Ok(false);
+        }
+        let bits = self.incompatible & !INCOMPAT_DIRTY;
+        s.write_at(&bits.to_be_bytes(), OFF_INCOMPATIBLE)?;
+        self.incompatible = bits;
         Ok(true)
     }
 
