@@ -65,8 +65,32 @@ fn pool_threads() -> usize {
         .unwrap_or(vhost_user_qcow2::vhost::DEFAULT_POOL_THREADS)
 }
 
+/// `query-stats` on the control socket at `path`: the `in-flight` gauge of queue 0.
+fn in_flight_of_queue0(path: &Path) -> u64 {
+    use std::io::{BufRead, BufReader, Write};
+    let s = std::os::unix::net::UnixStream::connect(path).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut w = s;
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap(); // greeting
+    let mut call = |cmd: &str| -> serde_json::Value {
+        writeln!(w, "{{\"execute\": \"{cmd}\"}}").unwrap();
+        loop {
+            let mut l = String::new();
+            r.read_line(&mut l).unwrap();
+            let v: serde_json::Value = serde_json::from_str(&l).unwrap();
+            if v.get("return").is_some() || v.get("error").is_some() {
+                return v;
+            }
+        }
+    };
+    call("qmp_capabilities");
+    let v = call("query-stats");
+    v["return"]["queues"][0]["in-flight"].as_u64().unwrap()
+}
+
 /// A read that waits does not hold back the next one on the same queue: the second completes
-/// first, while the first is still in flight.
+/// first, while the first is still in flight (and `query-stats` counts it in flight).
 #[test]
 fn a_slow_request_does_not_hold_back_the_next_one() {
     for aio in [AioMode::IoUring, AioMode::Threads] {
@@ -74,6 +98,8 @@ fn a_slow_request_does_not_hold_back_the_next_one() {
         let socket = dir.path().join("a.sock");
         let stop = StopHandle::new().unwrap();
         let mut cfg = ServeConfig::new(&socket);
+        let control = dir.path().join("c.sock");
+        cfg.control = Some(control.clone());
         cfg.stop = Some(stop.clone());
         cfg.aio = aio;
         cfg.pool_threads = pool_threads();
@@ -100,8 +126,10 @@ fn a_slow_request_does_not_hold_back_the_next_one() {
             "{aio:?}: took {:?}",
             t0.elapsed()
         );
+        assert_eq!(in_flight_of_queue0(&control), 1, "{aio:?}: the gauge");
         dev.open.store(true, Ordering::SeqCst);
         assert_eq!(c.reap(0, 1), vec![(1, 0)]);
+        assert_eq!(in_flight_of_queue0(&control), 0, "{aio:?}: the gauge after");
         drop(c);
         stop.stop();
         server.join().unwrap().unwrap();
