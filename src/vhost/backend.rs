@@ -123,22 +123,7 @@ impl BlkBackend {
         if done.is_empty() {
             return Ok(());
         }
-        let mut state = vring.get_mut();
-        let mut failed = None;
-        for (head, used) in done {
-            if let Err(e) = state.add_used(head, used) {
-                failed.get_or_insert(format!("cannot complete request {head}: {e}"));
-            }
-        }
-        if state.needs_notification().unwrap_or(true) {
-            if let Err(e) = state.signal_used_queue() {
-                failed.get_or_insert(format!("cannot signal the guest: {e}"));
-            }
-        }
-        match failed {
-            Some(what) => Err(io::Error::other(format!("queue {queue}: {what}"))),
-            None => Ok(()),
-        }
+        publish(&mut vring.get_mut(), queue, done, None)
     }
 
     /// Serve every available chain of one queue; with EVENT_IDX, loop until no new chain
@@ -217,21 +202,32 @@ impl BlkBackend {
         let mut done = Vec::new();
         exec.reap(&mut done);
         drop(exec);
-        for (head, used) in done {
-            if let Err(e) = state.add_used(head, used) {
-                failed.get_or_insert(format!("cannot complete request {head}: {e}"));
-            }
+        publish(&mut state, queue, done, failed)
+    }
+}
+
+/// Put the finished requests `done` in the used ring and signal the guest if it wants to
+/// know (when unsure, signal: a spurious interrupt is harmless). `failed`: what already went
+/// wrong in this pass; the first failure is the error returned.
+fn publish(
+    state: &mut vhost_user_backend::VringState<GuestMem>,
+    queue: usize,
+    done: Vec<(u16, u32)>,
+    mut failed: Option<String>,
+) -> io::Result<()> {
+    for (head, used) in done {
+        if let Err(e) = state.add_used(head, used) {
+            failed.get_or_insert(format!("cannot complete request {head}: {e}"));
         }
-        // When unsure whether the guest wants an interrupt, send one: a spurious one is harmless.
-        if state.needs_notification().unwrap_or(true) {
-            if let Err(e) = state.signal_used_queue() {
-                failed.get_or_insert(format!("cannot signal the guest: {e}"));
-            }
+    }
+    if state.needs_notification().unwrap_or(true) {
+        if let Err(e) = state.signal_used_queue() {
+            failed.get_or_insert(format!("cannot signal the guest: {e}"));
         }
-        match failed {
-            Some(what) => Err(io::Error::other(format!("queue {queue}: {what}"))),
-            None => Ok(()),
-        }
+    }
+    match failed {
+        Some(what) => Err(io::Error::other(format!("queue {queue}: {what}"))),
+        None => Ok(()),
     }
 }
 
