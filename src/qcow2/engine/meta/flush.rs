@@ -1,0 +1,252 @@
+//! The metadata flush: tables, refcounts and the header written in crash-safe order
+//! (docs/design.md, "Write ordering"), the DIRTY protocol of lazy refcounts and of COPIED
+//! windows, and the corrupt bit. A child of `meta` so that it works on the core's own fields.
+
+use super::Meta;
+use crate::qcow2::engine::overlap::kind;
+use crate::qcow2::error::Result;
+use crate::qcow2::format::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY, OFF_INCOMPATIBLE};
+use crate::qcow2::format::L2Entry;
+use crate::storage::Storage;
+
+/// What `flush_begin` hands to `flush_end`, across the sync that may run without the lock.
+pub(crate) struct FlushTicket {
+    /// Frees whose unlink the sync makes durable.
+    unlink: Vec<u64>,
+    /// A COPIED window: DIRTY is cleared after the sync (the sync runs under the lock).
+    fixup: bool,
+    corrupt: bool,
+}
+
+impl FlushTicket {
+    /// True when the sync must run with the lock held (a COPIED window clears DIRTY after it).
+    pub(crate) fn keep_lock(&self) -> bool {
+        self.fixup
+    }
+}
+
+impl Meta {
+    /// Make every metadata change durable, in crash-safe order, then apply waiting frees.
+    pub(crate) fn flush(&mut self, s: &dyn Storage) -> Result<()> {
+        let t = self.flush_begin(s)?;
+        let r = s.flush();
+        self.flush_end(s, t, r)
+    }
+
+    /// Everything of `flush` up to its last sync: metadata written in order (with the syncs
+    /// between the steps). The caller runs the last sync, with or without the lock (see
+    /// `FlushTicket::keep_lock`), then `flush_end`. Writes linked while the sync runs without
+    /// the lock are in dirty tables, written by the next flush.
+    pub(crate) fn flush_begin(&mut self, s: &dyn Storage) -> Result<FlushTicket> {
+        self.stats.metadata_flushes += 1;
+        if self.corrupt {
+            // Nothing more is written into a corrupt image's metadata.
+            return Ok(FlushTicket {
+                unlink: Vec::new(),
+                fixup: false,
+                corrupt: true,
+            });
+        }
+        let l2_dirty = self.l2.has_dirty();
+        let l1_dirty = !self.l1_dirty.is_empty();
+        let mut sync_first = self.data_before_l2;
+        let fixup = self.copied_window;
+        if fixup && self.incompatible & INCOMPAT_DIRTY == 0 {
+            self.set_incompatible(s, self.incompatible | INCOMPAT_DIRTY)?;
+        }
+        if self.rc.has_dirty() {
+            if !self.lazy {
+                self.rc.write_dirty(s)?;
+                sync_first = true;
+            } else if (l2_dirty || l1_dirty) && self.incompatible & INCOMPAT_DIRTY == 0 {
+                // Tables are about to reach the disk ahead of their refcounts: mark the image
+                // dirty first, durably.
+                self.set_incompatible(s, self.incompatible | INCOMPAT_DIRTY)?;
+            }
+        }
+        if l2_dirty || l1_dirty {
+            // Data and refcounts reach the disk before the tables that point at them. With lazy
+            // refcounts and only fresh, zero-padded clusters linked, a lost data write reads as
+            // the zeros the guest saw before, so the sync is not needed.
+            if sync_first {
+                s.flush()?;
+            }
+            self.data_before_l2 = false;
+            self.tables_written += 1;
+            if l2_dirty {
+                let (rc, cs) = (&self.rc, self.g.cluster_size());
+                self.l2
+                    .write_dirty(s, |off| rc.guard(off, cs, kind::ACTIVE_L2))?;
+            }
+            if l1_dirty {
+                if l2_dirty {
+                    s.flush()?;
+                }
+                let idx: Vec<usize> = std::mem::take(&mut self.l1_dirty).into_iter().collect();
+                for (n, &i) in idx.iter().enumerate() {
+                    let off = self.l1_offset + i as u64 * 8;
+                    let r = self
+                        .rc
+                        .guard(off, 8, kind::ACTIVE_L1)
+                        .and_then(|_| Ok(s.write_at(&self.l1[i].to_be_bytes(), off)?));
+                    if let Err(e) = r {
+                        // This entry and every one after it are still to be written.
+                        self.l1_dirty.extend(&idx[n..]);
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        // Only the frees unlinked by what was written above: the sync covers those.
+        Ok(FlushTicket {
+            unlink: std::mem::take(&mut self.pending_unlink),
+            fixup,
+            corrupt: false,
+        })
+    }
+
+    /// The rest of `flush` once its last sync returned `synced`: clear DIRTY after a COPIED
+    /// window, start the frees made durable, apply those no I/O can still touch.
+    pub(crate) fn flush_end(
+        &mut self,
+        s: &dyn Storage,
+        t: FlushTicket,
+        synced: std::io::Result<()>,
+    ) -> Result<()> {
+        let corrupt = t.corrupt;
+        self.finish_flush(s, t, synced)?;
+        if corrupt {
+            return Ok(());
+        }
+        // Decrements stay in memory until the next flush: a crash before then only leaks.
+        self.apply_frees(s)
+    }
+
+    /// `flush_end` without applying the frees (they stay queued with their I/O numbers).
+    pub(super) fn finish_flush(
+        &mut self,
+        s: &dyn Storage,
+        t: FlushTicket,
+        synced: std::io::Result<()>,
+    ) -> Result<()> {
+        if let Err(e) = synced {
+            self.pending_unlink.extend(t.unlink);
+            return Err(e.into());
+        }
+        if t.corrupt {
+            return Ok(());
+        }
+        // Taken after the sync: every I/O planned before the unlink has a smaller number.
+        let seq = self.io_seq;
+        for c in t.unlink {
+            self.pending_io.push((seq, c));
+        }
+        if t.fixup {
+            self.copied_window = false;
+            if !self.lazy {
+                self.set_incompatible(s, self.incompatible & !INCOMPAT_DIRTY)?;
+            }
+        }
+        self.file_len = s.len()?;
+        Ok(())
+    }
+
+    /// Rewrite the incompatible feature bits in the header (synced).
+    fn set_incompatible(&mut self, s: &dyn Storage, bits: u64) -> Result<()> {
+        s.write_at(&bits.to_be_bytes(), OFF_INCOMPATIBLE)?;
+        s.flush()?;
+        self.incompatible = bits;
+        Ok(())
+    }
+
+    /// Set or clear COPIED on guest cluster `gc` if it still points at host cluster `hc`.
+    pub(crate) fn set_copied(
+        &mut self,
+        s: &dyn Storage,
+        gc: u64,
+        hc: u64,
+        copied: bool,
+    ) -> Result<()> {
+        let cs = self.g.cluster_size();
+        if let L2Entry::Normal { host, copied: c } = self.entry(s, gc)? {
+            if host.0 / cs == hc && c != copied {
+                self.set_entry(s, gc, L2Entry::Normal { host, copied })?;
+                // The refcount moves with the flag (a link to it, or the last other reference
+                // gone): the flush that writes both does it inside a DIRTY window.
+                self.copied_window = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sequence number of the oldest data I/O still in flight.
+    pub(crate) fn oldest_io(&self) -> u64 {
+        self.inflight_io.keys().next().copied().unwrap_or(u64::MAX)
+    }
+
+    /// The sequence number the next I/O will get.
+    pub(crate) fn next_io(&self) -> u64 {
+        self.io_seq
+    }
+
+    /// Set the CORRUPT bit (synced) after an overlap check fired; later writes are refused.
+    /// Returns false when the image was marked already.
+    pub(crate) fn mark_corrupt(&mut self, s: &dyn Storage) -> Result<bool> {
+        if std::mem::replace(&mut self.corrupt, true) {
+            return Ok(false);
+        }
+        if self.g.version >= 3 && self.incompatible & INCOMPAT_CORRUPT == 0 {
+            self.set_incompatible(s, self.incompatible | INCOMPAT_CORRUPT)?;
+        }
+        Ok(true)
+    }
+
+    /// The count of flushes that wrote table entries to the file.
+    pub(crate) fn tables_written(&self) -> u64 {
+        self.tables_written
+    }
+
+    /// True while a COPIED change waits for the flush that closes its DIRTY window.
+    pub(crate) fn copied_window_open(&self) -> bool {
+        self.copied_window
+    }
+
+    /// Write the refcount blocks changed in memory (no sync).
+    pub(crate) fn write_dirty_refcounts(&mut self, s: &dyn Storage) -> Result<()> {
+        self.rc.write_dirty(s)
+    }
+
+    /// Clear the DIRTY bit in the header without a sync (the caller syncs, outside the lock).
+    /// Only when every table entry in the file has its refcount in the file: see
+    /// `Qcow2::flush_refcounts`.
+    pub(crate) fn clear_dirty_unsynced(&mut self, s: &dyn Storage) -> Result<bool> {
+        if self.corrupt || self.incompatible & INCOMPAT_DIRTY == 0 {
+            return Ok(false);
+        }
+        let bits = self.incompatible & !INCOMPAT_DIRTY;
+        s.write_at(&bits.to_be_bytes(), OFF_INCOMPATIBLE)?;
+        self.incompatible = bits;
+        Ok(true)
+    }
+
+    /// Write every held-back refcount change, sync, and clear the DIRTY bit.
+    pub(crate) fn write_refcounts(&mut self, s: &dyn Storage) -> Result<()> {
+        if self.corrupt {
+            return Ok(());
+        }
+        // Tables first: no refcount written below may run ahead of a COPIED flag it implies
+        // (a flush can give a survivor COPIED back; the next one writes it).
+        self.flush(s)?;
+        if self.copied_window {
+            self.flush(s)?;
+        }
+        if self.rc.has_dirty() {
+            self.rc.write_dirty(s)?;
+            s.flush()?;
+        }
+        if self.incompatible & INCOMPAT_DIRTY != 0 {
+            self.set_incompatible(s, self.incompatible & !INCOMPAT_DIRTY)?;
+        }
+        Ok(())
+    }
+}
