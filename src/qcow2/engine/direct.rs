@@ -30,7 +30,7 @@ impl Qcow2 {
         if len == 0 {
             return Ok(None);
         }
-        let mut m = self.lock();
+        let mut m = self.load_tables(self.lock(), offset, len)?;
         let segs = match dir {
             Direction::Read => {
                 let mut segs = Vec::new();

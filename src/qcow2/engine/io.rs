@@ -4,11 +4,13 @@ use super::dedup::ClusterGuard;
 use super::guard::{AllocGuard, IoTicket};
 use super::image::Qcow2;
 use super::meta::Meta;
+use super::state::State;
 use super::{compress, iov};
 use crate::qcow2::error::{Qcow2Error, Result};
 use crate::qcow2::format::L2Entry;
 use crate::storage::Storage;
 use std::io::{IoSlice, IoSliceMut};
+use std::sync::MutexGuard;
 
 /// Where a piece of a read comes from.
 #[derive(Clone, Copy, Debug)]
@@ -105,7 +107,7 @@ impl Qcow2 {
             return Ok(());
         }
         let (segs, io) = {
-            let mut m = self.lock();
+            let mut m = self.load_tables(self.lock(), offset, len)?;
             let segs = self.map_read(&mut m, offset, len)?;
             (segs, self.begin_io(&mut m))
         };
@@ -116,6 +118,33 @@ impl Qcow2 {
             self.cond.notify_all();
         }
         r
+    }
+
+    /// Read the L2 tables of `offset..offset+len` that are not cached, without the lock (the
+    /// lock is dropped and taken again around each read): a miss then stalls only this request,
+    /// not every queue's planning. A table that cannot be read is left to `entry`, which reads
+    /// it under the lock and reports the error.
+    pub(super) fn load_tables<'a>(
+        &'a self,
+        mut m: MutexGuard<'a, State>,
+        offset: u64,
+        len: u64,
+    ) -> Result<MutexGuard<'a, State>> {
+        let s = self.storage.as_ref();
+        let per_table = self.g.cluster_size() << self.g.l2_bits;
+        let mut at = offset / per_table * per_table;
+        while at < offset.saturating_add(len) {
+            let gc = at >> self.g.cluster_bits;
+            if let Some((off, cs)) = m.l2_to_load(s, gc)? {
+                drop(m);
+                let mut buf = vec![0u8; cs as usize];
+                let r = s.read_at(&mut buf, off);
+                m = self.lock();
+                m.l2_loaded(s, off, r.is_ok().then_some(&buf[..]))?;
+            }
+            at = at.saturating_add(per_table);
+        }
+        Ok(m)
     }
 
     /// Where each piece of the guest range `offset..offset+len` comes from, host-contiguous
@@ -345,7 +374,7 @@ impl Qcow2 {
         let cb = self.g.cluster_bits;
         let cs = self.g.cluster_size();
         let s = self.storage.as_ref();
-        let mut m = self.lock();
+        let mut m = self.load_tables(self.lock(), offset, len)?;
         'retry: loop {
             // Checked again after every wait: the image may have been marked meanwhile.
             if m.is_corrupt() {

@@ -103,6 +103,10 @@ pub(crate) struct Meta {
     /// Counts changes a guest flush must make durable (links, table changes, completed writes);
     /// a flush whose count was reached by a finished sync needs no sync of its own.
     changes: u64,
+    /// L2 tables being read without the lock (`l2_to_load`), by host offset. A load under the
+    /// lock takes a table out of here: the reader outside then drops its copy, which may be
+    /// older than what the cache has seen since.
+    loading: ClusterSet,
 }
 
 /// One more waiter (`enter`) or one fewer.
@@ -153,6 +157,7 @@ impl Meta {
             sharing: Sharing::default(),
             copied_window: false,
             tables_written: 0,
+            loading: ClusterSet::default(),
             incompatible: 0,
             data_before_l2: false,
             changes: 0,
@@ -310,6 +315,8 @@ impl Meta {
             return Ok(());
         }
         self.stats.l2_misses += 1;
+        // Whoever reads this table without the lock must not insert it after us.
+        self.loading.remove(&off);
         let cs = self.g.cluster_size();
         let end = off.saturating_add(cs);
         if end > self.file_len {
@@ -324,6 +331,49 @@ impl Meta {
         let mut buf = vec![0u8; cs as usize];
         s.read_at(&mut buf, off)?;
         self.l2.insert(off, format::decode_table(&buf), false);
+        Ok(())
+    }
+
+    /// If the L2 table of guest cluster `gc` must be read from the file, register the read and
+    /// return its offset and size: the caller reads it without the lock, then `l2_loaded`.
+    /// None: the table is cached, being read already, or there is none.
+    pub(crate) fn l2_to_load(&mut self, s: &dyn Storage, gc: u64) -> Result<Option<(u64, u64)>> {
+        let Some(off) = self.l1_entry(gc)?.l2_offset else {
+            return Ok(None);
+        };
+        let off = off.0;
+        if self.l2.contains(off) || self.loading.contains(&off) {
+            return Ok(None);
+        }
+        let cs = self.g.cluster_size();
+        if off.saturating_add(cs) > self.file_len {
+            self.file_len = s.len()?;
+        }
+        if off.saturating_add(cs) > self.file_len {
+            // `entry` reports it.
+            return Ok(None);
+        }
+        self.loading.insert(off);
+        Ok(Some((off, cs)))
+    }
+
+    /// An L2 table read without the lock (`l2_to_load`) arrives: cached unless a load under
+    /// the lock superseded it.
+    pub(crate) fn l2_loaded(
+        &mut self,
+        s: &dyn Storage,
+        off: u64,
+        buf: Option<&[u8]>,
+    ) -> Result<()> {
+        if !self.loading.remove(&off) || self.l2.contains(off) {
+            return Ok(());
+        }
+        let Some(buf) = buf else {
+            return Ok(());
+        };
+        self.stats.l2_misses += 1;
+        self.make_room(s)?;
+        self.l2.insert(off, format::decode_table(buf), false);
         Ok(())
     }
 
@@ -403,6 +453,8 @@ impl Meta {
     fn new_l2_cluster(&mut self, s: &dyn Storage) -> Result<u64> {
         let cs = self.g.cluster_size();
         let new = self.rc.alloc(s, 1)? * cs;
+        // A reader outside the lock of an old table that lived here must not insert it.
+        self.loading.remove(&new);
         self.stats.clusters_allocated += 1;
         if let Err(e) = self.rc.guard(new, cs, 0) {
             // A cluster with refcount 0 that holds metadata: the refcounts are wrong.

@@ -1,0 +1,78 @@
+//! What the metadata lock must not wait for: an L2 table read from the file (a cache miss) on
+//! one request does not stop another request's planning.
+
+mod common;
+
+use std::io::{IoSlice, IoSliceMut};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::hooked::Hooked;
+use vhost_user_qcow2::block::BlockDevice;
+use vhost_user_qcow2::qcow2::{create, CreateOptions, OpenOptions, Qcow2};
+use vhost_user_qcow2::storage::{MemStorage, Storage};
+
+/// The host offset of the L2 table for guest cluster `gc` (4 KiB clusters: 512 entries each).
+fn l2_offset(img: &[u8], gc: u64) -> u64 {
+    let be = |at: usize| u64::from_be_bytes(img[at..at + 8].try_into().unwrap());
+    let l1 = be(40) as usize;
+    be(l1 + (gc / 512) as usize * 8) & 0x00ff_ffff_ffff_fe00
+}
+
+#[test]
+fn an_l2_miss_is_read_without_the_metadata_lock() {
+    let mem = Arc::new(MemStorage::new());
+    let o = CreateOptions {
+        size: 64 << 20,
+        cluster_bits: 12,
+        ..Default::default()
+    };
+    create(&*mem, &o).unwrap();
+    // Data under two L2 tables (each covers 2 MiB), written and closed.
+    let (a, b) = (0u64, 8u64 << 20);
+    {
+        let q = Qcow2::open_storage(mem.clone(), &OpenOptions::default(), None, 0).unwrap();
+        q.write_vectored(a, &[IoSlice::new(&[1u8; 4096])]).unwrap();
+        q.write_vectored(b, &[IoSlice::new(&[2u8; 4096])]).unwrap();
+        q.close().unwrap();
+    }
+    let img = mem.snapshot();
+    let slow_table = l2_offset(&img, b / 4096);
+    assert_ne!(slow_table, 0);
+    // Reads of the second table wait for the gate (at most 10 s).
+    let gate = Arc::new(AtomicBool::new(false));
+    let mut hooked = Hooked::new(MemStorage::from_vec(img));
+    let g = gate.clone();
+    hooked.on_read = Some(Box::new(move |off| {
+        let t0 = Instant::now();
+        while off == slow_table
+            && !g.load(Ordering::SeqCst)
+            && t0.elapsed() < Duration::from_secs(10)
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }));
+    let storage: Arc<dyn Storage> = Arc::new(hooked);
+    let q = Arc::new(Qcow2::open_storage(storage, &OpenOptions::default(), None, 0).unwrap());
+    let q2 = q.clone();
+    let slow = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        q2.read_vectored(b, &mut [IoSliceMut::new(&mut buf)])
+            .unwrap();
+        buf[0]
+    });
+    std::thread::sleep(Duration::from_millis(100)); // the slow read is in its table read now
+    let t0 = Instant::now();
+    let mut buf = [0u8; 4096];
+    q.read_vectored(a, &mut [IoSliceMut::new(&mut buf)])
+        .unwrap();
+    let took = t0.elapsed();
+    gate.store(true, Ordering::SeqCst);
+    assert_eq!(buf[0], 1);
+    assert_eq!(slow.join().unwrap(), 2, "the slow read gets its data too");
+    assert!(
+        took < Duration::from_secs(2),
+        "a read of another table waited {took:?} for the first one's table read"
+    );
+}
