@@ -26,6 +26,7 @@
 
 mod analyze;
 mod compare;
+mod l2memo;
 pub(crate) mod image;
 mod ondisk;
 mod refarray;

@@ -132,6 +132,17 @@ impl Findings {
         self.corruptions += 1;
         self.note(m);
     }
+    /// True once no more messages are kept: from then on they are only counted.
+    pub fn full(&self) -> bool {
+        self.messages.len() >= MAX_MESSAGES
+    }
+    /// `n` corruptions reported while the list is full (what `n` calls of `corrupt` would
+    /// count, without making their messages).
+    pub fn corrupt_unlisted(&mut self, n: u64) {
+        debug_assert!(n == 0 || self.full());
+        self.corruptions += n;
+        self.dropped_messages += n;
+    }
     pub fn error(&mut self, m: String) {
         self.check_errors += 1;
         self.note(m);
