@@ -26,8 +26,9 @@
 
 mod analyze;
 mod compare;
-mod l2memo;
+mod copied;
 pub(crate) mod image;
+mod l2memo;
 mod ondisk;
 mod refarray;
 mod repair;
