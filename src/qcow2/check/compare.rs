@@ -64,7 +64,7 @@ pub(crate) fn compare(
         } else {
             "Leaked"
         };
-        f.note(format!("{what} cluster {i} refcount={r1} reference={r2}"));
+        f.note_with(|| format!("{what} cluster {i} refcount={r1} reference={r2}"));
         if fixable {
             match disk.set(i, r2) {
                 Ok(()) => {

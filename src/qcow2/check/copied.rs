@@ -68,11 +68,12 @@ pub(crate) fn check_copied(
             continue;
         };
         if (rc == 1) != (l1e & OFLAG_COPIED != 0) {
-            f.corruptions += 1;
-            f.note(format!(
-                "{} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1e:x} refcount={rc}",
-                p.what
-            ));
+            let what = p.what;
+            f.corrupt_with(|| {
+                format!(
+                    "{what} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1e:x} refcount={rc}"
+                )
+            });
             if repair {
                 let new = if rc == 1 {
                     l1e | OFLAG_COPIED
@@ -106,7 +107,7 @@ impl Pass<'_> {
                 f.corrupt_unlisted(m.len() as u64);
             } else {
                 for &(e, rc) in m.iter() {
-                    f.corrupt(self.data_msg(e, rc));
+                    f.corrupt_with(|| self.data_msg(e, rc));
                 }
             }
             return true;
@@ -131,7 +132,7 @@ impl Pass<'_> {
                 continue;
             };
             if (rc == 1) != (e & OFLAG_COPIED != 0) {
-                f.corrupt(self.data_msg(e, rc));
+                f.corrupt_with(|| self.data_msg(e, rc));
                 found.push((e, rc));
                 if self.repair {
                     let new = if rc == 1 {

@@ -132,6 +132,20 @@ impl Findings {
         self.corruptions += 1;
         self.note(m);
     }
+    /// `note` of a message that is made only if it is kept: past the limit it is counted,
+    /// neither made nor logged.
+    pub fn note_with(&mut self, m: impl FnOnce() -> String) {
+        if self.full() {
+            self.dropped_messages += 1;
+        } else {
+            self.note(m());
+        }
+    }
+    /// `corrupt` of a message made only if it is kept.
+    pub fn corrupt_with(&mut self, m: impl FnOnce() -> String) {
+        self.corruptions += 1;
+        self.note_with(m);
+    }
     /// True once no more messages are kept: from then on they are only counted.
     pub fn full(&self) -> bool {
         self.messages.len() >= MAX_MESSAGES

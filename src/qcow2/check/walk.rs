@@ -75,8 +75,12 @@ pub(crate) struct Walker<'a> {
     seen: HashSet<u64>,
     memos: HashMap<u64, Rc<L2Memo>>,
     memo_cost: usize,
-    /// Put-off visits of memoized tables.
+    /// Put-off visits of memoized tables; the latest run of visits of one table is counted
+    /// in `pending_run` first.
     pending: HashMap<u64, u64>,
+    pending_run: (u64, u64),
+    /// The table memoized last looked up.
+    last: Option<(u64, Rc<L2Memo>)>,
     /// Put-off single increments (only while the message list is full).
     delta: HashMap<u64, u64>,
     /// The largest count in `refs`.
@@ -99,6 +103,8 @@ impl<'a> Walker<'a> {
             memos: HashMap::new(),
             memo_cost: 0,
             pending: HashMap::new(),
+            pending_run: (0, 0),
+            last: None,
             delta: HashMap::new(),
             max: 0,
             put_off: 0,
@@ -112,7 +118,7 @@ impl<'a> Walker<'a> {
             return true;
         }
         if exceeds(self.img, offset, size) {
-            self.f.corrupt(exceed_msg(offset, size));
+            self.f.corrupt_with(|| exceed_msg(offset, size));
             return false;
         }
         let cb = self.img.cb;
@@ -158,6 +164,10 @@ impl<'a> Walker<'a> {
 
     /// Apply every increment put off, making `refs` exact.
     fn flush(&mut self) {
+        let (off, n) = std::mem::take(&mut self.pending_run);
+        if n > 0 {
+            *self.pending.entry(off).or_insert(0) += n;
+        }
         for (off, visits) in std::mem::take(&mut self.pending) {
             if let Some(m) = self.memos.get(&off).cloned() {
                 for &(k, n) in &m.clusters {
@@ -240,9 +250,8 @@ impl<'a> Walker<'a> {
                 continue;
             }
             if e & L1E_RESERVED_MASK != 0 {
-                self.f.corrupt(format!(
-                    "ERROR found L1 entry with reserved bits set: {e:x}"
-                ));
+                self.f
+                    .corrupt_with(|| format!("ERROR found L1 entry with reserved bits set: {e:x}"));
             }
             let l2 = e & L1E_OFFSET_MASK;
             let counted = self.inc(l2, img.cs);
@@ -257,9 +266,11 @@ impl<'a> Walker<'a> {
                 });
             }
             if l2 & (img.cs - 1) != 0 {
-                self.f.corrupt(format!(
-                    "ERROR l2_offset={l2:x}: Table is not cluster aligned; L1 entry corrupted"
-                ));
+                self.f.corrupt_with(|| {
+                    format!(
+                        "ERROR l2_offset={l2:x}: Table is not cluster aligned; L1 entry corrupted"
+                    )
+                });
             }
             self.walk_l2(l2, active)?;
         }
@@ -268,32 +279,19 @@ impl<'a> Walker<'a> {
 
     /// One visit of the L2 table at `l2_off` (from an L1 entry of an active or snapshot table).
     fn walk_l2(&mut self, l2_off: u64, active: bool) -> Result<(), CheckError> {
-        let (memo, cached) = match self.memos.get(&l2_off) {
-            Some(m) => (Rc::clone(m), true),
-            None => {
-                let mut buf = std::mem::take(&mut self.l2buf);
-                let r = self.st.read_at(&mut buf, l2_off);
-                let memo = r.map(|()| Rc::new(L2Memo::build(&buf, self.img)));
-                self.l2buf = buf;
-                let memo = match memo {
-                    Ok(m) => m,
-                    Err(e) => {
-                        self.f
-                            .error("ERROR: I/O error in check_refcounts_l2".to_string());
-                        return Err(e.into());
-                    }
-                };
-                // Memoized on the second visit: a table reached once (as in most images)
-                // costs no memory.
-                let keep = !self.seen.insert(l2_off) && self.memo_cost + memo.cost() <= MEMO_BUDGET;
-                if keep {
-                    self.memo_cost += memo.cost();
-                    self.memos.insert(l2_off, Rc::clone(&memo));
-                }
-                (memo, keep)
-            }
+        // Hostile L1 tables point runs of entries at one table: look the last one up first.
+        let hit = match &self.last {
+            Some((off, m)) if *off == l2_off => Some(Rc::clone(m)),
+            _ => self.memos.get(&l2_off).cloned(),
         };
-        self.record_fixes(l2_off, &memo);
+        let (memo, cached) = match hit {
+            // Its fixes were recorded on its first visit, before it was memoized.
+            Some(m) => (m, true),
+            None => self.load_memo(l2_off)?,
+        };
+        if cached {
+            self.last = Some((l2_off, Rc::clone(&memo)));
+        }
         let full = self.f.full();
         let no_overflow = self
             .max
@@ -305,12 +303,20 @@ impl<'a> Walker<'a> {
             if full {
                 self.f.corrupt_unlisted(memo.statics);
             } else if memo.statics > 0 {
-                for m in memo.events.iter().filter_map(Ev::static_msg) {
-                    self.f.corrupt(m);
+                for ev in memo.events.iter().filter(|ev| ev.is_static()) {
+                    self.f.corrupt_with(|| ev.static_msg().unwrap_or_default());
                 }
             }
             if memo.max_n > 0 {
-                *self.pending.entry(l2_off).or_insert(0) += 1;
+                match &mut self.pending_run {
+                    (off, n) if *off == l2_off => *n += 1,
+                    run => {
+                        let (off, n) = std::mem::replace(run, (l2_off, 1));
+                        if n > 0 {
+                            *self.pending.entry(off).or_insert(0) += n;
+                        }
+                    }
+                }
                 self.put_off = self.put_off.saturating_add(memo.max_n);
             }
         } else {
@@ -319,11 +325,7 @@ impl<'a> Walker<'a> {
                     Ev::Inc { off, size, .. } => {
                         self.inc(off, size);
                     }
-                    _ => {
-                        if let Some(m) = ev.static_msg() {
-                            self.f.corrupt(m);
-                        }
-                    }
+                    _ => self.f.corrupt_with(|| ev.static_msg().unwrap_or_default()),
                 }
             }
         }
@@ -333,6 +335,31 @@ impl<'a> Walker<'a> {
             self.f.fragmented += memo.fragmented;
         }
         Ok(())
+    }
+
+    /// Read and boil down the table at `l2_off`, recording its fixes on its first visit; it
+    /// is memoized (the `bool`) on its second visit, within budget: a table reached once (as
+    /// in most images) costs no memory.
+    fn load_memo(&mut self, l2_off: u64) -> Result<(Rc<L2Memo>, bool), CheckError> {
+        let mut buf = std::mem::take(&mut self.l2buf);
+        let r = self.st.read_at(&mut buf, l2_off);
+        let memo = r.map(|()| Rc::new(L2Memo::build(&buf, self.img)));
+        self.l2buf = buf;
+        let memo = match memo {
+            Ok(m) => m,
+            Err(e) => {
+                self.f
+                    .error("ERROR: I/O error in check_refcounts_l2".to_string());
+                return Err(e.into());
+            }
+        };
+        self.record_fixes(l2_off, &memo);
+        let keep = !self.seen.insert(l2_off) && self.memo_cost + memo.cost() <= MEMO_BUDGET;
+        if keep {
+            self.memo_cost += memo.cost();
+            self.memos.insert(l2_off, Rc::clone(&memo));
+        }
+        Ok((memo, keep))
     }
 
     /// Entries repair (mode "all") may rewrite, recorded on the first visit of a table: only
