@@ -152,12 +152,25 @@ fn metadata_map(
     m.add(0, 1, kind::HEADER);
     let (f, n) = clusters(h.l1_table_offset, h.l1_size as u64 * 8);
     m.add(f, n, kind::ACTIVE_L1);
+    // Each `add` rewrites a window's fragment list: add each run of L2 clusters once, not
+    // once per L1 entry (a hostile L1 table may point all its entries at a few clusters).
     let l2s = |m: &mut MetadataMap, table: &[u64], k: u16| {
-        for &e in table {
-            let off = e & format::entries::L1E_OFFSET_MASK;
-            if off != 0 {
-                m.add(off / cs, 1, k);
+        let mut c: Vec<u64> = table
+            .iter()
+            .map(|&e| e & format::entries::L1E_OFFSET_MASK)
+            .filter(|&off| off != 0)
+            .map(|off| off / cs)
+            .collect();
+        c.sort_unstable();
+        c.dedup();
+        let mut i = 0;
+        while i < c.len() {
+            let mut n = 1;
+            while i + n < c.len() && c[i + n] == c[i] + n as u64 {
+                n += 1;
             }
+            m.add(c[i], n as u64, k);
+            i += n;
         }
     };
     l2s(&mut m, l1, kind::ACTIVE_L2);
