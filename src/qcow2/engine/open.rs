@@ -124,10 +124,7 @@ impl Qcow2 {
             worker_stop: AtomicBool::new(false),
             guest_writes: AtomicU64::new(0),
             group: Default::default(),
-            lock_spins: match std::thread::available_parallelism() {
-                Ok(n) if n.get() > 1 => LOCK_SPINS,
-                _ => 0,
-            },
+            lock_spins: lock_spins(),
         };
         if dedup_on && new_setting {
             // The mode this session runs in is the image's setting from now on.
@@ -135,6 +132,16 @@ impl Qcow2 {
         }
         Ok(img)
     }
+}
+
+/// How long a waiter spins before it sleeps: not at all on one CPU. Asked once per process
+/// (`available_parallelism` reads cgroup files: a measurable share of opening a small image).
+fn lock_spins() -> u32 {
+    static SPINS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *SPINS.get_or_init(|| match std::thread::available_parallelism() {
+        Ok(n) if n.get() > 1 => LOCK_SPINS,
+        _ => 0,
+    })
 }
 
 /// Every metadata cluster of the image, by kind: header, active and inactive (snapshot) L1 and L2
