@@ -11,7 +11,7 @@
 use super::image::{Image, MetaGuard};
 use super::ondisk::OnDisk;
 use super::report::{CheckError, Findings};
-use super::walk::{classify, Kind};
+use super::walk::{classify, second_visit, Kind};
 use crate::qcow2::format::entries::{
     L1E_OFFSET_MASK, L2E_OFFSET_MASK, L2E_RESERVED_MASK, OFLAG_COPIED,
 };
@@ -188,7 +188,7 @@ impl Pass<'_> {
 
     /// Remember what the table at `l2_off` reported (from its second check on, within budget).
     fn remember(&mut self, l2_off: u64, found: Vec<(u64, u64)>) {
-        if self.seen.insert(l2_off) || self.memo_cost + found.len() + 1 > MEMO_BUDGET {
+        if !second_visit(&mut self.seen, l2_off) || self.memo_cost + found.len() + 1 > MEMO_BUDGET {
             return;
         }
         self.memo_cost += found.len() + 1;

@@ -52,6 +52,23 @@ pub(crate) fn compressed_extent(e: u64, cb: u32) -> (u64, u64) {
 
 /// Most entries all cached [`L2Memo`]s may hold together (a few MiB).
 const MEMO_BUDGET: usize = 1 << 19;
+/// Most table offsets remembered as visited once (8 MiB or so): past it, tables not seen yet
+/// are never memoized (they only cost time, as they did before memoization).
+const SEEN_CAP: usize = 1 << 19;
+
+/// Most clusters with put-off single increments (a few MiB): then they are applied.
+const DELTA_CAP: usize = 1 << 16;
+
+/// True when `off` was seen before; else remembers it (while `seen` is under [`SEEN_CAP`]).
+pub(crate) fn second_visit(seen: &mut HashSet<u64>, off: u64) -> bool {
+    if seen.contains(&off) {
+        return true;
+    }
+    if seen.len() < SEEN_CAP {
+        seen.insert(off);
+    }
+    false
+}
 
 /// Reference counting over one image.
 ///
@@ -135,6 +152,9 @@ impl<'a> Walker<'a> {
             if self.f.full() {
                 *self.delta.entry(k).or_insert(0) += 1;
                 self.put_off = self.put_off.saturating_add(1);
+                if self.delta.len() >= DELTA_CAP {
+                    self.flush();
+                }
                 return;
             }
             self.flush();
@@ -354,7 +374,8 @@ impl<'a> Walker<'a> {
             }
         };
         self.record_fixes(l2_off, &memo);
-        let keep = !self.seen.insert(l2_off) && self.memo_cost + memo.cost() <= MEMO_BUDGET;
+        let keep =
+            second_visit(&mut self.seen, l2_off) && self.memo_cost + memo.cost() <= MEMO_BUDGET;
         if keep {
             self.memo_cost += memo.cost();
             self.memos.insert(l2_off, Rc::clone(&memo));
