@@ -161,10 +161,9 @@ impl<'a> Walker<'a> {
         }
         let r = self.refs.get(k);
         if r >= self.refmax {
-            self.f.corrupt(format!(
-                "ERROR: overflow cluster offset={:#x}",
-                k << self.img.cb
-            ));
+            let cb = self.img.cb;
+            self.f
+                .corrupt_with(|| format!("ERROR: overflow cluster offset={:#x}", k << cb));
             return;
         }
         self.refs.set(k, r + 1);
@@ -473,7 +472,7 @@ impl<'a> Walker<'a> {
                     || (off != 0 && (e & 1 != 0 || off & (img.cs - 1) != 0))
                 {
                     self.f
-                        .corrupt(format!("ERROR bitmap table entry {e:#x} is invalid"));
+                        .corrupt_with(|| format!("ERROR bitmap table entry {e:#x} is invalid"));
                     continue;
                 }
                 if off != 0 {
@@ -490,23 +489,25 @@ impl<'a> Walker<'a> {
             let off = e & REFT_OFFSET_MASK;
             let cluster = off >> img.cb;
             if e & REFT_RESERVED_MASK != 0 {
-                self.f.corrupt(format!(
-                    "ERROR refcount table entry {i} has reserved bits set"
-                ));
+                self.f.corrupt_with(|| {
+                    format!("ERROR refcount table entry {i} has reserved bits set")
+                });
                 self.f.rebuild = true;
                 continue;
             }
             if off & (img.cs - 1) != 0 {
-                self.f.corrupt(format!(
-                    "ERROR refcount block {i} is not cluster aligned; refcount table entry \
-                     corrupted"
-                ));
+                self.f.corrupt_with(|| {
+                    format!(
+                        "ERROR refcount block {i} is not cluster aligned; refcount table entry \
+                         corrupted"
+                    )
+                });
                 self.f.rebuild = true;
                 continue;
             }
             if cluster >= self.refs.len() {
                 self.f
-                    .corrupt(format!("ERROR refcount block {i} is outside image"));
+                    .corrupt_with(|| format!("ERROR refcount block {i} is outside image"));
                 self.f.refblock_outside = true;
                 continue;
             }
@@ -515,7 +516,7 @@ impl<'a> Walker<'a> {
                 let r = self.refs.get(cluster);
                 if r != 1 {
                     self.f
-                        .corrupt(format!("ERROR refcount block {i} refcount={r}"));
+                        .corrupt_with(|| format!("ERROR refcount block {i} refcount={r}"));
                     self.f.rebuild = true;
                 }
             }
