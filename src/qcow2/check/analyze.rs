@@ -1,7 +1,7 @@
 //! The checker's read-only pass.
 
 use super::report::{CheckError, Findings, Progress};
-use super::{compare, image, refarray, walk};
+use super::{compare, copied, image, refarray, walk};
 use crate::storage::Storage;
 
 /// One read-only pass: count references, compare with the stored refcounts, check COPIED.
@@ -19,6 +19,6 @@ pub(crate) fn analyze(
     let mut f = std::mem::take(&mut w.f);
     compare::compare(st, img, &refs, None, &mut f, &mut p)?;
     f.refcount_corruptions = f.corruptions;
-    compare::check_copied(st, img, false, &mut f)?;
+    copied::check_copied(st, img, false, &mut f)?;
     Ok((f, refs))
 }

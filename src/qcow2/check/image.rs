@@ -258,6 +258,11 @@ impl MetaGuard {
         self.refblocks.contains(&cluster)
             || self.ranges.iter().any(|&(s, e)| (s..e).contains(&cluster))
     }
+
+    /// True when `cluster` is a refcount block.
+    pub fn is_refblock(&self, cluster: u64) -> bool {
+        self.refblocks.contains(&cluster)
+    }
 }
 
 impl Image {

@@ -26,7 +26,9 @@
 
 mod analyze;
 mod compare;
+mod copied;
 pub(crate) mod image;
+mod l2memo;
 mod ondisk;
 mod refarray;
 mod repair;

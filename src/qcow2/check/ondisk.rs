@@ -87,6 +87,19 @@ impl<'a> OnDisk<'a> {
         Ok(())
     }
 
+    /// `[at, at + len)` of the file was written by someone else: drop the cached block if
+    /// it overlaps (it is clean: the changes made through `set` are written first).
+    pub fn forget(&mut self, at: u64, len: u64) {
+        let cs = self.img.cs;
+        let hit = self
+            .cache
+            .as_ref()
+            .is_some_and(|c| !c.2 && at < c.0.saturating_add(cs) && c.0 < at.saturating_add(len));
+        if hit {
+            self.cache = None;
+        }
+    }
+
     /// Write the cached block if it was changed.
     pub fn write_back(&mut self) -> Result<(), String> {
         if let Some((off, b, dirty)) = self.cache.as_mut() {

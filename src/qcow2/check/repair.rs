@@ -3,7 +3,8 @@
 //! before: at most leaked clusters, never a reference whose refcount is too low.
 
 use super::analyze::analyze;
-use super::compare::{check_copied, compare};
+use super::compare::compare;
+use super::copied::check_copied;
 use super::image::{Image, MAX_REFTABLE_BYTES};
 use super::refarray::RefArray;
 use super::report::{CheckError, CheckOptions, Findings, Progress, RepairMode};

@@ -132,6 +132,31 @@ impl Findings {
         self.corruptions += 1;
         self.note(m);
     }
+    /// `note` of a message that is made only if it is kept: past the limit it is counted,
+    /// neither made nor logged.
+    pub fn note_with(&mut self, m: impl FnOnce() -> String) {
+        if self.full() {
+            self.dropped_messages += 1;
+        } else {
+            self.note(m());
+        }
+    }
+    /// `corrupt` of a message made only if it is kept.
+    pub fn corrupt_with(&mut self, m: impl FnOnce() -> String) {
+        self.corruptions += 1;
+        self.note_with(m);
+    }
+    /// True once no more messages are kept: from then on they are only counted.
+    pub fn full(&self) -> bool {
+        self.messages.len() >= MAX_MESSAGES
+    }
+    /// `n` corruptions reported while the list is full (what `n` calls of `corrupt` would
+    /// count, without making their messages).
+    pub fn corrupt_unlisted(&mut self, n: u64) {
+        debug_assert!(n == 0 || self.full());
+        self.corruptions += n;
+        self.dropped_messages += n;
+    }
     pub fn error(&mut self, m: String) {
         self.check_errors += 1;
         self.note(m);

@@ -284,3 +284,91 @@ fn fixes_of_a_table_reached_many_times_are_recorded_once() {
     let (f, _) = analyze(&st, &img, None).unwrap();
     assert_eq!(f.fixes.len() as u64, CS / 8 - 1);
 }
+
+/// Point the first `n` entries of the L1 table at the L2 table in cluster 4 (the header's
+/// l1_size becomes `n`).
+fn l1_all_at_table_4(st: &MemStorage, n: u64) {
+    st.write_at(&(n as u32).to_be_bytes(), 36).unwrap();
+    let l1: Vec<u64> = (0..n).map(|_| (4 * CS) | (1 << 63)).collect();
+    st.write_at(&encode_table(&l1), 3 * CS).unwrap();
+}
+
+/// Make the image use 1-bit refcounts (clusters 0 to 5 in use).
+fn one_bit_refcounts(st: &MemStorage) {
+    st.write_at(&0u32.to_be_bytes(), 96).unwrap();
+    let mut rb = vec![0u8; CS as usize];
+    for c in 0..6 {
+        refblock::set(&mut rb, c, 0, 1);
+    }
+    st.write_at(&rb, 2 * CS).unwrap();
+}
+
+/// A table reached from many L1 entries counts one reference per entry, as QEMU's check does
+/// (the walk reads it once and counts the rest in bulk).
+#[test]
+fn a_table_reached_many_times_counts_every_reference() {
+    let st = base_image();
+    with_data(&st);
+    l1_all_at_table_4(&st, 1000);
+    let r = run(&st, None);
+    assert_eq!(
+        r.messages,
+        [
+            "ERROR cluster 4 refcount=1 reference=1000",
+            "ERROR cluster 5 refcount=1 reference=1000"
+        ],
+        "{r:?}"
+    );
+    assert_eq!((r.corruptions, r.allocated_clusters), (2, 1000), "{r:?}");
+    // A data entry without COPIED (refcount 1): one error per visit of the table.
+    st.write_at(&(5 * CS).to_be_bytes(), 4 * CS).unwrap();
+    let r = run(&st, None);
+    assert_eq!(r.corruptions, 1002, "{r:?}");
+    let copied = "ERROR OFLAG_COPIED data cluster: l2_entry=50000 refcount=1";
+    assert_eq!(r.messages.iter().filter(|m| *m == copied).count(), 1000);
+}
+
+/// Overflows of a table reached many times come one per reference, in visit order.
+#[test]
+fn overflows_of_a_table_reached_many_times_are_each_reported() {
+    let st = base_image();
+    with_data(&st);
+    one_bit_refcounts(&st);
+    l1_all_at_table_4(&st, 3);
+    let r = run(&st, None);
+    let (o4, o5) = (
+        "ERROR: overflow cluster offset=0x40000",
+        "ERROR: overflow cluster offset=0x50000",
+    );
+    assert_eq!(r.messages, [o4, o5, o4, o5], "{r:?}");
+    assert_eq!(r.corruptions, 4, "{r:?}");
+}
+
+/// Past the message limit the overflows are still counted, each one.
+#[test]
+fn overflows_past_the_message_limit_are_counted() {
+    let st = base_image();
+    with_data(&st);
+    one_bit_refcounts(&st);
+    // A second data cluster in the table (the L1 table's own cluster): three clusters
+    // overflow on every further visit.
+    st.write_at(&((3 * CS) | (1 << 63)).to_be_bytes(), 4 * CS + 8)
+        .unwrap();
+    let n = CS / 8;
+    l1_all_at_table_4(&st, n);
+    let r = run(&st, None);
+    // Cluster 3 (the L1 table) is counted once before: it overflows on the first visit too.
+    let over = 3 * n - 2;
+    assert_eq!(r.corruptions, over, "{r:?}");
+    let more = r.messages.last().unwrap();
+    let listed = r.messages.len() as u64 - 1;
+    assert_eq!(more, &format!("... and {} more messages", over - listed));
+    let pattern = [
+        "ERROR: overflow cluster offset=0x30000",
+        "ERROR: overflow cluster offset=0x40000",
+        "ERROR: overflow cluster offset=0x50000",
+    ];
+    for (i, m) in r.messages[..listed as usize].iter().enumerate() {
+        assert_eq!(m, pattern[i % 3], "message {i}");
+    }
+}

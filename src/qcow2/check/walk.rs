@@ -4,14 +4,17 @@
 //! `calculate_refcounts` and its classification of what is corrupt.
 
 use super::image::{read_table, Image, REFT_OFFSET_MASK, REFT_RESERVED_MASK};
+use super::l2memo::{exceed_msg, exceeds, Ev, L2Memo};
 use super::refarray::RefArray;
 use super::report::{CheckError, EntryFix, Findings, Progress};
 use crate::qcow2::format::entries::{
-    compressed_fields, L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK, L2E_RESERVED_MASK,
-    OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
+    compressed_fields, L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED,
+    OFLAG_ZERO,
 };
 use crate::qcow2::format::refblock::max_refcount;
 use crate::storage::Storage;
+use std::collections::{HashMap, HashSet};
+use std::rc::Rc;
 
 /// How an L2 entry is classified (QEMU's `qcow2_get_cluster_type` for standard L2 entries).
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
@@ -47,7 +50,33 @@ pub(crate) fn compressed_extent(e: u64, cb: u32) -> (u64, u64) {
     (off, sectors * 512 - (off & 511))
 }
 
+/// Most entries all cached [`L2Memo`]s may hold together (a few MiB).
+const MEMO_BUDGET: usize = 1 << 19;
+/// Most table offsets remembered as visited once (8 MiB or so): past it, tables not seen yet
+/// are never memoized (they only cost time, as they did before memoization).
+const SEEN_CAP: usize = 1 << 19;
+
+/// Most clusters with put-off single increments (a few MiB): then they are applied.
+const DELTA_CAP: usize = 1 << 16;
+
+/// True when `off` was seen before; else remembers it (while `seen` is under [`SEEN_CAP`]).
+pub(crate) fn second_visit(seen: &mut HashSet<u64>, off: u64) -> bool {
+    if seen.contains(&off) {
+        return true;
+    }
+    if seen.len() < SEEN_CAP {
+        seen.insert(off);
+    }
+    false
+}
+
 /// Reference counting over one image.
+///
+/// Counts are exact in `refs` except for increments put off: visits of a memoized L2 table
+/// that cannot produce a message are only noted in `pending` (table -> visits), and once the
+/// message list is full, single increments go to `delta`. Saturating increments commute, so
+/// applying them later (`flush`) gives the same counts and the same number of overflows; the
+/// messages that are kept come in the same order as a visit-by-visit walk gives them.
 pub(crate) struct Walker<'a> {
     st: &'a dyn Storage,
     img: &'a Image,
@@ -58,7 +87,23 @@ pub(crate) struct Walker<'a> {
     /// L2 tables whose entry fixes are recorded already: a table reached again (from another
     /// L1 entry or a snapshot) adds no second copy of them, so the list stays bounded by the
     /// file, whatever the L1 tables say.
-    fixed_tables: std::collections::HashSet<u64>,
+    fixed_tables: HashSet<u64>,
+    /// L2 tables visited once; a second visit memoizes the table.
+    seen: HashSet<u64>,
+    memos: HashMap<u64, Rc<L2Memo>>,
+    memo_cost: usize,
+    /// Put-off visits of memoized tables; the latest run of visits of one table is counted
+    /// in `pending_run` first.
+    pending: HashMap<u64, u64>,
+    pending_run: (u64, u64),
+    /// The table memoized last looked up.
+    last: Option<(u64, Rc<L2Memo>)>,
+    /// Put-off single increments (only while the message list is full).
+    delta: HashMap<u64, u64>,
+    /// The largest count in `refs`.
+    max: u64,
+    /// The most the put-off increments may add to any one cluster.
+    put_off: u64,
 }
 
 impl<'a> Walker<'a> {
@@ -70,7 +115,16 @@ impl<'a> Walker<'a> {
             f: Findings::default(),
             refmax: max_refcount(img.header.refcount_order),
             l2buf: vec![0u8; img.cs as usize],
-            fixed_tables: std::collections::HashSet::new(),
+            fixed_tables: HashSet::new(),
+            seen: HashSet::new(),
+            memos: HashMap::new(),
+            memo_cost: 0,
+            pending: HashMap::new(),
+            pending_run: (0, 0),
+            last: None,
+            delta: HashMap::new(),
+            max: 0,
+            put_off: 0,
         }
     }
 
@@ -80,26 +134,70 @@ impl<'a> Walker<'a> {
         if size == 0 {
             return true;
         }
-        let (cs, cb) = (self.img.cs, self.img.cb);
-        if offset as u128 + size as u128 >= self.img.file_len as u128 + cs as u128 {
-            self.f.corrupt(format!(
-                "ERROR: counting reference for region exceeding the end of the file by one \
-                 cluster or more: offset {offset:#x} size {size:#x}"
-            ));
+        if exceeds(self.img, offset, size) {
+            self.f.corrupt_with(|| exceed_msg(offset, size));
             return false;
         }
-        let first = offset >> cb;
-        let last = (offset + size - 1) >> cb;
-        for k in first..=last {
-            let r = self.refs.get(k);
-            if r >= self.refmax {
-                self.f
-                    .corrupt(format!("ERROR: overflow cluster offset={:#x}", k << cb));
-                continue;
-            }
-            self.refs.set(k, r + 1);
+        let cb = self.img.cb;
+        for k in (offset >> cb)..=((offset + size - 1) >> cb) {
+            self.inc_cluster(k);
         }
         true
+    }
+
+    fn inc_cluster(&mut self, k: u64) {
+        // With increments put off, `refs` may be short by up to `put_off`: exact enough
+        // unless the true count could have reached the maximum.
+        if self.put_off > 0 && self.max.saturating_add(self.put_off) >= self.refmax {
+            if self.f.full() {
+                *self.delta.entry(k).or_insert(0) += 1;
+                self.put_off = self.put_off.saturating_add(1);
+                if self.delta.len() >= DELTA_CAP {
+                    self.flush();
+                }
+                return;
+            }
+            self.flush();
+        }
+        let r = self.refs.get(k);
+        if r >= self.refmax {
+            let cb = self.img.cb;
+            self.f
+                .corrupt_with(|| format!("ERROR: overflow cluster offset={:#x}", k << cb));
+            return;
+        }
+        self.refs.set(k, r + 1);
+        self.max = self.max.max(r + 1);
+    }
+
+    /// Add `n` references to cluster `k` at once, saturating (overflows are counted: this
+    /// only runs for increments put off when they could not produce a listed message).
+    fn add(&mut self, k: u64, n: u64) {
+        let r = self.refs.get(k);
+        let total = r.saturating_add(n);
+        let new = total.min(self.refmax.max(r));
+        self.refs.set(k, new);
+        self.max = self.max.max(new);
+        self.f.corrupt_unlisted(total - new);
+    }
+
+    /// Apply every increment put off, making `refs` exact.
+    fn flush(&mut self) {
+        let (off, n) = std::mem::take(&mut self.pending_run);
+        if n > 0 {
+            *self.pending.entry(off).or_insert(0) += n;
+        }
+        for (off, visits) in std::mem::take(&mut self.pending) {
+            if let Some(m) = self.memos.get(&off).cloned() {
+                for &(k, n) in &m.clusters {
+                    self.add(k, n.saturating_mul(visits));
+                }
+            }
+        }
+        for (k, n) in std::mem::take(&mut self.delta) {
+            self.add(k, n);
+        }
+        self.put_off = 0;
     }
 
     /// Count everything. With `refstruct` false the refcount table and blocks are left out
@@ -135,6 +233,8 @@ impl<'a> Walker<'a> {
             self.inc(off, len);
         }
         self.walk_bitmaps()?;
+        // The refcount block check reads counts: they must be exact from here on.
+        self.flush();
         if refstruct {
             self.walk_refblocks();
         }
@@ -169,9 +269,8 @@ impl<'a> Walker<'a> {
                 continue;
             }
             if e & L1E_RESERVED_MASK != 0 {
-                self.f.corrupt(format!(
-                    "ERROR found L1 entry with reserved bits set: {e:x}"
-                ));
+                self.f
+                    .corrupt_with(|| format!("ERROR found L1 entry with reserved bits set: {e:x}"));
             }
             let l2 = e & L1E_OFFSET_MASK;
             let counted = self.inc(l2, img.cs);
@@ -186,96 +285,140 @@ impl<'a> Walker<'a> {
                 });
             }
             if l2 & (img.cs - 1) != 0 {
-                self.f.corrupt(format!(
-                    "ERROR l2_offset={l2:x}: Table is not cluster aligned; L1 entry corrupted"
-                ));
+                self.f.corrupt_with(|| {
+                    format!(
+                        "ERROR l2_offset={l2:x}: Table is not cluster aligned; L1 entry corrupted"
+                    )
+                });
             }
             self.walk_l2(l2, active)?;
         }
         Ok(())
     }
 
+    /// One visit of the L2 table at `l2_off` (from an L1 entry of an active or snapshot table).
     fn walk_l2(&mut self, l2_off: u64, active: bool) -> Result<(), CheckError> {
-        let img = self.img;
-        let (cs, cb) = (img.cs, img.cb);
-        let mut buf = std::mem::take(&mut self.l2buf);
-        let r = self.st.read_at(&mut buf, l2_off);
-        if let Err(e) = r {
-            self.l2buf = buf;
-            self.f
-                .error("ERROR: I/O error in check_refcounts_l2".to_string());
-            return Err(e.into());
+        // Hostile L1 tables point runs of entries at one table: look the last one up first.
+        let hit = match &self.last {
+            Some((off, m)) if *off == l2_off => Some(Rc::clone(m)),
+            _ => self.memos.get(&l2_off).cloned(),
+        };
+        let (memo, cached) = match hit {
+            // Its fixes were recorded on its first visit, before it was memoized.
+            Some(m) => (m, true),
+            None => self.load_memo(l2_off)?,
+        };
+        if cached {
+            self.last = Some((l2_off, Rc::clone(&memo)));
         }
-        let v3 = img.header.version >= 3;
-        // Repair only rewrites entries of tables that are where a table may be, once each, and
-        // only of tables that look like L2 tables (no entry with reserved bits set).
-        let mut fixable = l2_off != 0 && l2_off & (cs - 1) == 0 && self.fixed_tables.insert(l2_off);
-        let fixes_before = self.f.fixes.len();
-        let mut next_contiguous = 0u64;
-        for (i, c) in buf.chunks_exact(8).enumerate() {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(c);
-            let e = u64::from_be_bytes(a);
-            let at = l2_off + 8 * i as u64;
-            let kind = classify(e);
-            if kind != Kind::Compressed && e & L2E_RESERVED_MASK != 0 {
-                self.f.corrupt(format!(
-                    "ERROR found l2 entry with reserved bits set: {e:x}"
-                ));
-                fixable = false;
+        let full = self.f.full();
+        let no_overflow = self
+            .max
+            .saturating_add(self.put_off)
+            .saturating_add(memo.max_n)
+            <= self.refmax;
+        if cached && (full || no_overflow) {
+            // Only the messages that do not depend on the counts; increments put off.
+            if full {
+                self.f.corrupt_unlisted(memo.statics);
+            } else if memo.statics > 0 {
+                for ev in memo.events.iter().filter(|ev| ev.is_static()) {
+                    self.f.corrupt_with(|| ev.static_msg().unwrap_or_default());
+                }
             }
-            match kind {
-                Kind::Compressed => {
-                    let (coff, csize) = compressed_extent(e, cb);
-                    if e & OFLAG_COPIED != 0 {
-                        self.f.corrupt(format!(
-                            "ERROR: coffset={coff:#x}: copied flag must never be set for \
-                             compressed clusters"
-                        ));
-                    }
-                    self.inc(coff, csize);
-                    if active {
-                        self.f.allocated += 1;
-                        self.f.compressed += 1;
-                        self.f.fragmented += 1;
+            if memo.max_n > 0 {
+                match &mut self.pending_run {
+                    (off, n) if *off == l2_off => *n += 1,
+                    run => {
+                        let (off, n) = std::mem::replace(run, (l2_off, 1));
+                        if n > 0 {
+                            *self.pending.entry(off).or_insert(0) += n;
+                        }
                     }
                 }
-                Kind::Normal | Kind::ZeroAlloc => {
-                    let off = e & L2E_OFFSET_MASK;
-                    if off & (cs - 1) != 0 {
-                        if kind == Kind::ZeroAlloc {
-                            self.f.corrupt(format!(
-                                "ERROR offset={off:x}: Preallocated cluster is not properly \
-                                 aligned; L2 entry corrupted."
-                            ));
-                            self.f.fixes.push(EntryFix {
-                                at,
-                                value: OFLAG_ZERO,
-                                in_l2: true,
-                                why: format!("unaligned preallocated zero cluster {off:#x}"),
-                            });
-                        } else {
-                            self.f.corrupt(format!(
-                                "ERROR offset={off:x}: Data cluster is not properly aligned; \
-                                 L2 entry corrupted."
-                            ));
-                        }
+                self.put_off = self.put_off.saturating_add(memo.max_n);
+            }
+        } else {
+            for ev in &memo.events {
+                match *ev {
+                    Ev::Inc { off, size, .. } => {
+                        self.inc(off, size);
                     }
-                    if active {
-                        self.f.allocated += 1;
-                        if next_contiguous != 0 && off != next_contiguous {
-                            self.f.fragmented += 1;
-                        }
-                        next_contiguous = off.wrapping_add(cs);
-                    }
-                    // Past the end of the file the cluster reads as zeros: say so with the
-                    // zero flag (v3) or by unallocating it (v2 without a backing file; with
-                    // one, an unallocated cluster would read the backing file instead).
-                    let zero_ok = v3 || img.header.backing_file.is_none();
-                    if !self.inc(off, cs)
-                        && zero_ok
-                        && self.f.fixes.last().map(|f| f.at) != Some(at)
-                    {
+                    _ => self.f.corrupt_with(|| ev.static_msg().unwrap_or_default()),
+                }
+            }
+        }
+        if active {
+            self.f.allocated += memo.allocated;
+            self.f.compressed += memo.compressed;
+            self.f.fragmented += memo.fragmented;
+        }
+        Ok(())
+    }
+
+    /// Read and boil down the table at `l2_off`, recording its fixes on its first visit; it
+    /// is memoized (the `bool`) on its second visit, within budget: a table reached once (as
+    /// in most images) costs no memory.
+    fn load_memo(&mut self, l2_off: u64) -> Result<(Rc<L2Memo>, bool), CheckError> {
+        let mut buf = std::mem::take(&mut self.l2buf);
+        let r = self.st.read_at(&mut buf, l2_off);
+        let memo = r.map(|()| Rc::new(L2Memo::build(&buf, self.img)));
+        self.l2buf = buf;
+        let memo = match memo {
+            Ok(m) => m,
+            Err(e) => {
+                self.f
+                    .error("ERROR: I/O error in check_refcounts_l2".to_string());
+                return Err(e.into());
+            }
+        };
+        self.record_fixes(l2_off, &memo);
+        let keep =
+            second_visit(&mut self.seen, l2_off) && self.memo_cost + memo.cost() <= MEMO_BUDGET;
+        if keep {
+            self.memo_cost += memo.cost();
+            self.memos.insert(l2_off, Rc::clone(&memo));
+        }
+        Ok((memo, keep))
+    }
+
+    /// Entries repair (mode "all") may rewrite, recorded on the first visit of a table: only
+    /// of tables that are where a table may be, once each, and only of tables that look like
+    /// L2 tables (no entry with reserved bits set).
+    fn record_fixes(&mut self, l2_off: u64, memo: &L2Memo) {
+        let cs = self.img.cs;
+        if l2_off == 0 || l2_off & (cs - 1) != 0 || memo.not_a_table {
+            return;
+        }
+        if !self.fixed_tables.insert(l2_off) {
+            return;
+        }
+        let v3 = self.img.header.version >= 3;
+        // Past the end of the file the cluster reads as zeros: say so with the zero flag (v3)
+        // or by unallocating it (v2 without a backing file; with one, an unallocated cluster
+        // would read the backing file instead).
+        let zero_ok = v3 || self.img.header.backing_file.is_none();
+        for ev in &memo.events {
+            match *ev {
+                Ev::Unaligned {
+                    off,
+                    zero_alloc: true,
+                    idx,
+                } => self.f.fixes.push(EntryFix {
+                    at: l2_off + 8 * idx as u64,
+                    value: OFLAG_ZERO,
+                    in_l2: true,
+                    why: format!("unaligned preallocated zero cluster {off:#x}"),
+                }),
+                Ev::Inc {
+                    off,
+                    idx,
+                    data: true,
+                    exceeds: true,
+                    ..
+                } => {
+                    let at = l2_off + 8 * idx as u64;
+                    if zero_ok && self.f.fixes.last().map(|f| f.at) != Some(at) {
                         self.f.fixes.push(EntryFix {
                             at,
                             value: if v3 { OFLAG_ZERO } else { 0 },
@@ -284,14 +427,9 @@ impl<'a> Walker<'a> {
                         });
                     }
                 }
-                Kind::ZeroPlain | Kind::Unallocated => {}
+                _ => {}
             }
         }
-        if !fixable {
-            self.f.fixes.truncate(fixes_before);
-        }
-        self.l2buf = buf;
-        Ok(())
     }
 
     fn walk_bitmaps(&mut self) -> Result<(), CheckError> {
@@ -334,7 +472,7 @@ impl<'a> Walker<'a> {
                     || (off != 0 && (e & 1 != 0 || off & (img.cs - 1) != 0))
                 {
                     self.f
-                        .corrupt(format!("ERROR bitmap table entry {e:#x} is invalid"));
+                        .corrupt_with(|| format!("ERROR bitmap table entry {e:#x} is invalid"));
                     continue;
                 }
                 if off != 0 {
@@ -351,23 +489,25 @@ impl<'a> Walker<'a> {
             let off = e & REFT_OFFSET_MASK;
             let cluster = off >> img.cb;
             if e & REFT_RESERVED_MASK != 0 {
-                self.f.corrupt(format!(
-                    "ERROR refcount table entry {i} has reserved bits set"
-                ));
+                self.f.corrupt_with(|| {
+                    format!("ERROR refcount table entry {i} has reserved bits set")
+                });
                 self.f.rebuild = true;
                 continue;
             }
             if off & (img.cs - 1) != 0 {
-                self.f.corrupt(format!(
-                    "ERROR refcount block {i} is not cluster aligned; refcount table entry \
-                     corrupted"
-                ));
+                self.f.corrupt_with(|| {
+                    format!(
+                        "ERROR refcount block {i} is not cluster aligned; refcount table entry \
+                         corrupted"
+                    )
+                });
                 self.f.rebuild = true;
                 continue;
             }
             if cluster >= self.refs.len() {
                 self.f
-                    .corrupt(format!("ERROR refcount block {i} is outside image"));
+                    .corrupt_with(|| format!("ERROR refcount block {i} is outside image"));
                 self.f.refblock_outside = true;
                 continue;
             }
@@ -376,7 +516,7 @@ impl<'a> Walker<'a> {
                 let r = self.refs.get(cluster);
                 if r != 1 {
                     self.f
-                        .corrupt(format!("ERROR refcount block {i} refcount={r}"));
+                        .corrupt_with(|| format!("ERROR refcount block {i} refcount={r}"));
                     self.f.rebuild = true;
                 }
             }
@@ -387,6 +527,7 @@ impl<'a> Walker<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::qcow2::format::entries::OFLAG_COPIED;
 
     #[test]
     fn classification_follows_qemu() {

@@ -134,10 +134,7 @@ impl Qcow2 {
             worker_stop: AtomicBool::new(false),
             guest_writes: AtomicU64::new(0),
             group: Default::default(),
-            lock_spins: match std::thread::available_parallelism() {
-                Ok(n) if n.get() > 1 => LOCK_SPINS,
-                _ => 0,
-            },
+            lock_spins: lock_spins(),
         };
         if dedup_on && new_setting {
             // The mode this session runs in is the image's setting from now on.
@@ -145,6 +142,16 @@ impl Qcow2 {
         }
         Ok(img)
     }
+}
+
+/// How long a waiter spins before it sleeps: not at all on one CPU. Asked once per process
+/// (`available_parallelism` reads cgroup files: a measurable share of opening a small image).
+fn lock_spins() -> u32 {
+    static SPINS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *SPINS.get_or_init(|| match std::thread::available_parallelism() {
+        Ok(n) if n.get() > 1 => LOCK_SPINS,
+        _ => 0,
+    })
 }
 
 /// Every metadata cluster of the image, by kind: header, active and inactive (snapshot) L1 and L2
@@ -162,12 +169,25 @@ fn metadata_map(
     m.add(0, 1, kind::HEADER);
     let (f, n) = clusters(h.l1_table_offset, h.l1_size as u64 * 8);
     m.add(f, n, kind::ACTIVE_L1);
+    // Each `add` rewrites a window's fragment list: add each run of L2 clusters once, not
+    // once per L1 entry (a hostile L1 table may point all its entries at a few clusters).
     let l2s = |m: &mut MetadataMap, table: &[u64], k: u16| {
-        for &e in table {
-            let off = e & format::entries::L1E_OFFSET_MASK;
-            if off != 0 {
-                m.add(off / cs, 1, k);
+        let mut c: Vec<u64> = table
+            .iter()
+            .map(|&e| e & format::entries::L1E_OFFSET_MASK)
+            .filter(|&off| off != 0)
+            .map(|off| off / cs)
+            .collect();
+        c.sort_unstable();
+        c.dedup();
+        let mut i = 0;
+        while i < c.len() {
+            let mut n = 1;
+            while i + n < c.len() && c[i + n] == c[i] + n as u64 {
+                n += 1;
             }
+            m.add(c[i], n as u64, k);
+            i += n;
         }
     };
     l2s(&mut m, l1, kind::ACTIVE_L2);
