@@ -8,10 +8,11 @@
 //! writes change what a table reads: a write forgets what was remembered of every table it
 //! overlaps, or of all tables when it lands in a refcount block.
 
+use super::classify::{classify, Kind};
 use super::image::{Image, MetaGuard};
 use super::ondisk::OnDisk;
 use super::report::{CheckError, Findings};
-use super::walk::{classify, second_visit, Kind};
+use super::walk::second_visit;
 use crate::qcow2::format::entries::{
     L1E_OFFSET_MASK, L2E_OFFSET_MASK, L2E_RESERVED_MASK, OFLAG_COPIED,
 };

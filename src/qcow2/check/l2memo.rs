@@ -9,8 +9,8 @@
 //! in entry order, so that a visit can be replayed exactly (same messages, same order) or, when
 //! no count can reach the refcount maximum, applied later in bulk.
 
+use super::classify::{classify, compressed_extent, Kind};
 use super::image::Image;
-use super::walk::{classify, compressed_extent, Kind};
 use crate::qcow2::format::entries::{L2E_OFFSET_MASK, L2E_RESERVED_MASK, OFLAG_COPIED};
 
 /// One entry's effect, in entry order.

@@ -25,6 +25,7 @@
 //! refcounts it describes are durable; the DIRTY/CORRUPT bits are cleared last.
 
 mod analyze;
+mod classify;
 mod compare;
 mod copied;
 pub(crate) mod image;
