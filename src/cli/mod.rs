@@ -7,6 +7,7 @@ pub mod check;
 pub mod create;
 pub mod dedup;
 pub mod info;
+mod pidfile;
 pub mod serve;
 mod size;
 

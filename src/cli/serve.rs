@@ -17,6 +17,8 @@ use vhost_user_qcow2::raw::RawDisk;
 use vhost_user_qcow2::storage::lock::ImageLock;
 use vhost_user_qcow2::vhost::{self, ServeConfig};
 
+use super::pidfile::Pidfile;
+
 #[derive(Args, Debug)]
 pub struct ServeArgs {
     /// The image to serve (qcow2 or raw).
@@ -87,6 +89,10 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 0, value_name = "SECS",
           value_parser = clap::value_parser!(u64).range(0..=86400))]
     pub stats_interval: u64,
+    /// Write the daemon's process id to this file once the socket listens (refused if the file
+    /// names a running process; removed at exit).
+    #[arg(long, value_name = "PATH")]
+    pub pidfile: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -230,6 +236,10 @@ pub fn open_device(
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    // A pidfile naming a running process stops us before the image is even opened.
+    if let Some(p) = &args.pidfile {
+        super::pidfile::refuse_if_live(p)?;
+    }
     let image = open_device(
         &args.image,
         args.read_only,
@@ -301,8 +311,20 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     // closes the device first: close stops the worker before its next cluster and waits for
     // the one in hand; dropping the handle then joins the thread.
     let worker = image.qcow2.as_ref().and_then(|q| q.start_dedup_worker());
+    // The pidfile is written by a watcher once the daemon's socket file appears: the daemon
+    // publishes that file only when it is listening.
+    let pidfile = match &args.pidfile {
+        Some(p) => {
+            let stop = vhost::StopHandle::new().context("creating the stop handle")?;
+            cfg.stop = Some(stop.clone());
+            Some(Pidfile::start(p.clone(), args.socket.clone(), stop)?)
+        }
+        None => None,
+    };
     let r = vhost::serve(image.device.clone(), cfg);
     drop(worker);
+    let p = pidfile.map(Pidfile::finish).transpose();
     r?;
+    p?;
     Ok(ExitCode::SUCCESS)
 }
