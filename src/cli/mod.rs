@@ -8,6 +8,7 @@ pub mod create;
 pub mod dedup;
 pub mod info;
 mod pidfile;
+mod progress;
 pub mod serve;
 mod size;
 
