@@ -27,7 +27,8 @@ pub enum Command {
     Create(create::CreateArgs),
     /// Show what an image holds.
     Info(info::InfoArgs),
-    /// Check an image's consistency (exit 0 clean, 2 corruptions, 3 leaks only) and repair it.
+    /// Check an image's consistency and repair it (exit 0 clean, 1 check failed, 2 corruptions,
+    /// 3 leaks only, 63 an image this checker does not support).
     Check(check::CheckArgs),
     /// Serve an image as a vhost-user-blk device on a UNIX socket.
     Serve(serve::ServeArgs),
