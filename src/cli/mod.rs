@@ -8,8 +8,8 @@ pub mod create;
 pub mod dedup;
 pub mod info;
 pub mod man;
-mod pidfile;
 mod progress;
+mod ready;
 pub mod serve;
 mod size;
 

@@ -17,7 +17,7 @@ use vhost_user_qcow2::raw::RawDisk;
 use vhost_user_qcow2::storage::lock::ImageLock;
 use vhost_user_qcow2::vhost::{self, ServeConfig};
 
-use super::pidfile::Pidfile;
+use super::ready::{Notify, Ready};
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -238,7 +238,7 @@ pub fn open_device(
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     // A pidfile naming a running process stops us before the image is even opened.
     if let Some(p) = &args.pidfile {
-        super::pidfile::refuse_if_live(p)?;
+        super::ready::refuse_if_live(p)?;
     }
     let image = open_device(
         &args.image,
@@ -311,19 +311,21 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     // closes the device first: close stops the worker before its next cluster and waits for
     // the one in hand; dropping the handle then joins the thread.
     let worker = image.qcow2.as_ref().and_then(|q| q.start_dedup_worker());
-    // The pidfile is written by a watcher once the daemon's socket file appears: the daemon
-    // publishes that file only when it is listening.
-    let pidfile = match &args.pidfile {
-        Some(p) => {
-            let stop = vhost::StopHandle::new().context("creating the stop handle")?;
-            cfg.stop = Some(stop.clone());
-            Some(Pidfile::start(p.clone(), args.socket.clone(), stop)?)
-        }
-        None => None,
-    };
+    // The pidfile and systemd's READY=1 come from a watcher once the daemon's socket file
+    // appears: the daemon publishes that file only when it is listening.
+    let stop = vhost::StopHandle::new().context("creating the stop handle")?;
+    let ready = Ready::start(
+        args.pidfile.clone(),
+        Notify::from_env(),
+        args.socket.clone(),
+        stop.clone(),
+    )?;
+    if ready.is_some() {
+        cfg.stop = Some(stop);
+    }
     let r = vhost::serve(image.device.clone(), cfg);
     drop(worker);
-    let p = pidfile.map(Pidfile::finish).transpose();
+    let p = ready.map(Ready::finish).transpose();
     r?;
     p?;
     Ok(ExitCode::SUCCESS)

@@ -1,12 +1,15 @@
-//! `serve --pidfile`: written once the socket listens, refused when it names a live process,
-//! replaced when stale, removed at a clean exit.
+//! Readiness of `serve`. `--pidfile`: written once the socket listens, refused when it names a
+//! live process, replaced when stale, removed at a clean exit. `$NOTIFY_SOCKET`: systemd is sent
+//! READY=1 once the socket listens.
 
 mod common;
 
 use common::client::{spawn_binary, stderr_of, wait_exit};
+use std::os::linux::net::SocketAddrExt;
 use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{SocketAddr, UnixDatagram, UnixStream};
 use std::path::Path;
-use std::process::Child;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn sigterm(child: &Child) {
@@ -159,4 +162,60 @@ fn stale_pidfile_is_replaced() {
     let st = wait_exit(&mut child, Duration::from_secs(30));
     assert!(st.success(), "{}", stderr_of(&mut child));
     assert!(!pidf.exists());
+}
+
+/// Serve with NOTIFY_SOCKET=`env`, whose datagrams arrive on `rx`: READY=1 comes once the
+/// socket listens, naming the daemon's pid.
+fn ready_through(rx: &UnixDatagram, env: &str, dir: &Path) {
+    let img = dir.join("n.qcow2");
+    let sock = dir.join("n.sock");
+    if !img.exists() {
+        common::create_with_cli(&img, "64M", &[]);
+    }
+    rx.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vhost-user-qcow2"))
+        .args(["serve", "--image", img.to_str().unwrap()])
+        .args(["--socket", sock.to_str().unwrap()])
+        .env("NOTIFY_SOCKET", env)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let n = match rx.recv(&mut buf) {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("no notification ({e})\n{}", stderr_of(&mut child));
+        }
+    };
+    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(msg.lines().any(|l| l == "READY=1"), "{msg:?}");
+    assert!(
+        msg.lines().any(|l| l == format!("MAINPID={}", child.id())),
+        "{msg:?}"
+    );
+    // Listening by the time systemd hears of it.
+    let conn = UnixStream::connect(&sock);
+    assert!(conn.is_ok(), "socket not listening at READY=1: {conn:?}");
+    drop(conn);
+    sigterm(&child);
+    let st = wait_exit(&mut child, Duration::from_secs(30));
+    assert!(st.success(), "{st:?}\n{}", stderr_of(&mut child));
+}
+
+#[test]
+fn systemd_hears_ready_once_listening() {
+    let dir = tempfile::tempdir().unwrap();
+    // A path, as systemd gives it.
+    let path = dir.path().join("notify");
+    let rx = UnixDatagram::bind(&path).unwrap();
+    ready_through(&rx, path.to_str().unwrap(), dir.path());
+    // An abstract name ("@..."), as systemd gives it too.
+    let name = format!("vuq-notify-test-{}", std::process::id());
+    let addr = SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+    let rx = UnixDatagram::bind_addr(&addr).unwrap();
+    ready_through(&rx, &format!("@{name}"), dir.path());
 }
