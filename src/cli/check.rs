@@ -1,9 +1,9 @@
 //! `vhost-user-qcow2 check IMG [--repair leaks|all] [--output human|json]`: our own consistency
 //! check, with qemu-img's exit codes: 0 clean, 1 check failed, 2 corruptions, 3 leaks only.
 
+use super::progress::Progress;
 use clap::{Args, ValueEnum};
 use std::fs::OpenOptions;
-use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use vhost_user_qcow2::qcow2::check::{check, CheckError, CheckOptions, CheckReport, RepairMode};
@@ -107,28 +107,20 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let storage = FileStorage::new(file);
-    let tty = std::io::stderr().is_terminal();
-    let show = |done: u64, total: u64| {
-        let mut e = std::io::stderr();
-        let _ = write!(
-            e,
-            "\r    ({done}/{total} = {:.2}%)",
-            done as f64 * 100.0 / total as f64
-        );
-        let _ = e.flush();
-    };
+    // A bar on a terminal, plain log lines otherwise; the checker calls back with each pass's
+    // progress (a repair walks the image more than once).
+    let progress = Progress::new("check", "steps");
+    let show = |done: u64, total: u64| progress.update(done, total);
     let opts = CheckOptions {
         repair: args.repair.map(|r| match r {
             Repair::Leaks => RepairMode::Leaks,
             Repair::All => RepairMode::All,
         }),
         mark_clean: true,
-        progress: if tty { Some(&show) } else { None },
+        progress: Some(&show),
     };
     let result = check(&storage, &opts);
-    if tty {
-        eprint!("\r\x1b[K");
-    }
+    progress.finish();
     let report = match result {
         Ok(r) => r,
         Err(e) => {

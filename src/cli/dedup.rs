@@ -1,8 +1,9 @@
 //! `vhost-user-qcow2 dedup IMG`: deduplicate an existing, closed image offline.
 
+use super::progress::Progress;
+use super::size::format_size;
 use anyhow::Context;
 use clap::Args;
-use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -27,39 +28,22 @@ pub fn run(a: DedupArgs) -> anyhow::Result<ExitCode> {
         },
     )
     .with_context(|| format!("cannot open {}", a.image.display()))?;
-    let cs = q.cluster_size();
-    let tty = std::io::stderr().is_terminal();
-    let mut last = Instant::now();
+    let bar = Progress::new("dedup", "clusters");
     let mut progress = |done: u64, total: u64, saved: u64| {
-        if !tty || (last.elapsed().as_millis() < 200 && done < total) {
-            return;
-        }
-        last = Instant::now();
-        let secs = t0.elapsed().as_secs_f64().max(1e-3);
-        let rate = done as f64 * cs as f64 / secs / 1e6;
-        let eta = if done > 0 {
-            secs * (total - done) as f64 / done as f64
-        } else {
-            0.0
-        };
-        eprint!(
-            "\r{done}/{total} clusters  {rate:.0} MB/s  saved {:.1} MiB  ETA {eta:.0} s   ",
-            saved as f64 / (1 << 20) as f64
-        );
-        let _ = std::io::stderr().flush();
+        let saved = format!("{} saved", format_size(saved));
+        bar.set_message(saved.clone());
+        bar.update_with(done, total, &saved);
     };
     let st = q.dedup_existing(&mut progress)?;
+    bar.finish();
     q.close()?;
-    if tty {
-        eprintln!();
-    }
     let secs = t0.elapsed().as_secs_f64();
     println!(
-        "{}: {} clusters linked to identical ones, {} zero clusters, {:.1} MiB saved, {:.1} s ({:.0} MB/s)",
+        "{}: {} clusters linked to identical ones, {} zero clusters, {} saved, {:.1} s ({:.0} MB/s)",
         a.image.display(),
         st.clusters_deduplicated,
         st.zero_clusters,
-        st.bytes_saved as f64 / (1 << 20) as f64,
+        format_size(st.bytes_saved),
         secs,
         vhost_user_qcow2::block::BlockDevice::capacity(&q) as f64 / 1e6 / secs.max(1e-3)
     );

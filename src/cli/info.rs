@@ -2,6 +2,7 @@
 //! `qemu-img info`.
 
 use super::check::Output;
+use super::size::format_size;
 use clap::Args;
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
@@ -19,42 +20,16 @@ pub struct InfoArgs {
     pub output: Output,
 }
 
-/// Bytes in qemu-img's style: "64 MiB", "1.26 MiB", "512 B".
-fn human_size(n: u64) -> String {
-    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else if v.fract() == 0.0 {
-        format!("{v} {}", UNITS[u])
-    } else {
-        // qemu-img prints three significant digits.
-        let digits = if v >= 100.0 {
-            0
-        } else if v >= 10.0 {
-            1
-        } else {
-            2
-        };
-        format!("{v:.digits$} {}", UNITS[u])
-    }
-}
-
 fn print_human(i: &ImageInfo) {
     println!("image: {}", i.filename);
     println!("file format: {}", i.format);
     println!(
         "virtual size: {} ({} bytes)",
-        human_size(i.virtual_size),
+        format_size(i.virtual_size),
         i.virtual_size
     );
     if let Some(a) = i.actual_size {
-        println!("disk size: {}", human_size(a));
+        println!("disk size: {}", format_size(a));
     }
     println!("cluster_size: {}", i.cluster_size);
     if let Some(b) = &i.backing_filename {
@@ -71,7 +46,7 @@ fn print_human(i: &ImageInfo) {
                 "{:<7} {:<17} {:>7} {:>14} {:>12}.{:03}",
                 s.id,
                 s.name,
-                human_size(s.vm_state_size),
+                format_size(s.vm_state_size),
                 s.date_sec,
                 s.vm_clock_sec,
                 s.vm_clock_nsec / 1_000_000
@@ -99,7 +74,7 @@ fn print_human(i: &ImageInfo) {
             d.clusters_deduplicated,
             d.clusters_written_unique,
             d.zero_clusters_detected,
-            human_size(d.bytes_saved)
+            format_size(d.bytes_saved)
         );
     }
     if i.dirty_flag {
@@ -134,17 +109,4 @@ pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
         Output::Json => println!("{}", serde_json::to_string_pretty(&info)?),
     }
     Ok(ExitCode::from(0))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::human_size;
-
-    #[test]
-    fn sizes_like_qemu_img() {
-        assert_eq!(human_size(512), "512 B");
-        assert_eq!(human_size(64 << 20), "64 MiB");
-        assert_eq!(human_size(1323008), "1.26 MiB");
-        assert_eq!(human_size(200704), "196 KiB");
-    }
 }

@@ -7,6 +7,9 @@ pub mod check;
 pub mod create;
 pub mod dedup;
 pub mod info;
+pub mod man;
+mod progress;
+mod ready;
 pub mod serve;
 mod size;
 
@@ -24,12 +27,15 @@ pub enum Command {
     Create(create::CreateArgs),
     /// Show what an image holds.
     Info(info::InfoArgs),
-    /// Check an image's consistency (exit 0 clean, 2 corruptions, 3 leaks only) and repair it.
+    /// Check an image's consistency and repair it (exit 0 clean, 1 check failed, 2 corruptions,
+    /// 3 leaks only, 63 an image this checker does not support).
     Check(check::CheckArgs),
     /// Serve an image as a vhost-user-blk device on a UNIX socket.
     Serve(serve::ServeArgs),
     /// Deduplicate an existing image offline (for example one made by qemu-img convert).
     Dedup(dedup::DedupArgs),
+    /// Print a manual page (roff), or write all of them into a directory.
+    Man(man::ManArgs),
 }
 
 /// Run a parsed command line; the exit code follows qemu-img where it has one.
@@ -40,12 +46,45 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Command::Check(a) => check::run(a),
         Command::Serve(a) => serve::run(a),
         Command::Dedup(a) => dedup::run(a),
+        Command::Man(a) => man::run(a),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn manual_pages_come_from_the_definitions() {
+        let main = String::from_utf8(man::render(None).unwrap()).unwrap();
+        assert!(main.contains(".TH vhost-user-qcow2 1"), "{main}");
+        for sub in ["create", "info", "check", "serve", "dedup"] {
+            assert!(main.contains(sub), "{sub} missing from the main page");
+        }
+        let serve = String::from_utf8(man::render(Some("serve")).unwrap()).unwrap();
+        assert!(serve.contains("vhost-user-qcow2-serve"), "{serve}");
+        for opt in ["pidfile", "dedup\\-cache\\-size", "overlap\\-check"] {
+            assert!(serve.contains(opt), "{opt} missing:\n{serve}");
+        }
+        assert!(
+            !main.contains("qcow2\\-help"),
+            "a page for help, which has none"
+        );
+        assert!(man::render(Some("nope")).is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let a = Args::try_parse_from(["x", "man", "--dir", dir.path().to_str().unwrap()]);
+        match a.map(|a| a.command) {
+            Ok(Command::Man(m)) => assert_eq!(man::run(m).ok(), Some(ExitCode::SUCCESS)),
+            other => panic!("{other:?}"),
+        }
+        for page in [
+            "vhost-user-qcow2.1",
+            "vhost-user-qcow2-serve.1",
+            "vhost-user-qcow2-man.1",
+        ] {
+            assert!(dir.path().join(page).exists(), "{page} not written");
+        }
+    }
 
     #[test]
     fn dedup_cache_size_is_checked() {

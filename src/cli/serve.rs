@@ -17,6 +17,8 @@ use vhost_user_qcow2::raw::RawDisk;
 use vhost_user_qcow2::storage::lock::ImageLock;
 use vhost_user_qcow2::vhost::{self, ServeConfig};
 
+use super::ready::{Notify, Ready};
+
 #[derive(Args, Debug)]
 pub struct ServeArgs {
     /// The image to serve (qcow2 or raw).
@@ -87,6 +89,10 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 0, value_name = "SECS",
           value_parser = clap::value_parser!(u64).range(0..=86400))]
     pub stats_interval: u64,
+    /// Write the daemon's process id to this file once the socket listens (refused if the file
+    /// names a running process; removed at exit).
+    #[arg(long, value_name = "PATH")]
+    pub pidfile: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -230,6 +236,10 @@ pub fn open_device(
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    // A pidfile naming a running process stops us before the image is even opened.
+    if let Some(p) = &args.pidfile {
+        super::ready::refuse_if_live(p)?;
+    }
     let image = open_device(
         &args.image,
         args.read_only,
@@ -301,8 +311,22 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     // closes the device first: close stops the worker before its next cluster and waits for
     // the one in hand; dropping the handle then joins the thread.
     let worker = image.qcow2.as_ref().and_then(|q| q.start_dedup_worker());
+    // The pidfile and systemd's READY=1 come from a watcher once the daemon's socket file
+    // appears: the daemon publishes that file only when it is listening.
+    let stop = vhost::StopHandle::new().context("creating the stop handle")?;
+    let ready = Ready::start(
+        args.pidfile.clone(),
+        Notify::from_env(),
+        args.socket.clone(),
+        stop.clone(),
+    )?;
+    if ready.is_some() {
+        cfg.stop = Some(stop);
+    }
     let r = vhost::serve(image.device.clone(), cfg);
     drop(worker);
+    let p = ready.map(Ready::finish).transpose();
     r?;
+    p?;
     Ok(ExitCode::SUCCESS)
 }
