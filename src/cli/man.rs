@@ -2,7 +2,7 @@
 //! definitions themselves (clap_mangen), so they cannot drift from `--help`.
 
 use anyhow::{bail, Context};
-use clap::{Args, CommandFactory};
+use clap::Args;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -18,17 +18,17 @@ pub struct ManArgs {
     pub dir: Option<PathBuf>,
 }
 
-/// The command tree as the pages show it: built, so that subcommands carry their full names,
-/// and without `help`, which has no page (as in `clap_mangen::generate_to`).
-fn command() -> clap::Command {
-    let mut cmd = super::Args::command().disable_help_subcommand(true);
+/// The command tree `root` as the pages show it: built, so that subcommands carry their full
+/// names, and without `help`, which has no page (as in `clap_mangen::generate_to`).
+fn command(root: clap::Command) -> clap::Command {
+    let mut cmd = root.disable_help_subcommand(true);
     cmd.build();
     cmd
 }
 
-/// The roff source of the main page, or of subcommand `name`'s page.
-pub fn render(name: Option<&str>) -> anyhow::Result<Vec<u8>> {
-    let root = command();
+/// The roff source of the main page of the command tree `root`, or of subcommand `name`'s page.
+pub fn render(root: clap::Command, name: Option<&str>) -> anyhow::Result<Vec<u8>> {
+    let root = command(root);
     let cmd = match name {
         None => root,
         Some(n) => match root.find_subcommand(n) {
@@ -41,15 +41,16 @@ pub fn render(name: Option<&str>) -> anyhow::Result<Vec<u8>> {
     Ok(out)
 }
 
-pub fn run(a: ManArgs) -> anyhow::Result<ExitCode> {
+/// Print a page of the command tree `root`, or write all of them (`--dir`).
+pub fn run(a: ManArgs, root: clap::Command) -> anyhow::Result<ExitCode> {
     if let Some(dir) = &a.dir {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        clap_mangen::generate_to(super::Args::command(), dir)
+        clap_mangen::generate_to(root, dir)
             .with_context(|| format!("writing manual pages into {}", dir.display()))?;
         println!("manual pages written to {}", dir.display());
         return Ok(ExitCode::SUCCESS);
     }
-    let page = render(a.command.as_deref())?;
+    let page = render(root, a.command.as_deref())?;
     std::io::stdout().write_all(&page)?;
     Ok(ExitCode::SUCCESS)
 }

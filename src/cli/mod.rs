@@ -46,22 +46,24 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Command::Check(a) => check::run(a),
         Command::Serve(a) => serve::run(a),
         Command::Dedup(a) => dedup::run(a),
-        Command::Man(a) => man::run(a),
+        Command::Man(a) => man::run(a, <Args as clap::CommandFactory>::command()),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::CommandFactory;
 
     #[test]
     fn manual_pages_come_from_the_definitions() {
-        let main = String::from_utf8(man::render(None).unwrap()).unwrap();
+        let main = String::from_utf8(man::render(Args::command(), None).unwrap()).unwrap();
         assert!(main.contains(".TH vhost-user-qcow2 1"), "{main}");
         for sub in ["create", "info", "check", "serve", "dedup"] {
             assert!(main.contains(sub), "{sub} missing from the main page");
         }
-        let serve = String::from_utf8(man::render(Some("serve")).unwrap()).unwrap();
+        let serve =
+            String::from_utf8(man::render(Args::command(), Some("serve")).unwrap()).unwrap();
         assert!(serve.contains("vhost-user-qcow2-serve"), "{serve}");
         for opt in ["pidfile", "dedup\\-cache\\-size", "overlap\\-check"] {
             assert!(serve.contains(opt), "{opt} missing:\n{serve}");
@@ -70,11 +72,13 @@ mod tests {
             !main.contains("qcow2\\-help"),
             "a page for help, which has none"
         );
-        assert!(man::render(Some("nope")).is_err());
+        assert!(man::render(Args::command(), Some("nope")).is_err());
         let dir = tempfile::tempdir().unwrap();
         let a = Args::try_parse_from(["x", "man", "--dir", dir.path().to_str().unwrap()]);
         match a.map(|a| a.command) {
-            Ok(Command::Man(m)) => assert_eq!(man::run(m).ok(), Some(ExitCode::SUCCESS)),
+            Ok(Command::Man(m)) => {
+                assert_eq!(man::run(m, Args::command()).ok(), Some(ExitCode::SUCCESS))
+            }
             other => panic!("{other:?}"),
         }
         for page in [
