@@ -82,7 +82,9 @@ impl Qcow2 {
 
     fn zero_clusters(&self, from: u64, to: u64, mode: Mode) -> Result<()> {
         let s = self.storage.as_ref();
-        let mut m = self.lock();
+        let cb = self.g.cluster_bits;
+        // The L2 tables of the batch are read without the lock first.
+        let mut m = self.load_tables(self.lock(), from << cb, (to - from) << cb)?;
         while (from..to).any(|gc| m.allocating(gc) || m.is_held(gc)) {
             m = self.wait_cluster(m);
         }
