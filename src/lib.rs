@@ -8,6 +8,7 @@ pub mod block;
 pub mod control;
 pub mod qcow2;
 pub mod raw;
+pub mod signals;
 pub mod storage;
 pub mod vhost;
 pub mod virtio;

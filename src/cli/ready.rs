@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
+use vhost_user_qcow2::signals::with_signals_blocked;
 
 use vhost_user_qcow2::vhost::StopHandle;
 
@@ -118,26 +119,6 @@ impl Notify {
             .send_to_addr(state.as_bytes(), &self.addr)
             .map(drop)
     }
-}
-
-/// Run `f` (which spawns a thread) with every signal blocked in this thread, then restore the
-/// mask: the thread inherits the full mask.
-fn with_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
-    // SAFETY: sigfillset initialises a set we own; pthread_sigmask changes only this thread's
-    // mask, reading `set` and writing the old mask into `old`, which we own.
-    let old = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        let mut old: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut set);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
-        old
-    };
-    let r = f();
-    // SAFETY: restores the mask saved above; reads only `old`.
-    unsafe {
-        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
-    }
-    r
 }
 
 /// The watcher: writes the pidfile and notifies systemd once the socket listens; removes the
