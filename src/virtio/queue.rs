@@ -217,7 +217,21 @@ where
         if req.data_len == 0 {
             return None;
         }
-        let plan = dev.plan_direct(dir, offset, req.data_len).ok()??;
+        // A bug below (reachable from a damaged image) must not end this queue's thread: the
+        // request then takes the pool path, which catches it again and fails only the request.
+        let planned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            dev.plan_direct(dir, offset, req.data_len)
+        }));
+        let plan = match planned {
+            Ok(r) => r.ok()??,
+            Err(_) => {
+                warn!(
+                    "queue {}: planning a {:?} request panicked",
+                    self.queue, req.kind
+                );
+                return None;
+            }
+        };
         match build_ops(&**mem, &req.data, &plan, dir) {
             Some(ops) => Some((plan, ops)),
             None => {
