@@ -2,7 +2,7 @@
 //! the end of the current connection, a stop event, a periodic timer, and the control socket
 //! with its clients and event queue.
 //!
-//! One VMM connection is served at a time, each by a fresh `VhostUserDaemon` (with its own
+//! One VMM connection is served at a time, each by a fresh `Handler` (with its own
 //! worker threads) on the same listening socket, so a VMM can disconnect and come back.
 
 use std::io;
@@ -12,8 +12,9 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use log::{info, warn};
-use vhost::vhost_user::Listener;
-use vhost_user_backend::VhostUserDaemon;
+use std::os::unix::net::UnixStream;
+use std::sync::Mutex;
+use vhost::vhost_user::{BackendReqHandler, Error as VuError, Listener};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
@@ -21,7 +22,9 @@ use vmm_sys_util::timerfd::TimerFd;
 use super::backend::BlkBackend;
 use super::config::{ServeConfig, StopHandle, Tick, VhostError};
 use super::control::ControlServer;
+use super::handler::Handler;
 use super::sys::{bind_socket, read_signal, signal_fd, Epoll, SocketFile};
+use super::worker::Worker;
 use crate::aio::{AioMode, Pool};
 use crate::block::BlockDevice;
 use crate::control::{DaemonView, Event, ImageControl, PlainControl, StatusInfo};
@@ -36,7 +39,8 @@ const TOKEN_DONE: u64 = 5;
 /// A connection being served: the thread that waits for its end, and a way to cut it.
 struct Connection {
     waiter: JoinHandle<Result<(), String>>,
-    shutdown: Option<vhost_user_backend::ShutdownHandle>,
+    /// The connection's socket, to cut it.
+    shutdown: Option<UnixStream>,
 }
 
 /// The daemon's answers to the control socket.
@@ -421,8 +425,8 @@ impl<'a> MainLoop<'a> {
             );
         }
         if let Some(c) = self.conn.take() {
-            if let Some(h) = &c.shutdown {
-                h.shutdown();
+            if let Some(s) = &c.shutdown {
+                let _ = s.shutdown(std::net::Shutdown::Both);
             }
             end_connection(c);
         }
@@ -468,6 +472,10 @@ fn start_connection(
     done: &EventFd,
     (pool, aio): (Arc<Pool>, AioMode),
 ) -> Result<Connection, VhostError> {
+    let stream = listener
+        .accept()
+        .map_err(|e| VhostError::Daemon(format!("accepting a connection: {e}")))?
+        .ok_or_else(|| VhostError::Daemon("the connection went away at once".into()))?;
     // Each connection starts from the configured cache mode, as after a device reset.
     ctx.writeback.store(
         ctx.limits.writeback != 0,
@@ -475,11 +483,9 @@ fn start_connection(
     );
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
     let backend = Arc::new(
-        BlkBackend::new(ctx.clone(), mem.clone(), usize::from(queue_size), pool, aio)
+        BlkBackend::new(ctx.clone(), mem, queue_size, pool, aio)
             .map_err(io_err("setting up the queues"))?,
     );
-    let mut daemon = VhostUserDaemon::new("vhost-user-qcow2".into(), backend.clone(), mem)
-        .map_err(|e| VhostError::Daemon(e.to_string()))?;
     log::debug!(
         "data I/O: {}, blocking requests on a pool",
         if backend.uses_io_uring() {
@@ -488,36 +494,39 @@ fn start_connection(
             "thread pool only"
         }
     );
-    let handlers = daemon.get_epoll_handlers();
-    for (thread, fd, data) in backend.completion_events() {
-        let Some(h) = handlers.get(thread) else {
-            return Err(VhostError::Daemon(format!("no worker thread {thread}")));
-        };
-        h.register_listener(fd, vmm_sys_util::epoll::EventSet::IN, data)
-            .map_err(io_err("watching a queue's completions"))?;
-    }
-    daemon
-        .start(listener)
-        .map_err(|e| VhostError::Daemon(e.to_string()))?;
-    let shutdown = daemon.shutdown_handle();
+    let workers = (0..backend.num_queues())
+        .map(|q| Worker::spawn(backend.clone(), vec![q], format!("vuq-queue{q}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let handler = Arc::new(Mutex::new(Handler::new(backend.clone(), workers)));
+    let mut requests = BackendReqHandler::from_stream(stream, handler.clone());
+    let shutdown = requests
+        .try_clone_connection()
+        .map_err(io_err("cloning the connection"))?;
     let done = done.try_clone().map_err(io_err("cloning an eventfd"))?;
     let waiter = thread::Builder::new()
         .name("vhost-conn".into())
         .spawn(move || {
-            let r = daemon.wait().map_err(|e| e.to_string());
+            let r = loop {
+                match requests.handle_request() {
+                    Ok(()) => {}
+                    Err(VuError::Disconnected | VuError::PartialMessage) => break Ok(()),
+                    Err(e) => break Err(e.to_string()),
+                }
+            };
             // Requests still in flight finish (and reach the used ring) before the workers go.
             backend.drain(None, std::time::Duration::from_secs(60));
-            drop(backend);
-            for h in daemon.get_epoll_handlers() {
-                h.send_exit_event();
-            }
-            // Dropping the daemon joins the queue workers: their requests are finished.
-            drop(daemon);
+            handler
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .stop_workers();
             let _ = done.write(1);
             r
         })
         .map_err(io_err("spawning the connection thread"))?;
-    Ok(Connection { waiter, shutdown })
+    Ok(Connection {
+        waiter,
+        shutdown: Some(shutdown),
+    })
 }
 
 fn end_connection(c: Connection) {

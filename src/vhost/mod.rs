@@ -1,13 +1,19 @@
-//! The vhost-user transport: a `VhostUserBackend` with one worker thread per queue
-//! ([`backend`]), and the daemon's main loop ([`serve`]): signals, one connection at a time on
-//! one socket, reconnects, a periodic timer, the QMP control socket ([`control`]), clean
-//! shutdown.
+//! The vhost-user transport: the request handler of a frontend connection ([`handler`], on
+//! the `vhost` crate), the queues' state and their worker threads ([`backend`], [`vring`],
+//! [`worker`]), the inflight region that lets a restarted daemon take over requests in flight
+//! ([`inflight_fd`]), and the daemon's main loop ([`serve`]): signals, one connection at a
+//! time on one socket, reconnects, a periodic timer, the QMP control socket ([`control`]),
+//! clean shutdown.
 
 mod backend;
 mod config;
 mod control;
 mod daemon;
+mod handler;
+pub mod inflight_fd;
 mod sys;
+mod vring;
+mod worker;
 
 pub use crate::aio::AioMode;
 pub use backend::{device_features, BlkBackend};

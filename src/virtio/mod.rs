@@ -13,6 +13,7 @@ mod queue;
 mod request;
 mod stats;
 mod throttle;
+mod walk;
 
 pub use config::{BlkConfig, CONFIG_SPACE_SIZE};
 pub use consts::*;
@@ -21,6 +22,7 @@ pub use inflight::{InflightError, InflightTable, Slot};
 pub use queue::QueueExec;
 pub use request::{parse_chain, ParseError, Request, RequestType, Segment};
 pub use stats::{Histogram, QueueSnapshot, QueueStats, LATENCY_BOUNDS_US};
+pub use walk::{chain_at, WalkError};
 
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,140 @@
+//! The queue worker threads: each waits on its queues' kick eventfds (registered while a ring
+//! is started and enabled) and completion eventfds, takes new requests on a kick and puts
+//! finished ones in the used ring as they arrive.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use log::warn;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::backend::BlkBackend;
+use super::config::VhostError;
+use super::sys::Epoll;
+
+/// The epoll token of the exit event; queue tokens are `2 * queue` (kick) and `2 * queue + 1`
+/// (completions).
+const TOKEN_EXIT: u64 = u64::MAX;
+
+fn kick_token(queue: usize) -> u64 {
+    2 * queue as u64
+}
+
+/// A running worker thread.
+pub(crate) struct Worker {
+    epoll: Arc<Epoll>,
+    exit: EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Worker {
+    /// Start a worker for `queues` of `backend`.
+    pub(crate) fn spawn(
+        backend: Arc<BlkBackend>,
+        queues: Vec<usize>,
+        name: String,
+    ) -> Result<Self, VhostError> {
+        let io = |what| move |source| VhostError::Io { what, source };
+        let epoll = Arc::new(Epoll::new()?);
+        let exit = EventFd::new(EFD_NONBLOCK).map_err(io("creating an eventfd"))?;
+        epoll.add(exit.as_raw_fd(), TOKEN_EXIT)?;
+        for &q in &queues {
+            let fd = backend
+                .completion_fd(q)
+                .ok_or_else(|| VhostError::Daemon(format!("no completion event for queue {q}")))?;
+            epoll.add(fd, kick_token(q) + 1)?;
+        }
+        let ep = epoll.clone();
+        let thread = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || run(&backend, &ep))
+            .map_err(io("spawning a queue worker"))?;
+        Ok(Worker {
+            epoll,
+            exit,
+            thread: Some(thread),
+        })
+    }
+
+    /// Start (`on`) or stop watching queue `queue`'s kick eventfd `fd`.
+    pub(crate) fn watch_kick(&self, queue: usize, fd: RawFd, on: bool) {
+        let r = if on {
+            match self.epoll.add(fd, kick_token(queue)) {
+                // Already watched: enabling an enabled ring again.
+                Err(VhostError::Io { source, .. })
+                    if source.kind() == io::ErrorKind::AlreadyExists =>
+                {
+                    Ok(())
+                }
+                r => r,
+            }
+        } else {
+            self.epoll.del(fd).or(Ok(()))
+        };
+        if let Err(e) = r {
+            warn!("queue {queue}: {e}");
+        }
+    }
+
+    /// Stop the thread and wait for it.
+    pub(crate) fn stop(&mut self) {
+        let _ = self.exit.write(1);
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                warn!("a queue worker panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Drain an eventfd's counter (the fds are non-blocking or known readable).
+fn consume(fd: RawFd) {
+    let mut buf = [0u8; 8];
+    // SAFETY: reads at most 8 bytes into a buffer of 8 bytes that lives across the call.
+    let _ = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+}
+
+fn run(backend: &BlkBackend, epoll: &Epoll) {
+    let mut events = vec![epoll::Event::new(epoll::Events::empty(), 0); 16];
+    loop {
+        let n = match epoll::wait(epoll.fd(), -1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                warn!("a queue worker cannot wait for events: {e}");
+                return;
+            }
+        };
+        for ev in events.iter().take(n) {
+            let token = ev.data; // a copy: Event is packed
+            if token == TOKEN_EXIT {
+                return;
+            }
+            let queue = usize::try_from(token / 2).unwrap_or(usize::MAX);
+            let r = if token % 2 == 0 {
+                if let Some(fd) = backend.vring(queue).and_then(|v| v.kick_fd()) {
+                    consume(fd);
+                }
+                // An error here is a broken ring (bad addresses from the driver); the thread
+                // stays for the next kick.
+                backend.process_queue(queue)
+            } else {
+                if let Some(fd) = backend.completion_fd(queue) {
+                    consume(fd);
+                }
+                backend.complete_queue(queue)
+            };
+            if let Err(e) = r {
+                warn!("{e}");
+            }
+        }
+    }
+}
