@@ -6,11 +6,13 @@
 #       their shared libraries, the virtio modules of the cached kernel, and tests/e2e/init.sh as
 #       /init. Prints its path.
 #   guest.sh boot --socket SOCK [--log FILE] [--queues N] [--timeout SECS] [--fio-size SIZE]
-#                 [--mode full|reverify]
+#                 [--mode full|reverify|crash] [--rounds N] [--reconnect-ms MS] [--event-idx on|off]
 #       Boot the guest against a backend already listening on SOCK. Exit 0 only if the guest
 #       printed "VHOST-QCOW2-E2E: PASS"; non-zero on FAIL, a missing marker, or a timeout.
 #       full: fio, mkfs, files (see init.sh); reverify: a second boot on the same backend and
-#       disk that checks the filesystem and files the full boot left.
+#       disk that checks the filesystem and files the full boot left; crash: rounds of fio
+#       verify while the caller kills and restarts the backend. --reconnect-ms: QEMU reconnects
+#       to a backend that went away (chardev reconnect-ms). --event-idx: the device's event_idx.
 #   guest.sh verify-image IMG LOG
 #       After the guest and backend are gone: convert IMG to raw with qemu-img, run the host's
 #       e2fsck on it, and compare every file's SHA-256 the guest printed (E2E-SUM lines in LOG)
@@ -128,6 +130,7 @@ cmd_initramfs() {
 
 cmd_boot() {
     local sock="" logf="" queues=2 timeout_s="${E2E_TIMEOUT:-600}" fio_size=64M mode=full
+    local rounds=3 reconnect="" event_idx=on
     while [ $# -gt 0 ]; do
         case "$1" in
             --socket) sock="$2"; shift 2 ;;
@@ -136,6 +139,9 @@ cmd_boot() {
             --timeout) timeout_s="$2"; shift 2 ;;
             --fio-size) fio_size="$2"; shift 2 ;;
             --mode) mode="$2"; shift 2 ;;
+            --rounds) rounds="$2"; shift 2 ;;
+            --reconnect-ms) reconnect=",reconnect-ms=$2"; shift 2 ;;
+            --event-idx) event_idx="$2"; shift 2 ;;
             *) die "boot: unknown argument $1" ;;
         esac
     done
@@ -155,10 +161,10 @@ cmd_boot() {
         qemu-system-x86_64
         -machine pc -accel tcg,thread=multi -cpu max -smp 2 -m 1G
         -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem
-        -chardev "socket,id=c,path=$sock"
-        -device "vhost-user-blk-pci,chardev=c,num-queues=$queues"
+        -chardev "socket,id=c,path=$sock$reconnect"
+        -device "vhost-user-blk-pci,chardev=c,num-queues=$queues,event_idx=$event_idx"
         -kernel "$KDIR/vmlinuz" -initrd "$initrd"
-        -append "console=ttyS0 panic=-1 e2e.queues=$queues e2e.fio_size=$fio_size e2e.mode=$mode"
+        -append "console=ttyS0 panic=-1 e2e.queues=$queues e2e.fio_size=$fio_size e2e.mode=$mode e2e.rounds=$rounds"
         -nodefaults -nographic -serial "file:$logf" -monitor none -no-reboot
     )
     log "booting the guest (timeout ${timeout_s}s), serial log: $logf"

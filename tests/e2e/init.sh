@@ -10,7 +10,10 @@
 #   e2e.fio_size=S size of each fio job's region (default 64M)
 #   e2e.mode=M     full (default): everything above, from an empty disk;
 #                  reverify: a later boot on the same disk (after the backend served another VMM
-#                  connection): fsck -n, then check the files the full run wrote (/SUMS).
+#                  connection): fsck -n, then check the files the full run wrote (/SUMS);
+#                  crash: e2e.rounds rounds of fio randwrite + verify (direct, no flush until
+#                  the end) while the host kills and restarts the backend (tests/e2e_restart.rs).
+#   e2e.rounds=N   rounds of the crash mode (default 3)
 /bin/busybox mkdir -p /proc /sys /dev /tmp /mnt /etc /sbin /usr/bin /usr/sbin
 /bin/busybox --install -s
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
@@ -34,11 +37,13 @@ step() { echo "e2e: == $*"; }
 QUEUES=2
 FIO_SIZE=64M
 MODE=full
+ROUNDS=3
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         e2e.queues=*) QUEUES="${arg#e2e.queues=}" ;;
         e2e.fio_size=*) FIO_SIZE="${arg#e2e.fio_size=}" ;;
         e2e.mode=*) MODE="${arg#e2e.mode=}" ;;
+        e2e.rounds=*) ROUNDS="${arg#e2e.rounds=}" ;;
     esac
 done
 
@@ -79,9 +84,23 @@ if [ "$MODE" = reverify ]; then
     umount /mnt || fail "umount"
     finish PASS
 fi
+CPUS="0-$(($(nproc) - 1))"
+if [ "$MODE" = crash ]; then
+    # Every write fio saw complete must read back, whatever the backend went through.
+    r=1
+    while [ "$r" -le "$ROUNDS" ]; do
+        step "crash round $r of $ROUNDS: fio randwrite 4k iodepth 16 x $QUEUES jobs, verify crc32c"
+        /usr/bin/fio --name=crash-verify --filename=/dev/vda --ioengine=libaio --direct=1 \
+            --rw=randwrite --bs=4k --iodepth=16 --size="$FIO_SIZE" --offset_increment="$FIO_SIZE" \
+            --numjobs="$QUEUES" --cpus_allowed="$CPUS" --cpus_allowed_policy=split --randseed="$r" \
+            --verify=crc32c --do_verify=1 --verify_fatal=1 --group_reporting \
+            || fail "fio verify in crash round $r (exit $?)"
+        r=$((r + 1))
+    done
+    finish PASS
+fi
 [ "$MODE" = full ] || fail "unknown e2e.mode=$MODE"
 
-CPUS="0-$(($(nproc) - 1))"
 step "fio randwrite 4k iodepth 16 x $QUEUES jobs, verify crc32c"
 # One job per CPU (cpus_allowed_policy=split): with 2 vCPUs and 2 queues each job lands on its
 # own hardware queue. offset_increment keeps the jobs' regions apart so that verify is exact.
