@@ -525,4 +525,21 @@ mod tests {
         // Nothing is left in flight in the region either.
         assert!(part.recover(2).heads.is_empty());
     }
+
+    /// Every ring start signals the guest, even with nothing new to publish: a predecessor may
+    /// have moved the used index past `used_event` and died before signalling.
+    #[test]
+    fn a_ring_start_signals_the_guest() {
+        use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+        let mmap = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mem = GuestMemoryAtomic::new(mmap.clone());
+        let q = MockSplitQueue::new(&mmap, 16);
+        let b = test_backend(Arc::new(MemDisk::new(1 << 20, false)), mem);
+        configure(&b, &q, true);
+        let call = EventFd::new(EFD_NONBLOCK).unwrap();
+        b.vring(0).unwrap().call = Some(call.try_clone().unwrap());
+        assert!(call.read().is_err(), "no signal before the start");
+        b.start_queue(0).unwrap();
+        assert_eq!(call.read().unwrap(), 1);
+    }
 }
