@@ -97,7 +97,17 @@ impl Client {
     }
 }
 
-fn serve(bin: &Path, img: &Path, sock: &Path, s: &Setting, log: &Path) -> Child {
+/// The daemon process; killed and reaped when dropped.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn serve(bin: &Path, img: &Path, sock: &Path, s: &Setting, log: &Path) -> Daemon {
     let out = std::fs::File::create(log).expect("log file");
     Command::new(bin)
         .arg("serve")
@@ -111,6 +121,7 @@ fn serve(bin: &Path, img: &Path, sock: &Path, s: &Setting, log: &Path) -> Child 
         .stdout(Stdio::null())
         .stderr(out)
         .spawn()
+        .map(Daemon)
         .expect("cannot start the daemon")
 }
 
@@ -174,7 +185,7 @@ fn main() -> anyhow::Result<()> {
         let log = dir.join(format!("restart-{}.log", s.name));
         let n = fill(&img, gib, cs, s)?;
         // The crash: allocating writes past the filled part, then SIGKILL.
-        let mut d = serve(&bin, &img, &sock, s, &dir.join("before-crash.log"));
+        let d = serve(&bin, &img, &sock, s, &dir.join("before-crash.log"));
         let t = Instant::now();
         let mut c = loop {
             match Client::connect(&sock) {
@@ -189,8 +200,7 @@ fn main() -> anyhow::Result<()> {
             let r = c.io(true, (gib << 30) + i * cs * 3, 4096);
             anyhow::ensure!(r == 0, "write before the crash failed: {r}");
         }
-        d.kill()?;
-        d.wait()?;
+        drop(d);
         drop(c);
         let _ = std::fs::remove_file(&sock);
         // The restart.
@@ -210,8 +220,8 @@ fn main() -> anyhow::Result<()> {
         anyhow::ensure!(r == 0, "first read after the restart failed: {r}");
         drop(c);
         // SAFETY: signalling our own child, not reaped yet.
-        unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
-        d.wait()?;
+        unsafe { libc::kill(d.0.id() as i32, libc::SIGTERM) };
+        d.0.wait()?;
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         let find = |what: &str| {
             text.lines()

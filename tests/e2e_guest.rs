@@ -13,7 +13,7 @@
 
 mod common;
 
-use common::guest::{boot, run_logged, Backend, Which, GUEST_SH};
+use common::guest::{boot, boot_command, passed, run_logged, Backend, Which, GUEST_SH};
 use std::process::Command;
 use std::sync::Mutex;
 
@@ -28,6 +28,52 @@ fn qemu_guest_fio_and_ext4_on_vhost_user_qcow2() {
 #[test]
 fn qemu_guest_harness_with_qemu_storage_daemon() {
     guest_run(Which::Qsd);
+}
+
+/// A newcomer's command lines: `serve` with no queue option, QEMU with 4 vCPUs and the plain
+/// device line (QEMU then asks for one queue per vCPU). The guest must see 4 queues and pass a
+/// short fio verify on each.
+#[test]
+fn qemu_guest_with_4_vcpus_and_the_plain_device_line() {
+    let _turn = GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.qcow2");
+    let sock = dir.path().join("vhost.sock");
+    let serial = dir.path().join("serial.log");
+    let out = run_logged(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&img)
+            .arg("1G"),
+    );
+    assert!(out.status.success(), "qemu-img create failed");
+    let mut backend = Backend::start_with(
+        Which::Ours,
+        &img,
+        &sock,
+        &dir.path().join("backend.log"),
+        &[],
+    );
+    backend.wait_listening(&sock);
+    let args = [
+        "--queues",
+        "4",
+        "--smp",
+        "4",
+        "--plain-device",
+        "--mode",
+        "crash",
+        "--rounds",
+        "1",
+        "--fio-size",
+        "8M",
+    ];
+    let guest = run_logged(&mut boot_command(&sock, &serial, &args));
+    let ok = passed(&guest, &serial, "4 vCPUs");
+    let status = backend.terminate();
+    eprintln!("backend log:\n{}", backend.log_text());
+    assert!(ok, "the 4-vCPU guest with the plain device line failed");
+    assert_eq!(status.code(), Some(0));
 }
 
 fn guest_run(which: Which) {

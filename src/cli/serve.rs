@@ -27,8 +27,9 @@ pub struct ServeArgs {
     /// The UNIX socket to listen on (a stale socket file is replaced, a live one refused).
     #[arg(long)]
     pub socket: PathBuf,
-    /// Number of request queues; each gets its own worker thread.
-    #[arg(long, default_value_t = 1)]
+    /// Request queues offered, 1..=1024 (QEMU asks for one per vCPU); they are served by at
+    /// most one worker thread per host CPU.
+    #[arg(long, default_value_t = vhost_user_qcow2::vhost::DEFAULT_NUM_QUEUES)]
     pub num_queues: u16,
     /// Largest virtqueue size offered (a power of two).
     #[arg(long, default_value_t = 256)]

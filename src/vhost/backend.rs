@@ -32,8 +32,11 @@ pub struct BlkBackend {
     pub(crate) event_idx: AtomicBool,
     pub(crate) queue_size: u16,
     vrings: Vec<Mutex<Vring>>,
-    /// One executor per queue (its in-flight table, its ring).
-    execs: Vec<Mutex<QueueExec<MemGuard>>>,
+    /// One executor per queue (its in-flight table, its ring), made when the queue first
+    /// starts: a frontend uses only some of the queues offered.
+    execs: Vec<Mutex<Option<QueueExec<MemGuard>>>>,
+    pool: Arc<Pool>,
+    aio: AioMode,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -51,15 +54,8 @@ impl BlkBackend {
         let queues = usize::from(ctx.limits.num_queues).max(1);
         let mut execs = Vec::with_capacity(queues);
         let mut vrings = Vec::with_capacity(queues);
-        for q in 0..queues {
-            let e = QueueExec::new(
-                ctx.clone(),
-                pool.clone(),
-                q,
-                usize::from(queue_size),
-                aio == AioMode::IoUring,
-            )?;
-            execs.push(Mutex::new(e));
+        for _ in 0..queues {
+            execs.push(Mutex::new(None));
             vrings.push(Mutex::new(
                 Vring::new(queue_size).map_err(io::Error::other)?,
             ));
@@ -71,6 +67,8 @@ impl BlkBackend {
             queue_size,
             vrings,
             execs,
+            pool,
+            aio,
         })
     }
 
@@ -82,25 +80,54 @@ impl BlkBackend {
         self.vrings.get(queue).map(lock)
     }
 
-    fn exec(&self, queue: usize) -> Option<MutexGuard<'_, QueueExec<MemGuard>>> {
+    /// Queue `queue`'s executor slot (empty until the queue first starts).
+    fn exec(&self, queue: usize) -> Option<MutexGuard<'_, Option<QueueExec<MemGuard>>>> {
         self.execs.get(queue).map(lock)
     }
 
-    /// The completion eventfd of queue `queue`.
-    pub(crate) fn completion_fd(&self, queue: usize) -> Option<std::os::fd::RawFd> {
-        self.exec(queue).map(|e| e.event_fd())
+    /// Make queue `queue`'s executor if it has none yet; returns its completion eventfd.
+    pub(crate) fn ensure_exec(&self, queue: usize) -> io::Result<std::os::fd::RawFd> {
+        let slot = self
+            .execs
+            .get(queue)
+            .ok_or_else(|| io::Error::other(format!("no queue {queue}")))?;
+        let mut g = lock(slot);
+        if let Some(e) = g.as_ref() {
+            return Ok(e.event_fd());
+        }
+        let e = QueueExec::new(
+            self.ctx.clone(),
+            self.pool.clone(),
+            queue,
+            usize::from(self.queue_size),
+            self.aio == AioMode::IoUring,
+        )?;
+        log::debug!(
+            "queue {queue}: data I/O on {}, blocking requests on the pool",
+            if e.has_ring() {
+                "its io_uring"
+            } else {
+                "the pool"
+            }
+        );
+        let fd = e.event_fd();
+        *g = Some(e);
+        Ok(fd)
     }
 
-    /// True when at least one queue runs its reads and writes on an io_uring.
-    pub(crate) fn uses_io_uring(&self) -> bool {
-        (0..self.execs.len()).any(|q| self.exec(q).is_some_and(|e| e.has_ring()))
+    /// The completion eventfd of queue `queue`, once it has started.
+    pub(crate) fn completion_fd(&self, queue: usize) -> Option<std::os::fd::RawFd> {
+        self.exec(queue)?.as_ref().map(|e| e.event_fd())
     }
 
     /// Wait until queue `queue` (every queue when None) has nothing in flight; the worker
     /// threads complete what finishes meanwhile. Gives up after `timeout` (logged).
     pub(crate) fn drain(&self, queue: Option<usize>, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
-        let busy = |q: usize| self.exec(q).is_some_and(|e| e.in_flight() > 0);
+        let busy = |q: usize| {
+            self.exec(q)
+                .is_some_and(|e| e.as_ref().is_some_and(|e| e.in_flight() > 0))
+        };
         loop {
             let left: Vec<usize> = match queue {
                 Some(q) => vec![q],
@@ -124,7 +151,7 @@ impl BlkBackend {
     /// wants to know.
     pub(crate) fn complete_queue(&self, queue: usize) -> io::Result<()> {
         let mut done = Vec::new();
-        if let Some(mut e) = self.exec(queue) {
+        if let Some(e) = self.exec(queue).as_mut().and_then(|g| g.as_mut()) {
             e.reap(&mut done);
         }
         if done.is_empty() {
@@ -147,8 +174,12 @@ impl BlkBackend {
     /// a chain is taken: a driver can add a memory region and at once post a request into it.
     fn process_queue_from(&self, queue: usize, mut mem: MemGuard) -> io::Result<()> {
         let event_idx = self.event_idx.load(Ordering::Acquire);
-        let Some(mut exec) = self.exec(queue) else {
+        let Some(mut slot) = self.exec(queue) else {
             return Err(io::Error::other(format!("no executor for queue {queue}")));
+        };
+        let Some(exec) = slot.as_mut() else {
+            // Not started yet.
+            return Ok(());
         };
         let Some(mut vring) = self.vring(queue) else {
             return Err(io::Error::other(format!("no vring for queue {queue}")));
@@ -159,7 +190,7 @@ impl BlkBackend {
         // The first error ends the pass, but what was completed before it still reaches the
         // guest below: a guest left waiting for a completion it will never see is a hung disk.
         let mut failed: Option<String> = None;
-        resubmit(&mut vring, &mut exec, &mem, queue, &mut failed);
+        resubmit(&mut vring, exec, &mem, queue, &mut failed);
         'pass: loop {
             if event_idx {
                 if let Err(e) = vring.queue.disable_notification(&*mem) {
@@ -214,7 +245,7 @@ impl BlkBackend {
         // What already finished goes out with this pass's notification.
         let mut done = Vec::new();
         exec.reap(&mut done);
-        drop(exec);
+        drop(slot);
         publish(&mut vring, &mem, queue, done, failed)
     }
 
@@ -224,6 +255,7 @@ impl BlkBackend {
     /// guest is signalled once: a predecessor may have died after moving the used index and
     /// before signalling, and a lost interrupt hangs the guest.
     pub(crate) fn start_queue(&self, queue: usize) -> io::Result<()> {
+        self.ensure_exec(queue)?;
         let mem = self.mem.memory();
         let Some(mut vring) = self.vring(queue) else {
             return Ok(());
@@ -389,7 +421,7 @@ mod tests {
     fn wait_idle(b: &BlkBackend) {
         for _ in 0..10_000 {
             b.complete_queue(0).unwrap();
-            if b.exec(0).unwrap().in_flight() == 0 {
+            if b.exec(0).unwrap().as_ref().unwrap().in_flight() == 0 {
                 return;
             }
             std::thread::sleep(std::time::Duration::from_millis(1));

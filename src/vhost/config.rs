@@ -13,6 +13,13 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::block::BlockError;
 use crate::control::{EventReceiver, ImageControl};
 
+/// Queues `serve` offers by default: QEMU's vhost-user-blk asks for one per vCPU, and fails
+/// to start a VM with more vCPUs than the backend offers queues.
+pub const DEFAULT_NUM_QUEUES: u16 = 64;
+
+/// The largest queue count (virtio's limit).
+pub const MAX_NUM_QUEUES: u16 = 1024;
+
 /// The default period of `ServeConfig::tick`.
 pub const DEFAULT_TICK: Duration = Duration::from_secs(1);
 

@@ -441,9 +441,10 @@ impl<'a> MainLoop<'a> {
 }
 
 fn validate(c: &ServeConfig) -> Result<(), VhostError> {
-    if c.num_queues == 0 || c.num_queues > 64 {
+    if c.num_queues == 0 || c.num_queues > super::config::MAX_NUM_QUEUES {
         return Err(VhostError::Config(format!(
-            "num-queues must be 1..=64, not {}",
+            "num-queues must be 1..={}, not {}",
+            super::config::MAX_NUM_QUEUES,
             c.num_queues
         )));
     }
@@ -486,16 +487,11 @@ fn start_connection(
         BlkBackend::new(ctx.clone(), mem, queue_size, pool, aio)
             .map_err(io_err("setting up the queues"))?,
     );
-    log::debug!(
-        "data I/O: {}, blocking requests on a pool",
-        if backend.uses_io_uring() {
-            "io_uring per queue"
-        } else {
-            "thread pool only"
-        }
-    );
-    let workers = (0..backend.num_queues())
-        .map(|q| Worker::spawn(backend.clone(), vec![q], format!("vuq-queue{q}")))
+    // At most one worker thread per host CPU; queue q is served by worker q % threads.
+    let cpus = thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = backend.num_queues().clamp(1, cpus);
+    let workers = (0..threads)
+        .map(|t| Worker::spawn(backend.clone(), format!("vuq-queue{t}")))
         .collect::<Result<Vec<_>, _>>()?;
     let handler = Arc::new(Mutex::new(Handler::new(backend.clone(), workers)));
     let mut requests = BackendReqHandler::from_stream(stream, handler.clone());

@@ -43,7 +43,7 @@ struct AddrMapping {
 /// The protocol state of one connection.
 pub(crate) struct Handler {
     backend: Arc<BlkBackend>,
-    /// The worker thread of each queue.
+    /// The worker threads; queue q is served by `workers[q % workers.len()]`.
     workers: Vec<Worker>,
     owned: bool,
     acked_features: u64,
@@ -88,6 +88,10 @@ impl Handler {
         }
     }
 
+    fn worker(&self, q: usize) -> Option<&Worker> {
+        self.workers.get(q.checked_rem(self.workers.len())?)
+    }
+
     fn check_queue(&self, index: u32) -> VuResult<usize> {
         let q = usize::try_from(index).map_err(|_| VuError::InvalidParam)?;
         if q < self.backend.num_queues() {
@@ -112,7 +116,7 @@ impl Handler {
         };
         let (fd, active) = (v.kick_fd(), v.active());
         drop(v);
-        if let (Some(fd), Some(w)) = (fd, self.workers.get(q)) {
+        if let (Some(fd), Some(w)) = (fd, self.worker(q)) {
             w.watch_kick(q, fd, active);
         }
     }
@@ -129,6 +133,9 @@ impl Handler {
         self.backend
             .start_queue(q)
             .map_err(VuError::ReqHandlerError)?;
+        if let (Some(fd), Some(w)) = (self.backend.completion_fd(q), self.worker(q)) {
+            w.watch_completions(q, fd);
+        }
         self.update_registration(q);
         self.wake(q);
         Ok(())
@@ -317,7 +324,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
         let mut v = self.backend.vring(q).ok_or(VuError::InvalidParam)?;
         let next_avail = v.queue.next_avail();
         if let Some(k) = v.kick.take() {
-            if let Some(w) = self.workers.get(q) {
+            if let Some(w) = self.worker(q) {
                 w.watch_kick(q, k.as_raw_fd(), false);
             }
         }
@@ -337,7 +344,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
             .backend
             .vring(q)
             .and_then(|mut v| std::mem::replace(&mut v.kick, fd.map(eventfd_of)));
-        if let (Some(old), Some(w)) = (old, self.workers.get(q)) {
+        if let (Some(old), Some(w)) = (old, self.worker(q)) {
             w.watch_kick(q, old.as_raw_fd(), false);
         }
         self.update_registration(q);

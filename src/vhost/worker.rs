@@ -30,22 +30,13 @@ pub(crate) struct Worker {
 }
 
 impl Worker {
-    /// Start a worker for `queues` of `backend`.
-    pub(crate) fn spawn(
-        backend: Arc<BlkBackend>,
-        queues: Vec<usize>,
-        name: String,
-    ) -> Result<Self, VhostError> {
+    /// Start a worker of `backend`; queues are given to it with `watch_kick` and
+    /// `watch_completions`.
+    pub(crate) fn spawn(backend: Arc<BlkBackend>, name: String) -> Result<Self, VhostError> {
         let io = |what| move |source| VhostError::Io { what, source };
         let epoll = Arc::new(Epoll::new()?);
         let exit = EventFd::new(EFD_NONBLOCK).map_err(io("creating an eventfd"))?;
         epoll.add(exit.as_raw_fd(), TOKEN_EXIT)?;
-        for &q in &queues {
-            let fd = backend
-                .completion_fd(q)
-                .ok_or_else(|| VhostError::Daemon(format!("no completion event for queue {q}")))?;
-            epoll.add(fd, kick_token(q) + 1)?;
-        }
         let ep = epoll.clone();
         let thread = std::thread::Builder::new()
             .name(name)
@@ -58,10 +49,19 @@ impl Worker {
         })
     }
 
+    /// Watch queue `queue`'s completion eventfd `fd` (again: no effect).
+    pub(crate) fn watch_completions(&self, queue: usize, fd: RawFd) {
+        self.watch(queue, fd, kick_token(queue) + 1, true);
+    }
+
     /// Start (`on`) or stop watching queue `queue`'s kick eventfd `fd`.
     pub(crate) fn watch_kick(&self, queue: usize, fd: RawFd, on: bool) {
+        self.watch(queue, fd, kick_token(queue), on);
+    }
+
+    fn watch(&self, queue: usize, fd: RawFd, token: u64, on: bool) {
         let r = if on {
-            match self.epoll.add(fd, kick_token(queue)) {
+            match self.epoll.add(fd, token) {
                 // Already watched: enabling an enabled ring again.
                 Err(VhostError::Io { source, .. })
                     if source.kind() == io::ErrorKind::AlreadyExists =>

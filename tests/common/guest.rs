@@ -29,7 +29,7 @@ pub struct Backend {
 
 impl Backend {
     pub fn start(which: Which, img: &Path, sock: &Path, log: &Path) -> Backend {
-        Self::start_with(which, img, sock, log, &[])
+        Self::start_with(which, img, sock, log, &["--num-queues", QUEUES])
     }
 
     /// Like `start`, with more `serve` arguments for our daemon. The log is appended to, so
@@ -53,7 +53,6 @@ impl Backend {
                     .arg(img)
                     .arg("--socket")
                     .arg(sock)
-                    .args(["--num-queues", QUEUES])
                     .args(extra)
                     // `./run test`'s second pass (other executor, O_DIRECT).
                     .args(

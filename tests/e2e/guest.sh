@@ -7,12 +7,15 @@
 #       /init. Prints its path.
 #   guest.sh boot --socket SOCK [--log FILE] [--queues N] [--timeout SECS] [--fio-size SIZE]
 #                 [--mode full|reverify|crash] [--rounds N] [--reconnect-ms MS] [--event-idx on|off]
+#                 [--smp N] [--plain-device]
 #       Boot the guest against a backend already listening on SOCK. Exit 0 only if the guest
 #       printed "VHOST-QCOW2-E2E: PASS"; non-zero on FAIL, a missing marker, or a timeout.
 #       full: fio, mkfs, files (see init.sh); reverify: a second boot on the same backend and
 #       disk that checks the filesystem and files the full boot left; crash: rounds of fio
 #       verify while the caller kills and restarts the backend. --reconnect-ms: QEMU reconnects
 #       to a backend that went away (chardev reconnect-ms). --event-idx: the device's event_idx.
+#       --smp: vCPUs (default 2). --plain-device: no num-queues on the device line (QEMU's
+#       default, one queue per vCPU); --queues is then what the guest must see.
 #   guest.sh verify-image IMG LOG
 #       After the guest and backend are gone: convert IMG to raw with qemu-img, run the host's
 #       e2fsck on it, and compare every file's SHA-256 the guest printed (E2E-SUM lines in LOG)
@@ -130,7 +133,7 @@ cmd_initramfs() {
 
 cmd_boot() {
     local sock="" logf="" queues=2 timeout_s="${E2E_TIMEOUT:-600}" fio_size=64M mode=full
-    local rounds=3 reconnect="" event_idx=on
+    local rounds=3 reconnect="" event_idx=on smp=2 plain=""
     while [ $# -gt 0 ]; do
         case "$1" in
             --socket) sock="$2"; shift 2 ;;
@@ -142,6 +145,8 @@ cmd_boot() {
             --rounds) rounds="$2"; shift 2 ;;
             --reconnect-ms) reconnect=",reconnect-ms=$2"; shift 2 ;;
             --event-idx) event_idx="$2"; shift 2 ;;
+            --smp) smp="$2"; shift 2 ;;
+            --plain-device) plain=1; shift ;;
             *) die "boot: unknown argument $1" ;;
         esac
     done
@@ -149,6 +154,8 @@ cmd_boot() {
     [ -S "$sock" ] || die "boot: $sock is not a listening UNIX socket (is the backend running?)"
     need_tool qemu-system-x86_64
     need_tool timeout
+    local qopt=",num-queues=$queues"
+    [ -z "$plain" ] || qopt=""
     local initrd
     initrd="$(cmd_initramfs)"
     [ -n "$logf" ] || logf="$(mktemp /tmp/e2e-serial.XXXXXX.log)"
@@ -159,10 +166,10 @@ cmd_boot() {
     # shellcheck disable=SC2054  # commas inside QEMU option values
     local qemu=(
         qemu-system-x86_64
-        -machine pc -accel tcg,thread=multi -cpu max -smp 2 -m 1G
+        -machine pc -accel tcg,thread=multi -cpu max -smp "$smp" -m 1G
         -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem
         -chardev "socket,id=c,path=$sock$reconnect"
-        -device "vhost-user-blk-pci,chardev=c,num-queues=$queues,event_idx=$event_idx"
+        -device "vhost-user-blk-pci,chardev=c$qopt,event_idx=$event_idx"
         -kernel "$KDIR/vmlinuz" -initrd "$initrd"
         -append "console=ttyS0 panic=-1 e2e.queues=$queues e2e.fio_size=$fio_size e2e.mode=$mode e2e.rounds=$rounds"
         -nodefaults -nographic -serial "file:$logf" -monitor none -no-reboot
