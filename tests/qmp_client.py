@@ -25,10 +25,10 @@ async def main(path: str) -> None:
 
     stats = await qmp.execute("query-stats")
     print("query-stats:", stats)
-    assert len(stats["queues"]) == 2, stats
-    for q in stats["queues"]:
-        for key in ("requests", "bytes-read", "bytes-written", "errors", "latency-histogram"):
-            assert key in q, (key, q)
+    # Only queues a frontend started are listed; no VMM has connected.
+    assert stats["queues"] == [], stats
+    for key in ("requests", "bytes-read", "bytes-written", "errors", "latency-histogram"):
+        assert key in stats["total"], (key, stats)
     assert "l2-cache-hits" in stats["engine"], stats
 
     image = await qmp.execute("query-image")

@@ -256,6 +256,9 @@ impl BlkBackend {
     /// before signalling, and a lost interrupt hangs the guest.
     pub(crate) fn start_queue(&self, queue: usize) -> io::Result<()> {
         self.ensure_exec(queue)?;
+        if let Some(s) = self.ctx.stats.get(queue) {
+            s.mark_started();
+        }
         let mem = self.mem.memory();
         let Some(mut vring) = self.vring(queue) else {
             return Ok(());

@@ -68,10 +68,12 @@ impl DaemonView for View<'_> {
     }
 }
 
+/// The queues a frontend has started (of the many offered), each with its number.
 fn queue_stats(ctx: &DeviceCtx) -> Vec<QueueSnapshot> {
     ctx.stats
         .iter()
         .enumerate()
+        .filter(|(_, q)| q.used())
         .map(|(i, q)| q.snapshot(u16::try_from(i).unwrap_or(u16::MAX)))
         .collect()
 }

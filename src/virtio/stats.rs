@@ -28,6 +28,8 @@ pub struct QueueStats {
     errors: AtomicU64,
     in_flight: AtomicU64,
     bins: [AtomicU64; BINS],
+    /// A frontend started this queue at least once.
+    started: std::sync::atomic::AtomicBool,
 }
 
 fn bin_of(latency: Duration) -> usize {
@@ -38,6 +40,16 @@ fn bin_of(latency: Duration) -> usize {
 }
 
 impl QueueStats {
+    /// Note that a frontend started the queue (only such queues are listed).
+    pub fn mark_started(&self) {
+        self.started.store(true, Relaxed);
+    }
+
+    /// True once a frontend started the queue or it counted a request.
+    pub fn used(&self) -> bool {
+        self.started.load(Relaxed) || self.snapshot(0).requests > 0
+    }
+
     /// Count one finished request of `kind` that moved `bytes` of data.
     pub fn record(&self, kind: Option<RequestType>, bytes: u64, ok: bool, latency: Duration) {
         let add = |c: &AtomicU64, n: u64| {
