@@ -14,12 +14,15 @@ use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::atomic::GuestMemoryLoadGuard;
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
+use super::dirty_log::{DirtyLog, LogBitmap};
 use super::vring::Vring;
 use crate::aio::{AioMode, Pool};
 use crate::virtio::{self, chain_at, BlkConfig, DeviceCtx, QueueExec};
 
-pub(crate) type GuestMem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
-type MemGuard = GuestMemoryLoadGuard<GuestMemoryMmap<()>>;
+/// The daemon's view of guest memory: every region carries the dirty-log bitmap.
+pub(crate) type GuestMap = GuestMemoryMmap<LogBitmap>;
+pub(crate) type GuestMem = GuestMemoryAtomic<GuestMap>;
+type MemGuard = GuestMemoryLoadGuard<GuestMap>;
 
 /// How long stopping a queue waits for its requests in flight.
 pub(crate) const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -31,6 +34,8 @@ pub struct BlkBackend {
     pub(crate) mem: GuestMem,
     pub(crate) event_idx: AtomicBool,
     pub(crate) queue_size: u16,
+    /// Dirty-page logging for migration (off until the driver sets LOG_ALL).
+    pub(crate) log: Arc<DirtyLog>,
     vrings: Vec<Mutex<Vring>>,
     /// One executor per queue (its in-flight table, its ring), made when the queue first
     /// starts: a frontend uses only some of the queues offered.
@@ -65,6 +70,7 @@ impl BlkBackend {
             mem,
             event_idx: AtomicBool::new(false),
             queue_size,
+            log: DirtyLog::new(),
             vrings,
             execs,
             pool,
@@ -319,7 +325,7 @@ fn resubmit(
 /// wrong in this pass; the first failure is the error returned.
 fn publish(
     vring: &mut Vring,
-    mem: &GuestMemoryMmap<()>,
+    mem: &GuestMap,
     queue: usize,
     done: Vec<(u16, u32)>,
     mut failed: Option<String>,
@@ -360,7 +366,7 @@ pub fn device_features(read_only: bool) -> u64 {
     if read_only {
         f |= 1 << VIRTIO_BLK_F_RO;
     }
-    f | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    f | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() | VhostUserVirtioFeatures::LOG_ALL.bits()
 }
 
 impl BlkBackend {
@@ -391,6 +397,7 @@ impl BlkBackend {
 mod tests {
     use super::*;
     use crate::block::MemDisk;
+    use crate::vhost::dirty_log::LogBitmap;
     use crate::vhost::inflight_fd::InflightRegion;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
@@ -406,7 +413,7 @@ mod tests {
     }
 
     /// Point queue 0 at `q`'s rings and enable it (not started: see `start_queue`).
-    fn configure(b: &BlkBackend, q: &MockSplitQueue<GuestMemoryMmap<()>>, event_idx: bool) {
+    fn configure(b: &BlkBackend, q: &MockSplitQueue<GuestMap>, event_idx: bool) {
         let mut v = b.vring(0).unwrap();
         v.queue
             .try_set_desc_table_address(q.desc_table_addr())
@@ -435,7 +442,7 @@ mod tests {
     /// A write of `fill` bytes to sector `sector`: header at `base`, data at `base + 0x100`,
     /// status at `base + 0x1100`; descriptors from `first`.
     fn write_chain(
-        m: &GuestMemoryMmap<()>,
+        m: &GuestMap,
         base: u64,
         sector: u64,
         fill: u8,
@@ -462,7 +469,7 @@ mod tests {
     /// spin (it would hold the vring forever): the pass ends with an error.
     #[test]
     fn available_index_past_the_queue_ends_the_pass() {
-        let mmap = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mmap = GuestMap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let mem = GuestMemoryAtomic::new(mmap.clone());
         let q = MockSplitQueue::new(&mmap, 16);
         // avail.idx lives 2 bytes into the available ring.
@@ -487,7 +494,7 @@ mod tests {
     fn a_chain_posted_after_a_region_add_is_read_under_the_new_map() {
         use vm_memory::GuestRegionMmap;
         let (hdr, status, data) = (0x8_0000u64, 0x8_1000u64, 0x10_0000u64);
-        let first = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let first = GuestMap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let atomic = GuestMemoryAtomic::new(first);
         let stale = atomic.memory();
         let region = GuestRegionMmap::from_range(GuestAddress(data), 0x1000, None).unwrap();
@@ -526,7 +533,7 @@ mod tests {
     /// available ring after them instead of taking them again.
     #[test]
     fn requests_left_in_flight_are_run_again_and_not_taken_twice() {
-        let mmap = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mmap = GuestMap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let mem = GuestMemoryAtomic::new(mmap.clone());
         let q = MockSplitQueue::new(&mmap, 16);
         let mut descs = write_chain(&mmap, 0x2_0000, 0, 0x11, 0);
@@ -566,7 +573,7 @@ mod tests {
     #[test]
     fn a_ring_start_signals_the_guest() {
         use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-        let mmap = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mmap = GuestMap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let mem = GuestMemoryAtomic::new(mmap.clone());
         let q = MockSplitQueue::new(&mmap, 16);
         let b = test_backend(Arc::new(MemDisk::new(1 << 20, false)), mem);
@@ -576,5 +583,74 @@ mod tests {
         assert!(call.read().is_err(), "no signal before the start");
         b.start_queue(0).unwrap();
         assert_eq!(call.read().unwrap(), 1);
+    }
+
+    /// A read request, with dirty logging on, marks the pages the device wrote: the data
+    /// buffers (filled by the kernel, on the pool or on the io_uring), the status byte and the
+    /// used ring.
+    #[test]
+    fn a_read_marks_data_status_and_used_ring_in_the_dirty_log() {
+        use crate::block::BlockDevice;
+        use crate::raw::RawDisk;
+        use std::os::unix::fs::FileExt;
+        use vm_memory::mmap::MmapRegion;
+        use vm_memory::GuestRegionMmap;
+        let file = tempfile::NamedTempFile::new().unwrap();
+        file.as_file().set_len(1 << 20).unwrap();
+        let raw: Arc<dyn BlockDevice> = Arc::new(RawDisk::open(file.path(), false).unwrap());
+        let disks: [Arc<dyn BlockDevice>; 2] = [Arc::new(MemDisk::new(1 << 20, false)), raw];
+        for disk in disks {
+            let ctx = DeviceCtx::new(disk, BlkConfig::new(1 << 20, 1, 16, 4096, true), "s");
+            let pool = Pool::new(2, "test").unwrap();
+            let b = BlkBackend::new(
+                Arc::new(ctx),
+                GuestMemoryAtomic::new(GuestMap::new()),
+                16,
+                pool,
+                AioMode::IoUring,
+            )
+            .unwrap();
+            let region = MmapRegion::<LogBitmap>::new(0x10_0000).unwrap();
+            region.bitmap().attach(0, &b.log);
+            let region = Arc::new(GuestRegionMmap::new(region, GuestAddress(0)).unwrap());
+            let mmap = GuestMap::from_arc_regions(vec![region]).unwrap();
+            b.mem.lock().unwrap().replace(mmap.clone());
+            let log = tempfile::tempfile().unwrap();
+            log.set_len(32).unwrap();
+            b.log.set_base(log.try_clone().unwrap(), 0, 32).unwrap();
+
+            let q = MockSplitQueue::new(&mmap, 16);
+            let (hdr, data, status) = (0x3_0000u64, 0x4_0000u64, 0x5_0000u64);
+            let mut h = [0u8; 16];
+            h[0..4].copy_from_slice(&crate::virtio::VIRTIO_BLK_T_IN.to_le_bytes());
+            mmap.write_slice(&h, GuestAddress(hdr)).unwrap();
+            let descs: Vec<RawDescriptor> = [
+                (hdr, 16, NEXT, 1),
+                (data, 8192, NEXT | WRITE, 2),
+                (status, 1, WRITE, 0),
+            ]
+            .iter()
+            .map(|&(a, l, f, n)| RawDescriptor::from(SplitDescriptor::new(a, l, f, n)))
+            .collect();
+            q.add_desc_chains(&descs, 0).unwrap();
+            // From here on only the device writes guest memory.
+            b.log.set_on(true);
+            configure(&b, &q, false);
+            b.start_queue(0).unwrap();
+            b.process_queue(0).unwrap();
+            wait_idle(&b);
+            let st: u8 = mmap.read_obj(GuestAddress(status)).unwrap();
+            assert_eq!(st, crate::virtio::VIRTIO_BLK_S_OK);
+            let mut bits = [0u8; 32];
+            log.read_exact_at(&mut bits, 0).unwrap();
+            let dirty = |page: u64| bits[(page / 8) as usize] & (1 << (page % 8)) != 0;
+            assert!(dirty(0x40) && dirty(0x41), "data pages: {bits:x?}");
+            assert!(dirty(0x50), "status page: {bits:x?}");
+            assert!(dirty(q.used_addr().0 / 4096), "used ring page: {bits:x?}");
+            assert!(
+                !dirty(0x42) && !dirty(0x30),
+                "only written pages: {bits:x?}"
+            );
+        }
     }
 }

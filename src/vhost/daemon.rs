@@ -15,7 +15,7 @@ use log::{info, warn};
 use std::os::unix::net::UnixStream;
 use std::sync::Mutex;
 use vhost::vhost_user::{BackendReqHandler, Error as VuError, Listener};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
@@ -484,7 +484,7 @@ fn start_connection(
         ctx.limits.writeback != 0,
         std::sync::atomic::Ordering::Relaxed,
     );
-    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
+    let mem = GuestMemoryAtomic::new(super::backend::GuestMap::new());
     let backend = Arc::new(
         BlkBackend::new(ctx.clone(), mem, queue_size, pool, aio)
             .map_err(io_err("setting up the queues"))?,

@@ -22,9 +22,10 @@ use vhost::vhost_user::{Backend, Error as VuError, Result as VuResult};
 use vhost::vhost_user::{GpuBackend, VhostUserBackendReqHandlerMut};
 use vhost::VhostUserMemoryRegionBase;
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestRegionMmap};
 
-use super::backend::{device_features, BlkBackend, DRAIN_TIMEOUT};
+use super::backend::{device_features, BlkBackend, GuestMap, DRAIN_TIMEOUT};
+use super::dirty_log::LogBitmap;
 use super::inflight_fd::InflightRegion;
 use super::vring::eventfd_of;
 use super::worker::Worker;
@@ -79,6 +80,7 @@ impl Handler {
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     /// Stop every worker thread (after the connection ended and requests drained).
@@ -163,7 +165,19 @@ impl Handler {
         self.inflight = Some(region);
     }
 
-    fn replace_memory(&self, mem: GuestMemoryMmap<()>) {
+    /// Map a region the frontend sent, its writes logged into the connection's dirty log.
+    fn region(
+        &self,
+        r: &VhostUserMemoryRegion,
+        file: File,
+    ) -> VuResult<GuestRegionMmap<LogBitmap>> {
+        let map = r.mmap_region::<LogBitmap>(file)?;
+        map.bitmap().attach(r.guest_phys_addr, &self.backend.log);
+        GuestRegionMmap::new(map, GuestAddress(r.guest_phys_addr))
+            .ok_or_else(|| failed("a memory region overflows the guest address space"))
+    }
+
+    fn replace_memory(&self, mem: GuestMap) {
         self.backend
             .mem
             .lock()
@@ -209,6 +223,14 @@ impl VhostUserBackendReqHandlerMut for Handler {
         }
         self.acked_features = features;
         debug!("driver acked features {features:#x}");
+        let log_all = features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
+        if log_all != self.backend.log.is_on() {
+            log::info!(
+                "dirty logging {}",
+                if log_all { "on (migration)" } else { "off" }
+            );
+        }
+        self.backend.log.set_on(log_all);
         let event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         self.backend
             .event_idx
@@ -251,7 +273,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
             });
             regions.push(region);
         }
-        let mem = GuestMemoryMmap::from_regions(regions).map_err(failed)?;
+        let mem = GuestMap::from_regions(regions).map_err(failed)?;
         self.replace_memory(mem);
         self.mappings = mappings;
         Ok(None)
@@ -492,8 +514,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
         if postcopy.is_some() {
             return Err(VuError::InvalidOperation("postcopy is not supported"));
         }
-        let region = GuestRegionMmap::new(r.mmap_region(file)?, GuestAddress(r.guest_phys_addr))
-            .ok_or_else(|| failed("a memory region overflows the guest address space"))?;
+        let region = self.region(r, file)?;
         let mem = self
             .backend
             .mem
@@ -538,8 +559,12 @@ impl VhostUserBackendReqHandlerMut for Handler {
         Err(VuError::InvalidOperation("no shared memory regions"))
     }
 
-    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VuResult<()> {
-        Err(VuError::InvalidOperation("dirty logging is not supported"))
+    fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VuResult<()> {
+        debug!("dirty log: {} bytes", log.mmap_size);
+        self.backend
+            .log
+            .set_base(file, log.mmap_offset, log.mmap_size)
+            .map_err(failed)
     }
 }
 

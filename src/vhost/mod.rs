@@ -9,6 +9,7 @@ mod backend;
 mod config;
 mod control;
 mod daemon;
+pub mod dirty_log;
 mod handler;
 pub mod inflight_fd;
 mod sys;

@@ -156,6 +156,7 @@ pub(crate) fn run_request<M: GuestMemoryBackend + ?Sized>(
             Done::status(VIRTIO_BLK_S_IOERR)
         }
     };
+    mark_written(mem, &req.data, u64::from(done.written));
     complete(
         ctx,
         queue,
@@ -166,6 +167,27 @@ pub(crate) fn run_request<M: GuestMemoryBackend + ?Sized>(
         done,
         start,
     )
+}
+
+/// Mark the first `written` bytes of the data buffers `segs` as written by the device, for the
+/// guest memory's dirty log (live migration): the kernel filled them (`preadv`, io_uring), so
+/// vm-memory did not see the writes.
+pub(crate) fn mark_written<M: GuestMemoryBackend + ?Sized>(
+    mem: &M,
+    segs: &[Segment],
+    written: u64,
+) {
+    let mut left = written;
+    for seg in segs {
+        if left == 0 {
+            break;
+        }
+        let len = u64::from(seg.len).min(left);
+        left -= len;
+        if let Ok(s) = mem.get_slice(seg.addr, len as usize) {
+            s.bitmap().mark_dirty(0, len as usize);
+        }
+    }
 }
 
 /// Count a finished request and write its status. Returns the used length.

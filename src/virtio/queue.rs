@@ -25,7 +25,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::consts::VIRTIO_BLK_S_OK;
 use super::exec::{
-    complete, parse_or_answer, run_request, rw_offset, status_of, DeviceCtx, Done, Parsed,
+    complete, mark_written, parse_or_answer, run_request, rw_offset, status_of, DeviceCtx, Done,
+    Parsed,
 };
 use super::inflight::InflightTable;
 use super::request::{Request, RequestType, Segment};
@@ -54,6 +55,8 @@ struct DirectIo<G> {
     ops: Vec<Op>,
     pending: usize,
     failed: Option<std::io::Error>,
+    /// A read's guest buffers, to mark in the dirty log once filled (empty for writes).
+    segs: Vec<Segment>,
 }
 
 /// How a request in flight runs.
@@ -256,6 +259,10 @@ where
             ops,
             pending: n,
             failed: None,
+            segs: match dir {
+                Direction::Read => req.data.clone(),
+                Direction::Write => Vec::new(),
+            },
         });
         // Buffered reads first try the page cache without blocking: a hit costs one syscall
         // on this thread, less than a trip through the ring.
@@ -393,6 +400,7 @@ where
             },
             Some(e) => Done::status(status_of(&self.ctx, slot.kind, &BlockError::Io(e))),
         };
+        mark_written(&*d.mem, &d.segs, u64::from(done.written));
         let used = complete(
             &self.ctx,
             self.queue,
