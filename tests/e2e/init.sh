@@ -13,6 +13,9 @@
 #                  connection): fsck -n, then check the files the full run wrote (/SUMS);
 #                  crash: e2e.rounds rounds of fio randwrite + verify (direct, no flush until
 #                  the end) while the host kills and restarts the backend (tests/e2e_restart.rs).
+#                  vm: what `./run vm` shows a newcomer: ext4 made on an empty disk (any
+#                  other content is refused, never overwritten), fsck, a short fio with verify
+#                  on a file inside, fsck again.
 #   e2e.rounds=N   rounds of the crash mode (default 3)
 /bin/busybox mkdir -p /proc /sys /dev /tmp /mnt /etc /sbin /usr/bin /usr/sbin
 /bin/busybox --install -s
@@ -85,6 +88,32 @@ if [ "$MODE" = reverify ]; then
     finish PASS
 fi
 CPUS="0-$(($(nproc) - 1))"
+if [ "$MODE" = vm ]; then
+    # ext4's superblock magic (0xEF53, little endian) sits 1080 bytes into the disk.
+    magic="$(dd if=/dev/vda bs=1 skip=1080 count=2 2>/dev/null | od -An -tx1 | tr -d ' \n')"
+    if [ "$magic" = 53ef ]; then
+        echo "e2e: the disk holds an ext4 filesystem"
+    elif cmp -s -n 1048576 /dev/vda /dev/zero; then
+        step "empty disk: mkfs.ext4"
+        /usr/sbin/mkfs.ext4 -q -F /dev/vda || fail "mkfs.ext4"
+    else
+        fail "the disk holds something other than ext4: not touching it"
+    fi
+    step "fsck.ext4 -n -f"
+    /usr/sbin/fsck.ext4 -n -f /dev/vda || fail "fsck.ext4 found problems (exit $?)"
+    mount -t ext4 /dev/vda /mnt || fail "mount ext4"
+    step "fio: 4k random reads and writes with crc32c verify on a 32M file"
+    /usr/bin/fio --name=vm --filename=/mnt/vuq-vm.fio --size=32M --rw=randrw --bs=4k \
+        --iodepth=8 --ioengine=libaio --direct=1 --verify=crc32c --do_verify=1 --verify_fatal=1 \
+        || fail "fio verify (exit $?)"
+    rm -f /mnt/vuq-vm.fio
+    echo boot >>/mnt/vuq-vm-boots
+    echo "e2e: boots of ./run vm on this disk: $(wc -l </mnt/vuq-vm-boots)"
+    umount /mnt || fail "umount"
+    step "fsck.ext4 -n -f after the run"
+    /usr/sbin/fsck.ext4 -n -f /dev/vda || fail "fsck.ext4 found problems (exit $?)"
+    finish PASS
+fi
 if [ "$MODE" = crash ]; then
     # Every write fio saw complete must read back, whatever the backend went through.
     r=1
