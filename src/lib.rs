@@ -3,6 +3,7 @@
 //! Layers import downward only: `vhost` (transport) -> `control` (QMP protocol of the control
 //! socket) -> `virtio` (block requests) -> `qcow2` (engine) -> `storage`.
 
+pub mod active;
 pub mod aio;
 pub mod block;
 pub mod control;

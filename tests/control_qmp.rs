@@ -7,123 +7,16 @@
 mod common;
 
 use common::client::*;
+use common::qmp::{error_class, Qmp};
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vhost-user-qcow2");
-
-/// One QMP connection: a line reader over the socket.
-struct Qmp {
-    r: BufReader<UnixStream>,
-    w: UnixStream,
-    events: Vec<Value>,
-}
-
-impl Qmp {
-    /// Connect and read the greeting (not negotiated yet).
-    fn connect_raw(path: &Path) -> (Qmp, Value) {
-        let s = UnixStream::connect(path).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        let mut q = Qmp {
-            r: BufReader::new(s.try_clone().unwrap()),
-            w: s,
-            events: Vec::new(),
-        };
-        let g = q.read().expect("no greeting");
-        (q, g)
-    }
-
-    /// Connect, retrying while the daemon is still at its client limit (clients that just
-    /// left may not be reaped yet), and negotiate.
-    fn connect_when_free(path: &Path) -> Qmp {
-        let t0 = Instant::now();
-        loop {
-            let s = UnixStream::connect(path).unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-            let mut r = BufReader::new(s.try_clone().unwrap());
-            let mut l = String::new();
-            if r.read_line(&mut l).unwrap() > 0 {
-                let mut q = Qmp {
-                    r,
-                    w: s,
-                    events: Vec::new(),
-                };
-                assert_eq!(q.cmd("qmp_capabilities", json!({})), json!({"return": {}}));
-                return q;
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(10),
-                "no free client slot"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn connect(path: &Path) -> Qmp {
-        let (mut q, g) = Qmp::connect_raw(path);
-        assert!(g["QMP"]["version"]["qemu"]["major"].is_u64(), "{g}");
-        assert_eq!(q.cmd("qmp_capabilities", json!({})), json!({"return": {}}));
-        q
-    }
-
-    /// The next message, or None at end of file.
-    fn read(&mut self) -> Option<Value> {
-        let mut l = String::new();
-        if self.r.read_line(&mut l).unwrap() == 0 {
-            return None;
-        }
-        assert!(l.ends_with("\r\n"), "{l:?}");
-        Some(serde_json::from_str(&l).unwrap())
-    }
-
-    fn send(&mut self, raw: &[u8]) {
-        self.w.write_all(raw).unwrap();
-    }
-
-    /// The next reply (events met on the way are kept).
-    fn reply(&mut self) -> Value {
-        loop {
-            let v = self
-                .read()
-                .expect("connection closed while waiting for a reply");
-            if v.get("event").is_some() {
-                self.events.push(v);
-            } else {
-                return v;
-            }
-        }
-    }
-
-    fn cmd(&mut self, name: &str, args: Value) -> Value {
-        let msg = json!({"execute": name, "arguments": args});
-        self.send(msg.to_string().as_bytes());
-        self.reply()
-    }
-
-    fn ok(&mut self, name: &str) -> Value {
-        let r = self.cmd(name, json!({}));
-        r.get("return")
-            .unwrap_or_else(|| panic!("{name}: {r}"))
-            .clone()
-    }
-
-    /// True when the daemon closed this connection (EOF within the read timeout).
-    fn closed(&mut self) -> bool {
-        let mut rest = Vec::new();
-        self.r.read_to_end(&mut rest).is_ok()
-    }
-}
-
-fn error_class(v: &Value) -> &str {
-    v["error"]["class"]
-        .as_str()
-        .unwrap_or_else(|| panic!("not an error: {v}"))
-}
 
 struct Daemon {
     child: Child,

@@ -2,22 +2,21 @@
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use std::fs::File;
-use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use vhost_user_qcow2::block::BlockDevice;
-use vhost_user_qcow2::control::{self, ImageControl, PlainControl, Qcow2Control};
+use vhost_user_qcow2::control;
 use vhost_user_qcow2::qcow2::engine::OverlapMode;
-use vhost_user_qcow2::qcow2::format::dedup::DedupMode;
-use vhost_user_qcow2::qcow2::{OpenOptions, Qcow2};
-use vhost_user_qcow2::raw::RawDisk;
-use vhost_user_qcow2::storage::lock::ImageLock;
 use vhost_user_qcow2::vhost::{self, ServeConfig};
 
+use super::handover::{probe, Current, ImageHandover, OpenArgs, Session};
+pub use super::open::{DedupArg, OnOffAuto};
 use super::ready::{Notify, Ready};
+use std::sync::Mutex;
+use vhost_user_qcow2::active::ActiveDevice;
+use vhost_user_qcow2::control::SwitchControl;
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -94,22 +93,11 @@ pub struct ServeArgs {
     /// names a running process; removed at exit).
     #[arg(long, value_name = "PATH")]
     pub pidfile: Option<PathBuf>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum OnOffAuto {
-    On,
-    Off,
-    Auto,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum DedupArg {
-    On,
-    Inline,
-    Background,
-    Off,
-    Auto,
+    /// Start without opening the image (no lock taken, only its header read for the size):
+    /// the destination of a live migration. QMP `blockdev-set-active {"active": true}` on the
+    /// control socket (required) opens it; requests wait for that, at most 60 s.
+    #[arg(long, requires = "control")]
+    pub inactive: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -160,96 +148,39 @@ fn parse_mode(s: &str) -> Result<u32, String> {
         .ok_or_else(|| format!("not an octal file mode: {s:?}"))
 }
 
-const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
-
-/// An opened image: the device, and the QEMU-compatible locks held for as long as it is served.
-pub struct OpenImage {
-    pub device: Arc<dyn BlockDevice>,
-    /// Allocation unit for discard hints (the cluster size for qcow2).
-    pub granularity: u32,
-    /// The qcow2 engine, when the image is qcow2 (for its periodic jobs).
-    pub qcow2: Option<Arc<Qcow2>>,
-    pub _lock: ImageLock,
-}
-
-/// Lock and open an image: qcow2 by its magic, anything else as raw.
-pub fn open_device(
-    path: &Path,
-    read_only: bool,
-    lazy: OnOffAuto,
-    overlap_check: OverlapMode,
-    dedup: DedupArg,
-    dedup_cache_bytes: Option<u64>,
-    direct: bool,
-) -> anyhow::Result<OpenImage> {
-    let mut magic = [0u8; 4];
-    let n = File::open(path)
-        .and_then(|mut f| f.read(&mut magic))
-        .with_context(|| format!("cannot open image {}", path.display()))?;
-    // Lock before opening for real, so that we never touch an image QEMU is writing.
-    let lock = ImageLock::acquire(path, read_only)?;
-    if n == 4 && magic == QCOW2_MAGIC {
-        let opts = OpenOptions {
-            read_only,
-            lazy_refcounts: match lazy {
-                OnOffAuto::On => Some(true),
-                OnOffAuto::Off => Some(false),
-                OnOffAuto::Auto => None,
-            },
-            overlap_check,
-            dedup_mode: match dedup {
-                DedupArg::On | DedupArg::Inline => Some(DedupMode::Inline),
-                DedupArg::Background => Some(DedupMode::Background),
-                DedupArg::Off => Some(DedupMode::Off),
-                DedupArg::Auto => None,
-            },
-            dedup_cache_bytes,
-            direct,
-            ..Default::default()
-        };
-        let q = Arc::new(
-            Qcow2::open_with(path, &opts)
-                .with_context(|| format!("cannot open image {}", path.display()))?,
-        );
-        log::info!(
-            "serving qcow2 image {} ({} bytes, {} byte clusters, lazy refcounts {}, dedup {})",
-            path.display(),
-            q.capacity(),
-            q.cluster_size(),
-            if q.lazy_refcounts() { "on" } else { "off" },
-            format!("{:?}", q.dedup_mode()).to_lowercase()
-        );
-        return Ok(OpenImage {
-            granularity: u32::try_from(q.cluster_size()).unwrap_or(u32::MAX),
-            device: q.clone(),
-            qcow2: Some(q),
-            _lock: lock,
-        });
-    }
-    let raw = RawDisk::open_with(path, read_only, direct)
-        .with_context(|| format!("cannot open image {}", path.display()))?;
-    Ok(OpenImage {
-        device: Arc::new(raw),
-        granularity: 4096,
-        qcow2: None,
-        _lock: lock,
-    })
-}
-
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     // A pidfile naming a running process stops us before the image is even opened.
     if let Some(p) = &args.pidfile {
         super::ready::refuse_if_live(p)?;
     }
-    let image = open_device(
-        &args.image,
-        args.read_only,
-        args.lazy_refcounts,
-        args.overlap_check,
-        args.dedup,
-        args.dedup_cache_size,
-        args.cache.direct(),
-    )?;
+    let open_args = OpenArgs {
+        path: args.image.clone(),
+        read_only: args.read_only,
+        lazy: args.lazy_refcounts,
+        overlap_check: args.overlap_check,
+        dedup: args.dedup,
+        dedup_cache_bytes: args.dedup_cache_size,
+        direct: args.cache.direct(),
+    };
+    // The engine's events (BLOCK_IMAGE_CORRUPTED) go through `events`; the daemon forwards
+    // whatever arrives on the receiver to the control clients.
+    let (events, rx) = control::channel().context("creating the event queue")?;
+    let session = if args.inactive {
+        None
+    } else {
+        Some(Session::open(&open_args, Some(&events))?)
+    };
+    let (capacity, granularity) = match &session {
+        Some(s) => (s.image.device.capacity(), s.image.granularity),
+        None => {
+            let (c, g) = probe(&open_args)?;
+            log::info!(
+                "inactive: {} announced as {c} bytes; waiting for blockdev-set-active",
+                args.image.display()
+            );
+            (c, g)
+        }
+    };
     let serial = args.serial.clone().unwrap_or_else(|| {
         // (The device cuts the serial to its 20 bytes; cutting a String here could split a
         // character.)
@@ -272,46 +203,58 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         AioArg::Threads => vhost::AioMode::Threads,
     };
     cfg.pool_threads = usize::from(args.aio_threads);
-    cfg.discard_granularity = image.granularity;
+    cfg.discard_granularity = granularity;
     cfg.socket_mode = args.socket_mode;
     cfg.handle_signals = true;
-    if let Some(q) = image.qcow2.clone().filter(|q| q.lazy_refcounts()) {
-        cfg.tick_interval = std::time::Duration::from_secs(args.refcount_flush_interval);
-        cfg.tick = Some(Box::new(move || {
+    cfg.stats_interval = std::time::Duration::from_secs(args.stats_interval);
+    // The lazy-refcount timer works on whichever engine is open.
+    let current: Current = Arc::new(Mutex::new(
+        session.as_ref().and_then(|s| s.image.qcow2.clone()),
+    ));
+    let tick_engine = current.clone();
+    cfg.tick_interval = std::time::Duration::from_secs(args.refcount_flush_interval);
+    cfg.tick = Some(Box::new(move || {
+        let q = tick_engine
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(q) = q.filter(|q| q.lazy_refcounts()) {
             if let Err(e) = q.flush_refcounts() {
                 log::error!("writing lazy refcounts failed: {e}");
             }
-        }));
-    }
-    cfg.stats_interval = std::time::Duration::from_secs(args.stats_interval);
-    let control: Box<dyn ImageControl> = match image.qcow2.clone() {
-        Some(engine) => Box::new(Qcow2Control {
-            engine,
-            path: args.image.clone(),
-        }),
-        None => Box::new(PlainControl {
-            path: args.image.clone(),
-            format: "raw",
-            capacity: image.device.capacity(),
-        }),
+        }
+    }));
+    // With a control socket the image can be handed over (blockdev-set-active): the device
+    // and the image commands go through switches. Without one, nothing can switch them.
+    let mut keep_session: Option<Session> = None;
+    let device: Arc<dyn BlockDevice> = match (&args.control, session) {
+        (Some(path), session) => {
+            let dev = Arc::new(ActiveDevice::new(capacity, args.read_only, None));
+            let mut h = ImageHandover {
+                args: open_args,
+                device: dev.clone(),
+                control: SwitchControl::new(None),
+                current: current.clone(),
+                events: Some(events.clone()),
+                session: None,
+            };
+            if let Some(s) = session {
+                h.install(s).map_err(anyhow::Error::msg)?;
+            }
+            cfg.image = Some(Box::new(h.control.clone()));
+            cfg.handover = Some(Box::new(h));
+            cfg.control = Some(path.clone());
+            cfg.events = Some(rx);
+            dev
+        }
+        (None, Some(s)) => {
+            cfg.image = Some(s.control(&args.image));
+            let dev = s.image.device.clone();
+            keep_session = Some(s);
+            dev
+        }
+        (None, None) => anyhow::bail!("--inactive needs --control"),
     };
-    cfg.image = Some(control);
-    // The engine's events (BLOCK_IMAGE_CORRUPTED) go through `events`; the daemon forwards
-    // whatever arrives on the receiver to the control clients.
-    let (events, rx) = control::channel().context("creating the event queue")?;
-    if let Some(q) = &image.qcow2 {
-        q.set_corruption_listener(Box::new(move |msg| {
-            events.image_corrupted("qcow2", msg, None, None, true);
-        }));
-    }
-    if let Some(path) = &args.control {
-        cfg.control = Some(path.clone());
-        cfg.events = Some(rx);
-    }
-    // The background dedup worker (it sleeps unless there are clusters pending). `serve`
-    // closes the device first: close stops the worker before its next cluster and waits for
-    // the one in hand; dropping the handle then joins the thread.
-    let worker = image.qcow2.as_ref().and_then(|q| q.start_dedup_worker());
     // The pidfile and systemd's READY=1 come from a watcher once the daemon's socket file
     // appears: the daemon publishes that file only when it is listening.
     let stop = vhost::StopHandle::new().context("creating the stop handle")?;
@@ -324,8 +267,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if ready.is_some() {
         cfg.stop = Some(stop);
     }
-    let r = vhost::serve(image.device.clone(), cfg);
-    drop(worker);
+    // `serve` flushes and closes the device before it returns; the session (worker, locks)
+    // goes after that.
+    let r = vhost::serve(device, cfg);
+    drop(keep_session);
     let p = ready.map(Ready::finish).transpose();
     r?;
     p?;

@@ -24,6 +24,7 @@ pub const COMMANDS: &[&str] = &[
     "dedup-pause",
     "dedup-resume",
     "dedup-set-mode",
+    "blockdev-set-active",
     "quit",
 ];
 
@@ -38,6 +39,9 @@ pub struct StatusInfo {
     /// A VMM is connected to the vhost-user socket.
     pub vmm_connected: bool,
     pub read_only: bool,
+    /// The image is open and served (false between `blockdev-set-active {"active": false}`
+    /// and the next activation, or from an `--inactive` start).
+    pub active: bool,
 }
 
 /// The engine's counters in `query-stats`.
@@ -163,6 +167,10 @@ pub trait DaemonView {
     fn queue_stats(&self) -> Vec<QueueSnapshot>;
     /// Begin a clean shutdown (as SIGTERM does) once the reply is sent.
     fn quit(&mut self);
+    /// Open (`true`) or hand over (`false`) the image: `blockdev-set-active`.
+    fn set_active(&mut self, _active: bool) -> Result<(), String> {
+        Err("this daemon cannot hand its image over".into())
+    }
 }
 
 /// The command table: implements [`Handler`] over a daemon and an image.
@@ -181,6 +189,29 @@ fn no_args(args: &Map<String, Value>) -> Result<(), QmpError> {
 
 fn to_value<T: Serialize>(v: &T) -> Result<Value, QmpError> {
     serde_json::to_value(v).map_err(|e| QmpError::generic(format!("internal error: {e}")))
+}
+
+/// `blockdev-set-active`'s arguments: `active` (bool), and `node-name`, which may name only
+/// the one image served (any string is taken: there is one node).
+fn set_active_args(args: &Map<String, Value>) -> Result<bool, QmpError> {
+    if let Some(k) = args
+        .keys()
+        .find(|k| !matches!(k.as_str(), "active" | "node-name"))
+    {
+        return Err(QmpError::generic(format!("Parameter '{k}' is unexpected")));
+    }
+    if args.get("node-name").is_some_and(|v| !v.is_string()) {
+        return Err(QmpError::generic(
+            "Invalid parameter type for 'node-name', expected: string",
+        ));
+    }
+    match args.get("active") {
+        None => Err(QmpError::generic("Parameter 'active' is missing")),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(QmpError::generic(
+            "Invalid parameter type for 'active', expected: boolean",
+        )),
+    }
 }
 
 fn dedup_mode_arg(args: &Map<String, Value>) -> Result<DedupMode, QmpError> {
@@ -254,6 +285,11 @@ impl Handler for Commands<'_> {
             "dedup-set-mode" => {
                 let mode = dedup_mode_arg(args)?;
                 self.image.dedup_set_mode(mode).map_err(QmpError::generic)?;
+                Ok(json!({}))
+            }
+            "blockdev-set-active" => {
+                let active = set_active_args(args)?;
+                self.daemon.set_active(active).map_err(QmpError::generic)?;
                 Ok(json!({}))
             }
             "quit" => {

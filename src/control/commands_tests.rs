@@ -16,6 +16,7 @@ impl DaemonView for FakeDaemon {
             singlestep: false,
             vmm_connected: true,
             read_only: false,
+            active: true,
         }
     }
     fn queue_stats(&self) -> Vec<QueueSnapshot> {

@@ -109,3 +109,59 @@ impl ImageControl for PlainControl {
         Ok(v)
     }
 }
+
+/// The answer of the image commands while the image is handed over.
+pub const IMAGE_INACTIVE: &str =
+    "the image is inactive (handed over; blockdev-set-active {\"active\": true} takes it back)";
+
+/// The image side of a daemon that can hand its image over (`blockdev-set-active`): the
+/// control of the open image while active, plain answers while not.
+pub struct SwitchControl {
+    current: std::sync::Mutex<Option<Box<dyn ImageControl>>>,
+}
+
+impl SwitchControl {
+    pub fn new(current: Option<Box<dyn ImageControl>>) -> Arc<Self> {
+        Arc::new(SwitchControl {
+            current: std::sync::Mutex::new(current),
+        })
+    }
+
+    /// The control of the image just opened, or None when it was closed.
+    pub fn set(&self, c: Option<Box<dyn ImageControl>>) {
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = c;
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&dyn ImageControl) -> R, inactive: R) -> R {
+        match self
+            .current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_deref()
+        {
+            Some(c) => f(c),
+            None => inactive,
+        }
+    }
+}
+
+impl ImageControl for Arc<SwitchControl> {
+    fn engine_stats(&self) -> Option<EngineStatsInfo> {
+        self.with(|c| c.engine_stats(), None)
+    }
+    fn image_info(&self) -> Result<Value, String> {
+        self.with(|c| c.image_info(), Err(IMAGE_INACTIVE.into()))
+    }
+    fn dedup_info(&self) -> DedupInfo {
+        self.with(|c| c.dedup_info(), DedupInfo::default())
+    }
+    fn dedup_pause(&self) -> Result<(), String> {
+        self.with(|c| c.dedup_pause(), Err(IMAGE_INACTIVE.into()))
+    }
+    fn dedup_resume(&self) -> Result<(), String> {
+        self.with(|c| c.dedup_resume(), Err(IMAGE_INACTIVE.into()))
+    }
+    fn dedup_set_mode(&self, mode: DedupMode) -> Result<(), String> {
+        self.with(|c| c.dedup_set_mode(mode), Err(IMAGE_INACTIVE.into()))
+    }
+}

@@ -15,7 +15,7 @@ pub use commands::{
     DEDUP_NOT_ENABLED,
 };
 pub use events::{channel, Event, EventReceiver, EventSender};
-pub use image::{PlainControl, Qcow2Control};
+pub use image::{PlainControl, Qcow2Control, SwitchControl, IMAGE_INACTIVE};
 pub use qmp::{QmpError, Session, Version, MAX_MESSAGE};
 
 /// The QEMU version the greeting announces: the QMP dialect this daemon follows.

@@ -43,6 +43,17 @@ pub enum VhostError {
     Close(BlockError),
 }
 
+/// Opening and handing over the image while the daemon runs (QMP `blockdev-set-active`, for
+/// a live migration between two daemons on one image file). Called on the main thread.
+pub trait Handover: Send {
+    fn is_active(&self) -> bool;
+    /// Open the image (taking its locks; a dirty image is repaired first) and serve it.
+    fn activate(&mut self) -> Result<(), String>;
+    /// Finish the requests in progress, write all metadata, close the image and release its
+    /// locks; requests arriving meanwhile wait for the next activation.
+    fn deactivate(&mut self) -> Result<(), String>;
+}
+
 /// A handle that makes a running [`serve`] shut down cleanly (as SIGTERM does).
 #[derive(Clone)]
 pub struct StopHandle {
@@ -107,6 +118,8 @@ pub struct ServeConfig {
     /// Threads of the pool that runs the blocking requests (allocating writes, flushes,
     /// discards; everything under `AioMode::Threads`).
     pub pool_threads: usize,
+    /// Handing the image over at run time (QMP `blockdev-set-active`); None: always active.
+    pub handover: Option<Box<dyn Handover>>,
 }
 
 /// Default size of the blocking-request pool: enough for two queues at depth 32 on cold data.
@@ -133,6 +146,7 @@ impl ServeConfig {
             stats_interval: Duration::ZERO,
             aio: AioMode::IoUring,
             pool_threads: DEFAULT_POOL_THREADS,
+            handover: None,
         }
     }
 }

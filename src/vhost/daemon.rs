@@ -20,7 +20,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::backend::BlkBackend;
-use super::config::{ServeConfig, StopHandle, Tick, VhostError};
+use super::config::{Handover, ServeConfig, StopHandle, Tick, VhostError};
 use super::control::ControlServer;
 use super::handler::Handler;
 use super::sys::{bind_socket, read_signal, signal_fd, Epoll, SocketFile};
@@ -48,6 +48,7 @@ struct View<'a> {
     ctx: &'a DeviceCtx,
     connected: bool,
     quit: bool,
+    handover: Option<&'a mut Box<dyn Handover>>,
 }
 
 impl DaemonView for View<'_> {
@@ -58,6 +59,7 @@ impl DaemonView for View<'_> {
             singlestep: false,
             vmm_connected: self.connected,
             read_only: self.ctx.dev.read_only(),
+            active: self.handover.as_ref().is_none_or(|h| h.is_active()),
         }
     }
     fn queue_stats(&self) -> Vec<QueueSnapshot> {
@@ -65,6 +67,29 @@ impl DaemonView for View<'_> {
     }
     fn quit(&mut self) {
         self.quit = true;
+    }
+    fn set_active(&mut self, active: bool) -> Result<(), String> {
+        let Some(h) = self.handover.as_mut() else {
+            return Err("this daemon was not started to hand its image over".into());
+        };
+        if h.is_active() == active {
+            return Ok(());
+        }
+        let t0 = std::time::Instant::now();
+        let r = if active { h.activate() } else { h.deactivate() };
+        match &r {
+            Ok(()) => info!(
+                "image {} in {:.2?}",
+                if active {
+                    "active (opened)"
+                } else {
+                    "inactive (handed over)"
+                },
+                t0.elapsed()
+            ),
+            Err(e) => warn!("blockdev-set-active {active} failed: {e}"),
+        }
+        r
     }
 }
 
@@ -219,7 +244,9 @@ pub fn serve(device: Arc<dyn BlockDevice>, mut config: ServeConfig) -> Result<()
     };
     let image = config.image.take();
     let events = config.events.take();
+    let handover = config.handover.take();
     let mut main = MainLoop::new(device, &config, sigfd, image, events)?;
+    main.handover = handover;
     info!(
         "serving on {} ({} queues)",
         config.socket.display(),
@@ -252,6 +279,7 @@ struct MainLoop<'a> {
     /// Runs the requests that block; shared by all connections.
     pool: Arc<Pool>,
     aio: AioMode,
+    handover: Option<Box<dyn Handover>>,
 }
 
 impl<'a> MainLoop<'a> {
@@ -317,6 +345,7 @@ impl<'a> MainLoop<'a> {
             image,
             periodic,
             conn: None,
+            handover: None,
         })
     }
 
@@ -401,6 +430,7 @@ impl<'a> MainLoop<'a> {
                         ctx: &self.ctx,
                         connected: self.conn.is_some(),
                         quit: false,
+                        handover: self.handover.as_mut(),
                     };
                     c.handle(t, &self.ep, &mut view);
                     if view.quit {

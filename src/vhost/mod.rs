@@ -19,7 +19,7 @@ mod worker;
 pub use crate::aio::AioMode;
 pub use backend::{device_features, BlkBackend};
 pub use config::{
-    ServeConfig, StopHandle, Tick, VhostError, DEFAULT_NUM_QUEUES, DEFAULT_POOL_THREADS,
+    Handover, ServeConfig, StopHandle, Tick, VhostError, DEFAULT_NUM_QUEUES, DEFAULT_POOL_THREADS,
     DEFAULT_TICK, MAX_NUM_QUEUES,
 };
 pub use control::MAX_CLIENTS;

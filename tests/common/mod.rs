@@ -4,6 +4,7 @@
 pub mod client;
 pub mod guest;
 pub mod hooked;
+pub mod qmp;
 
 use std::path::Path;
 use std::process::Command;

@@ -29,6 +29,7 @@ impl DaemonView for Daemon {
             singlestep: false,
             vmm_connected: !self.quit,
             read_only: false,
+            active: true,
         }
     }
     fn queue_stats(&self) -> Vec<QueueSnapshot> {
