@@ -30,16 +30,25 @@ pub enum DirtyLogError {
     Map { size: u64, offset: u64, why: String },
 }
 
+/// The environment variable that switches marking off, for the migration test's control run
+/// only (a migration then hands the destination stale guest pages).
+pub const NO_MARKS_ENV: &str = "VUQ_TEST_NO_DIRTY_MARKS";
+
 /// The connection's dirty log: on or off, and the shared bitmap once the frontend gave it.
 #[derive(Debug, Default)]
 pub struct DirtyLog {
     on: AtomicBool,
     map: RwLock<Option<MmapRegion<()>>>,
+    /// Marking switched off by `NO_MARKS_ENV` (test control).
+    disabled: bool,
 }
 
 impl DirtyLog {
     pub fn new() -> Arc<Self> {
-        Arc::new(DirtyLog::default())
+        Arc::new(DirtyLog {
+            disabled: std::env::var_os(NO_MARKS_ENV).is_some(),
+            ..DirtyLog::default()
+        })
     }
 
     /// Use the log in `file` (`size` bytes at `offset`), replacing any earlier one.
@@ -54,7 +63,10 @@ impl DirtyLog {
 
     /// Turn marking on or off (the driver's LOG_ALL feature bit).
     pub fn set_on(&self, on: bool) {
-        self.on.store(on, Ordering::Release);
+        if on && self.disabled {
+            log::error!("{NO_MARKS_ENV} is set: dirty pages are NOT marked (a test control)");
+        }
+        self.on.store(on && !self.disabled, Ordering::Release);
     }
 
     pub fn is_on(&self) -> bool {

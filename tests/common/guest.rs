@@ -41,6 +41,18 @@ impl Backend {
         log: &Path,
         extra: &[&str],
     ) -> Backend {
+        Self::start_with_env(which, img, sock, log, extra, &[])
+    }
+
+    /// Like `start_with`, with more environment variables for the backend.
+    pub fn start_with_env(
+        which: Which,
+        img: &Path,
+        sock: &Path,
+        log: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Backend {
         let name = match which {
             Which::Ours => "vhost-user-qcow2",
             Which::Qsd => "qemu-storage-daemon",
@@ -90,6 +102,7 @@ impl Backend {
             .stdout(out)
             .stderr(err)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
         Backend {

@@ -7,7 +7,7 @@
 #       /init. Prints its path.
 #   guest.sh boot --socket SOCK [--log FILE] [--queues N] [--timeout SECS] [--fio-size SIZE]
 #                 [--mode full|reverify|crash] [--rounds N] [--reconnect-ms MS] [--event-idx on|off]
-#                 [--smp N] [--plain-device]
+#                 [--smp N] [--plain-device] [--qmp PATH] [--incoming URI]
 #       Boot the guest against a backend already listening on SOCK. Exit 0 only if the guest
 #       printed "VHOST-QCOW2-E2E: PASS"; non-zero on FAIL, a missing marker, or a timeout.
 #       full: fio, mkfs, files (see init.sh); reverify: a second boot on the same backend and
@@ -15,7 +15,8 @@
 #       verify while the caller kills and restarts the backend. --reconnect-ms: QEMU reconnects
 #       to a backend that went away (chardev reconnect-ms). --event-idx: the device's event_idx.
 #       --smp: vCPUs (default 2). --plain-device: no num-queues on the device line (QEMU's
-#       default, one queue per vCPU); --queues is then what the guest must see.
+#       default, one queue per vCPU); --queues is then what the guest must see. --qmp: a QMP
+#       socket for the caller (migration tests); --incoming: the destination of a migration.
 #   guest.sh verify-image IMG LOG
 #       After the guest and backend are gone: convert IMG to raw with qemu-img, run the host's
 #       e2fsck on it, and compare every file's SHA-256 the guest printed (E2E-SUM lines in LOG)
@@ -133,7 +134,7 @@ cmd_initramfs() {
 
 cmd_boot() {
     local sock="" logf="" queues=2 timeout_s="${E2E_TIMEOUT:-600}" fio_size=64M mode=full
-    local rounds=3 reconnect="" event_idx=on smp=2 plain=""
+    local rounds=3 reconnect="" event_idx=on smp=2 plain="" extra=()
     while [ $# -gt 0 ]; do
         case "$1" in
             --socket) sock="$2"; shift 2 ;;
@@ -147,6 +148,8 @@ cmd_boot() {
             --event-idx) event_idx="$2"; shift 2 ;;
             --smp) smp="$2"; shift 2 ;;
             --plain-device) plain=1; shift ;;
+            --qmp) extra+=(-qmp "unix:$2,server=on,wait=off"); shift 2 ;;
+            --incoming) extra+=(-incoming "$2"); shift 2 ;;
             *) die "boot: unknown argument $1" ;;
         esac
     done
@@ -173,6 +176,7 @@ cmd_boot() {
         -kernel "$KDIR/vmlinuz" -initrd "$initrd"
         -append "console=ttyS0 panic=-1 e2e.queues=$queues e2e.fio_size=$fio_size e2e.mode=$mode e2e.rounds=$rounds"
         -nodefaults -nographic -serial "file:$logf" -monitor none -no-reboot
+        "${extra[@]}"
     )
     log "booting the guest (timeout ${timeout_s}s), serial log: $logf"
     log "${qemu[*]}"
