@@ -14,6 +14,7 @@
 mod common;
 
 use common::guest::{boot, boot_command, passed, run_logged, Backend, Which, GUEST_SH};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Mutex;
 
@@ -36,17 +37,7 @@ fn qemu_guest_harness_with_qemu_storage_daemon() {
 #[test]
 fn qemu_guest_with_4_vcpus_and_the_plain_device_line() {
     let _turn = GUEST.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.qcow2");
-    let sock = dir.path().join("vhost.sock");
-    let serial = dir.path().join("serial.log");
-    let out = run_logged(
-        Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(&img)
-            .arg("1G"),
-    );
-    assert!(out.status.success(), "qemu-img create failed");
+    let (dir, img, sock, serial) = fresh_image();
     let mut backend = Backend::start_with(
         Which::Ours,
         &img,
@@ -76,13 +67,11 @@ fn qemu_guest_with_4_vcpus_and_the_plain_device_line() {
     assert_eq!(status.code(), Some(0));
 }
 
-fn guest_run(which: Which) {
-    let _turn = GUEST.lock().unwrap_or_else(|e| e.into_inner());
+/// A temporary directory with a fresh 1 GiB qcow2 image (made by qemu-img): the directory,
+/// the image, the socket path and the serial log path.
+fn fresh_image() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("disk.qcow2");
-    let sock = dir.path().join("vhost.sock");
-    let serial = dir.path().join("serial.log");
-
     let out = run_logged(
         Command::new("qemu-img")
             .args(["create", "-q", "-f", "qcow2"])
@@ -90,6 +79,13 @@ fn guest_run(which: Which) {
             .arg("1G"),
     );
     assert!(out.status.success(), "qemu-img create failed");
+    let (sock, serial) = (dir.path().join("vhost.sock"), dir.path().join("serial.log"));
+    (dir, img, sock, serial)
+}
+
+fn guest_run(which: Which) {
+    let _turn = GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    let (dir, img, sock, serial) = fresh_image();
 
     let mut backend = Backend::start(which, &img, &sock, &dir.path().join("backend.log"));
     backend.wait_listening(&sock);
