@@ -5,6 +5,7 @@
 //! writes meanwhile). Also the RAM of the hint index per unique cluster.
 //!
 //! `cargo run --release --example dedup_open -- [--clusters N] [--cluster-size BYTES] [--dir D]`
+//! (`RUST_LOG=info` shows the engine's log lines about the index)
 //! (defaults: 1M clusters of 4 KiB, a temporary directory; needs N x cluster size of disk).
 
 use std::io::{IoSlice, IoSliceMut};
@@ -19,6 +20,8 @@ mod args;
 use args::arg;
 
 fn main() -> anyhow::Result<()> {
+    // RUST_LOG=info shows the engine's lines about the index.
+    let _ = env_logger::try_init();
     let n = arg("--clusters", 1 << 20);
     let cs = arg("--cluster-size", 4096);
     let a: Vec<String> = std::env::args().collect();

@@ -149,10 +149,14 @@ pub(crate) fn open(
     };
     d.open_report.millis = t0.elapsed().as_millis() as u64;
     let rep = d.open_report.clone();
+    let how = if rep.background && !load {
+        "set up for a rebuild"
+    } else {
+        rep.how.as_str()
+    };
     log::info!(
-        "dedup index {} in {:.2?}: {} hints, {} data clusters hashed, {} bad index clusters, {} \
-         clusters pending background dedup{}{}",
-        rep.how,
+        "dedup index {how} in {:.2?}: {} hints, {} data clusters hashed, {} bad index clusters, \
+         {} clusters pending background dedup{}{}",
         t0.elapsed(),
         rep.hints,
         rep.clusters_hashed,
