@@ -69,6 +69,7 @@ fn sealed_image(dir: &Path, name: &str) -> (std::path::PathBuf, DedupExtension, 
         generation: 1,
         seal: seal(&seal_input(&h, file_len, 1)),
         counters: DedupCounters::default(),
+        rebuild_from: None,
     };
     h.autoclear_features |= AUTOCLEAR_DEDUP;
     h.set_extension(EXT_DEDUP, Some(ext.encode()));

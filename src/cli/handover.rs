@@ -57,8 +57,9 @@ impl Session {
                 ev.image_corrupted("qcow2", msg, None, None, true);
             }));
         }
-        // The background dedup worker sleeps unless clusters are pending. Closing the device
-        // stops it before its next cluster; dropping the handle joins it.
+        // The background dedup worker rebuilds the index when the open left that to it, then
+        // sleeps unless clusters are pending. Closing the device stops it before its next
+        // cluster or batch; dropping the handle joins it.
         let worker = image.qcow2.as_ref().and_then(|q| q.start_dedup_worker());
         Ok(Session {
             image,

@@ -75,6 +75,9 @@ pub fn open_device(
                 DedupArg::Auto => None,
             },
             dedup_cache_bytes,
+            // Hashed by the dedup worker (every caller starts it) while the image is served:
+            // the first request is served at once.
+            dedup_rebuild_in_background: true,
             direct,
             ..Default::default()
         };

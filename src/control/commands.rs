@@ -139,6 +139,12 @@ pub struct DedupInfo {
     pub stale_hints_rejected: u64,
     /// Clusters written in background mode and not yet processed by the worker.
     pub pending_clusters: u64,
+    /// The index is being rebuilt from the data (after a crash or a writable QEMU open) while
+    /// the image is served: guest clusters passed of the total, and data clusters hashed.
+    pub index_rebuild_running: bool,
+    pub index_rebuild_clusters_done: u64,
+    pub index_rebuild_clusters_total: u64,
+    pub index_rebuild_clusters_hashed: u64,
 }
 
 /// What the image side answers. Runs on the daemon's main thread: keep each call short.

@@ -50,6 +50,10 @@ impl ImageControl for Qcow2Control {
             refcount_cap_hits: d.refcount_cap_hits,
             stale_hints_rejected: d.stale_hints_rejected,
             pending_clusters: d.pending_clusters,
+            index_rebuild_running: d.rebuild_running,
+            index_rebuild_clusters_done: d.rebuild_clusters_done,
+            index_rebuild_clusters_total: d.rebuild_clusters_total,
+            index_rebuild_clusters_hashed: d.rebuild_clusters_hashed,
         }
     }
 

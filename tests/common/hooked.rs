@@ -1,5 +1,6 @@
 //! A storage that passes every call to an inner one, and lets a test watch or slow chosen calls
-//! (count reads, hold a write in flight, record the holes punched, slow and count syncs).
+//! (count reads, hold a read or a write in flight, record the holes punched, slow and count
+//! syncs).
 
 use std::io::{self, IoSlice, IoSliceMut};
 use vhost_user_qcow2::storage::Storage;
@@ -13,6 +14,8 @@ pub struct Hooked<S> {
     pub inner: S,
     /// Before every read (one call per `readv_at`), with its offset.
     pub on_read: Option<OnRead>,
+    /// After every read has returned (one call per `readv_at`), with its offset.
+    pub after_read: Option<OnRead>,
     /// Before every `write_at`, with its data and offset.
     pub on_write: Option<OnWrite>,
     /// Before every `writev_at` (the plain write path's data writes), with its offset.
@@ -28,6 +31,7 @@ impl<S> Hooked<S> {
         Hooked {
             inner,
             on_read: None,
+            after_read: None,
             on_write: None,
             on_writev: None,
             on_punch: None,
@@ -41,7 +45,11 @@ impl<S: Storage> Storage for Hooked<S> {
         if let Some(f) = &self.on_read {
             f(offset);
         }
-        self.inner.read_at(buf, offset)
+        let r = self.inner.read_at(buf, offset);
+        if let Some(f) = &self.after_read {
+            f(offset);
+        }
+        r
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         if let Some(f) = &self.on_write {
@@ -53,7 +61,11 @@ impl<S: Storage> Storage for Hooked<S> {
         if let Some(f) = &self.on_read {
             f(offset);
         }
-        self.inner.readv_at(bufs, offset)
+        let r = self.inner.readv_at(bufs, offset);
+        if let Some(f) = &self.after_read {
+            f(offset);
+        }
+        r
     }
     fn writev_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<()> {
         if let Some(f) = &self.on_writev {

@@ -36,6 +36,10 @@ pub struct OpenOptions {
     /// With dedup: build the hint index at open by hashing every allocated cluster (true for
     /// `serve`; offline dedup builds it as it goes). Default (None): true.
     pub dedup_index_at_open: Option<bool>,
+    /// With dedup: when the index must be rebuilt from the data, open without hashing it and
+    /// leave that to the dedup worker (`start_dedup_worker`), which hashes while the image is
+    /// served (`serve` does this). Default: hash everything in the open.
+    pub dedup_rebuild_in_background: bool,
     /// With dedup: most RAM for cached index clusters (the persistent per-cluster records).
     /// Default (None): `DEFAULT_RECORD_CACHE_BYTES`.
     pub dedup_cache_bytes: Option<u64>,

@@ -340,6 +340,7 @@ fn open_dedup(
             opts.dedup_index_at_open.unwrap_or(true),
             opts.dedup_cache_bytes
                 .unwrap_or(dedup::DEFAULT_RECORD_CACHE_BYTES),
+            opts.dedup_rebuild_in_background,
         )?;
     }
     Ok((mode, paused, mode != recorded_mode || !had_setting))

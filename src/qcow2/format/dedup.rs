@@ -83,11 +83,10 @@ pub struct DedupCounters {
     pub partial_reads: u64,
     pub cap_hits: u64,
     pub stale_rejected: u64,
-    pub reserved: u64,
 }
 
 impl DedupCounters {
-    fn as_array(&self) -> [u64; 8] {
+    fn as_array(&self) -> [u64; 7] {
         [
             self.deduplicated,
             self.written_unique,
@@ -96,10 +95,9 @@ impl DedupCounters {
             self.partial_reads,
             self.cap_hits,
             self.stale_rejected,
-            self.reserved,
         ]
     }
-    fn from_array(a: [u64; 8]) -> Self {
+    fn from_array(a: [u64; 7]) -> Self {
         DedupCounters {
             deduplicated: a[0],
             written_unique: a[1],
@@ -108,7 +106,6 @@ impl DedupCounters {
             partial_reads: a[4],
             cap_hits: a[5],
             stale_rejected: a[6],
-            reserved: a[7],
         }
     }
 }
@@ -117,8 +114,8 @@ impl DedupCounters {
 ///
 /// Layout (big-endian, 128 bytes): 0 version u32, 4 flags u32 (bits 0-1 mode, bit 2 paused),
 /// 8 cluster_bits u32, 12 share_cap u32, 16 index_offset u64 (0: no index), 24 index_clusters u64,
-/// 32 generation u64, 40 seal u64, 48..112 eight u64 counters, 112..124 reserved (zero),
-/// 124 crc32c of bytes 0..124.
+/// 32 generation u64, 40 seal u64, 48..104 seven u64 counters, 104 rebuild_from u64 (guest
+/// cluster + 1; 0: none), 112..124 reserved (zero), 124 crc32c of bytes 0..124.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DedupExtension {
     pub mode: DedupMode,
@@ -134,6 +131,11 @@ pub struct DedupExtension {
     /// See [`seal`].
     pub seal: u64,
     pub counters: DedupCounters,
+    /// A rebuild of the index stopped by a clean close: the records of guest clusters from
+    /// here on may be missing (not wrong), and the next open hashes them again in the
+    /// background. (Written where version 1 had an eighth, unused counter: an older binary
+    /// keeps it and loads the index as complete, which only loses dedup opportunities.)
+    pub rebuild_from: Option<u64>,
 }
 
 fn be32(b: &[u8], o: usize) -> u32 {
@@ -167,6 +169,7 @@ impl DedupExtension {
             generation: 0,
             seal: 0,
             counters: DedupCounters::default(),
+            rebuild_from: None,
         }
     }
 
@@ -187,6 +190,8 @@ impl DedupExtension {
         for (i, c) in self.counters.as_array().iter().enumerate() {
             b[48 + i * 8..56 + i * 8].copy_from_slice(&c.to_be_bytes());
         }
+        let from = self.rebuild_from.map_or(0, |g| g.saturating_add(1));
+        b[104..112].copy_from_slice(&from.to_be_bytes());
         let crc = crc32c::crc32c(&b[..124]);
         b[124..128].copy_from_slice(&crc.to_be_bytes());
         b
@@ -224,7 +229,7 @@ impl DedupExtension {
                 "index offset and cluster count disagree".into(),
             ));
         }
-        let mut counters = [0u64; 8];
+        let mut counters = [0u64; 7];
         for (i, c) in counters.iter_mut().enumerate() {
             *c = be64(b, 48 + i * 8);
         }
@@ -238,6 +243,7 @@ impl DedupExtension {
             generation: be64(b, 32),
             seal: be64(b, 40),
             counters: DedupCounters::from_array(counters),
+            rebuild_from: be64(b, 104).checked_sub(1),
         })
     }
 }
@@ -478,8 +484,8 @@ mod tests {
                 partial_reads: 5,
                 cap_hits: 6,
                 stale_rejected: 7,
-                reserved: 0,
             },
+            rebuild_from: Some(0),
         }
     }
 

@@ -34,10 +34,13 @@ impl Qcow2 {
             && m.dedup.as_ref().is_some_and(|d| d.pending.len() > 0)
     }
 
-    /// True when the background worker is working now (or would be, with work).
+    /// True when the background worker is working now (or would be, with work): pending
+    /// clusters, or the rebuild of the index.
     pub fn dedup_worker_running(&self) -> bool {
         let m = self.lock();
-        m.dedup.as_ref().is_some_and(|d| d.worker_busy) || self.worker_may_run(&m)
+        m.dedup.as_ref().is_some_and(|d| d.worker_busy)
+            || self.worker_may_run(&m)
+            || self.rebuild_wanted(&m)
     }
 
     /// Wake the worker (new work, resume, mode change, stop).
@@ -135,12 +138,31 @@ fn worker_loop(q: &Qcow2) {
     log::debug!("dedup worker started");
     let mut last_step = Instant::now();
     loop {
+        // The rebuild of the index first, at full speed: it holds the lock only for short
+        // sections and reads the data without it, so the guest does not wait for it.
+        while !q.worker_stop.load(Ordering::SeqCst) {
+            match q.dedup_rebuild_step() {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(e) => {
+                    log::error!(
+                        "dedup index rebuild: {e}; stopped for this session (clusters not \
+                         hashed yet are not found as duplicates; the next open goes on)"
+                    );
+                    q.stop_rebuild();
+                    break;
+                }
+            }
+        }
         {
             let mut m = q.lock();
             loop {
                 if q.worker_stop.load(Ordering::SeqCst) || q.closed.load(Ordering::SeqCst) {
                     log::debug!("dedup worker stopped");
                     return;
+                }
+                if q.rebuild_may_run(&m) {
+                    break;
                 }
                 if !q.worker_may_run(&m) {
                     m = q.work_cond.wait(m).unwrap_or_else(|e| e.into_inner());
@@ -156,6 +178,9 @@ fn worker_loop(q: &Qcow2) {
                 if idle || last_step.elapsed() >= TRICKLE {
                     break;
                 }
+            }
+            if q.rebuild_may_run(&m) {
+                continue;
             }
         }
         // While the guest is idle, work in runs (re-checking between clusters).

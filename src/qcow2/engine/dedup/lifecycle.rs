@@ -5,6 +5,7 @@
 //! the index, then the extension, then sets the bit again.
 
 use super::pending::Pending;
+use super::rebuild::{self, Rebuild};
 use super::records::{Area, Records};
 use super::store::{Dedup, IndexOpenReport};
 use crate::qcow2::engine::overlap::kind;
@@ -15,10 +16,9 @@ use crate::qcow2::format::dedup::{
     DedupExtension, DedupMode, IndexCluster, SealInput, Trust, AUTOCLEAR_DEDUP, EXT_DEDUP, PENDING,
 };
 use crate::qcow2::format::{Header, L1Entry, L2Entry};
-use crate::qcow2::hashindex::hash_cluster;
 use crate::qcow2::hashindex::is_zero;
 use crate::storage::Storage;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
 /// Bytes read at once when loading the index area.
 const LOAD_CHUNK: u64 = 4 << 20;
@@ -91,8 +91,11 @@ fn new_area(s: &dyn Storage, m: &mut State, n: u64, file_len: u64) -> Result<Are
 
 /// At a read-write open with dedup: find the clusters shared by more than one active entry (when
 /// such a refcount falls back to 1 the survivor must get COPIED back), and load the index, or
-/// rebuild it by hashing the data (`hash_data`; offline dedup passes false and builds it as it
-/// goes). The caller has cleared the autoclear bit already.
+/// set up its rebuild from the data (`hash_data`; offline dedup passes false and builds it as it
+/// goes). With `background` the data is hashed after the open, while the image is served
+/// (`rebuild.rs`; the dedup worker runs it), else here. The caller has cleared the autoclear bit
+/// already.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn open(
     s: &dyn Storage,
     m: &mut State,
@@ -100,26 +103,30 @@ pub(crate) fn open(
     file_len: u64,
     hash_data: bool,
     cache_bytes: u64,
+    background: bool,
 ) -> Result<IndexOpenReport> {
     let t0 = std::time::Instant::now();
     let guest_clusters = m.g.size / m.g.cluster_size();
+    let rpc = codec::records_per_cluster(m.g.cluster_bits);
     let mut d = m.dedup.take().ok_or(Qcow2Error::DedupOff)?;
     d.pending = Pending::new(guest_clusters);
     let mut rep = IndexOpenReport::default();
     let (mut recs, load) = place_records(s, m, &d, h, file_len, hash_data, cache_bytes, &mut rep)?;
-    // Index clusters to hash again: all of them on a rebuild, the bad ones after a load.
-    let rehash = match (load, recs.as_mut()) {
-        (true, Some(r)) => Rehash::Some(load_records(
-            s,
-            r,
-            &mut d,
-            (m.g.cluster_bits, guest_clusters),
-            &mut rep,
-        )?),
-        _ if hash_data => Rehash::All,
-        _ => Rehash::Some(BTreeSet::new()),
+    // Guest clusters to hash: all of them on a rebuild; after a load, the ranges of the index
+    // clusters that did not load, and what a rebuild stopped by a clean close left.
+    let todo: Vec<(u64, u64)> = match (load, recs.as_mut()) {
+        (true, Some(r)) => {
+            let bad = load_records(s, r, &mut d, (m.g.cluster_bits, guest_clusters), &mut rep)?;
+            let from = d.recorded.as_ref().and_then(|e| e.rebuild_from);
+            bad.iter()
+                .map(|k| (k * rpc, ((k + 1) * rpc).min(guest_clusters)))
+                .chain(from.map(|g| (g, guest_clusters)))
+                .collect()
+        }
+        (false, Some(_)) if hash_data => vec![(0, guest_clusters)],
+        _ => Vec::new(),
     };
-    scan_active(s, m, &mut d, recs.as_mut(), &rehash, &mut rep)?;
+    scan_shared(s, m)?;
     rep.how = if load {
         "loaded"
     } else if hash_data {
@@ -128,11 +135,28 @@ pub(crate) fn open(
         "empty"
     }
     .to_string();
-    rep.millis = t0.elapsed().as_millis() as u64;
+    d.records = recs;
+    d.rebuild = Rebuild::new(todo);
+    let to_hash = d.rebuild.as_ref().map_or(0, |r| r.total);
+    rep.background = background && to_hash > 0;
+    d.open_report = rep;
+    m.dedup = Some(d);
+    if !background {
+        rebuild::run_now(m, s)?;
+    }
+    let Some(d) = m.dedup.as_mut() else {
+        return Err(Qcow2Error::DedupOff);
+    };
+    d.open_report.millis = t0.elapsed().as_millis() as u64;
+    let rep = d.open_report.clone();
+    let how = if rep.background && !load {
+        "set up for a rebuild"
+    } else {
+        rep.how.as_str()
+    };
     log::info!(
-        "dedup index {} in {:.2?}: {} hints, {} data clusters hashed, {} bad index clusters, {} \
-         clusters pending background dedup{}",
-        rep.how,
+        "dedup index {how} in {:.2?}: {} hints, {} data clusters hashed, {} bad index clusters, \
+         {} clusters pending background dedup{}{}",
         t0.elapsed(),
         rep.hints,
         rep.clusters_hashed,
@@ -141,27 +165,14 @@ pub(crate) fn open(
         rep.reason
             .as_ref()
             .map(|r| format!(" (rebuilt because: {r})"))
-            .unwrap_or_default()
-    );
-    d.records = recs;
-    d.open_report = rep.clone();
-    m.dedup = Some(d);
-    Ok(rep)
-}
-
-/// Which index clusters' ranges the scan of the active tables hashes again.
-enum Rehash {
-    All,
-    Some(BTreeSet<u64>),
-}
-
-impl Rehash {
-    fn covers(&self, k: u64) -> bool {
-        match self {
-            Rehash::All => true,
-            Rehash::Some(bad) => bad.contains(&k),
+            .unwrap_or_default(),
+        if rep.background {
+            format!("; the data of {to_hash} guest clusters is hashed in the background")
+        } else {
+            String::new()
         }
-    }
+    );
+    Ok(rep)
 }
 
 /// Decide where the records live: the recorded area when it is still usable (and whether its
@@ -297,73 +308,27 @@ fn load_records(
     Ok(bad)
 }
 
-/// One pass over the active L2 tables: note the shared clusters, and hash the data of the
-/// ranges `rehash` names (a copy of a content already seen, in a cluster of its own, becomes
-/// pending for the worker).
-fn scan_active(
-    s: &dyn Storage,
-    m: &mut State,
-    d: &mut Dedup,
-    mut recs: Option<&mut Records>,
-    rehash: &Rehash,
-    rep: &mut IndexOpenReport,
-) -> Result<()> {
+/// One pass over the active L2 tables: note the clusters shared by more than one entry.
+fn scan_shared(s: &dyn Storage, m: &mut State) -> Result<()> {
     let cs = m.g.cluster_size();
-    let rpc = codec::records_per_cluster(m.g.cluster_bits);
     let guest_clusters = m.g.size / cs;
     let per_table = 1u64 << m.g.l2_bits;
-    let mut shared_hashes: HashMap<u64, [u8; 32]> = HashMap::new();
-    let mut buf = vec![0u8; cs as usize];
     for i in 0..m.l1.len() as u64 {
         if L1Entry::decode(m.l1[i as usize]).l2_offset.is_none() {
             continue;
         }
         for gc in i * per_table..((i + 1) * per_table).min(guest_clusters) {
-            let L2Entry::Normal { host, copied } = m.entry(s, gc)? else {
+            let L2Entry::Normal {
+                host,
+                copied: false,
+            } = m.entry(s, gc)?
+            else {
                 continue;
             };
             let hc = host.0 / cs;
-            let refs = if copied { 1 } else { m.rc.get(s, hc)? };
-            if refs >= 2 {
+            if m.rc.get(s, hc)? >= 2 {
                 m.sharing.add(hc, gc);
             }
-            if !rehash.covers(gc / rpc) {
-                continue;
-            }
-            let Some(r) = recs.as_deref_mut() else {
-                continue;
-            };
-            let h = match shared_hashes.get(&hc) {
-                Some(h) => *h,
-                None => {
-                    s.read_at(&mut buf, host.0)?;
-                    rep.clusters_hashed += 1;
-                    if is_zero(&buf) {
-                        continue;
-                    }
-                    let h = hash_cluster(&buf);
-                    if refs >= 2 {
-                        shared_hashes.insert(hc, h);
-                    }
-                    h
-                }
-            };
-            // A copy of a content seen before, in a cluster of its own: the worker merges it
-            // (after a crash in background mode, or data written while dedup was off).
-            let mut seen = false;
-            d.index.inner.for_each_candidate(&h, |_| {
-                seen = true;
-                false
-            });
-            if seen && refs < 2 {
-                r.set_pending(s, gc)?;
-                d.pending.insert(gc);
-                rep.pending += 1;
-                continue;
-            }
-            r.set(s, gc, Some(&h), true)?;
-            d.index.insert_limited(&h, gc);
-            rep.hints += 1;
         }
     }
     Ok(())
@@ -391,6 +356,7 @@ pub(crate) fn close(
     c.partial_reads += st.partial_cluster_reads;
     c.cap_hits += st.refcount_cap_hits;
     c.stale_rejected += st.stale_hints_rejected;
+    let resume = d.rebuild.as_ref().and_then(Rebuild::resume_point);
     let sealed = match d.records.as_mut() {
         Some(r) => {
             r.write_all(s)?;
@@ -398,14 +364,22 @@ pub(crate) fn close(
             ext.index_offset = r.area.offset;
             ext.index_clusters = r.clusters();
             ext.generation = r.generation;
+            ext.rebuild_from = resume;
             true
         }
         None => {
             ext.index_offset = 0;
             ext.index_clusters = 0;
+            ext.rebuild_from = None;
             false
         }
     };
+    if let Some(g) = resume.filter(|_| sealed) {
+        log::info!(
+            "dedup index rebuild stopped by the close at guest cluster {g}: the next open goes \
+             on from there"
+        );
+    }
     let header = write_extension(s, &mut ext, cluster_bits, true)?;
     if sealed {
         let bits = header.autoclear_features | AUTOCLEAR_DEDUP;

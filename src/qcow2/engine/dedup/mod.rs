@@ -23,6 +23,7 @@ pub(crate) mod background;
 pub(crate) mod lifecycle;
 mod link;
 mod pending;
+mod rebuild;
 mod records;
 pub(crate) mod store;
 

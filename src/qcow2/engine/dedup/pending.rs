@@ -60,6 +60,12 @@ impl Pending {
         }
     }
 
+    pub(crate) fn contains(&self, gc: u64) -> bool {
+        self.chunks
+            .get(&(gc / CHUNK_BITS))
+            .is_some_and(|c| c[((gc % CHUNK_BITS) / 64) as usize] & (1u64 << (gc % 64)) != 0)
+    }
+
     pub(crate) fn len(&self) -> u64 {
         self.count
     }

@@ -49,6 +49,27 @@ pub(crate) struct Records {
     /// Index cluster reads and writes (for stats and tests).
     pub reads: u64,
     pub writes: u64,
+    /// The guest clusters of a rebuild batch in flight, and which of them had their record set
+    /// or cleared since the batch was planned (`rebuild.rs`).
+    watch: Option<Watch>,
+}
+
+/// Guest clusters `first..first + len` watched for record changes, one bit each.
+pub(crate) struct Watch {
+    first: u64,
+    len: u64,
+    changed: Vec<u64>,
+}
+
+impl Watch {
+    /// Whether the record of guest cluster `gc` was set or cleared while watched (a cluster
+    /// outside the window counts as changed: nothing vouches for it).
+    pub(crate) fn changed(&self, gc: u64) -> bool {
+        match gc.checked_sub(self.first) {
+            Some(i) if i < self.len => bit(&self.changed, i),
+            _ => true,
+        }
+    }
 }
 
 fn bit(v: &[u64], i: u64) -> bool {
@@ -91,7 +112,29 @@ impl Records {
             all_verified: !on_disk,
             reads: 0,
             writes: 0,
+            watch: None,
         }
+    }
+
+    /// Start noting which of guest clusters `first..first + len` get their record set or
+    /// cleared (every change of a guest cluster's content on an image served with dedup sets or
+    /// clears its record under the lock before any data moves). Replaces any earlier watch.
+    pub(crate) fn watch(&mut self, first: u64, len: u64) {
+        self.watch = Some(Watch {
+            first,
+            len,
+            changed: vec![0; len.div_ceil(64) as usize],
+        });
+    }
+
+    /// The watch of `watch`, if any (it stays on).
+    pub(crate) fn watched(&self) -> Option<&Watch> {
+        self.watch.as_ref()
+    }
+
+    /// Stop watching.
+    pub(crate) fn unwatch(&mut self) {
+        self.watch = None;
     }
 
     fn cs(&self) -> u64 {
@@ -198,6 +241,12 @@ impl Records {
         hash: Option<&[u8; 32]>,
         verified: bool,
     ) -> Result<Option<[u8; 32]>> {
+        // Noted first: a change whose record fails to load still counts as a change.
+        if let Some(w) = self.watch.as_mut() {
+            if let Some(i) = gc.checked_sub(w.first).filter(|&i| i < w.len) {
+                set_bit(&mut w.changed, i, true);
+            }
+        }
         let (k, i) = (gc / self.rpc, (gc % self.rpc) as usize);
         let Some(slot) = self.slot(s, k)? else {
             return Ok(None);

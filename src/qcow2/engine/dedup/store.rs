@@ -3,6 +3,7 @@
 //! open found. Plain data: the code that changes it is in the sibling files.
 
 use super::pending::Pending;
+use super::rebuild::Rebuild;
 use super::records;
 use crate::qcow2::engine::clustermap::ClusterSet;
 use crate::qcow2::format::dedup::DedupExtension;
@@ -31,6 +32,11 @@ pub struct IndexOpenReport {
     pub pending: u64,
     /// Time the whole step took, in milliseconds.
     pub millis: u64,
+    /// The data is hashed in the background after the open (`hints`, `clusters_hashed` and
+    /// `pending` grow by what that finds when it is done).
+    pub background: bool,
+    /// How long the background rebuild took, in milliseconds, once it is done.
+    pub background_millis: Option<u64>,
 }
 
 /// Counters of the dedup layer.
@@ -64,6 +70,13 @@ pub struct DedupStats {
     pub pending_clusters: u64,
     /// Clusters the background worker has processed.
     pub background_processed: u64,
+    /// The index is being rebuilt from the data in the background (`rebuild.rs`).
+    pub rebuild_running: bool,
+    /// Guest clusters the rebuild has passed, of `rebuild_clusters_total`.
+    pub rebuild_clusters_done: u64,
+    pub rebuild_clusters_total: u64,
+    /// Data clusters the rebuild has read and hashed.
+    pub rebuild_clusters_hashed: u64,
 }
 
 /// The hint index: hash -> guest clusters that held that content, in the compact index of
@@ -129,6 +142,8 @@ pub(crate) struct Dedup {
     /// choosing a candidate holds its cluster too, and two of those waiting for each other's
     /// cluster would wait for ever.
     pub(super) published: ClusterSet,
+    /// The rebuild of the index from the data, while it is not done.
+    pub(super) rebuild: Option<Rebuild>,
 }
 
 impl Dedup {
@@ -141,6 +156,7 @@ impl Dedup {
             pending: Pending::default(),
             worker_busy: false,
             published: ClusterSet::default(),
+            rebuild: None,
             stats: DedupStats::default(),
             cap: (max_refcount / 2).max(1),
         }
@@ -151,6 +167,12 @@ impl Dedup {
         s.index_ram_bytes = self.index.ram_bytes();
         s.record_cache_bytes = self.records.as_ref().map_or(0, records::Records::ram_bytes);
         s.pending_clusters = self.pending.len();
+        if let Some(r) = &self.rebuild {
+            s.rebuild_running = r.runnable();
+            s.rebuild_clusters_done = r.done;
+            s.rebuild_clusters_total = r.total;
+            s.rebuild_clusters_hashed = r.hashed;
+        }
         s
     }
 }
