@@ -5,7 +5,8 @@
 //! the index, then the extension, then sets the bit again.
 
 use super::pending::Pending;
-use super::rebuild::{self, Rebuild};
+use super::rebuild;
+use super::rebuild_state::Rebuild;
 use super::records::{Area, Records};
 use super::store::{Dedup, IndexOpenReport};
 use crate::qcow2::engine::overlap::kind;

@@ -24,6 +24,8 @@ pub(crate) mod lifecycle;
 mod link;
 mod pending;
 mod rebuild;
+mod rebuild_state;
+mod rebuild_worker;
 mod records;
 pub(crate) mod store;
 

@@ -26,100 +26,25 @@
 //! hashes from there, in the background again.
 
 use super::store::Dedup;
-use crate::qcow2::engine::image::Qcow2;
 use crate::qcow2::engine::state::State;
 use crate::qcow2::error::Result;
 use crate::qcow2::format::{L1Entry, L2Entry};
 use crate::qcow2::hashindex::{hash_cluster, is_zero};
 use crate::storage::Storage;
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::collections::HashMap;
 
 /// Guest clusters looked at per batch, at most (their entries are read under the lock).
 const SCAN: u64 = 512;
 /// Data read per batch, at most.
 const BATCH_BYTES: u64 = 1 << 20;
 /// Results put in per lock section (a record, a hint: about a microsecond each).
-const INSERT_CHUNK: usize = 32;
+pub(super) const INSERT_CHUNK: usize = 32;
 /// Guest L2 tables with no table (no data) skipped per lock section.
 const EMPTY_TABLES_PER_SECTION: u64 = 4096;
 
-/// The rebuild still to do: guest cluster ranges, in order.
-pub(crate) struct Rebuild {
-    todo: VecDeque<(u64, u64)>,
-    /// Guest clusters in the ranges at the start, and passed since.
-    pub(super) total: u64,
-    pub(super) done: u64,
-    /// Data clusters read and hashed; results put in; clusters that became pending; clusters
-    /// whose record changed while they were read (left to their writer); failed reads.
-    pub(super) hashed: u64,
-    pub(super) hints: u64,
-    pub(super) pending: u64,
-    pub(super) changed: u64,
-    pub(super) read_errors: u64,
-    /// A batch is between its first and last lock section (one batch at a time).
-    busy: bool,
-    /// Stopped by an error: not run again this session (the close keeps the resume point).
-    failed: bool,
-    started: Instant,
-}
-
-impl Rebuild {
-    /// A rebuild of guest clusters `ranges` (any order, may overlap); None when they are empty.
-    pub(super) fn new(mut ranges: Vec<(u64, u64)>) -> Option<Rebuild> {
-        ranges.retain(|(a, b)| a < b);
-        ranges.sort_unstable();
-        let mut todo: VecDeque<(u64, u64)> = VecDeque::new();
-        for (a, b) in ranges {
-            match todo.back_mut() {
-                Some(last) if a <= last.1 => last.1 = last.1.max(b),
-                _ => todo.push_back((a, b)),
-            }
-        }
-        let total = todo.iter().map(|(a, b)| b - a).sum();
-        (total > 0).then(|| Rebuild {
-            todo,
-            total,
-            done: 0,
-            hashed: 0,
-            hints: 0,
-            pending: 0,
-            changed: 0,
-            read_errors: 0,
-            busy: false,
-            failed: false,
-            started: Instant::now(),
-        })
-    }
-
-    /// The first guest cluster not done: a later open goes on from there.
-    pub(super) fn resume_point(&self) -> Option<u64> {
-        self.todo.front().map(|r| r.0)
-    }
-
-    /// Work left that may be done this session.
-    pub(super) fn runnable(&self) -> bool {
-        !self.failed && !self.todo.is_empty()
-    }
-
-    /// Everything below guest cluster `to` is done.
-    fn advance(&mut self, to: u64) {
-        while let Some(r) = self.todo.front_mut() {
-            let next = to.clamp(r.0, r.1);
-            self.done += next - r.0;
-            r.0 = next;
-            if r.0 < r.1 {
-                break;
-            }
-            self.todo.pop_front();
-        }
-    }
-}
-
 /// A data cluster taken by a batch.
 #[derive(Clone, Copy)]
-struct Item {
+pub(super) struct Item {
     gc: u64,
     host: u64,
     copied: bool,
@@ -127,14 +52,14 @@ struct Item {
 
 /// What reading and hashing one item gave.
 #[derive(Clone, Copy)]
-enum Found {
+pub(super) enum Found {
     Hash([u8; 32]),
     Zero,
     ReadFailed,
 }
 
 /// What the rebuild does next.
-enum Next {
+pub(super) enum Next {
     /// Nothing left.
     Done,
     /// Guest clusters with no L2 table were passed: nothing to read.
@@ -145,7 +70,7 @@ enum Next {
 
 /// Under the lock: pass guest clusters with no L2 table (a bounded number per call), then the
 /// window the next batch looks at.
-fn next_window(st: &mut State) -> Next {
+pub(super) fn next_window(st: &mut State) -> Next {
     let l2_bits = st.meta.g.l2_bits;
     let Some(rb) = st.dedup.as_mut().and_then(|d| d.rebuild.as_mut()) else {
         return Next::Done;
@@ -175,7 +100,7 @@ fn next_window(st: &mut State) -> Next {
 
 /// Under the lock (the window's L2 tables cached): the data clusters of `first..end` to hash,
 /// at most `max_items`, and the window watched. Returns the items and where the window ended.
-fn plan(
+pub(super) fn plan(
     st: &mut State,
     s: &dyn Storage,
     first: u64,
@@ -221,7 +146,7 @@ fn known(st: &mut State, s: &dyn Storage, gc: u64) -> Result<bool> {
 
 /// Without the lock: read and hash the items, host-contiguous ones in one read; an item whose
 /// host cluster an earlier one of the batch has is read once.
-fn read_items(s: &dyn Storage, cs: u64, items: &[Item]) -> Vec<Found> {
+pub(super) fn read_items(s: &dyn Storage, cs: u64, items: &[Item]) -> Vec<Found> {
     let mut found = vec![Found::ReadFailed; items.len()];
     let mut first_of: HashMap<u64, usize> = HashMap::new();
     let mut runs: Vec<Vec<usize>> = Vec::new();
@@ -265,7 +190,12 @@ fn read_items(s: &dyn Storage, cs: u64, items: &[Item]) -> Vec<Found> {
 
 /// Under the lock: put in what `items` gave, but for clusters whose record changed since the
 /// batch was planned (the watch).
-fn insert(st: &mut State, s: &dyn Storage, items: &[Item], found: &[Found]) -> Result<()> {
+pub(super) fn insert(
+    st: &mut State,
+    s: &dyn Storage,
+    items: &[Item],
+    found: &[Found],
+) -> Result<()> {
     let cs = st.meta.g.cluster_size();
     let State { meta, dedup } = st;
     let Some(Dedup {
@@ -330,7 +260,7 @@ fn insert(st: &mut State, s: &dyn Storage, items: &[Item], found: &[Found]) -> R
 }
 
 /// Under the lock, after a batch: stop watching, mark `first..end` done; log the end.
-fn batch_done(st: &mut State, end: u64) {
+pub(super) fn batch_done(st: &mut State, end: u64) {
     let Some(d) = st.dedup.as_mut() else {
         return;
     };
@@ -345,7 +275,7 @@ fn batch_done(st: &mut State, end: u64) {
 }
 
 /// When nothing is left: the rebuild's results go into the open report, and it is logged.
-fn finish_if_done(d: &mut Dedup) {
+pub(super) fn finish_if_done(d: &mut Dedup) {
     if d.rebuild.as_ref().is_none_or(|rb| !rb.todo.is_empty()) {
         return;
     }
@@ -373,7 +303,7 @@ fn finish_if_done(d: &mut Dedup) {
 }
 
 /// Most clusters a batch reads.
-fn max_items(cs: u64) -> usize {
+pub(super) fn max_items(cs: u64) -> usize {
     (BATCH_BYTES / cs).clamp(1, SCAN) as usize
 }
 
@@ -396,126 +326,4 @@ pub(super) fn run_now(st: &mut State, s: &dyn Storage) -> Result<()> {
         finish_if_done(d);
     }
     Ok(())
-}
-
-impl Qcow2 {
-    /// True while the index is being rebuilt from the data and may go on (not paused, dedup
-    /// not off, the image open).
-    pub(crate) fn rebuild_wanted(&self, m: &State) -> bool {
-        !self.closed.load(Ordering::SeqCst)
-            && !self.dedup_paused()
-            && self.dedup_mode() != crate::qcow2::format::dedup::DedupMode::Off
-            && m.dedup
-                .as_ref()
-                .and_then(|d| d.rebuild.as_ref())
-                .is_some_and(Rebuild::runnable)
-    }
-
-    /// `rebuild_wanted`, and no batch is under way (one at a time).
-    pub(crate) fn rebuild_may_run(&self, m: &State) -> bool {
-        self.rebuild_wanted(m)
-            && m.dedup
-                .as_ref()
-                .and_then(|d| d.rebuild.as_ref())
-                .is_some_and(|rb| !rb.busy)
-    }
-
-    /// True while the index is still being rebuilt from the data (paused or not).
-    pub fn dedup_rebuilding(&self) -> bool {
-        self.lock()
-            .dedup
-            .as_ref()
-            .and_then(|d| d.rebuild.as_ref())
-            .is_some_and(Rebuild::runnable)
-    }
-
-    /// One batch of the index rebuild (the worker thread runs them; tests may too). Returns
-    /// false when there was nothing it may do now.
-    pub fn dedup_rebuild_step(&self) -> Result<bool> {
-        let s = self.storage.as_ref();
-        let cs = self.g.cluster_size();
-        let cb = self.g.cluster_bits;
-        let mut m = self.lock();
-        if !self.rebuild_may_run(&m) {
-            return Ok(false);
-        }
-        let (first, end) = match next_window(&mut m) {
-            Next::Done => {
-                if let Some(d) = m.dedup.as_mut() {
-                    finish_if_done(d);
-                }
-                return Ok(false);
-            }
-            Next::Skipped => return Ok(true),
-            Next::Window(first, end) => (first, end),
-        };
-        set_busy(&mut m, true);
-        // The window's L2 tables are read without the lock.
-        let loaded = self.load_tables(m, first << cb, (end - first) << cb);
-        let mut m = match loaded {
-            Ok(m) => m,
-            Err(e) => {
-                self.abandon_batch(&mut self.lock());
-                return Err(e);
-            }
-        };
-        if self.closed.load(Ordering::SeqCst) {
-            self.abandon_batch(&mut m);
-            return Ok(false);
-        }
-        let (items, end) = match plan(&mut m, s, first, end, max_items(cs)) {
-            Ok(p) => p,
-            Err(e) => {
-                self.abandon_batch(&mut m);
-                return Err(e);
-            }
-        };
-        drop(m);
-        let found = read_items(s, cs, &items);
-        for (its, fs) in items.chunks(INSERT_CHUNK).zip(found.chunks(INSERT_CHUNK)) {
-            let mut m = self.lock();
-            if self.closed.load(Ordering::SeqCst) {
-                // Stopped promptly: what this batch put in so far stays (it is right), the
-                // resume point is still the batch's start.
-                self.abandon_batch(&mut m);
-                return Ok(false);
-            }
-            if let Err(e) = insert(&mut m, s, its, fs) {
-                self.abandon_batch(&mut m);
-                return Err(e);
-            }
-        }
-        let mut m = self.lock();
-        let first_pending = m.dedup.as_ref().is_some_and(|d| d.pending.len() > 0);
-        batch_done(&mut m, end);
-        drop(m);
-        if first_pending {
-            self.wake_worker();
-        }
-        Ok(true)
-    }
-
-    /// A batch that cannot go on: unwatched, not busy; the range stays to do.
-    fn abandon_batch(&self, m: &mut State) {
-        if let Some(r) = m.dedup.as_mut().and_then(|d| d.records.as_mut()) {
-            r.unwatch();
-        }
-        set_busy(m, false);
-    }
-
-    /// Give up the rebuild for this session after an error (the close keeps the resume point,
-    /// so the next open tries again). Missing hints only lose dedup opportunities.
-    pub(crate) fn stop_rebuild(&self) {
-        let mut m = self.lock();
-        self.abandon_batch(&mut m);
-        if let Some(rb) = m.dedup.as_mut().and_then(|d| d.rebuild.as_mut()) {
-            rb.failed = true;
-        }
-    }
-}
-
-fn set_busy(m: &mut State, busy: bool) {
-    if let Some(rb) = m.dedup.as_mut().and_then(|d| d.rebuild.as_mut()) {
-        rb.busy = busy;
-    }
 }

@@ -3,7 +3,7 @@
 //! open found. Plain data: the code that changes it is in the sibling files.
 
 use super::pending::Pending;
-use super::rebuild::Rebuild;
+use super::rebuild_state::Rebuild;
 use super::records;
 use crate::qcow2::engine::clustermap::ClusterSet;
 use crate::qcow2::format::dedup::DedupExtension;
