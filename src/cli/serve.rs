@@ -4,7 +4,7 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 use std::fs::File;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -12,7 +12,7 @@ use vhost_user_qcow2::block::BlockDevice;
 use vhost_user_qcow2::control::{self, ImageControl, PlainControl, Qcow2Control};
 use vhost_user_qcow2::qcow2::engine::OverlapMode;
 use vhost_user_qcow2::qcow2::format::dedup::DedupMode;
-use vhost_user_qcow2::qcow2::{OpenOptions, Qcow2};
+use vhost_user_qcow2::qcow2::{AckDurability, OpenOptions, Qcow2};
 use vhost_user_qcow2::raw::RawDisk;
 use vhost_user_qcow2::storage::lock::ImageLock;
 use vhost_user_qcow2::vhost::{self, ServeConfig};
@@ -61,9 +61,18 @@ pub struct ServeArgs {
     /// Lazy refcounts: on, off, or auto (follow the image's lazy-refcounts bit).
     #[arg(long, value_enum, default_value_t = OnOffAuto::Auto)]
     pub lazy_refcounts: OnOffAuto,
-    /// Seconds between writes of refcounts held back by lazy refcounts.
+    /// Seconds between writes of refcounts held back by lazy refcounts (and by file ack
+    /// durability, whose DIRTY window this ends).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub refcount_flush_interval: u64,
+    /// What a completed write has made of the metadata it depends on (its L2 entries). file:
+    /// written into the image file before the completion is posted (no sync), so a crash or
+    /// kill of the daemon loses no write the guest saw complete (the host keeps what was
+    /// written); the image is marked dirty meanwhile and repaired on the next read-write open.
+    /// memory: kept in the daemon until the guest flushes (faster allocating writes; a killed
+    /// daemon loses unflushed writes the guest saw complete, as QEMU does).
+    #[arg(long, value_enum, default_value_t = AckDurabilityArg::File)]
+    pub ack_durability: AckDurabilityArg,
     /// Deduplication: inline (or on), background, off, or auto (what the image records).
     /// Background: writes complete as plain writes and a worker merges duplicates while the
     /// guest does not write.
@@ -100,6 +109,12 @@ pub enum OnOffAuto {
     On,
     Off,
     Auto,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AckDurabilityArg {
+    File,
+    Memory,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -171,16 +186,12 @@ pub struct OpenImage {
     pub _lock: ImageLock,
 }
 
-/// Lock and open an image: qcow2 by its magic, anything else as raw.
-pub fn open_device(
-    path: &Path,
-    read_only: bool,
-    lazy: OnOffAuto,
-    overlap_check: OverlapMode,
-    dedup: DedupArg,
-    dedup_cache_bytes: Option<u64>,
-    direct: bool,
-) -> anyhow::Result<OpenImage> {
+/// Lock and open the image of `args`: qcow2 by its magic, anything else as raw.
+pub fn open_device(args: &ServeArgs) -> anyhow::Result<OpenImage> {
+    let (path, read_only) = (args.image.as_path(), args.read_only);
+    let (lazy, overlap_check, dedup) = (args.lazy_refcounts, args.overlap_check, args.dedup);
+    let (dedup_cache_bytes, direct) = (args.dedup_cache_size, args.cache.direct());
+    let ack = args.ack_durability;
     let mut magic = [0u8; 4];
     let n = File::open(path)
         .and_then(|mut f| f.read(&mut magic))
@@ -204,6 +215,10 @@ pub fn open_device(
             },
             dedup_cache_bytes,
             direct,
+            ack_durability: match ack {
+                AckDurabilityArg::File => AckDurability::File,
+                AckDurabilityArg::Memory => AckDurability::Memory,
+            },
             ..Default::default()
         };
         let q = Arc::new(
@@ -211,12 +226,14 @@ pub fn open_device(
                 .with_context(|| format!("cannot open image {}", path.display()))?,
         );
         log::info!(
-            "serving qcow2 image {} ({} bytes, {} byte clusters, lazy refcounts {}, dedup {})",
+            "serving qcow2 image {} ({} bytes, {} byte clusters, lazy refcounts {}, dedup {}, \
+             ack durability {})",
             path.display(),
             q.capacity(),
             q.cluster_size(),
             if q.lazy_refcounts() { "on" } else { "off" },
-            format!("{:?}", q.dedup_mode()).to_lowercase()
+            format!("{:?}", q.dedup_mode()).to_lowercase(),
+            format!("{ack:?}").to_lowercase()
         );
         return Ok(OpenImage {
             granularity: u32::try_from(q.cluster_size()).unwrap_or(u32::MAX),
@@ -240,15 +257,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if let Some(p) = &args.pidfile {
         super::ready::refuse_if_live(p)?;
     }
-    let image = open_device(
-        &args.image,
-        args.read_only,
-        args.lazy_refcounts,
-        args.overlap_check,
-        args.dedup,
-        args.dedup_cache_size,
-        args.cache.direct(),
-    )?;
+    let image = open_device(&args)?;
     let serial = args.serial.clone().unwrap_or_else(|| {
         // (The device cuts the serial to its 20 bytes; cutting a String here could split a
         // character.)
@@ -274,11 +283,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     cfg.discard_granularity = image.granularity;
     cfg.socket_mode = args.socket_mode;
     cfg.handle_signals = true;
-    if let Some(q) = image.qcow2.clone().filter(|q| q.lazy_refcounts()) {
+    if let Some(q) = image.qcow2.clone().filter(|q| q.needs_refcount_timer()) {
         cfg.tick_interval = std::time::Duration::from_secs(args.refcount_flush_interval);
         cfg.tick = Some(Box::new(move || {
             if let Err(e) = q.flush_refcounts() {
-                log::error!("writing lazy refcounts failed: {e}");
+                log::error!("writing held-back refcounts failed: {e}");
             }
         }));
     }
