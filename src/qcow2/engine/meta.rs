@@ -441,11 +441,11 @@ impl Meta {
                     .get(off.0)
                     .cloned()
                     .ok_or_else(|| Qcow2Error::corrupt("L2 table left the cache"))?;
-                let new = self.new_l2_cluster(s)?;
+                let (new, _) = self.new_l2_cluster(s)?;
                 self.rc.map.remove(off.0 / cs, 1, kind::ACTIVE_L2);
                 self.make_room(s)?;
                 self.l2.insert(new, copy, true);
-                self.wb.new_table(new);
+                self.wb.new_table(new, false);
                 self.l1[i] = L1Entry::encode(crate::qcow2::offsets::HostOffset(new), true);
                 self.l1_dirty.insert(i);
                 self.wb.l1_changed();
@@ -453,11 +453,13 @@ impl Meta {
                 Ok(new)
             }
             None => {
-                let new = self.new_l2_cluster(s)?;
+                let (new, fresh) = self.new_l2_cluster(s)?;
                 self.make_room(s)?;
                 self.l2
                     .insert(new, vec![0u64; 1usize << self.g.l2_bits], true);
-                self.wb.new_table(new);
+                // An empty table in a cluster never written reads as itself if its write is
+                // lost: its L1 entry needs no sync before it (see `PersistBatch::write`).
+                self.wb.new_table(new, fresh);
                 self.l1[i] = L1Entry::encode(crate::qcow2::offsets::HostOffset(new), true);
                 self.l1_dirty.insert(i);
                 self.wb.l1_changed();
@@ -466,9 +468,12 @@ impl Meta {
         }
     }
 
-    /// Take a cluster for a new L2 table and mark it in the overlap map.
-    fn new_l2_cluster(&mut self, s: &dyn Storage) -> Result<u64> {
+    /// Take a cluster for a new L2 table and mark it in the overlap map. Returns its offset
+    /// and whether it lies past everything ever written (it reads as zeros until written). The
+    /// file is grown to cover it, as for data (`alloc_data`).
+    fn new_l2_cluster(&mut self, s: &dyn Storage) -> Result<(u64, bool)> {
         let cs = self.g.cluster_size();
+        let zero_from = self.zero_from.max(self.rc.allocations * cs);
         let new = self.rc.alloc(s, 1)? * cs;
         // A reader outside the lock of an old table that lived here must not insert it.
         self.loading.remove(&new);
@@ -479,7 +484,17 @@ impl Meta {
             return Err(e);
         }
         self.rc.map.add(new / cs, 1, kind::ACTIVE_L2);
-        Ok(new)
+        let end = (self.rc.allocations * cs).max(new + cs);
+        self.zero_from = zero_from.max(end);
+        if end > self.file_len {
+            let target = end
+                .max(self.file_len.saturating_add(GROW_STEP))
+                .div_ceil(cs)
+                * cs;
+            s.set_len(target)?;
+            self.file_len = target;
+        }
+        Ok((new, new >= zero_from))
     }
 
     /// Point guest cluster `gc` at `entry` (in the cache; durable at the next flush).

@@ -9,7 +9,7 @@
 //! Every change gets a sequence number; `persisted` says which of them are all in the file.
 //! The pure bookkeeping lives here; `meta/persist.rs` copies and `engine/persist.rs` writes.
 
-use super::clustermap::ClusterMap;
+use super::clustermap::{ClusterMap, ClusterSet};
 
 /// A set of units of one table.
 #[derive(Clone, Default)]
@@ -96,6 +96,9 @@ pub(crate) struct Writeback {
     persisted: u64,
     /// The sequence number the writer in flight covers once it is done.
     inflight_seq: Option<u64>,
+    /// New, empty tables in clusters never written before: a lost write of one reads as the
+    /// empty table it is, so its L1 entry may reach the disk first.
+    fresh: ClusterSet,
 }
 
 impl Writeback {
@@ -107,6 +110,7 @@ impl Writeback {
             seq: 0,
             persisted: 0,
             inflight_seq: None,
+            fresh: ClusterSet::default(),
         }
     }
 
@@ -129,10 +133,16 @@ impl Writeback {
         }
     }
 
-    /// A table that was never written (new, or a copy) now lives at `off`.
-    pub(crate) fn new_table(&mut self, off: u64) {
+    /// A table that was never written (new, or a copy) now lives at `off`; `fresh`: an empty
+    /// one in a cluster never written before.
+    pub(crate) fn new_table(&mut self, off: u64, fresh: bool) {
         if !self.on {
             return;
+        }
+        if fresh {
+            self.fresh.insert(off);
+        } else {
+            self.fresh.remove(&off);
         }
         let seq = self.bump();
         let t = self.tables.entry(off).or_default();
@@ -169,6 +179,17 @@ impl Writeback {
         } else {
             0
         }
+    }
+
+    /// True when the table at `off` is a new, empty one in a cluster never written before (see
+    /// `fresh`). Forgotten once its L1 entry is in the file.
+    pub(crate) fn fresh(&self, off: u64) -> bool {
+        self.fresh.contains(&off)
+    }
+
+    /// The L1 entry of the fresh table at `off` is in the file.
+    pub(crate) fn linked(&mut self, off: u64) {
+        self.fresh.remove(&off);
     }
 
     /// True when every change up to `seq` is in the file.
@@ -308,7 +329,8 @@ mod tests {
     #[test]
     fn a_failed_write_leaves_its_changes_pending_and_new_tables_go_whole() {
         let mut w = Writeback::new(true, 512);
-        w.new_table(0x30000);
+        w.new_table(0x30000, true);
+        assert!(w.fresh(0x30000));
         w.changed(0x30000, 9);
         let c = w.take();
         assert!(c[0].whole);
@@ -327,7 +349,8 @@ mod tests {
     fn off_records_nothing() {
         let mut w = Writeback::new(false, 512);
         w.changed(0x10000, 1);
-        w.new_table(0x20000);
+        w.new_table(0x20000, true);
+        assert!(!w.fresh(0x20000));
         assert_eq!(w.need(0x10000, 1, 1), 0);
         assert_eq!(w.need(0x20000, 1, 1), 0);
         assert!(w.take().is_empty());

@@ -5,6 +5,7 @@
 use super::Meta;
 use crate::qcow2::engine::overlap::kind;
 use crate::qcow2::error::Result;
+use crate::qcow2::format::entries::L1E_OFFSET_MASK;
 use crate::qcow2::format::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY, OFF_INCOMPATIBLE};
 use crate::qcow2::format::L2Entry;
 use crate::storage::Storage;
@@ -112,6 +113,7 @@ impl Meta {
                         self.l1_dirty.extend(&idx[n..]);
                         return Err(e);
                     }
+                    self.wb.linked(self.l1[i] & L1E_OFFSET_MASK);
                 }
             }
         }

@@ -7,6 +7,7 @@ use super::Meta;
 use crate::qcow2::engine::overlap::kind;
 use crate::qcow2::error::{Qcow2Error, Result};
 use crate::qcow2::format::encode_table;
+use crate::qcow2::format::entries::L1E_OFFSET_MASK;
 use crate::qcow2::format::header::INCOMPAT_DIRTY;
 use crate::storage::Storage;
 
@@ -19,6 +20,9 @@ pub(crate) struct PersistBatch {
     tables: Vec<(u64, Vec<u8>)>,
     /// L1 entries: (index, file offset, value).
     l1: Vec<(usize, u64, u64)>,
+    /// Sync before the L1 entries: one points at a table whose lost write would not read as
+    /// what the L1 entry stood for before (a copy of a table, or a table in a reused cluster).
+    sync_l1: bool,
 }
 
 impl PersistBatch {
@@ -33,8 +37,11 @@ impl PersistBatch {
             s.write_at(b, *off)?;
         }
         if !self.l1.is_empty() {
-            // A new table (or copy) is durable before the L1 entry that points at it.
-            s.flush()?;
+            // A new table (or copy) is durable before the L1 entry that points at it, unless
+            // it is an empty table in a cluster never written (lost, it reads as itself).
+            if self.sync_l1 {
+                s.flush()?;
+            }
             for (_, off, v) in &self.l1 {
                 s.write_at(&v.to_be_bytes(), *off)?;
             }
@@ -95,10 +102,13 @@ impl Meta {
                 tables.push((c.off + lo as u64 * 8, encode_table(&t[lo..hi])));
             }
         }
-        let l1 = std::mem::take(&mut self.l1_dirty)
+        let l1: Vec<(usize, u64, u64)> = std::mem::take(&mut self.l1_dirty)
             .into_iter()
             .map(|i| (i, self.l1_offset + i as u64 * 8, self.l1[i]))
             .collect();
+        let sync_l1 = l1
+            .iter()
+            .any(|&(_, _, v)| !self.wb.fresh(v & L1E_OFFSET_MASK));
         let sync_data = std::mem::take(&mut self.data_before_l2);
         // The refcount timer must not clear DIRTY over these writes.
         self.tables_written += 1;
@@ -106,6 +116,7 @@ impl Meta {
             sync_data,
             tables,
             l1,
+            sync_l1,
         }))
     }
 
@@ -115,6 +126,11 @@ impl Meta {
         let ok = r.is_ok();
         for off in self.wb.done(ok) {
             self.l2.mark_clean(off);
+        }
+        if ok {
+            for &(_, _, v) in &b.l1 {
+                self.wb.linked(v & L1E_OFFSET_MASK);
+            }
         }
         if !ok {
             self.l1_dirty.extend(b.l1.iter().map(|&(i, _, _)| i));
