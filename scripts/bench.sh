@@ -223,6 +223,14 @@ define_rows() {
     row "4k randwrite QD32 overwrite overlap" filled 1 nopin \
         "--workload randwrite --bs 4k --iodepth 32 --runtime {runtime}" \
         "all=ours:--overlap-check all" "none=ours:--overlap-check none"
+    # Acknowledged writes outlive the process (issue 17): the metadata of every allocating write
+    # in the file before it completes (file, the default) against in memory until a flush.
+    row "4k randwrite QD32 2q alloc ack" fresh 2 nopin \
+        "--workload randwrite --bs 4k --iodepth 32 --stride 64k --no-repeat --runtime {runtime}" \
+        "file=ours:--ack-durability file" "memory=ours:--ack-durability memory" "qsd=qsd"
+    row "4k-cluster randwrite QD32 2q alloc ack" fresh:cluster_size=4096 2 nopin \
+        "--workload randwrite --bs 4k --iodepth 32 --no-repeat --runtime {runtime}" \
+        "file=ours:--ack-durability file" "memory=ours:--ack-durability memory" "qsd=qsd"
     # Dedup (issue 6): whole-cluster writes with 100%, 50% and 0% duplicate content, 2 queues.
     local pct
     for pct in 100 50 0; do

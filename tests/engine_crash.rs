@@ -10,7 +10,7 @@ use std::io::{IoSlice, IoSliceMut};
 use std::sync::Arc;
 use vhost_user_qcow2::block::{BlockDevice, BlockError};
 use vhost_user_qcow2::qcow2::format::dedup::DedupMode;
-use vhost_user_qcow2::qcow2::{create, CreateOptions, OpenOptions, Qcow2};
+use vhost_user_qcow2::qcow2::{create, AckDurability, CreateOptions, OpenOptions, Qcow2};
 use vhost_user_qcow2::storage::{CrashMode, FaultStorage, MemStorage, Storage};
 
 const SIZE: u64 = 8 << 20;
@@ -127,6 +127,7 @@ fn link_prefill(fill: bool) -> Vec<Op> {
 struct Mode {
     lazy: bool,
     dedup: DedupMode,
+    ack: AckDurability,
 }
 
 impl Mode {
@@ -134,6 +135,7 @@ impl Mode {
         OpenOptions {
             lazy_refcounts: Some(self.lazy),
             dedup_mode: Some(self.dedup),
+            ack_durability: self.ack,
             ..Default::default()
         }
     }
@@ -211,6 +213,29 @@ fn run(storage: Arc<FaultStorage>, ops: &[Op], start: &[u8], mode: Mode) -> (Vec
 #[test]
 fn every_crash_point_leaves_a_consistent_image() {
     crash_points(&Case::basic(), Mode::plain(false));
+    // Metadata kept in memory until a flush: strict mode never sets DIRTY then.
+    crash_points(&Case::basic(), Mode::plain(false).memory());
+}
+
+/// The writes persist before ack adds: a table piece written before the write returns, after
+/// a sync when the data must be durable first (partial writes into reused clusters, a rewrite
+/// of a preallocated zero cluster), new tables (synced) before their L1 entries, write-zeroes.
+#[test]
+fn every_crash_point_of_early_table_writes_leaves_a_consistent_image() {
+    let case = Case::early();
+    crash_points(&case, Mode::plain(false));
+    crash_points(&case, Mode::plain(true));
+    crash_points(&case, Mode::inline(false));
+    crash_points(&case, Mode::inline(true));
+}
+
+/// Copy on write from a backing file: the copied bytes are durable before the entry that
+/// points at them, whatever the crash.
+#[test]
+fn every_crash_point_of_backing_file_cow_leaves_a_consistent_image() {
+    let case = Case::backing();
+    crash_points(&case, Mode::plain(false));
+    crash_points(&case, Mode::plain(true));
 }
 
 /// Dedup links, COPIED cleared and given back when a refcount falls to 1: the same guarantees.
@@ -256,18 +281,25 @@ impl Mode {
         Mode {
             lazy,
             dedup: DedupMode::Off,
+            ack: AckDurability::File,
         }
     }
     fn inline(lazy: bool) -> Mode {
         Mode {
-            lazy,
             dedup: DedupMode::Inline,
+            ..Mode::plain(lazy)
         }
     }
     fn background(lazy: bool) -> Mode {
         Mode {
-            lazy,
             dedup: DedupMode::Background,
+            ..Mode::plain(lazy)
+        }
+    }
+    fn memory(self) -> Mode {
+        Mode {
+            ack: AckDurability::Memory,
+            ..self
         }
     }
 }
@@ -280,6 +312,8 @@ struct Case {
     start: Vec<u8>,
     /// The script must move the refcount table (checked on the run without a crash).
     grows_table: bool,
+    /// Holds the backing file, if any.
+    _dir: Option<tempfile::TempDir>,
 }
 
 /// The virtual size of `Case::links` and `Case::links_table` images.
@@ -335,8 +369,94 @@ impl Case {
             image: mem.snapshot(),
             start,
             grows_table: grows,
+            _dir: None,
         }
     }
+
+    fn early() -> Case {
+        Case::new(early_script(), SIZE, 12, 4, &[], false)
+    }
+
+    /// A raw backing file of a pattern (each sector its own), under a 4 KiB-cluster image.
+    fn backing() -> Case {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("base.raw");
+        let mut start = vec![0u8; SIZE as usize];
+        fill(&mut start, Op::WriteUnique(0, SIZE, 0x5a));
+        std::fs::write(&raw, &start).unwrap();
+        let mem = MemStorage::new();
+        let o = CreateOptions {
+            size: SIZE,
+            cluster_bits: 12,
+            backing: Some((raw.to_str().unwrap().into(), "raw".into())),
+            ..Default::default()
+        };
+        create(&mem, &o).unwrap();
+        Case {
+            ops: backing_script(),
+            image: mem.snapshot(),
+            start,
+            grows_table: false,
+            _dir: Some(dir),
+        }
+    }
+}
+
+/// For `Case::early` (4 KiB clusters, 2 MiB per L2 table): early table writes between flushes.
+fn early_script() -> Vec<Op> {
+    use Op::*;
+    const K: u64 = 1024;
+    vec![
+        Write(0, 32 * K, 1),
+        Write(2 << 20, 16 * K, 20),
+        Write(40 * K, 4 * K, 11),
+        Flush,
+        // One cluster freed (its old bytes stay until a sync makes the punch durable). With
+        // dedup the next write is a link (no data, so no data sync) whose new table lands on
+        // the freed cluster: the table must be durable before its L1 entry.
+        Discard(40 * K, 4 * K),
+        Flush,
+        Write((4 << 20) + 8 * K, 4 * K, 20),
+        // Freed clusters, reused below by partial writes: their old bytes must never show.
+        Discard(4 * K, 12 * K),
+        Flush,
+        Write((1 << 20) + 512, 1024, 2),
+        Write((1 << 20) + 8 * K + 1024, 512, 3),
+        Write(20 * K + 512, 512, 4),  // in place
+        Zero(24 * K, 4 * K, false),   // keeps the cluster, zero flag
+        Write(24 * K + 1024, 512, 5), // rewrites the preallocated zero cluster
+        Write(4 << 20, 4 * K, 6),     // a new table
+        Zero(28 * K, 8 * K, true),
+        Write((6 << 20) + 512, 512, 30), // another new table, partial
+        Flush,
+        Discard(2 << 20, 8 * K),
+        Write((3 << 20) + 2 * K, 3 * K, 7),
+        Flush,
+        Write((2 << 20) + 512, 1024, 8),
+        Write((1 << 20) + 4 * K, 4 * K + 512, 9),
+        Flush,
+    ]
+}
+
+/// For `Case::backing`: partial writes copy the rest of their clusters from the backing file.
+fn backing_script() -> Vec<Op> {
+    use Op::*;
+    const K: u64 = 1024;
+    vec![
+        Write(512, 1024, 1),
+        Write(64 * K + 4 * K - 512, 1024, 2), // spans two clusters
+        Flush,
+        Write(512, 512, 3),       // in place
+        Write(3 << 20, 4 * K, 4), // a whole cluster: nothing copied, a new table
+        Write((3 << 20) + 6 * K, 512, 5),
+        Discard(128 * K, 8 * K), // zero flag over the backing file
+        Write(128 * K + 1024, 512, 6),
+        Zero(256 * K, 4 * K, true),
+        Flush,
+        Write((5 << 20) + 512, 2048, 7),
+        Write(512 * K, 12 * K, 8),
+        Flush,
+    ]
 }
 
 /// The refcount table's offset in a header.
@@ -410,9 +530,21 @@ fn crash_points(case: &Case, mode: Mode) {
             let bytes = st.crashed_image(cm);
             std::fs::write(&path, &bytes).unwrap();
             let dirty = bytes[79] & 1 != 0;
-            let may_dirty = mode.lazy || mode.dedup != DedupMode::Off;
-            assert!(may_dirty || !dirty, "strict mode never sets DIRTY");
+            let may_dirty =
+                mode.lazy || mode.dedup != DedupMode::Off || mode.ack == AckDurability::File;
+            assert!(
+                may_dirty || !dirty,
+                "strict mode without persist before ack never sets DIRTY"
+            );
             let bytes = if dirty {
+                // Inside a DIRTY window only refcounts (and COPIED with them) may be behind:
+                // a repair must not have to invent anything else (it would, for instance,
+                // zero the entries of an L1 entry's table that never reached the disk).
+                let (_, out) = common::qemu_img(&["check", path.to_str().unwrap()]);
+                common::assert_only_refcount_errors(
+                    &out,
+                    &format!("{mode:?}: crash after write {n} ({cm:?})"),
+                );
                 let (code, out) = common::qemu_img(&["check", "-r", "all", path.to_str().unwrap()]);
                 assert_eq!(
                     code, 0,
@@ -471,7 +603,13 @@ fn lazy_refcounts_set_dirty_on_flush_and_clear_it_on_close() {
     )
     .unwrap();
     let st = Arc::new(FaultStorage::new(mem.snapshot(), None));
-    let q = Qcow2::open_storage(st.clone(), &OpenOptions::default(), None, 0).unwrap();
+    // Metadata in memory until a flush: DIRTY only when a flush writes tables ahead of their
+    // refcounts (persist before ack sets it at the first write instead: see below).
+    let opts = OpenOptions {
+        ack_durability: AckDurability::Memory,
+        ..Default::default()
+    };
+    let q = Qcow2::open_storage(st.clone(), &opts, None, 0).unwrap();
     assert!(q.lazy_refcounts(), "follows the compatible bit");
     let dirty = |st: &FaultStorage| st.crashed_image(CrashMode::FlushedOnly)[79] & 1 != 0;
     q.write_vectored(0, &[IoSlice::new(&[7u8; 4096])]).unwrap();
@@ -494,6 +632,70 @@ fn lazy_refcounts_set_dirty_on_flush_and_clear_it_on_close() {
     std::fs::write(&p, st.crashed_image(CrashMode::FlushedOnly)).unwrap();
     common::assert_check_clean(&p);
     common::qemu_io(&p, "qcow2", &["read -P 7 0 4096", "read -P 8 1M 4096"]);
+}
+
+/// Persist before ack: the first write that puts a table piece into the file sets DIRTY
+/// (synced) first, in strict mode too; the refcount timer and a clean close end the window.
+#[test]
+fn persist_before_ack_sets_dirty_before_the_first_table_write() {
+    for lazy in [false, true] {
+        let mem = MemStorage::new();
+        let o = CreateOptions {
+            size: SIZE,
+            ..Default::default()
+        };
+        create(&mem, &o).unwrap();
+        let st = Arc::new(FaultStorage::new(mem.snapshot(), None));
+        let opts = OpenOptions {
+            lazy_refcounts: Some(lazy),
+            ..Default::default()
+        };
+        let q = Qcow2::open_storage(st.clone(), &opts, None, 0).unwrap();
+        assert!(q.needs_refcount_timer());
+        let dirty = |st: &FaultStorage| st.crashed_image(CrashMode::FlushedOnly)[79] & 1 != 0;
+        q.write_vectored(0, &[IoSlice::new(&[7u8; 4096])]).unwrap();
+        assert!(
+            dirty(&st),
+            "lazy {lazy}: the entry is in the file: DIRTY must be durable"
+        );
+        // The write's table and L1 entry are in the file (not synced).
+        let all = st.crashed_image(CrashMode::AllWrites);
+        let mut back = vec![0u8; 4096];
+        let r = Qcow2::open_storage(
+            Arc::new(MemStorage::from_vec(all)),
+            &OpenOptions::read_only(true),
+            None,
+            0,
+        )
+        .unwrap();
+        r.read_vectored(0, &mut [IoSliceMut::new(&mut back)])
+            .unwrap();
+        assert_eq!(
+            back,
+            vec![7u8; 4096],
+            "lazy {lazy}: the write is in the file"
+        );
+        // A write in place changes no metadata: no table write.
+        let before = st.writes();
+        q.write_vectored(512, &[IoSlice::new(&[8u8; 512])]).unwrap();
+        assert_eq!(st.writes(), before + 1, "lazy {lazy}: only the data");
+        q.flush_refcounts().unwrap();
+        assert!(!dirty(&st), "lazy {lazy}: refcounts written: DIRTY cleared");
+        q.write_vectored(1 << 20, &[IoSlice::new(&[9u8; 4096])])
+            .unwrap();
+        assert!(dirty(&st), "lazy {lazy}");
+        q.close().unwrap();
+        assert!(!dirty(&st), "lazy {lazy}: clean close clears DIRTY");
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("p.qcow2");
+        std::fs::write(&p, st.crashed_image(CrashMode::FlushedOnly)).unwrap();
+        common::assert_check_clean(&p);
+        common::qemu_io(
+            &p,
+            "qcow2",
+            &["read -P 7 0 512", "read -P 8 512 512", "read -P 9 1M 4096"],
+        );
+    }
 }
 
 #[test]

@@ -2,7 +2,6 @@
 //! dedup worker, the engine for the periodic jobs), and the handover that closes and opens it
 //! at run time (`blockdev-set-active`, `serve --inactive`).
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
@@ -10,24 +9,12 @@ use vhost_user_qcow2::active::ActiveDevice;
 use vhost_user_qcow2::control::{
     EventSender, ImageControl, PlainControl, Qcow2Control, SwitchControl,
 };
-use vhost_user_qcow2::qcow2::engine::{DedupWorker, OverlapMode};
+use vhost_user_qcow2::qcow2::engine::DedupWorker;
 use vhost_user_qcow2::qcow2::Qcow2;
 use vhost_user_qcow2::storage::FileStorage;
 use vhost_user_qcow2::vhost::Handover;
 
-use super::open::{open_device, DedupArg, OnOffAuto, OpenImage};
-
-/// What opening the image needs, kept to open it again.
-#[derive(Clone, Debug)]
-pub struct OpenArgs {
-    pub path: PathBuf,
-    pub read_only: bool,
-    pub lazy: OnOffAuto,
-    pub overlap_check: OverlapMode,
-    pub dedup: DedupArg,
-    pub dedup_cache_bytes: Option<u64>,
-    pub direct: bool,
-}
+use super::open::{open_device, OpenArgs, OpenImage};
 
 /// An open image and what runs with it. Dropping it stops the worker and releases the locks
 /// (close the device first).
@@ -42,15 +29,7 @@ pub type Current = Arc<Mutex<Option<Arc<Qcow2>>>>;
 impl Session {
     /// Open the image, report corruption on `events`, start the background dedup worker.
     pub fn open(a: &OpenArgs, events: Option<&EventSender>) -> anyhow::Result<Session> {
-        let image = open_device(
-            &a.path,
-            a.read_only,
-            a.lazy,
-            a.overlap_check,
-            a.dedup,
-            a.dedup_cache_bytes,
-            a.direct,
-        )?;
+        let image = open_device(a)?;
         if let (Some(q), Some(ev)) = (&image.qcow2, events) {
             let ev = ev.clone();
             q.set_corruption_listener(Box::new(move |msg| {

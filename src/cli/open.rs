@@ -5,13 +5,13 @@ use anyhow::Context;
 use clap::ValueEnum;
 use std::fs::File;
 use std::io::Read;
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use vhost_user_qcow2::block::BlockDevice;
 use vhost_user_qcow2::qcow2::engine::OverlapMode;
 use vhost_user_qcow2::qcow2::format::dedup::DedupMode;
-use vhost_user_qcow2::qcow2::{OpenOptions, Qcow2};
+use vhost_user_qcow2::qcow2::{AckDurability, OpenOptions, Qcow2};
 use vhost_user_qcow2::raw::RawDisk;
 use vhost_user_qcow2::storage::lock::ImageLock;
 
@@ -20,6 +20,25 @@ pub enum OnOffAuto {
     On,
     Off,
     Auto,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AckDurabilityArg {
+    File,
+    Memory,
+}
+
+/// What opening the image needs, kept to open it again.
+#[derive(Clone, Debug)]
+pub struct OpenArgs {
+    pub path: PathBuf,
+    pub read_only: bool,
+    pub lazy: OnOffAuto,
+    pub overlap_check: OverlapMode,
+    pub dedup: DedupArg,
+    pub dedup_cache_bytes: Option<u64>,
+    pub direct: bool,
+    pub ack: AckDurabilityArg,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -44,15 +63,10 @@ pub struct OpenImage {
 }
 
 /// Lock and open an image: qcow2 by its magic, anything else as raw.
-pub fn open_device(
-    path: &Path,
-    read_only: bool,
-    lazy: OnOffAuto,
-    overlap_check: OverlapMode,
-    dedup: DedupArg,
-    dedup_cache_bytes: Option<u64>,
-    direct: bool,
-) -> anyhow::Result<OpenImage> {
+pub fn open_device(a: &OpenArgs) -> anyhow::Result<OpenImage> {
+    let (path, read_only) = (a.path.as_path(), a.read_only);
+    let (lazy, overlap_check, dedup) = (a.lazy, a.overlap_check, a.dedup);
+    let (dedup_cache_bytes, direct, ack) = (a.dedup_cache_bytes, a.direct, a.ack);
     let mut magic = [0u8; 4];
     let n = File::open(path)
         .and_then(|mut f| f.read(&mut magic))
@@ -79,6 +93,10 @@ pub fn open_device(
             // the first request is served at once.
             dedup_rebuild_in_background: true,
             direct,
+            ack_durability: match ack {
+                AckDurabilityArg::File => AckDurability::File,
+                AckDurabilityArg::Memory => AckDurability::Memory,
+            },
             ..Default::default()
         };
         let q = Arc::new(
@@ -86,12 +104,14 @@ pub fn open_device(
                 .with_context(|| format!("cannot open image {}", path.display()))?,
         );
         log::info!(
-            "serving qcow2 image {} ({} bytes, {} byte clusters, lazy refcounts {}, dedup {})",
+            "serving qcow2 image {} ({} bytes, {} byte clusters, lazy refcounts {}, dedup {}, \
+             ack durability {})",
             path.display(),
             q.capacity(),
             q.cluster_size(),
             if q.lazy_refcounts() { "on" } else { "off" },
-            format!("{:?}", q.dedup_mode()).to_lowercase()
+            format!("{:?}", q.dedup_mode()).to_lowercase(),
+            format!("{ack:?}").to_lowercase()
         );
         return Ok(OpenImage {
             granularity: u32::try_from(q.cluster_size()).unwrap_or(u32::MAX),

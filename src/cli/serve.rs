@@ -11,8 +11,9 @@ use vhost_user_qcow2::control;
 use vhost_user_qcow2::qcow2::engine::OverlapMode;
 use vhost_user_qcow2::vhost::{self, ServeConfig};
 
-use super::handover::{probe, Current, ImageHandover, OpenArgs, Session};
-pub use super::open::{DedupArg, OnOffAuto};
+use super::handover::{probe, Current, ImageHandover, Session};
+use super::open::OpenArgs;
+pub use super::open::{AckDurabilityArg, DedupArg, OnOffAuto};
 use super::ready::{Notify, Ready};
 use std::sync::Mutex;
 use vhost_user_qcow2::active::ActiveDevice;
@@ -61,9 +62,18 @@ pub struct ServeArgs {
     /// Lazy refcounts: on, off, or auto (follow the image's lazy-refcounts bit).
     #[arg(long, value_enum, default_value_t = OnOffAuto::Auto)]
     pub lazy_refcounts: OnOffAuto,
-    /// Seconds between writes of refcounts held back by lazy refcounts.
+    /// Seconds between writes of refcounts held back by lazy refcounts (and by file ack
+    /// durability, whose DIRTY window this ends).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub refcount_flush_interval: u64,
+    /// What a completed write has made of the metadata it depends on (its L2 entries). file:
+    /// written into the image file before the completion is posted (no sync), so a crash or
+    /// kill of the daemon loses no write the guest saw complete (the host keeps what was
+    /// written); the image is marked dirty meanwhile and repaired on the next read-write open.
+    /// memory: kept in the daemon until the guest flushes (faster allocating writes; a killed
+    /// daemon loses unflushed writes the guest saw complete, as QEMU does).
+    #[arg(long, value_enum, default_value_t = AckDurabilityArg::File)]
+    pub ack_durability: AckDurabilityArg,
     /// Deduplication: inline (or on), background, off, or auto (what the image records).
     /// Background: writes complete as plain writes and a worker merges duplicates while the
     /// guest does not write.
@@ -161,6 +171,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         dedup: args.dedup,
         dedup_cache_bytes: args.dedup_cache_size,
         direct: args.cache.direct(),
+        ack: args.ack_durability,
     };
     // The engine's events (BLOCK_IMAGE_CORRUPTED) go through `events`; the daemon forwards
     // whatever arrives on the receiver to the control clients.
@@ -218,9 +229,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        if let Some(q) = q.filter(|q| q.lazy_refcounts()) {
+        if let Some(q) = q.filter(|q| q.needs_refcount_timer()) {
             if let Err(e) = q.flush_refcounts() {
-                log::error!("writing lazy refcounts failed: {e}");
+                log::error!("writing held-back refcounts failed: {e}");
             }
         }
     }));

@@ -29,6 +29,16 @@ pub enum CrashMode {
 /// The unit a disk writes atomically, as `CrashMode::TornSectors` models it.
 pub const ATOMIC_SECTOR: u64 = 512;
 
+/// splitmix64's finalizer: small, neighbouring seeds (the tests use the crash point's number)
+/// become unrelated xorshift states. Without it the first coins of such seeds agreed with each
+/// other, and some combinations of kept and lost writes were never drawn.
+fn mix(seed: u64) -> u64 {
+    let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 /// xorshift64: a reproducible coin for the crash modes.
 fn coin(rng: &mut u64) -> bool {
     *rng ^= *rng << 13;
@@ -82,6 +92,11 @@ impl FaultStorage {
     pub fn crashed(&self) -> bool {
         self.lock().crashed
     }
+    /// Crash now: every later call fails (a process killed at this point; what it wrote is in
+    /// `crashed_image(CrashMode::AllWrites)`).
+    pub fn crash_now(&self) {
+        self.lock().crashed = true;
+    }
     /// Make the next flush fail with EIO (without crashing).
     pub fn fail_next_flush(&self) {
         self.lock().fail_next_flush = true;
@@ -91,7 +106,7 @@ impl FaultStorage {
         let st = self.lock();
         let mut img = st.durable.clone();
         let mut rng = match mode {
-            CrashMode::RandomSubset(seed) | CrashMode::TornSectors(seed) => seed | 1,
+            CrashMode::RandomSubset(seed) | CrashMode::TornSectors(seed) => mix(seed) | 1,
             _ => 0,
         };
         // Later writes to a sector are applied after earlier ones, so a sector ends up holding

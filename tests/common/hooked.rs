@@ -24,6 +24,8 @@ pub struct Hooked<S> {
     pub on_punch: Option<OnPunch>,
     /// Before every sync.
     pub on_flush: Option<OnFlush>,
+    /// Pass the inner storage's `direct_fd` on (direct plans on a file).
+    pub direct: bool,
 }
 
 impl<S> Hooked<S> {
@@ -36,6 +38,7 @@ impl<S> Hooked<S> {
             on_writev: None,
             on_punch: None,
             on_flush: None,
+            direct: false,
         }
     }
 }
@@ -90,5 +93,12 @@ impl<S: Storage> Storage for Hooked<S> {
             f(offset, len);
         }
         self.inner.punch_hole(offset, len)
+    }
+    fn direct_fd(&self) -> Option<(std::os::fd::RawFd, u64)> {
+        if self.direct {
+            self.inner.direct_fd()
+        } else {
+            None
+        }
     }
 }

@@ -73,6 +73,11 @@ impl Qcow2 {
                         }),
                     }
                 }
+                // An entry another writer linked and has not written into the file yet: the
+                // engine's path writes it before this write completes (persist before ack).
+                if m.ack_need(offset >> cb, (offset + len - 1) >> cb) != 0 {
+                    return Ok(None);
+                }
                 // No data write may land on metadata: the engine's path finds the overlap
                 // again and marks the image corrupt.
                 for seg in &segs {

@@ -46,6 +46,22 @@ pub struct OpenOptions {
     /// Open the image (and its backing files) with O_DIRECT, bypassing the host page cache
     /// (`serve --cache none|directsync`).
     pub direct: bool,
+    /// What a write has made of its metadata when it returns (`serve --ack-durability`).
+    pub ack_durability: AckDurability,
+}
+
+/// What a completed write guarantees about the metadata it depends on (its L2 entries).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AckDurability {
+    /// Written into the image file before the write returns (no sync): a crash of the process
+    /// loses no completed write, since the host keeps what was written (docs/design.md,
+    /// "Acknowledged writes outlive the process"). qcow2 v2 images have no DIRTY bit: there a
+    /// write that changed metadata returns after a flush.
+    #[default]
+    File,
+    /// Kept in memory until the next flush (or a timer, eviction, close): a crash of the
+    /// process loses completed writes that were not flushed.
+    Memory,
 }
 
 impl OpenOptions {
@@ -82,6 +98,9 @@ pub struct Qcow2 {
     pub(super) group: group::GroupCommit,
     /// Tries at the metadata lock before sleeping on it (0 on a single CPU: see `lock`).
     pub(super) lock_spins: u32,
+    /// The writeback lock: one persister at a time writes table pieces, and a full flush waits
+    /// for it (`engine/persist.rs`). Taken before the metadata lock, never while holding it.
+    pub(super) wb: Mutex<()>,
 }
 
 /// Tries at a busy metadata lock before sleeping on it, each followed by a few spin hints:
@@ -155,9 +174,13 @@ impl Qcow2 {
         let want = self.lock().changes();
         let r = self.group.flush(want, || {
             let s = self.storage.as_ref();
+            // No persister is writing table pieces while this flush writes tables: it covers
+            // everything (see `Meta::flush_begin`).
+            let wb = self.wb_lock();
             let mut m = self.lock();
             let sampled = m.changes();
             let t = m.flush_begin(s)?;
+            drop(wb);
             if t.keep_lock() {
                 let r = s.flush();
                 m.flush_end(s, t, r)?;
@@ -223,6 +246,7 @@ impl Qcow2 {
         let s = self.storage.as_ref();
         self.flush_all()?;
         let seen = {
+            let _wb = self.wb_lock();
             let mut m = self.lock();
             if m.is_corrupt() {
                 return Ok(());
@@ -253,12 +277,20 @@ impl Qcow2 {
         self.lock().lazy
     }
 
+    /// True when the daemon should call `flush_refcounts` periodically: lazy refcounts, or
+    /// persist before ack on a v3 image (its DIRTY window ends there).
+    pub fn needs_refcount_timer(&self) -> bool {
+        let m = self.lock();
+        m.lazy || (m.wb.on && self.g.version >= 3)
+    }
+
     /// Close cleanly: all metadata written and synced. Later calls do nothing.
     pub fn close(&self) -> Result<()> {
         if self.read_only || self.closed.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
         self.wake_worker();
+        let _wb = self.wb_lock();
         let mut m = self.lock();
         // The background worker stops before its next cluster; let it finish the one in hand.
         while m.dedup.as_ref().is_some_and(|d| d.worker_busy) {

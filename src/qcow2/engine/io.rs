@@ -264,7 +264,8 @@ impl Qcow2 {
         Ok(buf)
     }
 
-    /// Write `bufs` at guest `offset`.
+    /// Write `bufs` at guest `offset`. When it returns Ok, whatever the write depends on is in
+    /// the image file (persist before ack, unless `AckDurability::Memory`).
     pub fn write(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
         if self.read_only {
             return Err(Qcow2Error::ReadOnly);
@@ -282,11 +283,13 @@ impl Qcow2 {
         } else {
             self.write_plain(offset, bufs)
         };
+        let r = r.and_then(|need| self.persist(need));
         self.note_error(r)
     }
 
-    /// The write path without dedup.
-    pub(crate) fn write_plain(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
+    /// The write path without dedup. Returns the table change it depends on that is not in the
+    /// file yet (see `Meta::ack_need`; the caller persists it before it returns).
+    pub(crate) fn write_plain(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<u64> {
         self.write_plain_held(offset, bufs, None)
     }
 
@@ -297,14 +300,14 @@ impl Qcow2 {
         offset: u64,
         bufs: &[IoSlice<'_>],
         hold: Option<ClusterGuard<'_>>,
-    ) -> Result<()> {
+    ) -> Result<u64> {
         if self.read_only {
             return Err(Qcow2Error::ReadOnly);
         }
         let len = iov::len(bufs);
         self.check_range(offset, len)?;
         if len == 0 {
-            return Ok(());
+            return Ok(0);
         }
         let (chunks, mut alloc, io) = self.plan_write(offset, len)?;
         let r = self.write_chunks(bufs, &chunks);
@@ -351,6 +354,10 @@ impl Qcow2 {
         let barrier = io.end(&mut m);
         // The data is in the file (or failed): the next flush must sync it.
         m.note_change();
+        // The entries it went through (linked just now, or written in place through an entry
+        // another writer linked and has not persisted yet).
+        let cb = self.g.cluster_bits;
+        let need = m.ack_need(offset >> cb, (offset + len - 1) >> cb);
         let released = hold.is_some_and(|h| h.release(&mut m));
         // Waiters: writers of a guest cluster this request held or allocated, and dedup
         // verifiers waiting for older I/O; one wake-up for all of them, none without any.
@@ -360,7 +367,7 @@ impl Qcow2 {
         if wake {
             self.cond.notify_all();
         }
-        result
+        result.map(|()| need)
     }
 
     /// Map every cluster of the write; reserve new clusters for those that need one. Waits while

@@ -1,7 +1,8 @@
 //! A bounded cache of L2 tables keyed by their host offset, least-recently-used eviction of
 //! clean tables (the `lru` crate keeps the order: a lookup, an insert and the usual eviction
-//! are O(1)). Dirty tables are written only by the metadata flush, which orders them; a set of
-//! them makes "anything dirty?" and the flush's walk cost what is dirty, not the cache size.
+//! are O(1)). Dirty tables are written by the metadata flush, which orders them, or by a
+//! persister (persist before ack, which then marks them clean); a set of them makes "anything
+//! dirty?" and the flush's walk cost what is dirty, not the cache size.
 
 use super::clustermap::{ClusterHash, ClusterSet};
 use crate::storage::Storage;
@@ -75,14 +76,23 @@ impl L2Cache {
         !self.dirty.is_empty()
     }
 
-    /// Write every dirty table (no sync), each after `guard` allows it.
-    pub(crate) fn write_dirty<E: From<io::Error>>(
-        &mut self,
-        s: &dyn Storage,
-        guard: impl Fn(u64) -> Result<(), E>,
-    ) -> Result<(), E> {
-        let keys: Vec<u64> = self.dirty.iter().copied().collect();
-        self.write_tables(s, keys, guard)
+    pub(crate) fn is_dirty(&self, off: u64) -> bool {
+        self.dirty.contains(&off)
+    }
+
+    /// The table at `off` is in the file as it is here (written by a persister).
+    pub(crate) fn mark_clean(&mut self, off: u64) {
+        self.dirty.remove(&off);
+    }
+
+    /// The dirty tables' offsets.
+    pub(crate) fn dirty_keys(&self) -> Vec<u64> {
+        self.dirty.iter().copied().collect()
+    }
+
+    /// The table at `off`, if cached, without changing the recency order.
+    pub(crate) fn peek(&self, off: u64) -> Option<&Vec<u64>> {
+        self.map.peek(&off)
     }
 
     /// Write the dirty tables among `keys` (no sync), each after `guard` allows it.
@@ -130,7 +140,8 @@ mod tests {
         c.mark_dirty(1 << 16);
         assert!(!c.evict_clean(), "every table left is dirty");
         let s = crate::storage::MemStorage::new();
-        c.write_dirty::<io::Error>(&s, |_| Ok(())).unwrap();
+        let keys = c.dirty_keys();
+        c.write_tables::<io::Error>(&s, keys, |_| Ok(())).unwrap();
         assert!(!c.has_dirty());
         assert!(c.evict_clean());
     }

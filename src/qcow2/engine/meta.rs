@@ -10,12 +10,14 @@ use super::l2cache::L2Cache;
 use super::overlap::kind;
 use super::refcount::Refcounts;
 use super::sharing::Sharing;
+use super::writeback::Writeback;
 use crate::qcow2::error::{Qcow2Error, Result};
 use crate::qcow2::format::{self, L1Entry, L2Entry};
 use crate::storage::Storage;
 use std::collections::{BTreeMap, BTreeSet};
 
 mod flush;
+mod persist;
 
 /// Fixed facts about an open image.
 #[derive(Clone, Copy, Debug)]
@@ -50,6 +52,10 @@ pub struct EngineStats {
     /// Guest flushes that ran a sync, and those a sync already running or done covered.
     pub flush_syncs: u64,
     pub flushes_without_sync: u64,
+    /// Persist before ack: batches of table pieces written before writes returned, and their
+    /// bytes.
+    pub persist_batches: u64,
+    pub persist_bytes: u64,
 }
 
 pub(crate) struct Meta {
@@ -107,6 +113,8 @@ pub(crate) struct Meta {
     /// lock takes a table out of here: the reader outside then drops its copy, which may be
     /// older than what the cache has seen since.
     loading: ClusterSet,
+    /// What of the tables is newer in memory than in the file (persist before ack).
+    pub wb: Writeback,
 }
 
 /// One more waiter (`enter`) or one fewer.
@@ -161,6 +169,7 @@ impl Meta {
             incompatible: 0,
             data_before_l2: false,
             changes: 0,
+            wb: Writeback::new(false, 512),
         }
     }
 
@@ -295,6 +304,9 @@ impl Meta {
     /// is in the middle of an operation on the tables: the frees that flush made durable are
     /// only queued here, not applied (applying one can give a survivor COPIED back, an edit of
     /// the tables under the caller's feet); the next flush applies them.
+    ///
+    /// When a persister is writing the tables that are dirty, the flush leaves them alone and
+    /// the cache takes one table more than its cap for now (the next miss evicts again).
     fn make_room(&mut self, s: &dyn Storage) -> Result<()> {
         while self.l2.full() {
             if !self.l2.evict_clean() {
@@ -302,7 +314,7 @@ impl Meta {
                 let r = s.flush();
                 self.finish_flush(s, t, r)?;
                 if !self.l2.evict_clean() {
-                    return Err(Qcow2Error::corrupt("L2 cache cannot evict"));
+                    break;
                 }
             }
         }
@@ -421,6 +433,7 @@ impl Meta {
                     // Only the flag was missing.
                     self.l1[i] = L1Entry::encode(off, true);
                     self.l1_dirty.insert(i);
+                    self.wb.l1_changed();
                     return Ok(off.0);
                 }
                 let copy = self
@@ -428,30 +441,39 @@ impl Meta {
                     .get(off.0)
                     .cloned()
                     .ok_or_else(|| Qcow2Error::corrupt("L2 table left the cache"))?;
-                let new = self.new_l2_cluster(s)?;
+                let (new, _) = self.new_l2_cluster(s)?;
                 self.rc.map.remove(off.0 / cs, 1, kind::ACTIVE_L2);
                 self.make_room(s)?;
                 self.l2.insert(new, copy, true);
+                self.wb.new_table(new, false);
                 self.l1[i] = L1Entry::encode(crate::qcow2::offsets::HostOffset(new), true);
                 self.l1_dirty.insert(i);
+                self.wb.l1_changed();
                 self.pending_unlink.push(off.0 / cs);
                 Ok(new)
             }
             None => {
-                let new = self.new_l2_cluster(s)?;
+                let (new, fresh) = self.new_l2_cluster(s)?;
                 self.make_room(s)?;
                 self.l2
                     .insert(new, vec![0u64; 1usize << self.g.l2_bits], true);
+                // An empty table in a cluster never written reads as itself if its write is
+                // lost: its L1 entry needs no sync before it (see `PersistBatch::write`).
+                self.wb.new_table(new, fresh);
                 self.l1[i] = L1Entry::encode(crate::qcow2::offsets::HostOffset(new), true);
                 self.l1_dirty.insert(i);
+                self.wb.l1_changed();
                 Ok(new)
             }
         }
     }
 
-    /// Take a cluster for a new L2 table and mark it in the overlap map.
-    fn new_l2_cluster(&mut self, s: &dyn Storage) -> Result<u64> {
+    /// Take a cluster for a new L2 table and mark it in the overlap map. Returns its offset
+    /// and whether it lies past everything ever written (it reads as zeros until written). The
+    /// file is grown to cover it, as for data (`alloc_data`).
+    fn new_l2_cluster(&mut self, s: &dyn Storage) -> Result<(u64, bool)> {
         let cs = self.g.cluster_size();
+        let zero_from = self.zero_from.max(self.rc.allocations * cs);
         let new = self.rc.alloc(s, 1)? * cs;
         // A reader outside the lock of an old table that lived here must not insert it.
         self.loading.remove(&new);
@@ -462,7 +484,17 @@ impl Meta {
             return Err(e);
         }
         self.rc.map.add(new / cs, 1, kind::ACTIVE_L2);
-        Ok(new)
+        let end = (self.rc.allocations * cs).max(new + cs);
+        self.zero_from = zero_from.max(end);
+        if end > self.file_len {
+            let target = end
+                .max(self.file_len.saturating_add(GROW_STEP))
+                .div_ceil(cs)
+                * cs;
+            s.set_len(target)?;
+            self.file_len = target;
+        }
+        Ok((new, new >= zero_from))
     }
 
     /// Point guest cluster `gc` at `entry` (in the cache; durable at the next flush).
@@ -476,8 +508,37 @@ impl Meta {
             .ok_or_else(|| Qcow2Error::corrupt("L2 table left the cache"))?;
         t[idx] = entry.encode(cb);
         self.l2.mark_dirty(off);
+        self.wb.changed(off, idx);
         self.changes += 1;
         Ok(())
+    }
+
+    /// The table change a write of guest clusters `first..=last` depends on that is not in the
+    /// file yet (0: none): their entries (a link just made, or the entry an in-place write
+    /// went through) must be written before the write returns (`Qcow2::persist`).
+    pub(crate) fn ack_need(&self, first: u64, last: u64) -> u64 {
+        if !self.wb.on {
+            return 0;
+        }
+        let per = 1u64 << self.g.l2_bits;
+        let mut need = 0;
+        let mut gc = first;
+        while gc <= last {
+            let hi = last.min((gc / per + 1) * per - 1);
+            let raw = self.l1.get(self.g.l1_index(gc)).copied().unwrap_or(0);
+            if let Some(off) = L1Entry::decode(raw).l2_offset {
+                let n = self
+                    .wb
+                    .need(off.0, self.g.l2_index(gc), self.g.l2_index(hi));
+                need = need.max(n);
+            }
+            gc = hi + 1;
+        }
+        if self.wb.covered(need) {
+            0
+        } else {
+            need
+        }
     }
 
     /// Queue the host clusters `entry` holds for release once its replacement is durable.

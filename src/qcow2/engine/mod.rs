@@ -20,9 +20,11 @@ mod l2cache;
 mod meta;
 mod open;
 pub mod overlap;
+mod persist;
 mod refcount;
 mod sharing;
 mod state;
+mod writeback;
 mod zero;
 
 pub use backing::resolve as resolve_backing;
@@ -31,4 +33,4 @@ pub use dedup::{DedupStats, IndexOpenReport};
 pub use meta::EngineStats;
 pub use overlap::OverlapMode;
 
-pub use image::{CorruptionListener, OpenOptions, Qcow2};
+pub use image::{AckDurability, CorruptionListener, OpenOptions, Qcow2};

@@ -2,10 +2,11 @@
 //! refcount structures and the overlap map, backing files, and the dedup state.
 
 use super::dedup::{self, lifecycle};
-use super::image::{OpenOptions, Qcow2, LOCK_SPINS};
+use super::image::{AckDurability, OpenOptions, Qcow2, LOCK_SPINS};
 use super::meta::{Geometry, Meta};
 use super::overlap::{kind, MetadataMap, OverlapMode};
 use super::state::State;
+use super::writeback::Writeback;
 use super::{backing, refcount};
 use crate::qcow2::error::{Qcow2Error, Result};
 use crate::qcow2::format::dedup::DedupMode;
@@ -114,6 +115,15 @@ impl Qcow2 {
             && opts
                 .lazy_refcounts
                 .unwrap_or(h.compatible_features & COMPAT_LAZY_REFCOUNTS != 0);
+        // Persist before ack: table pieces in units the storage writes without a bounce.
+        let unit = storage
+            .direct_fd()
+            .map_or(512, |(_, align)| align.max(512))
+            .min(cs);
+        meta.wb = Writeback::new(
+            !read_only && opts.ack_durability == AckDurability::File,
+            unit,
+        );
         let mut state = State { meta, dedup: None };
         let (mode, paused, new_setting) = open_dedup(s, &mut state, &h, file_len, opts)?;
         let dedup_on = state.dedup.is_some();
@@ -135,6 +145,7 @@ impl Qcow2 {
             guest_writes: AtomicU64::new(0),
             group: Default::default(),
             lock_spins: lock_spins(),
+            wb: Mutex::new(()),
         };
         if dedup_on && new_setting {
             // The mode this session runs in is the image's setting from now on.

@@ -55,9 +55,10 @@ impl Qcow2 {
         }
         let mut gc = first_full / cs;
         let gc_end = last_full / cs;
+        let mut need = 0;
         while gc < gc_end {
             let n = (gc_end - gc).min(BATCH);
-            self.zero_clusters(gc, gc + n, mode)?;
+            need = need.max(self.zero_clusters(gc, gc + n, mode)?);
             gc += n;
             // Many frees waiting: flush them now, between batches, where the group commit
             // runs its last sync without the metadata lock (other queues go on meanwhile).
@@ -65,7 +66,13 @@ impl Qcow2 {
                 self.flush_all()?;
             }
         }
-        Ok(())
+        // A write-zeroes is a write: its entries are in the file before it returns. A discard
+        // promises nothing about the content, so it need not be (its entries go out with the
+        // next persister or flush; frees wait for a flush either way).
+        match mode {
+            Mode::Zero { .. } => self.persist(need),
+            Mode::Discard => Ok(()),
+        }
     }
 
     fn write_zero_bytes(&self, mut offset: u64, len: u64) -> Result<()> {
@@ -80,7 +87,8 @@ impl Qcow2 {
         Ok(())
     }
 
-    fn zero_clusters(&self, from: u64, to: u64, mode: Mode) -> Result<()> {
+    /// Returns the table change the batch depends on that is not in the file yet.
+    fn zero_clusters(&self, from: u64, to: u64, mode: Mode) -> Result<u64> {
         let s = self.storage.as_ref();
         let cb = self.g.cluster_bits;
         // The L2 tables of the batch are read without the lock first.
@@ -131,6 +139,6 @@ impl Qcow2 {
                 }
             }
         }
-        Ok(())
+        Ok(m.ack_need(from, to - 1))
     }
 }

@@ -192,7 +192,9 @@ impl Qcow2 {
 
     /// The write path of an image served with dedup: cluster by cluster, each guest cluster held
     /// for the whole operation (also while paused, so that no plain write can race a record).
-    pub(crate) fn write_dedup(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
+    /// Returns the table change it depends on that is not in the file yet (see
+    /// `Meta::ack_need`).
+    pub(crate) fn write_dedup(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<u64> {
         let cs = self.g.cluster_size();
         let len = iov::len(bufs);
         let hashing = self.dedup_enabled();
@@ -205,6 +207,7 @@ impl Qcow2 {
         } else {
             Vec::new()
         };
+        let mut need = 0;
         for iov::Chunk {
             gc,
             in_off,
@@ -216,7 +219,7 @@ impl Qcow2 {
             let sub = iov::slice(bufs, buf_off, n as usize);
             if (gc + 1) * cs > self.g.size {
                 // The last cluster of a disk whose size is not a cluster multiple (never indexed).
-                self.write_plain(pos, &sub)?;
+                need = need.max(self.write_plain(pos, &sub)?);
                 continue;
             }
             if !hashing {
@@ -235,7 +238,7 @@ impl Qcow2 {
                     // The first pending cluster: the worker sleeps until told.
                     self.wake_worker();
                 }
-                self.write_plain_held(pos, &sub, Some(guard))?;
+                need = need.max(self.write_plain_held(pos, &sub, Some(guard))?);
                 continue;
             }
             // A whole cluster is hashed before it is held (the guest's buffer does not change
@@ -262,13 +265,16 @@ impl Qcow2 {
             // One lock section from the hold (whole clusters) to the release, but for the data
             // write of a unique cluster.
             let mut m = self.settle_cluster(m, gc, &buf, h.as_ref(), false)?;
+            // Its entry: a link, a zero cluster or a new cluster just made, or the one an
+            // identical rewrite or an in-place write relied on.
+            need = need.max(m.ack_need(gc, gc));
             let wake = guard.release(&mut m);
             drop(m);
             if wake {
                 self.cond.notify_all();
             }
         }
-        Ok(())
+        Ok(need)
     }
 
     /// Give guest cluster `gc` (held by the caller, under lock `m`) the whole-cluster content

@@ -5,6 +5,7 @@
 use super::Meta;
 use crate::qcow2::engine::overlap::kind;
 use crate::qcow2::error::Result;
+use crate::qcow2::format::entries::L1E_OFFSET_MASK;
 use crate::qcow2::format::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY, OFF_INCOMPATIBLE};
 use crate::qcow2::format::L2Entry;
 use crate::storage::Storage;
@@ -64,6 +65,11 @@ impl Meta {
                 self.set_incompatible(s, self.incompatible | INCOMPAT_DIRTY)?;
             }
         }
+        // A table whose copy a persister is writing right now is left alone (ours would land
+        // first, and its older copy after): only a flush under the writeback lock (which waits
+        // for the persister) covers everything. One that skips a table writes no L1 entry,
+        // frees nothing and keeps any COPIED window open.
+        let mut partial = false;
         if l2_dirty || l1_dirty {
             // Data and refcounts reach the disk before the tables that point at them. With lazy
             // refcounts and only fresh, zero-padded clusters linked, a lost data write reads as
@@ -74,11 +80,24 @@ impl Meta {
             self.data_before_l2 = false;
             self.tables_written += 1;
             if l2_dirty {
+                let (keys, skipped): (Vec<u64>, Vec<u64>) = self
+                    .l2
+                    .dirty_keys()
+                    .into_iter()
+                    .partition(|&k| !self.wb.inflight(k));
+                partial = !skipped.is_empty();
                 let (rc, cs) = (&self.rc, self.g.cluster_size());
-                self.l2
-                    .write_dirty(s, |off| rc.guard(off, cs, kind::ACTIVE_L2))?;
+                let r = self
+                    .l2
+                    .write_tables(s, keys.clone(), |off| rc.guard(off, cs, kind::ACTIVE_L2));
+                for k in keys {
+                    if !self.l2.is_dirty(k) {
+                        self.wb.written(k);
+                    }
+                }
+                r?;
             }
-            if l1_dirty {
+            if l1_dirty && !partial {
                 if l2_dirty {
                     s.flush()?;
                 }
@@ -94,9 +113,18 @@ impl Meta {
                         self.l1_dirty.extend(&idx[n..]);
                         return Err(e);
                     }
+                    self.wb.linked(self.l1[i] & L1E_OFFSET_MASK);
                 }
             }
         }
+        if partial {
+            return Ok(FlushTicket {
+                unlink: Vec::new(),
+                fixup: false,
+                corrupt: false,
+            });
+        }
+        self.wb.all_written();
         // Only the frees unlinked by what was written above: the sync covers those.
         Ok(FlushTicket {
             unlink: std::mem::take(&mut self.pending_unlink),
@@ -152,7 +180,7 @@ impl Meta {
     }
 
     /// Rewrite the incompatible feature bits in the header (synced).
-    fn set_incompatible(&mut self, s: &dyn Storage, bits: u64) -> Result<()> {
+    pub(super) fn set_incompatible(&mut self, s: &dyn Storage, bits: u64) -> Result<()> {
         s.write_at(&bits.to_be_bytes(), OFF_INCOMPATIBLE)?;
         s.flush()?;
         self.incompatible = bits;
