@@ -30,6 +30,8 @@ struct Case {
     create: &'static [&'static str],
     serve: &'static [&'static str],
     event_idx: &'static str,
+    /// Queues of the guest's disk.
+    queues: &'static str,
     kills: usize,
 }
 
@@ -104,6 +106,8 @@ fn crash_run(case: &Case) -> bool {
             "200",
             "--event-idx",
             case.event_idx,
+            "--queues",
+            case.queues,
         ],
     )
     .stdin(Stdio::null())
@@ -208,12 +212,13 @@ fn sigkilled_daemon_is_invisible_lazy_dedup_event_idx() {
         create: &["--lazy-refcounts", "--dedup"],
         serve: &["--lazy-refcounts", "on", "--dedup", "inline"],
         event_idx: "on",
+        queues: "2",
         kills: 5,
     };
     assert!(crash_run(&case), "{}: the guest failed", case.name);
 }
 
-/// Strict refcounts, O_DIRECT, EVENT_IDX off.
+/// Strict refcounts, O_DIRECT, EVENT_IDX off, one queue.
 #[test]
 fn sigkilled_daemon_is_invisible_strict_cache_none() {
     let case = Case {
@@ -221,6 +226,7 @@ fn sigkilled_daemon_is_invisible_strict_cache_none() {
         create: &[],
         serve: &["--lazy-refcounts", "off", "--cache", "none"],
         event_idx: "off",
+        queues: "1",
         kills: 5,
     };
     assert!(crash_run(&case), "{}: the guest failed", case.name);
@@ -234,6 +240,7 @@ fn sigkilled_daemon_is_invisible_background_dedup() {
         create: &["--dedup"],
         serve: &["--lazy-refcounts", "off", "--dedup", "background"],
         event_idx: "on",
+        queues: "2",
         kills: 5,
     };
     assert!(crash_run(&case), "{}: the guest failed", case.name);
@@ -249,6 +256,7 @@ fn control_without_ack_durability_the_guest_sees_lost_writes() {
         create: &["--lazy-refcounts"],
         serve: &["--lazy-refcounts", "on", "--ack-durability", "memory"],
         event_idx: "on",
+        queues: "2",
         kills: 5,
     };
     assert!(

@@ -16,7 +16,7 @@ use std::fs::File;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 
-use vm_memory::bitmap::{ArcSlice, Bitmap, NewBitmap, RefSlice, WithBitmapSlice};
+use vm_memory::bitmap::{Bitmap, NewBitmap, RefSlice, WithBitmapSlice};
 use vm_memory::mmap::MmapRegion;
 use vm_memory::FileOffset;
 
@@ -153,7 +153,7 @@ impl LogBitmap {
 }
 
 impl<'a> WithBitmapSlice<'a> for LogBitmap {
-    type S = ArcSlice<RegionLog>;
+    type S = RefSlice<'a, RegionLog>;
 }
 
 impl Bitmap for LogBitmap {
@@ -165,8 +165,9 @@ impl Bitmap for LogBitmap {
         false
     }
 
-    fn slice_at(&self, offset: usize) -> ArcSlice<RegionLog> {
-        ArcSlice::new(self.0.clone(), offset)
+    fn slice_at(&self, offset: usize) -> RefSlice<'_, RegionLog> {
+        // A borrow, not an Arc clone: slices are made on every guest memory access.
+        RefSlice::new(&self.0, offset)
     }
 }
 
