@@ -41,7 +41,7 @@ impl Vm {
             "--mode",
             "migrate",
             "--rounds",
-            "2",
+            "1",
             "--fio-size",
             "512M",
             "--qmp",
