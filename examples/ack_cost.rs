@@ -29,6 +29,8 @@ use vhost_user_qcow2::storage::FileStorage;
 
 #[path = "util/args.rs"]
 mod args;
+#[path = "util/fill.rs"]
+mod fill;
 use args::arg;
 
 /// CPU seconds (user + system) this process has used so far.
@@ -222,26 +224,14 @@ fn restart(dir: &Path) {
             };
             let t = Instant::now();
             let q = Qcow2::open_with(&path, &opts).unwrap();
-            let per = (1 << 20) / cs;
-            let mut buf = vec![0u8; (per * cs) as usize];
-            let mut gc = 0;
-            while gc < n {
-                let k = per.min(n - gc);
-                for i in 0..k {
-                    let c = gc + i + 1;
-                    let cl = &mut buf[(i * cs) as usize..((i + 1) * cs) as usize];
-                    for w in cl.chunks_exact_mut(8) {
-                        w.copy_from_slice(&c.to_le_bytes());
-                    }
-                }
-                q.write_vectored(gc * cs, &[IoSlice::new(&buf[..(k * cs) as usize])])
-                    .unwrap();
-                gc += k;
+            fill::write_unique(&q, n, cs, |gc| {
                 // (Not at the end: the kill comes 128 MiB after the last flush.)
                 if !lazy && (gc * cs) % (256 << 20) == 128 << 20 {
-                    q.flush().unwrap();
+                    q.flush()?;
                 }
-            }
+                Ok(())
+            })
+            .unwrap();
             let fill = t.elapsed();
             // The process dies: no flush, no close.
             std::mem::forget(q);

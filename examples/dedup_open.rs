@@ -17,6 +17,8 @@ use vhost_user_qcow2::storage::FileStorage;
 
 #[path = "util/args.rs"]
 mod args;
+#[path = "util/fill.rs"]
+mod fill;
 use args::arg;
 
 fn main() -> anyhow::Result<()> {
@@ -46,22 +48,8 @@ fn main() -> anyhow::Result<()> {
     };
     let t = Instant::now();
     let q = Qcow2::open_with(&img, &opts)?;
-    // Unique clusters, 1 MiB per request: the cluster number in every 8 bytes.
-    let per = (1 << 20) / cs;
-    let mut buf = vec![0u8; (per * cs) as usize];
-    let mut gc = 0;
-    while gc < n {
-        let k = per.min(n - gc);
-        for i in 0..k {
-            let c = (gc + i) as usize;
-            let cl = &mut buf[i as usize * cs as usize..(i + 1) as usize * cs as usize];
-            for w in cl.chunks_exact_mut(8) {
-                w.copy_from_slice(&(c as u64 + 1).to_le_bytes());
-            }
-        }
-        q.write_vectored(gc * cs, &[IoSlice::new(&buf[..(k * cs) as usize])])?;
-        gc += k;
-    }
+    // Unique clusters, 1 MiB per request.
+    fill::write_unique(&q, n, cs, |_| Ok(()))?;
     let st = q.dedup_stats().unwrap_or_default();
     q.close()?;
     drop(q);

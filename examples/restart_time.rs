@@ -7,18 +7,18 @@
 //!
 //! Needs `--gib` GiB of disk per setting (one image at a time) and the daemon binary.
 
-use std::io::IoSlice;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Completion, ReqFlags};
-use vhost_user_qcow2::block::BlockDevice;
 use vhost_user_qcow2::qcow2::{create, CreateOptions, OpenOptions, Qcow2};
 use vhost_user_qcow2::storage::FileStorage;
 
 #[path = "util/args.rs"]
 mod args;
+#[path = "util/fill.rs"]
+mod fill;
 use args::arg;
 
 struct Setting {
@@ -145,21 +145,7 @@ fn fill(img: &Path, gib: u64, cs: u64, s: &Setting) -> anyhow::Result<u64> {
         },
     )?;
     let n = size / cs;
-    let per = (1 << 20) / cs;
-    let mut buf = vec![0u8; (per * cs) as usize];
-    let mut gc = 0;
-    while gc < n {
-        let k = per.min(n - gc);
-        for i in 0..k {
-            let c = gc + i;
-            let cl = &mut buf[(i * cs) as usize..((i + 1) * cs) as usize];
-            for w in cl.chunks_exact_mut(8) {
-                w.copy_from_slice(&(c + 1).to_le_bytes());
-            }
-        }
-        q.write_vectored(gc * cs, &[IoSlice::new(&buf[..(k * cs) as usize])])?;
-        gc += k;
-    }
+    fill::write_unique(&q, n, cs, |_| Ok(()))?;
     q.close()?;
     Ok(n)
 }
