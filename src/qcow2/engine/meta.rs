@@ -484,16 +484,7 @@ impl Meta {
             return Err(e);
         }
         self.rc.map.add(new / cs, 1, kind::ACTIVE_L2);
-        let end = (self.rc.allocations * cs).max(new + cs);
-        self.zero_from = zero_from.max(end);
-        if end > self.file_len {
-            let target = end
-                .max(self.file_len.saturating_add(GROW_STEP))
-                .div_ceil(cs)
-                * cs;
-            s.set_len(target)?;
-            self.file_len = target;
-        }
+        self.cover_allocation(s, zero_from, new + cs)?;
         Ok((new, new >= zero_from))
     }
 
@@ -589,10 +580,19 @@ impl Meta {
         let c = self.rc.alloc(s, n)?;
         self.stats.clusters_allocated += n;
         let host = c * cs;
-        let end = (self.rc.allocations * cs).max(host + n * cs);
+        self.cover_allocation(s, zero_from, host + n * cs)?;
+        Ok((host, host >= zero_from))
+    }
+
+    /// After an allocation ending at `alloc_end` (`zero_from`: where never-written space began
+    /// before it): nothing below the end of everything allocated reads as zeros any more, and
+    /// the file covers it. The file grows in steps: a size change on every allocation would
+    /// make every sync commit it.
+    fn cover_allocation(&mut self, s: &dyn Storage, zero_from: u64, alloc_end: u64) -> Result<()> {
+        let cs = self.g.cluster_size();
+        let end = (self.rc.allocations * cs).max(alloc_end);
         self.zero_from = zero_from.max(end);
         if end > self.file_len {
-            // Grow in steps: a size change on every allocation would make every sync commit it.
             let target = end
                 .max(self.file_len.saturating_add(GROW_STEP))
                 .div_ceil(cs)
@@ -600,7 +600,7 @@ impl Meta {
             s.set_len(target)?;
             self.file_len = target;
         }
-        Ok((host, host >= zero_from))
+        Ok(())
     }
 
     /// Grow the file to at least `end` bytes for something the engine writes there itself (the
