@@ -190,6 +190,11 @@ impl BlkBackend {
         let Some(mut vring) = self.vring(queue) else {
             return Err(io::Error::other(format!("no vring for queue {queue}")));
         };
+        // Take the kick (non-blocking: the handler sets O_NONBLOCK on it); whatever is posted
+        // after this read kicks again.
+        if let Some(k) = &vring.kick {
+            let _ = k.read();
+        }
         if !vring.active() {
             return Ok(());
         }

@@ -95,13 +95,6 @@ impl Drop for Worker {
     }
 }
 
-/// Drain an eventfd's counter (the fds are non-blocking or known readable).
-fn consume(fd: RawFd) {
-    let mut buf = [0u8; 8];
-    // SAFETY: reads at most 8 bytes into a buffer of 8 bytes that lives across the call.
-    let _ = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-}
-
 fn run(backend: &BlkBackend, epoll: &Epoll) {
     let mut events = vec![epoll::Event::new(epoll::Events::empty(), 0); 16];
     loop {
@@ -119,17 +112,13 @@ fn run(backend: &BlkBackend, epoll: &Epoll) {
                 return;
             }
             let queue = usize::try_from(token / 2).unwrap_or(usize::MAX);
+            // Each call drains its own eventfd under the lock it takes anyway: the kick in
+            // `process_queue`, the completion event in the executor's `reap`.
             let r = if token % 2 == 0 {
-                if let Some(fd) = backend.vring(queue).and_then(|v| v.kick_fd()) {
-                    consume(fd);
-                }
                 // An error here is a broken ring (bad addresses from the driver); the thread
                 // stays for the next kick.
                 backend.process_queue(queue)
             } else {
-                if let Some(fd) = backend.completion_fd(queue) {
-                    consume(fd);
-                }
                 backend.complete_queue(queue)
             };
             if let Err(e) = r {

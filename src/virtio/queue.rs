@@ -174,7 +174,7 @@ where
             return Some(0);
         }
         match direct {
-            Some((plan, ops)) => self.start_direct(head, mem, &req, plan, ops),
+            Some((plan, ops)) => self.start_direct(head, mem, req, plan, ops),
             None => self.start_pool(head, mem, req, start),
         }
         self.gauge();
@@ -245,8 +245,8 @@ where
     }
 
     /// Put a planned request's operations in the ring.
-    fn start_direct(&mut self, head: u16, mem: G, req: &Request, plan: DirectPlan, ops: Vec<Op>) {
-        let dir = plan_dir(req);
+    fn start_direct(&mut self, head: u16, mem: G, req: Request, plan: DirectPlan, ops: Vec<Op>) {
+        let dir = plan_dir(&req);
         let n = ops.len();
         let Some(slot) = self.table.get_mut(head) else {
             return;
@@ -260,7 +260,7 @@ where
             pending: n,
             failed: None,
             segs: match dir {
-                Direction::Read => req.data.clone(),
+                Direction::Read => req.data,
                 Direction::Write => Vec::new(),
             },
         });
