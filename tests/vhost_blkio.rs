@@ -82,6 +82,35 @@ fn raw_image(size: u64) -> tempfile::NamedTempFile {
     f
 }
 
+/// More queues than host CPUs: the queues share at most one worker thread per CPU, and every
+/// queue still serves.
+#[test]
+fn more_queues_than_cpus_share_one_thread_per_cpu() {
+    let _serial = serial();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let queues = cpus * 2 + 1;
+    let img = raw_image(16 << 20);
+    let dev = Arc::new(RawDisk::open(img.path(), false).unwrap());
+    let server = Server::start(dev, queues as u16);
+    let mut c = Client::connect(&server.socket, queues as i32, false).unwrap();
+    let t0 = Instant::now();
+    while threads_named("vuq-queue") != cpus && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(threads_named("vuq-queue"), cpus, "one worker per CPU");
+    for q in 0..queues {
+        c.buf(0, 4096).copy_from_slice(&pattern(q as u64, 4096));
+        assert_eq!(c.write(q, (q * 4096) as u64, 0, 4096), 0, "queue {q}");
+    }
+    for q in 0..queues {
+        assert_eq!(c.read(q, (q * 4096) as u64, 0, 4096), 0, "queue {q}");
+        assert!(
+            c.buf(0, 4096) == &pattern(q as u64, 4096)[..],
+            "queue {q} read back"
+        );
+    }
+}
+
 #[test]
 fn two_queues_write_read_verify_at_depth() {
     let _serial = serial();
