@@ -274,11 +274,12 @@ impl BlkBackend {
         let Some(mut vring) = self.vring(queue) else {
             return Ok(());
         };
-        vring.queue.set_ready(true);
+        // A used ring outside guest memory leaves the ring stopped, not served from garbage.
         let used = vring
             .queue
             .used_idx(&*mem, Ordering::Acquire)
             .map_err(|e| io::Error::other(format!("queue {queue}: unreadable used ring: {e}")))?;
+        vring.queue.set_ready(true);
         vring.queue.set_next_used(used.0);
         if let Some(region) = vring.inflight.clone() {
             let rec = region.recover(used.0);
