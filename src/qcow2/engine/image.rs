@@ -175,11 +175,20 @@ impl Qcow2 {
         let r = self.group.flush(want, || {
             let s = self.storage.as_ref();
             // No persister is writing table pieces while this flush writes tables: it covers
-            // everything (see `Meta::flush_begin`).
+            // everything (see `Meta::flush_begin`). Its writes and inner syncs run without
+            // the metadata lock, on copies, unless a COPIED window needs the locked order.
             let wb = self.wb_lock();
             let mut m = self.lock();
             let sampled = m.changes();
-            let t = m.flush_begin(s)?;
+            let t = match m.flush_copy(s)? {
+                Some(c) => {
+                    drop(m);
+                    let r = c.write(s);
+                    m = self.lock();
+                    m.flush_copied(c, r)?
+                }
+                None => m.flush_begin(s)?,
+            };
             drop(wb);
             if t.keep_lock() {
                 let r = s.flush();

@@ -13,6 +13,11 @@ pub(crate) struct L2Cache {
     /// Tables by host offset, most recently used first.
     map: LruCache<u64, Vec<u64>, ClusterHash>,
     dirty: ClusterSet,
+    /// Dirty tables whose copies a flush is writing without the metadata lock
+    /// (`copy_dirty`); they stay dirty, so not evictable, until `copies_written`.
+    flushing: ClusterSet,
+    /// Tables of `flushing` changed since their copy was taken: still dirty afterwards.
+    touched: ClusterSet,
     cap: usize,
 }
 
@@ -21,6 +26,8 @@ impl L2Cache {
         L2Cache {
             map: LruCache::unbounded_with_hasher(ClusterHash::default()),
             dirty: ClusterSet::default(),
+            flushing: ClusterSet::default(),
+            touched: ClusterSet::default(),
             cap: cap.max(4),
         }
     }
@@ -61,6 +68,7 @@ impl L2Cache {
         self.map.put(off, entries);
         if dirty {
             self.dirty.insert(off);
+            self.touch(off);
         } else {
             self.dirty.remove(&off);
         }
@@ -69,7 +77,51 @@ impl L2Cache {
     pub(crate) fn mark_dirty(&mut self, off: u64) {
         if self.map.contains(&off) {
             self.dirty.insert(off);
+            self.touch(off);
         }
+    }
+
+    fn touch(&mut self, off: u64) {
+        if self.flushing.contains(&off) {
+            self.touched.insert(off);
+        }
+    }
+
+    /// Copies of the dirty tables among `keys` (encoded for the file, sorted by offset) for a
+    /// flush that writes them without the metadata lock. They stay dirty until
+    /// `copies_written`; a change meanwhile keeps a table dirty after it.
+    pub(crate) fn copy_dirty(&mut self, mut keys: Vec<u64>) -> Vec<(u64, Vec<u8>)> {
+        keys.sort_unstable();
+        keys.dedup();
+        let mut out = Vec::with_capacity(keys.len());
+        for k in keys {
+            if !self.dirty.contains(&k) {
+                continue;
+            }
+            let Some(entries) = self.map.peek(&k) else {
+                self.dirty.remove(&k);
+                continue;
+            };
+            out.push((k, crate::qcow2::format::encode_table(entries)));
+            self.flushing.insert(k);
+        }
+        out
+    }
+
+    /// The copies from `copy_dirty` are in the file (`ok`) or not: the tables not changed
+    /// since their copy become clean on success; all stay dirty on failure.
+    pub(crate) fn copies_written(&mut self, ok: bool) {
+        for k in std::mem::take(&mut self.flushing) {
+            if ok && !self.touched.contains(&k) {
+                self.dirty.remove(&k);
+            }
+        }
+        self.touched.clear();
+    }
+
+    /// True while copies taken by `copy_dirty` are on their way to the file.
+    pub(crate) fn is_flushing(&self, off: u64) -> bool {
+        self.flushing.contains(&off)
     }
 
     pub(crate) fn has_dirty(&self) -> bool {
@@ -144,5 +196,26 @@ mod tests {
         c.write_tables::<io::Error>(&s, keys, |_| Ok(())).unwrap();
         assert!(!c.has_dirty());
         assert!(c.evict_clean());
+    }
+
+    #[test]
+    fn a_table_changed_while_its_copy_is_written_stays_dirty() {
+        let mut c = L2Cache::new(4);
+        for off in [1u64, 2, 3] {
+            c.insert(off << 16, vec![off], true);
+        }
+        let copies = c.copy_dirty(c.dirty_keys());
+        assert_eq!(copies.len(), 3);
+        assert_eq!(copies[0].0, 1 << 16, "sorted by offset");
+        c.mark_dirty(2 << 16);
+        assert!(c.is_flushing(3 << 16));
+        c.copies_written(true);
+        assert!(!c.is_dirty(1 << 16) && !c.is_dirty(3 << 16));
+        assert!(c.is_dirty(2 << 16), "changed after its copy");
+        assert!(!c.is_flushing(2 << 16));
+        // A failed write leaves every copied table dirty.
+        let _ = c.copy_dirty(vec![2 << 16]);
+        c.copies_written(false);
+        assert!(c.is_dirty(2 << 16));
     }
 }

@@ -115,6 +115,9 @@ pub(crate) struct Meta {
     loading: ClusterSet,
     /// What of the tables is newer in memory than in the file (persist before ack).
     pub wb: Writeback,
+    /// A flush is writing its copies without the metadata lock (`flush_copy`): the flushes
+    /// this lock would otherwise run (a full cache, too many frees) wait for the next time.
+    flush_outside: bool,
 }
 
 /// One more waiter (`enter`) or one fewer.
@@ -170,6 +173,7 @@ impl Meta {
             data_before_l2: false,
             changes: 0,
             wb: Writeback::new(false, 512),
+            flush_outside: false,
         }
     }
 
@@ -310,6 +314,10 @@ impl Meta {
     fn make_room(&mut self, s: &dyn Storage) -> Result<()> {
         while self.l2.full() {
             if !self.l2.evict_clean() {
+                if self.flush_outside {
+                    // Its copies are dirty until it is done; one table over the cap for now.
+                    break;
+                }
                 let t = self.flush_begin(s)?;
                 let r = s.flush();
                 self.finish_flush(s, t, r)?;
@@ -555,7 +563,7 @@ impl Meta {
         // (Frees waiting for old I/O are not counted: no flush can apply those.) Discards
         // flush at the limit between their batches, outside the lock (`zero_range`); this
         // flush under the lock is the backstop for everything else.
-        if self.pending_unlink.len() > 4 * PENDING_FREE_LIMIT {
+        if self.pending_unlink.len() > 4 * PENDING_FREE_LIMIT && !self.flush_outside {
             self.flush(s)?;
         }
         Ok(())

@@ -6,7 +6,7 @@
 //! grow with the image: an image of 512-byte clusters has one block per 128 KiB of data.
 //! New refcount blocks and a grown refcount table are written and synced before they are linked.
 
-use super::clustermap::{ClusterHash, ClusterMap};
+use super::clustermap::{ClusterHash, ClusterMap, ClusterSet};
 use super::overlap::{kind, MetadataMap, OverlapMode};
 use crate::qcow2::error::{Qcow2Error, Result};
 use crate::qcow2::format::{self, header, refblock};
@@ -35,6 +35,11 @@ pub(crate) struct Refcounts {
     table_clusters: u64,
     /// Blocks changed in memory and not yet written: kept until `write_dirty`.
     dirty: ClusterMap<Vec<u8>>,
+    /// Dirty blocks whose copies a flush is writing without the metadata lock (`copy_dirty`):
+    /// they stay dirty until `copies_written`.
+    flushing: ClusterSet,
+    /// Blocks of `flushing` changed since their copy was taken: still dirty afterwards.
+    touched: ClusterSet,
     /// Blocks as they are on disk, least recently used dropped first.
     clean: LruCache<u64, Vec<u8>, ClusterHash>,
     /// No cluster below this index is free.
@@ -103,6 +108,8 @@ impl Refcounts {
             table_offset,
             table_clusters,
             dirty: ClusterMap::default(),
+            flushing: ClusterSet::default(),
+            touched: ClusterSet::default(),
             clean: LruCache::with_hasher(clean_cap(cluster_bits), ClusterHash::default()),
             free_hint: 0,
             allocations: 0,
@@ -172,6 +179,9 @@ impl Refcounts {
         }
         if let Some(d) = self.clean.pop(&b) {
             self.dirty.insert(b, d);
+        }
+        if self.flushing.contains(&b) {
+            self.touched.insert(b);
         }
         Ok(self.dirty.get_mut(&b))
     }
@@ -418,16 +428,11 @@ impl Refcounts {
     /// Write every changed block (no sync: the caller orders it). Written blocks become clean
     /// (and may then be dropped from the cache).
     pub(crate) fn write_dirty(&mut self, s: &dyn Storage) -> Result<()> {
+        debug_assert!(self.flushing.is_empty(), "a flush is writing copies");
         let mut keys: Vec<u64> = self.dirty.keys().copied().collect();
         keys.sort_unstable();
         for k in keys {
-            let off = self.table.get(k as usize).copied().unwrap_or(0);
-            if off == 0 {
-                return Err(Qcow2Error::corrupt(format!(
-                    "dirty refcount block {k} has no table entry"
-                )));
-            }
-            self.guard(off, self.cs(), kind::REFCOUNT_BLOCK)?;
+            let off = self.dirty_block_offset(k)?;
             if let Some(data) = self.dirty.get(&k) {
                 s.write_at(data, off)?;
             }
@@ -436,6 +441,50 @@ impl Refcounts {
             }
         }
         Ok(())
+    }
+
+    /// Where dirty block `k` goes in the file, after the overlap check.
+    fn dirty_block_offset(&self, k: u64) -> Result<u64> {
+        let off = self.table.get(k as usize).copied().unwrap_or(0);
+        if off == 0 {
+            return Err(Qcow2Error::corrupt(format!(
+                "dirty refcount block {k} has no table entry"
+            )));
+        }
+        self.guard(off, self.cs(), kind::REFCOUNT_BLOCK)?;
+        Ok(off)
+    }
+
+    /// Copies of the dirty blocks, (file offset, bytes) sorted by offset, for a flush that
+    /// writes them without the metadata lock. They stay dirty until `copies_written`; a change
+    /// meanwhile keeps a block dirty after it.
+    pub(crate) fn copy_dirty(&mut self) -> Result<Vec<(u64, Vec<u8>)>> {
+        let mut keys: Vec<u64> = self.dirty.keys().copied().collect();
+        keys.sort_unstable();
+        let mut out = Vec::with_capacity(keys.len());
+        for &k in &keys {
+            out.push((self.dirty_block_offset(k)?, Vec::new()));
+        }
+        for (o, &k) in out.iter_mut().zip(&keys) {
+            if let Some(d) = self.dirty.get(&k) {
+                o.1 = d.clone();
+            }
+        }
+        self.flushing.extend(keys);
+        Ok(out)
+    }
+
+    /// The copies from `copy_dirty` are in the file (`ok`) or not: the blocks not changed
+    /// since their copy become clean on success; all stay dirty on failure.
+    pub(crate) fn copies_written(&mut self, ok: bool) {
+        for k in std::mem::take(&mut self.flushing) {
+            if ok && !self.touched.contains(&k) {
+                if let Some(d) = self.dirty.remove(&k) {
+                    self.clean.put(k, d);
+                }
+            }
+        }
+        self.touched.clear();
     }
 
     /// Refcount blocks held in RAM now (dirty, clean).
@@ -525,6 +574,27 @@ mod tests {
             "a moved area frees the old range"
         );
         assert!(r.guard(6 * cs, cs, 0).is_err());
+    }
+
+    #[test]
+    fn a_block_changed_while_its_copy_is_written_stays_dirty() {
+        let (s, mut r) = setup(16, 4);
+        r.set(&s, 0, 2).unwrap();
+        let copies = r.copy_dirty().unwrap();
+        assert_eq!(copies.len(), 1);
+        assert_eq!(copies[0].0, 2 << 16, "block 0 lives in cluster 2");
+        r.copies_written(true);
+        assert_eq!(r.cached_blocks(), (0, 1), "unchanged since its copy: clean");
+        r.set(&s, 1, 3).unwrap();
+        let _ = r.copy_dirty().unwrap();
+        r.set(&s, 1, 4).unwrap();
+        r.copies_written(true);
+        assert_eq!(r.cached_blocks(), (1, 0), "changed after its copy: dirty");
+        let _ = r.copy_dirty().unwrap();
+        r.copies_written(false);
+        assert_eq!(r.cached_blocks(), (1, 0), "a failed write: dirty");
+        r.write_dirty(&s).unwrap();
+        assert_eq!(r.get(&s, 1).unwrap(), 4);
     }
 
     #[test]

@@ -19,6 +19,49 @@ pub(crate) struct FlushTicket {
     corrupt: bool,
 }
 
+/// The copies a flush writes without the metadata lock (`Meta::flush_copy`; the caller holds
+/// the writeback lock, so no persister writes tables meanwhile), in the order of "Write
+/// ordering": refcount blocks, sync, L2 tables, sync, L1 entries.
+pub(crate) struct FlushCopies {
+    /// Dirty refcount blocks (strict refcounts): (file offset, bytes).
+    refcounts: Vec<(u64, Vec<u8>)>,
+    /// A cluster was linked since the last sync whose data must be durable before its entry.
+    sync_data: bool,
+    /// Dirty L2 tables: (file offset, bytes).
+    tables: Vec<(u64, Vec<u8>)>,
+    /// Dirty L1 entries: (index, file offset, value).
+    l1: Vec<(usize, u64, u64)>,
+    /// The frees whose unlink these writes carry.
+    unlink: Vec<u64>,
+}
+
+impl FlushCopies {
+    /// Write the copies with the syncs their order needs (the last sync is the caller's).
+    pub(crate) fn write(&self, s: &dyn Storage) -> std::io::Result<()> {
+        for (off, b) in &self.refcounts {
+            s.write_at(b, *off)?;
+        }
+        if self.tables.is_empty() && self.l1.is_empty() {
+            return Ok(());
+        }
+        if self.sync_data || !self.refcounts.is_empty() {
+            s.flush()?;
+        }
+        for (off, b) in &self.tables {
+            s.write_at(b, *off)?;
+        }
+        if !self.l1.is_empty() {
+            if !self.tables.is_empty() {
+                s.flush()?;
+            }
+            for (_, off, v) in &self.l1 {
+                s.write_at(&v.to_be_bytes(), *off)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 impl FlushTicket {
     /// True when the sync must run with the lock held (a COPIED window clears DIRTY after it).
     pub(crate) fn keep_lock(&self) -> bool {
@@ -34,11 +77,109 @@ impl Meta {
         self.flush_end(s, t, r)
     }
 
+    /// `flush_begin` for a caller that holds the writeback lock and writes the metadata
+    /// without the metadata lock: copies of what is dirty, in crash-safe order
+    /// (`FlushCopies::write`), then `flush_copied`. None when the flush must run under the lock
+    /// (a corrupt image, or a COPIED window: DIRTY is cleared after the last sync).
+    pub(crate) fn flush_copy(&mut self, s: &dyn Storage) -> Result<Option<FlushCopies>> {
+        if self.corrupt || self.copied_window {
+            return Ok(None);
+        }
+        self.stats.metadata_flushes += 1;
+        let cs = self.g.cluster_size();
+        // Every table a persister would still write goes too (those are dirty anyway; a table
+        // no longer cached was written before it left).
+        for k in self.wb.pending() {
+            if self.l2.contains(k) {
+                self.l2.mark_dirty(k);
+            } else {
+                self.wb.forget(k);
+            }
+        }
+        let keys = self.l2.dirty_keys();
+        // Overlap checks before anything is taken.
+        for &k in &keys {
+            self.rc.guard(k, cs, kind::ACTIVE_L2)?;
+        }
+        for &i in &self.l1_dirty {
+            self.rc
+                .guard(self.l1_offset + i as u64 * 8, 8, kind::ACTIVE_L1)?;
+        }
+        let tables_dirty = !keys.is_empty() || !self.l1_dirty.is_empty();
+        if self.rc.has_dirty()
+            && self.lazy
+            && tables_dirty
+            && self.incompatible & INCOMPAT_DIRTY == 0
+        {
+            // Tables are about to reach the disk ahead of their refcounts: mark the image
+            // dirty first, durably (once per DIRTY window).
+            self.set_incompatible(s, self.incompatible | INCOMPAT_DIRTY)?;
+        }
+        let refcounts = if self.lazy {
+            Vec::new()
+        } else {
+            self.rc.copy_dirty()?
+        };
+        let tables = self.l2.copy_dirty(keys);
+        // These copies hold every change a persister would write.
+        self.wb.take();
+        let l1: Vec<(usize, u64, u64)> = std::mem::take(&mut self.l1_dirty)
+            .into_iter()
+            .map(|i| (i, self.l1_offset + i as u64 * 8, self.l1[i]))
+            .collect();
+        let sync_data = if tables_dirty {
+            // The timer must not clear DIRTY over these writes.
+            self.tables_written += 1;
+            std::mem::take(&mut self.data_before_l2)
+        } else {
+            false
+        };
+        self.flush_outside = true;
+        Ok(Some(FlushCopies {
+            refcounts,
+            sync_data,
+            tables,
+            l1,
+            unlink: std::mem::take(&mut self.pending_unlink),
+        }))
+    }
+
+    /// The copies of `flush_copy` were written with result `r`: what was not changed since is
+    /// clean (or, on failure, everything is dirty again). The caller runs the last sync and
+    /// `flush_end`, as after `flush_begin`.
+    pub(crate) fn flush_copied(
+        &mut self,
+        c: FlushCopies,
+        r: std::io::Result<()>,
+    ) -> Result<FlushTicket> {
+        self.flush_outside = false;
+        let ok = r.is_ok();
+        self.rc.copies_written(ok);
+        self.l2.copies_written(ok);
+        // Tables clean by now are marked so above; nothing else to do with the idle list.
+        self.wb.done(ok);
+        if let Err(e) = r {
+            self.l1_dirty.extend(c.l1.iter().map(|&(i, _, _)| i));
+            self.data_before_l2 |= c.sync_data;
+            self.pending_unlink.extend(c.unlink);
+            return Err(e.into());
+        }
+        for &(_, _, v) in &c.l1 {
+            self.wb.linked(v & L1E_OFFSET_MASK);
+        }
+        Ok(FlushTicket {
+            unlink: c.unlink,
+            fixup: false,
+            corrupt: false,
+        })
+    }
+
     /// Everything of `flush` up to its last sync: metadata written in order (with the syncs
     /// between the steps). The caller runs the last sync, with or without the lock (see
     /// `FlushTicket::keep_lock`), then `flush_end`. Writes linked while the sync runs without
     /// the lock are in dirty tables, written by the next flush.
     pub(crate) fn flush_begin(&mut self, s: &dyn Storage) -> Result<FlushTicket> {
+        debug_assert!(!self.flush_outside, "a flush is writing copies");
         self.stats.metadata_flushes += 1;
         if self.corrupt {
             // Nothing more is written into a corrupt image's metadata.
@@ -84,7 +225,7 @@ impl Meta {
                     .l2
                     .dirty_keys()
                     .into_iter()
-                    .partition(|&k| !self.wb.inflight(k));
+                    .partition(|&k| !self.wb.inflight(k) && !self.l2.is_flushing(k));
                 partial = !skipped.is_empty();
                 let (rc, cs) = (&self.rc, self.g.cluster_size());
                 let r = self
