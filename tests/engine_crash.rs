@@ -490,7 +490,7 @@ fn crash_points(case: &Case, mode: Mode) {
     std::fs::write(&clean, &all).unwrap();
     common::assert_check_clean(&clean);
     assert_eq!(
-        read_all(all),
+        common::crash::read_all(all),
         end,
         "{mode:?}: the data after the whole script"
     );
@@ -527,40 +527,15 @@ fn crash_points(case: &Case, mode: Mode) {
             CrashMode::RandomSubset(n * 7 + 1),
             CrashMode::TornSectors(n * 11 + 3),
         ] {
-            let bytes = st.crashed_image(cm);
-            std::fs::write(&path, &bytes).unwrap();
-            let dirty = bytes[79] & 1 != 0;
+            let what = format!("{mode:?}: crash after write {n} ({cm:?})");
+            let (dirty, disk) = common::crash::check_crashed(&path, st.crashed_image(cm), &what);
             let may_dirty =
                 mode.lazy || mode.dedup != DedupMode::Off || mode.ack == AckDurability::File;
             assert!(
                 may_dirty || !dirty,
                 "strict mode without persist before ack never sets DIRTY"
             );
-            let bytes = if dirty {
-                // Inside a DIRTY window only refcounts (and COPIED with them) may be behind:
-                // a repair must not have to invent anything else (it would, for instance,
-                // zero the entries of an L1 entry's table that never reached the disk).
-                let (_, out) = common::qemu_img(&["check", path.to_str().unwrap()]);
-                common::assert_only_refcount_errors(
-                    &out,
-                    &format!("{mode:?}: crash after write {n} ({cm:?})"),
-                );
-                let (code, out) = common::qemu_img(&["check", "-r", "all", path.to_str().unwrap()]);
-                assert_eq!(
-                    code, 0,
-                    "{mode:?}: crash after write {n} ({cm:?}): repair:\n{out}"
-                );
-                std::fs::read(&path).unwrap()
-            } else {
-                bytes
-            };
-            let (code, out) = common::qemu_img(&["check", path.to_str().unwrap()]);
-            assert!(
-                code == 0 || code == 3,
-                "{mode:?}: crash after write {n} ({cm:?}, dirty {dirty}): qemu-img check exit {code}\n{out}"
-            );
             // Every flushed sector not touched since reads back.
-            let disk = read_all(bytes);
             for (s, t) in touched.iter().enumerate() {
                 let r = s * 512..(s + 1) * 512;
                 assert!(
@@ -572,22 +547,6 @@ fn crash_points(case: &Case, mode: Mode) {
         }
     }
     assert_eq!(checked, 4 * (total + 1));
-}
-
-/// The guest's view of a whole image.
-fn read_all(bytes: Vec<u8>) -> Vec<u8> {
-    let size = u64::from_be_bytes(bytes[24..32].try_into().unwrap());
-    let q = Qcow2::open_storage(
-        Arc::new(MemStorage::from_vec(bytes)),
-        &OpenOptions::read_only(true),
-        None,
-        0,
-    )
-    .unwrap_or_else(|e| panic!("reopen: {e}"));
-    let mut disk = vec![0u8; size as usize];
-    q.read_vectored(0, &mut [IoSliceMut::new(&mut disk)])
-        .unwrap();
-    disk
 }
 
 #[test]

@@ -10,7 +10,9 @@
 use super::mem::MemStorage;
 use super::traits::Storage;
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
 
 /// Which unflushed writes survive the crash.
 #[derive(Copy, Clone, Debug)]
@@ -60,6 +62,8 @@ struct State {
 pub struct FaultStorage {
     view: MemStorage,
     st: Mutex<State>,
+    /// With `with_jitter`: the state of the coin that delays calls (0: no delays).
+    jitter: AtomicU64,
 }
 
 fn eio() -> io::Error {
@@ -79,6 +83,28 @@ impl FaultStorage {
                 crashed: false,
                 fail_next_flush: false,
             }),
+            jitter: AtomicU64::new(0),
+        }
+    }
+
+    /// Delay each write and sync by a pseudo-random 0-100 µs (seeded) before it takes effect,
+    /// so that requests running on several threads complete in a different order from run to
+    /// run (crash tests with many requests in flight).
+    pub fn with_jitter(self, seed: u64) -> Self {
+        self.jitter.store(mix(seed) | 1, Ordering::Relaxed);
+        self
+    }
+
+    fn delay(&self) {
+        let mut x = self.jitter.load(Ordering::Relaxed);
+        if x == 0 {
+            return;
+        }
+        // A racy update is fine: any nonzero state is a valid coin.
+        let _ = coin(&mut x);
+        self.jitter.store(x | 1, Ordering::Relaxed);
+        if x & 2 != 0 {
+            std::thread::sleep(Duration::from_micros((x >> 8) % 100));
         }
     }
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -154,6 +180,7 @@ impl Storage for FaultStorage {
         self.view.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.delay();
         let mut st = self.lock();
         if st.crashed {
             return Err(eio());
@@ -169,6 +196,7 @@ impl Storage for FaultStorage {
         self.view.write_at(buf, offset)
     }
     fn flush(&self) -> io::Result<()> {
+        self.delay();
         let mut st = self.lock();
         if st.crashed {
             return Err(eio());

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod client;
+pub mod crash;
 pub mod guest;
 pub mod hooked;
 pub mod qmp;
