@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::hooked::Hooked;
 use vhost_user_qcow2::block::BlockDevice;
+use vhost_user_qcow2::qcow2::format::dedup::DedupMode;
 use vhost_user_qcow2::qcow2::{create, AckDurability, CreateOptions, OpenOptions, Qcow2};
 use vhost_user_qcow2::storage::{MemStorage, Storage};
 
@@ -158,4 +159,80 @@ fn flush_with_slow_syncs(ack: AckDurability) {
             .unwrap();
         assert!(buf.iter().all(|&x| x == want), "{ack:?}: cluster at {off}");
     }
+}
+
+/// The same for the dedup write path: the L2 table of the cluster it holds is read before the
+/// lock is kept for the cluster's decision.
+#[test]
+fn a_dedup_write_reads_a_missing_table_without_the_metadata_lock() {
+    let mem = Arc::new(MemStorage::new());
+    let o = CreateOptions {
+        size: 128 << 20,
+        cluster_bits: 12,
+        dedup: true,
+        ..Default::default()
+    };
+    create(&*mem, &o).unwrap();
+    let opts = OpenOptions {
+        dedup_mode: Some(DedupMode::Inline),
+        // 16 tables of the 64 the image has.
+        l2_cache_bytes: Some(16 * 4096),
+        ..Default::default()
+    };
+    let (a, b) = (0u64, 8u64 << 20);
+    {
+        let q = Qcow2::open_storage(mem.clone(), &opts, None, 0).unwrap();
+        q.write_vectored(a, &[IoSlice::new(&[1u8; 4096])]).unwrap();
+        q.write_vectored(b, &[IoSlice::new(&[2u8; 4096])]).unwrap();
+        // A cluster under each of the 64 tables (unique contents): the open walks them all,
+        // and the cache (16 tables) keeps only the last ones, so b's is a miss.
+        for t in 0..64u64 {
+            let off = (t << 21) + 8192;
+            q.write_vectored(off, &[IoSlice::new(&[t as u8 + 10; 4096])])
+                .unwrap();
+        }
+        q.close().unwrap();
+    }
+    let img = mem.snapshot();
+    let slow_table = l2_offset(&img, b / 4096);
+    let gate = Arc::new(AtomicBool::new(true));
+    let mut hooked = Hooked::new(MemStorage::from_vec(img));
+    let g = gate.clone();
+    let reads = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let r2 = reads.clone();
+    hooked.on_read = Some(Box::new(move |off| {
+        let t0 = Instant::now();
+        if off == slow_table && !g.load(Ordering::SeqCst) {
+            r2.fetch_add(1, Ordering::SeqCst);
+        }
+        while off == slow_table
+            && !g.load(Ordering::SeqCst)
+            && t0.elapsed() < Duration::from_secs(10)
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }));
+    let storage: Arc<dyn Storage> = Arc::new(hooked);
+    let q = Arc::new(Qcow2::open_storage(storage, &opts, None, 0).unwrap());
+    gate.store(false, Ordering::SeqCst);
+    let q2 = q.clone();
+    let slow =
+        std::thread::spawn(move || q2.write_vectored(b + 4096, &[IoSlice::new(&[3u8; 4096])]));
+    std::thread::sleep(Duration::from_millis(100)); // the dedup write is in its table read
+    let t0 = Instant::now();
+    let mut buf = [0u8; 4096];
+    q.read_vectored(a, &mut [IoSliceMut::new(&mut buf)])
+        .unwrap();
+    let took = t0.elapsed();
+    gate.store(true, Ordering::SeqCst);
+    slow.join().unwrap().unwrap();
+    assert_eq!(buf[0], 1);
+    q.read_vectored(b + 4096, &mut [IoSliceMut::new(&mut buf)])
+        .unwrap();
+    assert_eq!(buf[0], 3, "the dedup write landed");
+    assert_eq!(reads.load(Ordering::SeqCst), 1, "the write read its table");
+    assert!(
+        took < Duration::from_secs(2),
+        "a read of another table waited {took:?} for a dedup write's table read"
+    );
 }

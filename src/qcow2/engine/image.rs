@@ -48,6 +48,9 @@ pub struct OpenOptions {
     pub direct: bool,
     /// What a write has made of its metadata when it returns (`serve --ack-durability`).
     pub ack_durability: AckDurability,
+    /// Most RAM for cached L2 tables (QEMU's `l2-cache-size`), at least 16 tables whatever
+    /// the cluster size. Default (None): 16 MiB.
+    pub l2_cache_bytes: Option<u64>,
 }
 
 /// What a completed write guarantees about the metadata it depends on (its L2 entries).

@@ -107,7 +107,8 @@ impl Qcow2 {
             size: h.size,
             version: h.version,
         };
-        let l2_cap = (L2_CACHE_BYTES / cs).clamp(16, (h.l1_size as u64).max(16)) as usize;
+        let l2_cap = (opts.l2_cache_bytes.unwrap_or(L2_CACHE_BYTES) / cs)
+            .clamp(16, (h.l1_size as u64).max(16)) as usize;
         let mut meta = Meta::new(g, l1, h.l1_table_offset, rc, l2_cap, file_len);
         meta.incompatible = h.incompatible_features;
         meta.lazy = !read_only

@@ -175,9 +175,14 @@ impl Qcow2 {
         (guard, t)
     }
 
-    /// Hold guest cluster `gc`; returns the lock, still taken, and the hold.
+    /// Hold guest cluster `gc`; returns the lock, still taken, and the hold. Its L2 table is
+    /// read first if it is not cached, without the lock (`load_tables`), so that a miss stalls
+    /// only this request; a table that cannot be read is left to `entry`, which reports it.
     fn hold_cluster_locked(&self, gc: u64) -> (MutexGuard<'_, State>, ClusterGuard<'_>) {
-        let mut m = self.lock();
+        let cb = self.g.cluster_bits;
+        let mut m = self
+            .load_tables(self.lock(), gc << cb, 1 << cb)
+            .unwrap_or_else(|_| self.lock());
         while m.is_held(gc) {
             m = self.wait_cluster(m);
         }
