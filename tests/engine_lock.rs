@@ -236,3 +236,70 @@ fn a_dedup_write_reads_a_missing_table_without_the_metadata_lock() {
         "a read of another table waited {took:?} for a dedup write's table read"
     );
 }
+
+/// An allocation whose refcount block is not cached reads it without the metadata lock.
+#[test]
+fn an_allocation_reads_a_missing_refcount_block_without_the_metadata_lock() {
+    let mem = Arc::new(MemStorage::new());
+    let o = CreateOptions {
+        size: 64 << 20,
+        cluster_bits: 12,
+        ..Default::default()
+    };
+    create(&*mem, &o).unwrap();
+    let a = 0u64;
+    {
+        let q = Qcow2::open_storage(mem.clone(), &OpenOptions::default(), None, 0).unwrap();
+        q.write_vectored(a, &[IoSlice::new(&[1u8; 4096])]).unwrap();
+        q.close().unwrap();
+    }
+    let img = mem.snapshot();
+    let be = |at: usize| u64::from_be_bytes(img[at..at + 8].try_into().unwrap());
+    let block0 = be(be(48) as usize);
+    assert_ne!(block0, 0);
+    let gate = Arc::new(AtomicBool::new(true));
+    let reads = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut hooked = Hooked::new(MemStorage::from_vec(img));
+    let (g, r2) = (gate.clone(), reads.clone());
+    hooked.on_read = Some(Box::new(move |off| {
+        let t0 = Instant::now();
+        if off == block0 && !g.load(Ordering::SeqCst) {
+            r2.fetch_add(1, Ordering::SeqCst);
+        }
+        while off == block0 && !g.load(Ordering::SeqCst) && t0.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }));
+    let storage: Arc<dyn Storage> = Arc::new(hooked);
+    let q = Arc::new(Qcow2::open_storage(storage, &OpenOptions::default(), None, 0).unwrap());
+    // a's table is cached before the gate closes.
+    let mut buf = [0u8; 4096];
+    q.read_vectored(a, &mut [IoSliceMut::new(&mut buf)])
+        .unwrap();
+    gate.store(false, Ordering::SeqCst);
+    let q2 = q.clone();
+    let slow = std::thread::spawn(move || {
+        // A new cluster under a's table: the allocator needs refcount block 0.
+        q2.write_vectored(a + 4096, &[IoSlice::new(&[2u8; 4096])])
+    });
+    std::thread::sleep(Duration::from_millis(100)); // the write is in its block read
+    let t0 = Instant::now();
+    q.read_vectored(a, &mut [IoSliceMut::new(&mut buf)])
+        .unwrap();
+    let took = t0.elapsed();
+    gate.store(true, Ordering::SeqCst);
+    slow.join().unwrap().unwrap();
+    assert_eq!(buf[0], 1);
+    q.read_vectored(a + 4096, &mut [IoSliceMut::new(&mut buf)])
+        .unwrap();
+    assert_eq!(buf[0], 2, "the allocating write landed");
+    assert_eq!(
+        reads.load(Ordering::SeqCst),
+        1,
+        "the allocation read its block"
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "a read waited {took:?} for an allocation's refcount-block read"
+    );
+}

@@ -199,7 +199,10 @@ impl Qcow2 {
             } else {
                 drop(m);
                 let r = s.flush();
-                self.lock().flush_end(s, t, r)?;
+                // The refcount blocks the frees below need, read without the lock.
+                let mut m = self.lock();
+                let want = m.refcounts_to_load(false, Some(t.unlinked()));
+                self.load_refcounts(m, want).flush_end(s, t, r)?;
             }
             Ok(sampled)
         });

@@ -147,6 +147,35 @@ impl Qcow2 {
         Ok(m)
     }
 
+    /// Read the refcount blocks of `Meta::refcounts_to_load` without the lock (dropped and
+    /// taken again around the reads), so that a refcount-block miss in an allocation or in a
+    /// flush's frees stalls only this request. A block that cannot be read is left to the
+    /// locked path, which reports the error.
+    pub(super) fn load_refcounts<'a>(
+        &'a self,
+        m: MutexGuard<'a, State>,
+        want: Vec<(u64, u64)>,
+    ) -> MutexGuard<'a, State> {
+        if want.is_empty() {
+            return m;
+        }
+        drop(m);
+        let s = self.storage.as_ref();
+        let cs = self.g.cluster_size() as usize;
+        let got: Vec<(u64, Option<Vec<u8>>)> = want
+            .into_iter()
+            .map(|(b, off)| {
+                let mut buf = vec![0u8; cs];
+                (b, s.read_at(&mut buf, off).ok().map(|()| buf))
+            })
+            .collect();
+        let mut m = self.lock();
+        for (b, d) in got {
+            m.rc.block_loaded(b, d);
+        }
+        m
+    }
+
     /// Where each piece of the guest range `offset..offset+len` comes from, host-contiguous
     /// pieces merged: (offset in the caller's buffers, length, source).
     pub(super) fn map_read(
@@ -382,6 +411,8 @@ impl Qcow2 {
         let cs = self.g.cluster_size();
         let s = self.storage.as_ref();
         let mut m = self.load_tables(self.lock(), offset, len)?;
+        let want = m.refcounts_to_load(true, None);
+        let mut m = self.load_refcounts(m, want);
         'retry: loop {
             // Checked again after every wait: the image may have been marked meanwhile.
             if m.is_corrupt() {

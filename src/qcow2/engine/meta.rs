@@ -634,6 +634,48 @@ impl Meta {
         }
     }
 
+    /// Refcount blocks that are not cached but will be needed soon: where the next allocation
+    /// searches (`alloc`), and with `unlinked` (a flush's) those of the frees waiting for I/O
+    /// and of these. At most `MAX_BLOCK_LOADS`, as (block, file offset), each marked as being
+    /// read (see `Refcounts::block_to_load`): the caller reads them without the lock.
+    pub(crate) fn refcounts_to_load(
+        &mut self,
+        alloc: bool,
+        unlinked: Option<&[u64]>,
+    ) -> Vec<(u64, u64)> {
+        const MAX_BLOCK_LOADS: usize = 64;
+        let mut blocks: Vec<u64> = Vec::new();
+        if alloc {
+            blocks.push(self.rc.next_alloc_block());
+        }
+        let (waiting, unlinked) = match unlinked {
+            Some(u) => (&self.pending_io[..], u),
+            None => (&self.pending_io[..0], &[][..]),
+        };
+        let frees = waiting
+            .iter()
+            .map(|&(_, c)| c)
+            .chain(unlinked.iter().copied());
+        for c in frees {
+            if blocks.len() >= 4 * MAX_BLOCK_LOADS {
+                break;
+            }
+            blocks.push(self.rc.block_of(c));
+        }
+        blocks.sort_unstable();
+        blocks.dedup();
+        let mut out = Vec::new();
+        for b in blocks {
+            if out.len() >= MAX_BLOCK_LOADS {
+                break;
+            }
+            if let Some(off) = self.rc.block_to_load(b) {
+                out.push((b, off));
+            }
+        }
+        out
+    }
+
     /// Decrement the refcounts of clusters whose unlink is durable and that no in-flight I/O can
     /// still touch. Clusters that drop to zero are punched out of the file.
     pub(crate) fn apply_frees(&mut self, s: &dyn Storage) -> Result<()> {

@@ -40,6 +40,10 @@ pub(crate) struct Refcounts {
     flushing: ClusterSet,
     /// Blocks of `flushing` changed since their copy was taken: still dirty afterwards.
     touched: ClusterSet,
+    /// Blocks being read without the metadata lock (`block_to_load`), by index. A load under
+    /// the lock takes its block out of here: the reader outside then drops its copy, which may
+    /// be older than what the cache has seen since.
+    loading: ClusterSet,
     /// Blocks as they are on disk, least recently used dropped first.
     clean: LruCache<u64, Vec<u8>, ClusterHash>,
     /// No cluster below this index is free.
@@ -110,6 +114,7 @@ impl Refcounts {
             dirty: ClusterMap::default(),
             flushing: ClusterSet::default(),
             touched: ClusterSet::default(),
+            loading: ClusterSet::default(),
             clean: LruCache::with_hasher(clean_cap(cluster_bits), ClusterHash::default()),
             free_hint: 0,
             allocations: 0,
@@ -151,6 +156,7 @@ impl Refcounts {
         if self.dirty.contains_key(&b) || self.clean.contains(&b) {
             return Ok(true);
         }
+        self.loading.remove(&b);
         let off = match self.table.get(b as usize) {
             Some(&o) if o != 0 => o,
             _ => return Ok(false),
@@ -159,6 +165,40 @@ impl Refcounts {
         s.read_at(&mut data, off)?;
         self.clean.put(b, data);
         Ok(true)
+    }
+
+    /// Block `b` is in the table but not cached, and nobody reads it: its file offset, for a
+    /// read without the lock (`block_loaded` then). None otherwise.
+    pub(crate) fn block_to_load(&mut self, b: u64) -> Option<u64> {
+        if self.dirty.contains_key(&b) || self.clean.contains(&b) || self.loading.contains(&b) {
+            return None;
+        }
+        let off = self.table.get(b as usize).copied().filter(|&o| o != 0)?;
+        self.loading.insert(b);
+        Some(off)
+    }
+
+    /// The block of `block_to_load` was read (`data`, or None when the read failed): cached
+    /// unless a load under the lock took it over meanwhile.
+    pub(crate) fn block_loaded(&mut self, b: u64, data: Option<Vec<u8>>) {
+        if !self.loading.remove(&b) {
+            return;
+        }
+        if let Some(d) = data {
+            if d.len() as u64 == self.cs() && !self.dirty.contains_key(&b) {
+                self.clean.put(b, d);
+            }
+        }
+    }
+
+    /// The block the allocator looks at first (where its search starts).
+    pub(crate) fn next_alloc_block(&self) -> u64 {
+        self.free_hint / self.epb
+    }
+
+    /// The block that holds cluster `c`'s refcount.
+    pub(crate) fn block_of(&self, c: u64) -> u64 {
+        c / self.epb
     }
 
     /// The contents of block `b` (None when the table has no block for it).
@@ -595,6 +635,30 @@ mod tests {
         assert_eq!(r.cached_blocks(), (1, 0), "a failed write: dirty");
         r.write_dirty(&s).unwrap();
         assert_eq!(r.get(&s, 1).unwrap(), 4);
+    }
+
+    #[test]
+    fn a_block_read_outside_the_lock_yields_to_a_load_under_it() {
+        let (s, mut r) = setup(16, 4);
+        let off = r.block_to_load(0).unwrap();
+        assert_eq!(off, 2 << 16);
+        assert_eq!(r.block_to_load(0), None, "one reader at a time");
+        let mut stale = vec![0u8; 1 << 16];
+        s.read_at(&mut stale, off).unwrap();
+        // Meanwhile a load under the lock, a change and a write of the block.
+        r.set(&s, 1, 5).unwrap();
+        r.write_dirty(&s).unwrap();
+        r.block_loaded(0, Some(stale));
+        assert_eq!(r.get(&s, 1).unwrap(), 5, "the older copy was dropped");
+        // Unchallenged, a copy read outside is cached (no read under the lock then).
+        let (s2, mut r2) = setup(16, 4);
+        let off = r2.block_to_load(0).unwrap();
+        let mut d = vec![0u8; 1 << 16];
+        s2.read_at(&mut d, off).unwrap();
+        r2.block_loaded(0, Some(d));
+        assert_eq!(r2.cached_blocks(), (0, 1));
+        assert_eq!(r2.block_to_load(0), None, "cached");
+        assert_eq!(r2.block_to_load(7), None, "no such block in the table");
     }
 
     #[test]

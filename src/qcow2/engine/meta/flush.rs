@@ -63,6 +63,11 @@ impl FlushCopies {
 }
 
 impl FlushTicket {
+    /// The host clusters whose unlink this flush makes durable (their frees follow it).
+    pub(crate) fn unlinked(&self) -> &[u64] {
+        &self.unlink
+    }
+
     /// True when the sync must run with the lock held (a COPIED window clears DIRTY after it).
     pub(crate) fn keep_lock(&self) -> bool {
         self.fixup
