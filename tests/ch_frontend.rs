@@ -432,3 +432,35 @@ fn reconnect_after_a_daemon_crash_runs_requests_in_flight_again() {
     io_on_all_queues(&mem, &mut rings, 6);
     finish(s, ch);
 }
+
+/// cloud-hypervisor's local live migration (`send-migration --local`), on a daemon without
+/// DEVICE_STATE: the source pauses (rings disabled, nothing waited for), snapshots no backend
+/// state and closes the connection with requests in flight; the destination, sharing the guest
+/// memory, connects, sets the protocol features it was handed (no GET), gets a new inflight
+/// region and sets each ring's base to the available index. Every request completes once.
+#[test]
+fn local_migration_with_requests_in_flight() {
+    let s = start();
+    let mem = guest_memory(&[(0, RAM)]);
+    let mut inflight = Inflight::default();
+    let (mut ch, acked, mut rings) = activate(&s, &mem, Some(&mut inflight));
+    let proto = ch.acked_protocol;
+    io_on_all_queues(&mem, &mut rings, 7);
+    for round in 0..3u8 {
+        post_batch(&mem, &mut rings, round);
+        // `pause_vhost_user`, then the snapshot's `shutdown`.
+        ch.pause(QUEUES);
+        let used: Vec<u16> = rings.iter().map(|r| r.used_idx(&mem)).collect();
+        drop(ch);
+        let posted: Vec<u16> = rings.iter().map(|r| r.avail_idx(&mem)).collect();
+        eprintln!("round {round}: paused at used {used:?} of posted {posted:?}");
+        // The destination: `Blk::new` with a state, then activation.
+        ch = Ch::connect(&s.sock, QUEUES);
+        ch.set_protocol_features_again(proto);
+        let mut fresh = Inflight::default();
+        ch.setup(&mem, &rings, acked, Some(&mut fresh));
+        check_batch(&mem, &mut rings, round);
+    }
+    io_on_all_queues(&mem, &mut rings, 8);
+    finish(s, ch);
+}

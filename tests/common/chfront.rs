@@ -17,6 +17,8 @@
 //!   GET_FEATURES, SET_PROTOCOL_FEATURES with the features acked before (no
 //!   GET_PROTOCOL_FEATURES), then `setup_vhost_user` with the inflight region it kept.
 //! - reset (guest reboot): SET_VRING_ENABLE 0 and GET_VRING_BASE per queue.
+//! - pause (before a snapshot or a migration's last pass): SET_VRING_ENABLE 0 per queue; with
+//!   no DEVICE_STATE the snapshot adds nothing and the connection is closed.
 //! - memory hotplug: ADD_MEM_REG with CONFIGURE_MEM_SLOTS.
 //! - migration: `start_dirty_log` (a sealed memfd log, SET_LOG_BASE, SET_FEATURES with LOG_ALL,
 //!   SET_VRING_ADDR with the LOG flag and the used ring's guest address), `dirty_log` (a new log
@@ -267,6 +269,13 @@ impl Ch {
                 self.vu.get_vring_base(q).unwrap()
             })
             .collect()
+    }
+
+    /// `pause_vhost_user`: SET_VRING_ENABLE 0 per queue, nothing waited for.
+    pub fn pause(&mut self, num_queues: usize) {
+        for q in 0..num_queues {
+            self.vu.set_vring_enable(q, false).unwrap();
+        }
     }
 
     /// `add_memory_region` with CONFIGURE_MEM_SLOTS: ADD_MEM_REG of `mem`'s region at `gpa`.
