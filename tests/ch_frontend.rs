@@ -2,8 +2,9 @@
 //! protocol features and message order, replayed by tests/common/chfront.rs on the rust-vmm
 //! `vhost` crate's `Frontend`), with real requests on its split rings in memfd guest memory:
 //! activation and I/O on two queues, memory hotplug, a guest reboot, the dirty log of a
-//! migration, and a reconnect to a restarted daemon with requests in flight (the inflight
-//! region). A cloud-hypervisor guest itself cannot boot here (no usable KVM).
+//! migration, a local migration and a reconnect to a restarted daemon, both with requests in
+//! flight (the inflight region). A cloud-hypervisor guest itself cannot boot here (no usable
+//! KVM).
 
 mod common;
 
