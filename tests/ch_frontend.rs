@@ -232,7 +232,9 @@ fn activation_features_and_io_on_two_queues() {
         "protocol features acked {:?}, cloud-hypervisor uses {needed:?}",
         ch.acked_protocol
     );
-    // Not offered: cloud-hypervisor then snapshots without a backend state (see README).
+    // Not offered: cloud-hypervisor then snapshots without a backend state and stops no ring
+    // before a migration's last pass (README, "cloud-hypervisor: what is verified", says what
+    // that means; offering it changes that text and this line).
     assert!(!ch
         .acked_protocol
         .contains(VhostUserProtocolFeatures::DEVICE_STATE));
