@@ -19,15 +19,19 @@ pub struct DedupArgs {
 pub fn run(a: DedupArgs) -> anyhow::Result<ExitCode> {
     let _lock = ImageLock::acquire(&a.image, false)?;
     let t0 = Instant::now();
+    // A dirty image is repaired first, with its own progress.
+    let (repair, hook) = Progress::repair_hook();
     let q = Qcow2::open_with(
         &a.image,
         &OpenOptions {
             dedup: Some(true),
             dedup_index_at_open: Some(false),
+            repair_progress: Some(hook),
             ..Default::default()
         },
     )
     .with_context(|| format!("cannot open {}", a.image.display()))?;
+    repair.finish();
     let bar = Progress::new("dedup", "clusters");
     let mut progress = |done: u64, total: u64, saved: u64| {
         let saved = format!("{} saved", format_size(saved));

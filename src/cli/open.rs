@@ -8,6 +8,7 @@ use std::io::Read;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use super::progress::Progress;
 use vhost_user_qcow2::block::BlockDevice;
 use vhost_user_qcow2::qcow2::engine::OverlapMode;
 use vhost_user_qcow2::qcow2::format::dedup::DedupMode;
@@ -74,6 +75,7 @@ pub fn open_device(a: &OpenArgs) -> anyhow::Result<OpenImage> {
     // Lock before opening for real, so that we never touch an image QEMU is writing.
     let lock = ImageLock::acquire(path, read_only)?;
     if n == 4 && magic == QCOW2_MAGIC {
+        let (repair, hook) = Progress::repair_hook();
         let opts = OpenOptions {
             read_only,
             lazy_refcounts: match lazy {
@@ -97,12 +99,13 @@ pub fn open_device(a: &OpenArgs) -> anyhow::Result<OpenImage> {
                 AckDurabilityArg::File => AckDurability::File,
                 AckDurabilityArg::Memory => AckDurability::Memory,
             },
+            // A dirty image is repaired first: a bar on a terminal, log lines for a daemon.
+            repair_progress: Some(hook),
             ..Default::default()
         };
-        let q = Arc::new(
-            Qcow2::open_with(path, &opts)
-                .with_context(|| format!("cannot open image {}", path.display()))?,
-        );
+        let opened = Qcow2::open_with(path, &opts);
+        repair.finish();
+        let q = Arc::new(opened.with_context(|| format!("cannot open image {}", path.display()))?);
         log::info!(
             "serving qcow2 image {} ({} bytes, {} byte clusters, lazy refcounts {}, dedup {}, \
              ack durability {})",

@@ -1,27 +1,42 @@
-//! Progress of long offline jobs (`check --repair`, `dedup`): an `indicatif` bar when stderr
-//! is a terminal, otherwise a plain log line (info level) at most every [`LOG_EVERY`].
+//! Progress of long jobs (`check --repair`, `dedup`, the repair of a dirty image at open): an
+//! `indicatif` bar when stderr is a terminal, otherwise a plain log line (info level) at most
+//! every [`LOG_EVERY`]. `Sync`, so the engine's progress hook may hold it.
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use std::cell::{Cell, OnceCell};
 use std::io::IsTerminal;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+use vhost_user_qcow2::qcow2::ProgressHook;
 
 /// Least time between two plain progress lines in a log.
 pub const LOG_EVERY: Duration = Duration::from_secs(5);
+
+/// Replaces [`LOG_EVERY`] (milliseconds), for tests only: a repair short enough for a test is
+/// over long before 5 s.
+pub const LOG_EVERY_ENV: &str = "VUQ_TEST_PROGRESS_EVERY_MS";
+
+fn log_every() -> Duration {
+    std::env::var(LOG_EVERY_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(LOG_EVERY, Duration::from_millis)
+}
 
 pub struct Progress {
     what: &'static str,
     unit: &'static str,
     /// Stderr is a terminal: draw a bar rather than log lines.
     terminal: bool,
-    bar: OnceCell<ProgressBar>,
+    bar: OnceLock<ProgressBar>,
     /// Plain lines: when the last one was written (`None`: none yet, so the first update
     /// starts the clock without a line).
-    last_line: Cell<Option<Instant>>,
+    last_line: Mutex<Option<Instant>>,
     every: Duration,
     /// The total of the current pass; a new total starts a new pass (the check walks the
     /// image more than once when it repairs).
-    total: Cell<u64>,
+    total: AtomicU64,
 }
 
 impl Progress {
@@ -35,11 +50,22 @@ impl Progress {
             what,
             unit,
             terminal,
-            bar: OnceCell::new(),
-            last_line: Cell::new(None),
-            every: LOG_EVERY,
-            total: Cell::new(0),
+            bar: OnceLock::new(),
+            last_line: Mutex::new(None),
+            every: log_every(),
+            total: AtomicU64::new(0),
         }
+    }
+
+    /// The engine's hook for the repair of a dirty image at open, shown by a new `Progress`
+    /// ("repair", in steps); the caller finishes it once the open returned.
+    pub fn repair_hook() -> (Arc<Progress>, ProgressHook) {
+        let p = Arc::new(Progress::new("repair", "steps"));
+        let shown = p.clone();
+        (
+            p,
+            ProgressHook::new(move |done, total| shown.update(done, total)),
+        )
     }
 
     /// The bar (none when stderr is not a terminal).
@@ -75,8 +101,7 @@ impl Progress {
 
     /// As [`update`](Self::update), with a note for the plain line.
     pub fn update_with(&self, done: u64, total: u64, note: &str) {
-        if total != self.total.get() {
-            self.total.set(total);
+        if self.total.swap(total, Ordering::Relaxed) != total {
             if let Some(b) = self.bar() {
                 b.set_length(total);
                 b.reset();
@@ -96,13 +121,14 @@ impl Progress {
 
     /// The plain line due at `now`, if one is.
     fn plain_line(&self, done: u64, total: u64, note: &str, now: Instant) -> Option<String> {
-        match self.last_line.get() {
+        let mut last = self.last_line.lock().unwrap_or_else(|e| e.into_inner());
+        match *last {
             None => {
-                self.last_line.set(Some(now));
+                *last = Some(now);
                 None
             }
             Some(t) if now.duration_since(t) >= self.every && done < total => {
-                self.last_line.set(Some(now));
+                *last = Some(now);
                 let pct = done as f64 * 100.0 / total.max(1) as f64;
                 let sep = if note.is_empty() { "" } else { ", " };
                 Some(format!(

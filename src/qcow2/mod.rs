@@ -10,5 +10,5 @@ pub mod info;
 pub mod offsets;
 
 pub use create::{create, CreateOptions};
-pub use engine::{AckDurability, EngineStats, OpenOptions, Qcow2};
+pub use engine::{AckDurability, EngineStats, OpenOptions, ProgressHook, Qcow2};
 pub use error::Qcow2Error;

@@ -263,9 +263,8 @@ impl VhostUserBackendReqHandlerMut for Handler {
         let mut regions = Vec::with_capacity(ctx.len());
         let mut mappings = Vec::with_capacity(ctx.len());
         for (r, file) in ctx.iter().zip(files) {
-            let region =
-                GuestRegionMmap::new(r.mmap_region(file)?, GuestAddress(r.guest_phys_addr))
-                    .ok_or_else(|| failed("a memory region overflows the guest address space"))?;
+            // Logged like an added region: cloud-hypervisor sends its whole map this way.
+            let region = self.region(r, file)?;
             mappings.push(AddrMapping {
                 vmm_addr: r.user_addr,
                 size: r.memory_size,

@@ -1,11 +1,13 @@
 //! Helpers shared by the integration tests: running qemu-img / qemu-io and comparing images.
 #![allow(dead_code)]
 
+pub mod chfront;
 pub mod client;
 pub mod crash;
 pub mod guest;
 pub mod hooked;
 pub mod qmp;
+pub mod vring;
 
 use std::path::Path;
 use std::process::Command;

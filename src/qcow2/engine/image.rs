@@ -51,6 +51,31 @@ pub struct OpenOptions {
     /// Most RAM for cached L2 tables (QEMU's `l2-cache-size`), at least 16 tables whatever
     /// the cluster size. Default (None): 16 MiB.
     pub l2_cache_bytes: Option<u64>,
+    /// Told how the repair of a dirty image (at a read-write open) goes. None: not told.
+    pub repair_progress: Option<ProgressHook>,
+}
+
+/// Told the progress of a long job inside the engine: `(done, total)` of the current pass
+/// (a repair walks the image more than once; a new total starts a new pass), called on the
+/// thread doing the job, at most a few hundred times per pass. The engine knows nothing of
+/// what shows it (a bar, log lines).
+#[derive(Clone)]
+pub struct ProgressHook(Arc<dyn Fn(u64, u64) + Send + Sync>);
+
+impl ProgressHook {
+    pub fn new(f: impl Fn(u64, u64) + Send + Sync + 'static) -> Self {
+        ProgressHook(Arc::new(f))
+    }
+
+    pub fn report(&self, done: u64, total: u64) {
+        (self.0)(done, total)
+    }
+}
+
+impl std::fmt::Debug for ProgressHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProgressHook")
+    }
 }
 
 /// What a completed write guarantees about the metadata it depends on (its L2 entries).

@@ -33,4 +33,4 @@ pub use dedup::{DedupStats, IndexOpenReport};
 pub use meta::EngineStats;
 pub use overlap::OverlapMode;
 
-pub use image::{AckDurability, CorruptionListener, OpenOptions, Qcow2};
+pub use image::{AckDurability, CorruptionListener, OpenOptions, ProgressHook, Qcow2};

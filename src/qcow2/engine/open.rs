@@ -2,7 +2,7 @@
 //! refcount structures and the overlap map, backing files, and the dedup state.
 
 use super::dedup::{self, lifecycle};
-use super::image::{AckDurability, OpenOptions, Qcow2, LOCK_SPINS};
+use super::image::{AckDurability, OpenOptions, ProgressHook, Qcow2, LOCK_SPINS};
 use super::meta::{Geometry, Meta};
 use super::overlap::{kind, MetadataMap, OverlapMode};
 use super::state::State;
@@ -56,7 +56,7 @@ impl Qcow2 {
         let (mut h, mut file_len) = read_header(s)?;
         validate_features(&h, read_only)?;
         if !read_only && h.version >= 3 && h.incompatible_features & INCOMPAT_DIRTY != 0 {
-            repair_dirty(s)?;
+            repair_dirty(s, opts.repair_progress.as_ref())?;
             (h, file_len) = read_header(s)?;
         }
         if !read_only && h.version >= 3 && h.autoclear_features != 0 {
@@ -373,14 +373,19 @@ fn read_header(s: &dyn Storage) -> Result<(Header, u64)> {
 
 /// A dirty image (lazy refcounts, not closed cleanly) is repaired before a read-write open:
 /// refcounts rebuilt from the tables, COPIED flags fixed, DIRTY cleared. The caller has already
-/// refused what we cannot serve (and the corrupt bit).
-fn repair_dirty(s: &dyn Storage) -> Result<()> {
+/// refused what we cannot serve (and the corrupt bit). `progress` is told how it goes.
+fn repair_dirty(s: &dyn Storage, progress: Option<&ProgressHook>) -> Result<()> {
     log::warn!("the image is dirty (lazy refcounts, not closed cleanly): repairing it");
     let t0 = std::time::Instant::now();
+    let report = |done: u64, total: u64| {
+        if let Some(p) = progress {
+            p.report(done, total);
+        }
+    };
     let opts = crate::qcow2::check::CheckOptions {
         repair: Some(crate::qcow2::check::RepairMode::All),
         mark_clean: true,
-        progress: None,
+        progress: progress.is_some().then_some(&report as &dyn Fn(u64, u64)),
     };
     let r = crate::qcow2::check::check(s, &opts)
         .map_err(|e| Qcow2Error::corrupt(format!("repairing the dirty image failed: {e}")))?;
