@@ -303,3 +303,63 @@ fn an_allocation_reads_a_missing_refcount_block_without_the_metadata_lock() {
         "a read waited {took:?} for an allocation's refcount-block read"
     );
 }
+
+/// The holes of the clusters a flush frees are punched without the metadata lock, and the
+/// allocator does not hand those clusters out until the punch is done (it would zero what a
+/// new write put there).
+#[test]
+fn a_flush_punches_freed_clusters_without_the_lock_and_reuses_none_meanwhile() {
+    let mem = Arc::new(MemStorage::new());
+    let o = CreateOptions {
+        size: 64 << 20,
+        cluster_bits: 12,
+        ..Default::default()
+    };
+    create(&*mem, &o).unwrap();
+    let gate = Arc::new(AtomicBool::new(true));
+    let punches = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut hooked = Hooked::new(MemStorage::from_vec(mem.snapshot()));
+    let (g, p2) = (gate.clone(), punches.clone());
+    hooked.on_punch = Some(Box::new(move |_, _| {
+        let t0 = Instant::now();
+        if !g.load(Ordering::SeqCst) {
+            p2.fetch_add(1, Ordering::SeqCst);
+        }
+        while !g.load(Ordering::SeqCst) && t0.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }));
+    let storage: Arc<dyn Storage> = Arc::new(hooked);
+    let q = Arc::new(Qcow2::open_storage(storage, &OpenOptions::default(), None, 0).unwrap());
+    let (a, x, b) = (0u64, 4096u64, 8192u64);
+    q.write_vectored(a, &[IoSlice::new(&[1u8; 4096])]).unwrap();
+    q.write_vectored(x, &[IoSlice::new(&[2u8; 4096])]).unwrap();
+    q.flush_all().unwrap();
+    q.discard(x, 4096).unwrap();
+    gate.store(false, Ordering::SeqCst);
+    let q2 = q.clone();
+    let flusher = std::thread::spawn(move || q2.flush_all());
+    std::thread::sleep(Duration::from_millis(100)); // the flush is in its punch now
+    let t0 = Instant::now();
+    let mut buf = [0u8; 4096];
+    q.read_vectored(a, &mut [IoSliceMut::new(&mut buf)])
+        .unwrap();
+    // A new cluster: the one being punched must not be it.
+    q.write_vectored(b, &[IoSlice::new(&[3u8; 4096])]).unwrap();
+    let took = t0.elapsed();
+    gate.store(true, Ordering::SeqCst);
+    flusher.join().unwrap().unwrap();
+    assert_eq!(
+        punches.load(Ordering::SeqCst),
+        1,
+        "the flush punched x's cluster"
+    );
+    assert_eq!(buf[0], 1);
+    q.read_vectored(b, &mut [IoSliceMut::new(&mut buf)])
+        .unwrap();
+    assert!(buf.iter().all(|&v| v == 3), "b's new cluster was punched");
+    assert!(
+        took < Duration::from_secs(2),
+        "a read and an allocating write waited {took:?} for a flush's hole punch"
+    );
+}

@@ -4,7 +4,7 @@
 
 use super::dedup::lifecycle;
 use super::group;
-use super::meta::{EngineStats, Geometry};
+use super::meta::{punch_runs, EngineStats, Geometry};
 use super::overlap::OverlapMode;
 use super::state::State;
 use crate::block::{BlockDevice, BlockError, DirectPlan, Direction};
@@ -227,7 +227,14 @@ impl Qcow2 {
                 // The refcount blocks the frees below need, read without the lock.
                 let mut m = self.lock();
                 let want = m.refcounts_to_load(false, Some(t.unlinked()));
-                self.load_refcounts(m, want).flush_end(s, t, r)?;
+                let (r, runs) = self.load_refcounts(m, want).flush_end_unpunched(s, t, r);
+                // The holes of the clusters freed are punched without the lock (the allocator
+                // skips those clusters meanwhile).
+                if !runs.is_empty() {
+                    punch_runs(s, self.g.cluster_size(), &runs);
+                    self.lock().punched(&runs);
+                }
+                r?;
             }
             Ok(sampled)
         });

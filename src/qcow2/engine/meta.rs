@@ -129,6 +129,16 @@ fn count(waiters: &mut usize, enter: bool) {
     }
 }
 
+/// Punch the holes of freed cluster runs (first, count); a failure only keeps the old bytes
+/// (logged).
+pub(crate) fn punch_runs(s: &dyn Storage, cs: u64, runs: &[(u64, u64)]) {
+    for &(first, n) in runs {
+        if let Err(e) = s.punch_hole(first * cs, n * cs) {
+            log::debug!("punch hole at clusters {first}..{}: {e}", first + n);
+        }
+    }
+}
+
 /// How much the file grows at least when allocations pass its end.
 const GROW_STEP: u64 = 4 << 20;
 
@@ -679,18 +689,30 @@ impl Meta {
     /// Decrement the refcounts of clusters whose unlink is durable and that no in-flight I/O can
     /// still touch. Clusters that drop to zero are punched out of the file.
     pub(crate) fn apply_frees(&mut self, s: &dyn Storage) -> Result<()> {
+        let (r, runs) = self.apply_frees_unpunched(s);
+        punch_runs(s, self.g.cluster_size(), &runs);
+        self.rc.punched(&runs);
+        r
+    }
+
+    /// `apply_frees` without the hole punches: the runs (first cluster, count) of clusters that
+    /// reached zero, which the allocator skips until the caller has punched them (without the
+    /// lock) and called `punched`. Freed clusters are punched together, a run of neighbours in
+    /// one call (one fallocate per cluster made a large discard or an offline dedup wait on
+    /// the file system's journal cluster by cluster).
+    pub(crate) fn apply_frees_unpunched(
+        &mut self,
+        s: &dyn Storage,
+    ) -> (Result<()>, Vec<(u64, u64)>) {
         let oldest = self.inflight_io.keys().next().copied().unwrap_or(u64::MAX);
-        let cs = self.g.cluster_size();
         let (ready, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending_io)
             .into_iter()
             .partition(|&(seq, _)| seq <= oldest);
         self.pending_io = wait;
-        // Freed clusters are punched out together at the end, a run of neighbours in one call
-        // (one fallocate per cluster made a large discard or an offline dedup wait on the file
-        // system's journal cluster by cluster). Nothing can reuse them meanwhile: we hold the lock.
         let mut freed = Vec::new();
         let r = self.unref_ready(s, ready, &mut freed);
         freed.sort_unstable();
+        let mut runs = Vec::new();
         let mut i = 0;
         while i < freed.len() {
             let first = freed[i];
@@ -698,12 +720,16 @@ impl Meta {
             while freed.get(i + n as usize) == Some(&(first + n)) {
                 n += 1;
             }
-            if let Err(e) = s.punch_hole(first * cs, n * cs) {
-                log::debug!("punch hole at clusters {first}..{}: {e}", first + n);
-            }
+            runs.push((first, n));
             i += n as usize;
         }
-        r
+        self.rc.hold_punching(&runs);
+        (r, runs)
+    }
+
+    /// The holes of `runs` (from `apply_frees_unpunched`) are punched.
+    pub(crate) fn punched(&mut self, runs: &[(u64, u64)]) {
+        self.rc.punched(runs);
     }
 
     /// Drop one reference of each cluster in `ready`; those that reach 0 go into `freed`.

@@ -44,6 +44,10 @@ pub(crate) struct Refcounts {
     /// the lock takes its block out of here: the reader outside then drops its copy, which may
     /// be older than what the cache has seen since.
     loading: ClusterSet,
+    /// Freed clusters whose holes are being punched without the metadata lock
+    /// (`hold_punching`): the allocator skips them until `punched`, so a punch never lands on
+    /// a cluster handed out again.
+    punching: ClusterSet,
     /// Blocks as they are on disk, least recently used dropped first.
     clean: LruCache<u64, Vec<u8>, ClusterHash>,
     /// No cluster below this index is free.
@@ -115,6 +119,7 @@ impl Refcounts {
             flushing: ClusterSet::default(),
             touched: ClusterSet::default(),
             loading: ClusterSet::default(),
+            punching: ClusterSet::default(),
             clean: LruCache::with_hasher(clean_cap(cluster_bits), ClusterHash::default()),
             free_hint: 0,
             allocations: 0,
@@ -244,6 +249,25 @@ impl Refcounts {
 
     fn is_reserved(&self, c: u64) -> bool {
         self.reserved.is_some_and(|(f, n)| c >= f && c - f < n)
+            || (!self.punching.is_empty() && self.punching.contains(&c))
+    }
+
+    /// Keep the clusters of `runs` (first, count; refcount 0 now) from the allocator while
+    /// their holes are punched without the lock.
+    pub(crate) fn hold_punching(&mut self, runs: &[(u64, u64)]) {
+        for &(f, n) in runs {
+            self.punching.extend(f..f + n);
+        }
+    }
+
+    /// The holes of `runs` are punched: the clusters may be handed out again.
+    pub(crate) fn punched(&mut self, runs: &[(u64, u64)]) {
+        for &(f, n) in runs {
+            for c in f..f + n {
+                self.punching.remove(&c);
+            }
+            self.free_hint = self.free_hint.min(f);
+        }
     }
 
     /// Refcount of cluster `c`.
@@ -537,6 +561,22 @@ impl Refcounts {
     /// range is not looked at). Ranges without a refcount block are skipped whole, so the cost
     /// follows the blocks that exist, not the size of the range.
     pub(crate) fn free_run(&mut self, s: &dyn Storage, from: u64, n: u64) -> Result<u64> {
+        let mut from = from;
+        loop {
+            let start = self.free_run_by_refcount(s, from, n)?;
+            if self.punching.is_empty() {
+                return Ok(start);
+            }
+            // Not over a cluster whose hole is still being punched.
+            match (start..start.saturating_add(n)).find(|c| self.punching.contains(c)) {
+                Some(c) => from = c + 1,
+                None => return Ok(start),
+            }
+        }
+    }
+
+    /// `free_run` by the refcounts alone.
+    fn free_run_by_refcount(&mut self, s: &dyn Storage, from: u64, n: u64) -> Result<u64> {
         let (epb, order) = (self.epb, self.order);
         let mut start = from;
         let mut c = from;

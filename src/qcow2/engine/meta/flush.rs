@@ -296,6 +296,25 @@ impl Meta {
         self.apply_frees(s)
     }
 
+    /// `flush_end` without the hole punches of the clusters freed: see
+    /// `Meta::apply_frees_unpunched` (the caller punches the runs returned and calls
+    /// `punched`).
+    pub(crate) fn flush_end_unpunched(
+        &mut self,
+        s: &dyn Storage,
+        t: FlushTicket,
+        synced: std::io::Result<()>,
+    ) -> (Result<()>, Vec<(u64, u64)>) {
+        let corrupt = t.corrupt;
+        if let Err(e) = self.finish_flush(s, t, synced) {
+            return (Err(e), Vec::new());
+        }
+        if corrupt {
+            return (Ok(()), Vec::new());
+        }
+        self.apply_frees_unpunched(s)
+    }
+
     /// `flush_end` without applying the frees (they stay queued with their I/O numbers).
     pub(super) fn finish_flush(
         &mut self,
