@@ -22,7 +22,8 @@ type Inner = Arc<dyn BlockDevice>;
 /// The switchable device. Its size and read-only flag are fixed (read from the image's header
 /// before it is opened); an activation must bring the same.
 pub struct ActiveDevice {
-    capacity: u64,
+    /// Grows with `resize` (while active).
+    capacity: AtomicU64,
     read_only: bool,
     /// The open device while active. Every call holds the read side for its duration.
     inner: RwLock<Option<Inner>>,
@@ -45,7 +46,7 @@ impl ActiveDevice {
     /// A device of `capacity` bytes, active with `inner` or inactive (None).
     pub fn new(capacity: u64, read_only: bool, inner: Option<Inner>) -> Self {
         ActiveDevice {
-            capacity,
+            capacity: AtomicU64::new(capacity),
             read_only,
             inner: RwLock::new(inner),
             woken: (Mutex::new(()), Condvar::new()),
@@ -68,12 +69,13 @@ impl ActiveDevice {
     /// Serve `dev` from now on; requests waiting go ahead. Refused when it does not match the
     /// size and mode announced to the guest.
     pub fn activate(&self, dev: Inner) -> Result<(), BlockError> {
-        if dev.capacity() != self.capacity || dev.read_only() != self.read_only {
+        let capacity = self.capacity();
+        if dev.capacity() != capacity || dev.read_only() != self.read_only {
             return Err(BlockError::Io(std::io::Error::other(format!(
                 "the image changed while inactive: {} bytes{}, the guest was told {} bytes{}",
                 dev.capacity(),
                 if dev.read_only() { " read-only" } else { "" },
-                self.capacity,
+                capacity,
                 if self.read_only { " read-only" } else { "" },
             ))));
         }
@@ -154,7 +156,7 @@ impl ActiveDevice {
 
 impl BlockDevice for ActiveDevice {
     fn capacity(&self) -> u64 {
-        self.capacity
+        self.capacity.load(Ordering::Acquire)
     }
 
     fn read_only(&self) -> bool {
@@ -212,6 +214,20 @@ impl BlockDevice for ActiveDevice {
             self.plans.fetch_add(1, Ordering::AcqRel);
         }
         Ok(plan)
+    }
+
+    fn resize(&self, new_size: u64) -> Result<(), BlockError> {
+        // Not while inactive: the other daemon may have the image open, and an activation must
+        // bring the size the guest was told.
+        let g = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        let Some(dev) = g.as_ref() else {
+            return Err(BlockError::Invalid(
+                "the image is inactive (blockdev-set-active): it cannot be resized".into(),
+            ));
+        };
+        dev.resize(new_size)?;
+        self.capacity.store(dev.capacity(), Ordering::Release);
+        Ok(())
     }
 
     fn end_direct(&self, seq: u64, dir: Direction, ok: bool) {

@@ -21,6 +21,9 @@ pub enum BlockError {
     Corrupt(String),
     #[error("I/O error: {0}")]
     Io(#[from] io::Error),
+    /// A management request the device refuses (a shrink, an unaligned size, ...).
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// A virtual disk. Offsets and lengths are in bytes; callers keep them 512-byte aligned.
@@ -58,6 +61,30 @@ pub trait BlockDevice: Send + Sync {
     }
     /// End a direct plan (see `plan_direct`); `ok` says whether its I/O succeeded.
     fn end_direct(&self, _seq: u64, _dir: Direction, _ok: bool) {}
+    /// Grow the disk to `new_size` bytes (a multiple of 512; the same size does nothing).
+    /// Requests may run meanwhile; `capacity` reports the new size once requests up to it are
+    /// accepted. Shrinking is refused. The default refuses everything.
+    fn resize(&self, _new_size: u64) -> Result<(), BlockError> {
+        Err(BlockError::Invalid("this device cannot be resized".into()))
+    }
+}
+
+/// The checks every `resize` makes: writable, a multiple of 512 bytes, not smaller.
+pub fn check_resize(capacity: u64, new_size: u64, read_only: bool) -> Result<(), BlockError> {
+    if read_only {
+        return Err(BlockError::ReadOnly);
+    }
+    if !new_size.is_multiple_of(512) {
+        return Err(BlockError::Invalid(format!(
+            "the new size {new_size} is not a multiple of 512 bytes"
+        )));
+    }
+    if new_size < capacity {
+        return Err(BlockError::Invalid(format!(
+            "shrinking is not supported: the disk has {capacity} bytes, {new_size} were asked"
+        )));
+    }
+    Ok(())
 }
 
 /// The direction of a direct plan.
@@ -166,6 +193,14 @@ impl BlockDevice for MemDisk {
         let mut d = self.data.write().unwrap_or_else(|e| e.into_inner());
         check_range(offset, len, d.len() as u64)?;
         d[offset as usize..(offset + len) as usize].fill(0);
+        Ok(())
+    }
+    fn resize(&self, new_size: u64) -> Result<(), BlockError> {
+        let mut d = self.data.write().unwrap_or_else(|e| e.into_inner());
+        check_resize(d.len() as u64, new_size, self.read_only)?;
+        let n = usize::try_from(new_size)
+            .map_err(|_| BlockError::Invalid(format!("{new_size} bytes do not fit in RAM")))?;
+        d.resize(n, 0);
         Ok(())
     }
 }

@@ -4,14 +4,18 @@
 use std::fs::OpenOptions;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::block::{check_range, BlockDevice, BlockError, DirectPlan, DirectSeg, Direction};
+use crate::block::{
+    check_range, check_resize, BlockDevice, BlockError, DirectPlan, DirectSeg, Direction,
+};
 use crate::storage::{FileStorage, Storage};
 
-/// A raw disk image: guest offset == file offset. The capacity is the file length at open.
+/// A raw disk image: guest offset == file offset. The capacity is the file length at open
+/// (`resize` grows both).
 pub struct RawDisk<S: Storage = FileStorage> {
     storage: S,
-    capacity: u64,
+    capacity: AtomicU64,
     read_only: bool,
 }
 
@@ -36,7 +40,7 @@ impl<S: Storage> RawDisk<S> {
         let capacity = storage.len()?;
         Ok(RawDisk {
             storage,
-            capacity,
+            capacity: AtomicU64::new(capacity),
             read_only,
         })
     }
@@ -45,7 +49,7 @@ impl<S: Storage> RawDisk<S> {
         if self.read_only {
             return Err(BlockError::ReadOnly);
         }
-        check_range(offset, len, self.capacity)
+        check_range(offset, len, self.capacity())
     }
 }
 
@@ -59,14 +63,14 @@ fn io_err(e: io::Error) -> BlockError {
 
 impl<S: Storage> BlockDevice for RawDisk<S> {
     fn capacity(&self) -> u64 {
-        self.capacity
+        self.capacity.load(Ordering::Acquire)
     }
     fn read_only(&self) -> bool {
         self.read_only
     }
     fn read_vectored(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<(), BlockError> {
         let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
-        check_range(offset, len, self.capacity)?;
+        check_range(offset, len, self.capacity())?;
         self.storage.readv_at(bufs, offset).map_err(io_err)
     }
     fn write_vectored(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<(), BlockError> {
@@ -118,7 +122,7 @@ impl<S: Storage> BlockDevice for RawDisk<S> {
         if dir == Direction::Write {
             self.writable(offset, len)?;
         } else {
-            check_range(offset, len, self.capacity)?;
+            check_range(offset, len, self.capacity())?;
         }
         // Guest offset == file offset; nothing to register (`end_direct` has nothing to end).
         Ok(Some(DirectPlan {
@@ -131,6 +135,14 @@ impl<S: Storage> BlockDevice for RawDisk<S> {
             }],
             seq: 0,
         }))
+    }
+    /// The file grows (a hole: reads as zeros), synced, then requests may use it.
+    fn resize(&self, new_size: u64) -> Result<(), BlockError> {
+        check_resize(self.capacity(), new_size, self.read_only)?;
+        self.storage.set_len(new_size).map_err(io_err)?;
+        self.storage.flush().map_err(io_err)?;
+        self.capacity.fetch_max(new_size, Ordering::AcqRel);
+        Ok(())
     }
 }
 
@@ -161,6 +173,15 @@ mod tests {
             d.write_vectored(8192, &[IoSlice::new(&[0u8; 512])]),
             Err(BlockError::OutOfRange { .. })
         ));
+        assert!(matches!(d.resize(4096), Err(BlockError::Invalid(_))));
+        assert!(matches!(d.resize(8192 + 100), Err(BlockError::Invalid(_))));
+        d.resize(16384).unwrap();
+        assert_eq!(d.capacity(), 16384);
+        d.write_vectored(8192, &[IoSlice::new(&[3u8; 512])])
+            .unwrap();
+        d.read_vectored(8192, &mut [IoSliceMut::new(&mut a[..512])])
+            .unwrap();
+        assert_eq!(&a[..512], &[3u8; 512]);
     }
 
     #[test]
@@ -173,5 +194,6 @@ mod tests {
             Err(BlockError::ReadOnly)
         ));
         assert!(matches!(d.discard(0, 512), Err(BlockError::ReadOnly)));
+        assert!(matches!(d.resize(8192), Err(BlockError::ReadOnly)));
     }
 }

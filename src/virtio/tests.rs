@@ -304,6 +304,9 @@ impl BlockDevice for CountingDisk {
     fn write_zeroes(&self, o: u64, l: u64, u: bool) -> Result<(), crate::block::BlockError> {
         self.0.write_zeroes(o, l, u)
     }
+    fn resize(&self, n: u64) -> Result<(), crate::block::BlockError> {
+        self.0.resize(n)
+    }
 }
 
 #[test]

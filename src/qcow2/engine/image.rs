@@ -107,6 +107,10 @@ pub struct Qcow2 {
     pub(super) meta: Mutex<State>,
     pub(super) cond: Condvar,
     pub(super) g: Geometry,
+    /// The virtual disk size in bytes: `Meta::size`, readable without the lock. It grows (by
+    /// `resize`) only after the L1 table and the header cover the new size.
+    pub(super) size: AtomicU64,
+    /// The header as it was read at open (its size and L1 fields may be older).
     pub(super) header: Header,
     pub(super) backing: Option<Arc<dyn BlockDevice>>,
     pub(super) read_only: bool,
@@ -143,6 +147,11 @@ impl Qcow2 {
     /// The header as it was read at open.
     pub fn header(&self) -> &Header {
         &self.header
+    }
+
+    /// The virtual disk size in bytes (it grows with `resize`).
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
     }
 
     /// Cluster size in bytes.
@@ -368,7 +377,7 @@ impl Drop for Qcow2 {
 
 impl BlockDevice for Qcow2 {
     fn capacity(&self) -> u64 {
-        self.g.size
+        self.size()
     }
     fn read_only(&self) -> bool {
         self.read_only
@@ -414,5 +423,12 @@ impl BlockDevice for Qcow2 {
     }
     fn end_direct(&self, seq: u64, dir: Direction, ok: bool) {
         self.end_direct_io(seq, dir, ok)
+    }
+    fn resize(&self, new_size: u64) -> std::result::Result<(), BlockError> {
+        Qcow2::resize(self, new_size).map_err(|e| match e {
+            Qcow2Error::Invalid(m) | Qcow2Error::Unsupported(m) => BlockError::Invalid(m),
+            Qcow2Error::MarkedCorrupt => BlockError::Invalid(e.to_string()),
+            e => e.into(),
+        })
     }
 }

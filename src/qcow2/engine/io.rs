@@ -90,11 +90,11 @@ fn give_back(m: &mut Meta, s: &dyn Storage, chunks: &[WChunk]) {
 impl Qcow2 {
     pub(crate) fn check_range(&self, offset: u64, len: u64) -> Result<()> {
         match offset.checked_add(len) {
-            Some(e) if e <= self.g.size => Ok(()),
+            Some(e) if e <= self.size() => Ok(()),
             _ => Err(Qcow2Error::OutOfRange {
                 offset,
                 len,
-                capacity: self.g.size,
+                capacity: self.size(),
             }),
         }
     }

@@ -18,13 +18,16 @@ use std::collections::{BTreeMap, BTreeSet};
 
 mod flush;
 mod persist;
+mod resize;
+
+/// Largest L1 table QEMU accepts (32 MiB).
+pub(crate) const MAX_L1_BYTES: u64 = 32 << 20;
 
 /// Fixed facts about an open image.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Geometry {
     pub cluster_bits: u32,
     pub l2_bits: u32,
-    pub size: u64,
     pub version: u32,
 }
 
@@ -60,6 +63,8 @@ pub struct EngineStats {
 
 pub(crate) struct Meta {
     pub g: Geometry,
+    /// The virtual disk size in bytes (grows with `grow`; `Qcow2::size` mirrors it).
+    pub size: u64,
     pub l1: Vec<u64>,
     l1_offset: u64,
     l1_dirty: BTreeSet<usize>,
@@ -148,6 +153,7 @@ pub(crate) const PENDING_FREE_LIMIT: usize = 4096;
 impl Meta {
     pub(crate) fn new(
         g: Geometry,
+        size: u64,
         l1: Vec<u64>,
         l1_offset: u64,
         rc: Refcounts,
@@ -156,6 +162,7 @@ impl Meta {
     ) -> Meta {
         Meta {
             g,
+            size,
             l1,
             l1_offset,
             l1_dirty: BTreeSet::new(),

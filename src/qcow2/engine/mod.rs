@@ -22,6 +22,7 @@ mod open;
 pub mod overlap;
 mod persist;
 mod refcount;
+mod resize;
 mod sharing;
 mod state;
 mod writeback;

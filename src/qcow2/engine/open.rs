@@ -3,7 +3,7 @@
 
 use super::dedup::{self, lifecycle};
 use super::image::{AckDurability, OpenOptions, ProgressHook, Qcow2, LOCK_SPINS};
-use super::meta::{Geometry, Meta};
+use super::meta::{Geometry, Meta, MAX_L1_BYTES};
 use super::overlap::{kind, MetadataMap, OverlapMode};
 use super::state::State;
 use super::writeback::Writeback;
@@ -16,8 +16,6 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
 use std::sync::{Arc, Condvar, Mutex};
 
-/// Largest L1 table QEMU accepts (32 MiB).
-const MAX_L1_BYTES: u64 = 32 << 20;
 /// Most RAM the overlap map may take at open by default.
 const OVERLAP_MAP_CAP: usize = 64 << 20;
 /// RAM the L2 cache may use by default.
@@ -104,12 +102,11 @@ impl Qcow2 {
         let g = Geometry {
             cluster_bits: cb,
             l2_bits,
-            size: h.size,
             version: h.version,
         };
         let l2_cap = (opts.l2_cache_bytes.unwrap_or(L2_CACHE_BYTES) / cs)
             .clamp(16, (h.l1_size as u64).max(16)) as usize;
-        let mut meta = Meta::new(g, l1, h.l1_table_offset, rc, l2_cap, file_len);
+        let mut meta = Meta::new(g, h.size, l1, h.l1_table_offset, rc, l2_cap, file_len);
         meta.incompatible = h.incompatible_features;
         meta.lazy = !read_only
             && h.version >= 3
@@ -133,6 +130,7 @@ impl Qcow2 {
             meta: Mutex::new(state),
             cond: Condvar::new(),
             g,
+            size: AtomicU64::new(h.size),
             header: h,
             backing,
             read_only,

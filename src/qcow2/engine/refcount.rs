@@ -240,13 +240,6 @@ impl Refcounts {
         self.map.add(first, n, k);
     }
 
-    /// Undo `reserve` (kind `k` as given there).
-    pub(crate) fn unreserve(&mut self, k: u16) {
-        if let Some((f, n)) = self.reserved.take() {
-            self.map.remove(f, n, k);
-        }
-    }
-
     fn is_reserved(&self, c: u64) -> bool {
         self.reserved.is_some_and(|(f, n)| c >= f && c - f < n)
             || (!self.punching.is_empty() && self.punching.contains(&c))

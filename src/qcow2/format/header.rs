@@ -29,7 +29,11 @@ pub const EXT_BITMAPS: u32 = 0x2385_2875;
 pub const EXT_CRYPTO: u32 = 0x0537_be77;
 pub const EXT_DATA_FILE: u32 = 0x4441_5441;
 
-/// Byte offsets of fields the engine rewrites in place.
+/// Byte offsets of fields the engine rewrites in place: the virtual size (u64); `l1_size` (u32)
+/// followed by `l1_table_offset` (u64), one 12-byte field; the refcount table's 12-byte field;
+/// the incompatible feature bits.
+pub const OFF_SIZE: u64 = 24;
+pub const OFF_L1_SIZE: u64 = 36;
 pub const OFF_REFCOUNT_TABLE: u64 = 48;
 pub const OFF_INCOMPATIBLE: u64 = 72;
 

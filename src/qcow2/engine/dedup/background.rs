@@ -84,7 +84,7 @@ impl Qcow2 {
     /// proven identical cluster or index it where it is.
     pub(crate) fn dedup_existing_cluster(&self, gc: u64) -> Result<()> {
         let cs = self.g.cluster_size();
-        if (gc + 1) * cs > self.g.size {
+        if (gc + 1) * cs > self.size() {
             return Ok(());
         }
         let s = self.storage.as_ref();

@@ -57,8 +57,30 @@ fn area_usable(s: &dyn Storage, m: &mut State, a: &Area, file_len: u64) -> Resul
 /// crash), which would otherwise make the file grow by a whole area (8 TiB for 512 PiB at 2 MiB
 /// clusters) at every unclean restart.
 fn new_area(s: &dyn Storage, m: &mut State, n: u64, file_len: u64) -> Result<Area> {
+    let a = free_area(s, m, n, file_len, None)?;
+    let cs = m.g.cluster_size();
+    m.rc.reserve(a.offset / cs, n, kind::DEDUP_INDEX);
+    Ok(a)
+}
+
+/// A run of `n` free clusters for an index area (not reserved yet), away from `avoid` (the
+/// area in use: the allocator's search does not see it, since its refcounts are 0); the file
+/// grows to cover it.
+fn free_area(
+    s: &dyn Storage,
+    m: &mut State,
+    n: u64,
+    file_len: u64,
+    avoid: Option<Area>,
+) -> Result<Area> {
     let cs = m.g.cluster_size();
     let mut first = m.rc.free_run(s, 1, n)?;
+    if let Some(a) = avoid {
+        let end = a.offset / cs + a.clusters;
+        if first < end && a.offset / cs < first.saturating_add(n) {
+            first = m.rc.free_run(s, end, n)?;
+        }
+    }
     if m.rc
         .guard(first.saturating_mul(cs), n.saturating_mul(cs), 0)
         .is_err()
@@ -71,9 +93,7 @@ fn new_area(s: &dyn Storage, m: &mut State, n: u64, file_len: u64) -> Result<Are
         .checked_add(n)
         .and_then(|e| e.checked_mul(cs))
         .ok_or_else(|| Qcow2Error::Unsupported("the dedup index area overflows".into()))?;
-    m.rc.reserve(first, n, kind::DEDUP_INDEX);
     if let Err(e) = m.extend_file(s, end) {
-        m.rc.unreserve(kind::DEDUP_INDEX);
         // The area takes 32 bytes per guest cluster (a hole until written, but the file must
         // reach that far): 16 TiB for 512 PiB at 1 MiB clusters, past ext4's largest file.
         return Err(Qcow2Error::Unsupported(format!(
@@ -88,6 +108,55 @@ fn new_area(s: &dyn Storage, m: &mut State, n: u64, file_len: u64) -> Result<Are
         offset: end - n * cs,
         clusters: n,
     })
+}
+
+/// The disk grew to `new_size` bytes: the records of the new guest clusters need room. A
+/// larger area is taken, the index clusters this generation has in the file are copied there,
+/// and it replaces the old one (whose clusters, refcount 0, go back to the allocator). The
+/// index is not trusted while the image is open (autoclear bit clear), and a clean close
+/// writes it and seals it over the new header, so a crash anywhere here costs only a rebuild.
+pub(crate) fn grow(s: &dyn Storage, m: &mut State, new_size: u64) -> Result<()> {
+    let cs = m.g.cluster_size();
+    let cb = m.g.cluster_bits;
+    let guest_clusters = new_size / cs;
+    let Some(mut d) = m.dedup.take() else {
+        return Ok(());
+    };
+    d.pending.grow(guest_clusters);
+    let r = grow_records(s, m, &mut d, guest_clusters, cb);
+    m.dedup = Some(d);
+    r
+}
+
+fn grow_records(
+    s: &dyn Storage,
+    m: &mut State,
+    d: &mut Dedup,
+    guest_clusters: u64,
+    cb: u32,
+) -> Result<()> {
+    let need = codec::index_clusters_for(cb, guest_clusters);
+    let old = d.records.as_ref().map(|r| r.area);
+    if need <= old.map_or(0, |a| a.clusters) {
+        return Ok(());
+    }
+    let area = free_area(s, m, need, s.len()?, old)?;
+    match d.records.as_mut() {
+        Some(r) => r.move_to(s, area)?,
+        None => {
+            let generation = d.recorded.as_ref().map_or(0, |e| e.generation) + 1;
+            let cache = super::store::DEFAULT_RECORD_CACHE_BYTES;
+            d.records = Some(Records::new(cb, area, generation, false, cache));
+        }
+    }
+    // Replaces the old area's reservation.
+    let cs = m.g.cluster_size();
+    m.rc.reserve(area.offset / cs, need, kind::DEDUP_INDEX);
+    log::info!(
+        "dedup index area moved to {:#x} ({need} clusters) for {guest_clusters} guest clusters",
+        area.offset
+    );
+    Ok(())
 }
 
 /// At a read-write open with dedup: find the clusters shared by more than one active entry (when
@@ -107,7 +176,7 @@ pub(crate) fn open(
     background: bool,
 ) -> Result<IndexOpenReport> {
     let t0 = std::time::Instant::now();
-    let guest_clusters = m.g.size / m.g.cluster_size();
+    let guest_clusters = m.size / m.g.cluster_size();
     let rpc = codec::records_per_cluster(m.g.cluster_bits);
     let mut d = m.dedup.take().ok_or(Qcow2Error::DedupOff)?;
     d.pending = Pending::new(guest_clusters);
@@ -193,7 +262,7 @@ fn place_records(
 ) -> Result<(Option<Records>, bool)> {
     let cb = m.g.cluster_bits;
     let cs = m.g.cluster_size();
-    let need = codec::index_clusters_for(cb, m.g.size / cs);
+    let need = codec::index_clusters_for(cb, m.size / cs);
     let ext = d.recorded.as_ref();
     let old_area = match ext {
         Some(e) if e.index_clusters == need && e.cluster_bits == cb && need > 0 => {
@@ -312,7 +381,7 @@ fn load_records(
 /// One pass over the active L2 tables: note the clusters shared by more than one entry.
 fn scan_shared(s: &dyn Storage, m: &mut State) -> Result<()> {
     let cs = m.g.cluster_size();
-    let guest_clusters = m.g.size / cs;
+    let guest_clusters = m.size / cs;
     let per_table = 1u64 << m.g.l2_bits;
     for i in 0..m.l1.len() as u64 {
         if L1Entry::decode(m.l1[i as usize]).l2_offset.is_none() {

@@ -222,7 +222,7 @@ impl Qcow2 {
         {
             let pos = offset + buf_off as u64;
             let sub = iov::slice(bufs, buf_off, n as usize);
-            if (gc + 1) * cs > self.g.size {
+            if (gc + 1) * cs > self.size() {
                 // The last cluster of a disk whose size is not a cluster multiple (never indexed).
                 need = need.max(self.write_plain(pos, &sub)?);
                 continue;
@@ -333,7 +333,7 @@ impl Qcow2 {
     /// `progress(done, total, bytes_saved)`.
     pub fn dedup_existing(&self, progress: &mut dyn FnMut(u64, u64, u64)) -> Result<DedupStats> {
         let cs = self.g.cluster_size();
-        let total = self.g.size / cs;
+        let total = self.size() / cs;
         for gc in 0..total {
             self.dedup_existing_cluster(gc)?;
             if gc % 256 == 0 || gc + 1 == total {

@@ -29,6 +29,11 @@ impl Pending {
         }
     }
 
+    /// The disk grew to `guest_clusters` clusters.
+    pub(crate) fn grow(&mut self, guest_clusters: u64) {
+        self.limit = self.limit.max(guest_clusters);
+    }
+
     pub(crate) fn insert(&mut self, gc: u64) {
         if gc >= self.limit {
             return;

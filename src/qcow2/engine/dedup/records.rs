@@ -146,6 +146,30 @@ impl Records {
         set_bit(&mut self.on_disk, k, false);
     }
 
+    /// Move to `new`, a larger area (free clusters, not the old area): the index clusters of
+    /// this generation in the old area are copied; the new ones start empty. The cached ones
+    /// stay as they are (dirty ones are written to the new area later).
+    pub(crate) fn move_to(&mut self, s: &dyn Storage, new: Area) -> Result<()> {
+        let cs = self.cs();
+        let mut buf = vec![0u8; cs as usize];
+        for k in 0..self.area.clusters.min(new.clusters) {
+            if !bit(&self.on_disk, k) {
+                continue;
+            }
+            s.read_at(&mut buf, self.area.offset + k * cs)?;
+            s.write_at(&buf, new.offset + k * cs)?;
+            self.reads += 1;
+            self.writes += 1;
+        }
+        self.on_disk.resize(new.clusters.div_ceil(64) as usize, 0);
+        // A loaded area had every bit set, also those past its last cluster.
+        for k in self.area.clusters..new.clusters {
+            set_bit(&mut self.on_disk, k, false);
+        }
+        self.area = new;
+        Ok(())
+    }
+
     /// Index clusters in the area.
     pub(crate) fn clusters(&self) -> u64 {
         self.area.clusters
