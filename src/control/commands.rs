@@ -25,6 +25,7 @@ pub const COMMANDS: &[&str] = &[
     "dedup-resume",
     "dedup-set-mode",
     "blockdev-set-active",
+    "block_resize",
     "quit",
 ];
 
@@ -177,6 +178,10 @@ pub trait DaemonView {
     fn set_active(&mut self, _active: bool) -> Result<(), String> {
         Err("this daemon cannot hand its image over".into())
     }
+    /// Grow the disk to `size` bytes and tell a connected frontend: `block_resize`.
+    fn resize(&mut self, _size: u64) -> Result<(), String> {
+        Err("this daemon cannot resize its image".into())
+    }
 }
 
 /// The command table: implements [`Handler`] over a daemon and an image.
@@ -217,6 +222,33 @@ fn set_active_args(args: &Map<String, Value>) -> Result<bool, QmpError> {
         Some(_) => Err(QmpError::generic(
             "Invalid parameter type for 'active', expected: boolean",
         )),
+    }
+}
+
+/// `block_resize`'s arguments: `size` (bytes), and `node-name` or `device`, which may name only
+/// the one image served (any string is taken, as for `blockdev-set-active`).
+fn resize_args(args: &Map<String, Value>) -> Result<u64, QmpError> {
+    if let Some(k) = args
+        .keys()
+        .find(|k| !matches!(k.as_str(), "size" | "node-name" | "device"))
+    {
+        return Err(QmpError::generic(format!("Parameter '{k}' is unexpected")));
+    }
+    for k in ["node-name", "device"] {
+        if args.get(k).is_some_and(|v| !v.is_string()) {
+            return Err(QmpError::generic(format!(
+                "Invalid parameter type for '{k}', expected: string"
+            )));
+        }
+    }
+    match args.get("size") {
+        None => Err(QmpError::generic("Parameter 'size' is missing")),
+        Some(v) if v.as_i64().is_some_and(|n| n < 0) => Err(QmpError::generic(
+            "Parameter 'size' must be a non-negative number of bytes",
+        )),
+        Some(v) => v.as_u64().ok_or_else(|| {
+            QmpError::generic("Invalid parameter type for 'size', expected: integer")
+        }),
     }
 }
 
@@ -296,6 +328,11 @@ impl Handler for Commands<'_> {
             "blockdev-set-active" => {
                 let active = set_active_args(args)?;
                 self.daemon.set_active(active).map_err(QmpError::generic)?;
+                Ok(json!({}))
+            }
+            "block_resize" => {
+                let size = resize_args(args)?;
+                self.daemon.resize(size).map_err(QmpError::generic)?;
                 Ok(json!({}))
             }
             "quit" => {

@@ -151,3 +151,31 @@ fn quit_asks_the_daemon() {
     assert_eq!(run(&mut d, "quit", json!({})).unwrap(), json!({}));
     assert!(d.quit);
 }
+
+#[test]
+fn block_resize_checks_its_arguments() {
+    let mut d = daemon();
+    let desc = |r: Result<Value, QmpError>| r.unwrap_err().desc;
+    assert_eq!(
+        desc(run(&mut d, "block_resize", json!({}))),
+        "Parameter 'size' is missing"
+    );
+    assert!(desc(run(&mut d, "block_resize", json!({"size": "1G"}))).contains("integer"));
+    assert!(desc(run(&mut d, "block_resize", json!({"size": -1}))).contains("non-negative"));
+    assert!(desc(run(
+        &mut d,
+        "block_resize",
+        json!({"size": 1, "node-name": 3})
+    ))
+    .contains("string"));
+    assert!(desc(run(&mut d, "block_resize", json!({"size": 1, "x": 1}))).contains("'x'"));
+    // Well formed (qsd's `node-name` or the older `device`): the daemon decides.
+    let e = run(
+        &mut d,
+        "block_resize",
+        json!({"size": 1 << 30, "device": "d0"}),
+    )
+    .unwrap_err();
+    assert_eq!(e.class, ErrorClass::GenericError);
+    assert_eq!(e.desc, "this daemon cannot resize its image");
+}

@@ -379,6 +379,8 @@ impl BlkBackend {
     /// The config space bytes `offset..offset + size`.
     pub(crate) fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let mut cfg: BlkConfig = self.ctx.limits.clone();
+        // The size now: it grows with `block_resize`.
+        cfg.capacity = self.ctx.dev.capacity() / crate::virtio::SECTOR_SIZE;
         cfg.writeback = u8::from(self.ctx.writeback.load(Ordering::Relaxed));
         cfg.read(offset, size)
     }

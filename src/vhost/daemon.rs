@@ -20,6 +20,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::backend::BlkBackend;
+use super::backend_channel::{BackendChannel, Notice};
 use super::config::{Handover, ServeConfig, StopHandle, Tick, VhostError};
 use super::control::ControlServer;
 use super::handler::Handler;
@@ -41,6 +42,8 @@ struct Connection {
     waiter: JoinHandle<Result<(), String>>,
     /// The connection's socket, to cut it.
     shutdown: Option<UnixStream>,
+    /// The backend channel, for config-change notices.
+    channel: Arc<BackendChannel>,
 }
 
 /// The daemon's answers to the control socket.
@@ -49,6 +52,8 @@ struct View<'a> {
     connected: bool,
     quit: bool,
     handover: Option<&'a mut Box<dyn Handover>>,
+    /// The connected frontend's backend channel.
+    channel: Option<Arc<BackendChannel>>,
 }
 
 impl DaemonView for View<'_> {
@@ -90,6 +95,28 @@ impl DaemonView for View<'_> {
             Err(e) => warn!("blockdev-set-active {active} failed: {e}"),
         }
         r
+    }
+    fn resize(&mut self, size: u64) -> Result<(), String> {
+        let old = self.ctx.dev.capacity();
+        self.ctx.dev.resize(size).map_err(|e| e.to_string())?;
+        if size == old {
+            return Ok(());
+        }
+        info!("block_resize: {old} -> {size} bytes");
+        // GET_CONFIG reads the capacity from the device, so the new size is what a frontend
+        // reads from now on; a connected one is told to read it.
+        let Some(ch) = self.channel.as_ref() else {
+            return Ok(());
+        };
+        match ch.config_changed() {
+            Ok(Notice::Sent) => info!("the frontend was told the config changed"),
+            Ok(Notice::NoChannel) => warn!(
+                "the frontend did not negotiate BACKEND_REQ: the guest sees the new size only \
+                 when it reads the config again (after a reconnect or a reboot)"
+            ),
+            Err(e) => warn!("telling the frontend the config changed failed: {e}"),
+        }
+        Ok(())
     }
 }
 
@@ -431,6 +458,7 @@ impl<'a> MainLoop<'a> {
                         connected: self.conn.is_some(),
                         quit: false,
                         handover: self.handover.as_mut(),
+                        channel: self.conn.as_ref().map(|c| c.channel.clone()),
                     };
                     c.handle(t, &self.ep, &mut view);
                     if view.quit {
@@ -525,16 +553,27 @@ fn start_connection(
     let workers = (0..threads)
         .map(|t| Worker::spawn(backend.clone(), format!("vuq-queue{t}")))
         .collect::<Result<Vec<_>, _>>()?;
-    let handler = Arc::new(Mutex::new(Handler::new(backend.clone(), workers)));
+    let channel = Arc::new(BackendChannel::default());
+    let handler = Arc::new(Mutex::new(Handler::new(
+        backend.clone(),
+        workers,
+        channel.clone(),
+    )));
     let mut requests = BackendReqHandler::from_stream(stream, handler.clone());
     let shutdown = requests
         .try_clone_connection()
         .map_err(io_err("cloning the connection"))?;
+    let peek = requests
+        .try_clone_connection()
+        .map_err(io_err("cloning the connection"))?;
+    let ch = channel.clone();
     let done = done.try_clone().map_err(io_err("cloning an eventfd"))?;
     let waiter = thread::Builder::new()
         .name("vhost-conn".into())
         .spawn(move || {
             let r = loop {
+                // The backend channel's descriptor, before the crate takes the message.
+                ch.peek(&peek);
                 match requests.handle_request() {
                     Ok(()) => {}
                     Err(VuError::Disconnected | VuError::PartialMessage) => break Ok(()),
@@ -554,6 +593,7 @@ fn start_connection(
     Ok(Connection {
         waiter,
         shutdown: Some(shutdown),
+        channel,
     })
 }
 

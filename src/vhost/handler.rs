@@ -25,6 +25,7 @@ use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestRegionMmap};
 
 use super::backend::{device_features, BlkBackend, GuestMap, DRAIN_TIMEOUT};
+use super::backend_channel::BackendChannel;
 use super::dirty_log::LogBitmap;
 use super::inflight_fd::InflightRegion;
 use super::vring::eventfd_of;
@@ -51,8 +52,10 @@ pub(crate) struct Handler {
     acked_protocol: u64,
     mappings: Vec<AddrMapping>,
     inflight: Option<Arc<InflightRegion>>,
-    /// The backend-initiated channel (BACKEND_REQ), kept for config-change messages.
+    /// The backend-initiated channel (BACKEND_REQ) as the crate hands it over: kept open, but
+    /// it cannot send config-change messages; `channel` does (see `backend_channel`).
     backend_req: Option<Backend>,
+    channel: Arc<BackendChannel>,
 }
 
 fn failed(e: impl std::fmt::Display) -> VuError {
@@ -60,7 +63,11 @@ fn failed(e: impl std::fmt::Display) -> VuError {
 }
 
 impl Handler {
-    pub(crate) fn new(backend: Arc<BlkBackend>, workers: Vec<Worker>) -> Self {
+    pub(crate) fn new(
+        backend: Arc<BlkBackend>,
+        workers: Vec<Worker>,
+        channel: Arc<BackendChannel>,
+    ) -> Self {
         Handler {
             backend,
             workers,
@@ -70,6 +77,7 @@ impl Handler {
             mappings: Vec::new(),
             inflight: None,
             backend_req: None,
+            channel,
         }
     }
 
@@ -81,6 +89,7 @@ impl Handler {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
             | VhostUserProtocolFeatures::LOG_SHMFD
+            | VhostUserProtocolFeatures::BACKEND_REQ
     }
 
     /// Stop every worker thread (after the connection ended and requests drained).
@@ -222,6 +231,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
             return Err(VuError::InvalidParam);
         }
         self.acked_features = features;
+        self.channel.set_features(features);
         debug!("driver acked features {features:#x}");
         let log_all = features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
         if log_all != self.backend.log.is_on() {
@@ -399,6 +409,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
 
     fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
         self.acked_protocol = features;
+        self.channel.set_protocol(features);
         Ok(())
     }
 
@@ -448,6 +459,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
 
     fn set_backend_req_fd(&mut self, backend: Backend) {
         self.backend_req = Some(backend);
+        self.channel.accept();
     }
 
     fn set_gpu_socket(&mut self, _gpu: GpuBackend) -> VuResult<()> {

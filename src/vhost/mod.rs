@@ -6,6 +6,7 @@
 //! clean shutdown.
 
 mod backend;
+mod backend_channel;
 mod config;
 mod control;
 mod daemon;
