@@ -100,9 +100,12 @@ impl ImageControl for PlainControl {
     }
 
     fn image_info(&self) -> Result<Value, String> {
-        let actual = std::fs::metadata(&self.path).map(|m| m.blocks() * 512).ok();
+        let md = std::fs::metadata(&self.path).ok();
+        let actual = md.as_ref().map(|m| m.blocks() * 512);
+        // A raw image is as large as its file (which `block_resize` grows).
+        let size = md.map_or(self.capacity, |m| m.len().max(self.capacity));
         let mut v = json!({
-            "virtual-size": self.capacity,
+            "virtual-size": size,
             "filename": self.path.display().to_string(),
             "format": self.format,
             "dirty-flag": false,

@@ -50,6 +50,11 @@ impl Client {
         })
     }
 
+    /// The disk's size as the client read it from the config space at connect.
+    pub fn capacity(&self) -> u64 {
+        self._blkio.get_u64("capacity").unwrap()
+    }
+
     pub fn buf(&mut self, off: usize, len: usize) -> &mut [u8] {
         assert!(off + len <= self.region.len);
         // SAFETY (test): the region is mapped for the client's lifetime; callers use disjoint
