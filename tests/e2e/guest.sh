@@ -6,13 +6,14 @@
 #       their shared libraries, the virtio modules of the cached kernel, and tests/e2e/init.sh as
 #       /init. Prints its path.
 #   guest.sh boot --socket SOCK [--log FILE] [--queues N] [--timeout SECS] [--fio-size SIZE]
-#                 [--mode full|reverify|crash] [--rounds N] [--reconnect-ms MS] [--event-idx on|off]
+#                 [--mode full|reverify|crash|vm|migrate|resize] [--rounds N] [--reconnect-ms MS] [--event-idx on|off]
 #                 [--smp N] [--plain-device] [--qmp PATH] [--incoming URI]
 #       Boot the guest against a backend already listening on SOCK. Exit 0 only if the guest
 #       printed "VHOST-QCOW2-E2E: PASS"; non-zero on FAIL, a missing marker, or a timeout.
 #       full: fio, mkfs, files (see init.sh); reverify: a second boot on the same backend and
 #       disk that checks the filesystem and files the full boot left; crash: rounds of fio
-#       verify while the caller kills and restarts the backend. --reconnect-ms: QEMU reconnects
+#       verify while the caller kills and restarts the backend; resize: fio verify while the
+#       caller grows the disk (see init.sh). --reconnect-ms: QEMU reconnects
 #       to a backend that went away (chardev reconnect-ms). --event-idx: the device's event_idx.
 #       --smp: vCPUs (default 2). --plain-device: no num-queues on the device line (QEMU's
 #       default, one queue per vCPU); --queues is then what the guest must see. --qmp: a QMP

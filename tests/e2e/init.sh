@@ -20,6 +20,11 @@
 #                  into buffers only the device writes, each read's checksum compared with
 #                  the first (what a migration's dirty logging must get right;
 #                  tests/e2e_migration.rs).
+#                  resize: fio randwrite with verify on every queue in the background while
+#                  the host grows the disk (QMP block_resize, tests/e2e_resize.rs): the size in
+#                  /sys/block/vda/size must change while fio runs (polled, 60 s at most);
+#                  then fio with verify at the start and the end of the new area, and the
+#                  background fio must pass.
 #   e2e.rounds=N   rounds of the crash mode, read passes of the migrate mode (default 3)
 /bin/busybox mkdir -p /proc /sys /dev /tmp /mnt /etc /sbin /usr/bin /usr/sbin
 /bin/busybox --install -s
@@ -149,6 +154,41 @@ if [ "$MODE" = migrate ]; then
         done
         r=$((r + 1))
     done
+    finish PASS
+fi
+if [ "$MODE" = resize ]; then
+    old=$(cat /sys/block/vda/size)
+    step "resize: fio randwrite 4k iodepth 16 x $QUEUES jobs, verify crc32c, in the background"
+    /usr/bin/fio --name=resize-verify --filename=/dev/vda --ioengine=libaio --direct=1 \
+        --rw=randwrite --bs=4k --iodepth=16 --size="$FIO_SIZE" --offset_increment="$FIO_SIZE" \
+        --numjobs="$QUEUES" --cpus_allowed="$CPUS" --cpus_allowed_policy=split \
+        --verify=crc32c --do_verify=1 --verify_fatal=1 --group_reporting >/tmp/fio.log 2>&1 &
+    fiopid=$!
+    # The host waits for this line, then grows the disk.
+    echo "e2e: resize: fio started, vda has $old sectors"
+    i=0
+    while [ "$(cat /sys/block/vda/size)" = "$old" ]; do
+        i=$((i + 1))
+        [ "$i" -le 600 ] || { cat /tmp/fio.log; fail "vda still has $old sectors after 60 s"; }
+        sleep 0.1
+    done
+    new=$(cat /sys/block/vda/size)
+    if kill -0 "$fiopid" 2>/dev/null; then running=yes; else running=no; fi
+    echo "e2e: resize: vda grew from $old to $new sectors (fio still running: $running)"
+    [ "$new" -gt "$old" ] || fail "vda shrank from $old to $new sectors"
+    step "resize: fio write + verify crc32c at the start and the end of the new area"
+    for at in $((old * 512)) $((new * 512 - 4194304)); do
+        if ! /usr/bin/fio --name=new-area --filename=/dev/vda --ioengine=libaio --direct=1 \
+            --rw=randwrite --bs=4k --iodepth=8 --offset="$at" --size=4M --verify=crc32c \
+            --do_verify=1 --verify_fatal=1 >/tmp/fio2.log 2>&1; then
+            cat /tmp/fio2.log
+            fail "fio verify in the new area at byte $at"
+        fi
+    done
+    rc=0
+    wait "$fiopid" || rc=$?
+    grep -E "err=|WRITE:|verify" /tmp/fio.log | head -5
+    [ "$rc" = 0 ] || { cat /tmp/fio.log; fail "background fio verify during the resize (exit $rc)"; }
     finish PASS
 fi
 if [ "$MODE" = crash ]; then
