@@ -92,7 +92,8 @@ pub struct ServeArgs {
     #[arg(long, default_value = "600", value_parser = parse_mode)]
     pub socket_mode: u32,
     /// A QMP control socket (mode 0600) for query-status, query-stats, query-image,
-    /// query-dedup, dedup-pause/-resume/-set-mode and quit; a stale socket file is replaced.
+    /// query-dedup, dedup-pause/-resume/-set-mode, block_resize and quit; a stale socket file
+    /// is replaced.
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
     /// Seconds between one-line I/O statistics summaries in the log (info level); 0: none.
