@@ -243,6 +243,29 @@ fn shrink_unaligned_and_read_only_are_refused() {
     ));
 }
 
+#[test]
+fn grow_a_v2_image_and_refuse_one_with_snapshots() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v2.qcow2");
+    let o = CreateOptions {
+        size: 100 * MIB,
+        cluster_bits: 12,
+        version: 2,
+        ..Default::default()
+    };
+    create(&FileStorage::new(std::fs::File::create(&path).unwrap()), &o).unwrap();
+    grow_and_verify(&path, 4096, 100 * MIB, 1536 * MIB, false, None);
+    let p = path.to_str().unwrap();
+    let (code, out) = qemu_img(&["snapshot", "-c", "s1", p]);
+    assert_eq!(code, 0, "{out}");
+    let img = open(&path, false, None);
+    let e = img.resize(2 * GIB).unwrap_err().to_string();
+    assert!(e.contains("internal snapshots"), "{e}");
+    drop(img);
+    assert_check_clean(&path);
+    assert_eq!(virtual_size(&path), 1536 * MIB);
+}
+
 /// Writers on the old area keep going while the disk grows (and the L1 table moves); every
 /// write they completed reads back.
 #[test]

@@ -32,6 +32,11 @@ impl L2Cache {
         }
     }
 
+    /// A new bound (the disk grew); a smaller one takes effect at the next evictions.
+    pub(crate) fn set_cap(&mut self, cap: usize) {
+        self.cap = cap.max(4);
+    }
+
     pub(crate) fn contains(&self, off: u64) -> bool {
         self.map.contains(&off)
     }

@@ -22,6 +22,14 @@ mod resize;
 
 /// Largest L1 table QEMU accepts (32 MiB).
 pub(crate) const MAX_L1_BYTES: u64 = 32 << 20;
+/// RAM the L2 cache may use by default.
+pub(crate) const L2_CACHE_BYTES: u64 = 16 << 20;
+
+/// L2 tables the cache keeps for a disk of `l1_entries` tables of `cs` bytes: `bytes` of
+/// them, but no more than the disk has (and at least 16).
+pub(crate) fn l2_cache_cap(bytes: u64, cs: u64, l1_entries: u64) -> usize {
+    (bytes / cs).clamp(16, l1_entries.max(16)) as usize
+}
 
 /// Fixed facts about an open image.
 #[derive(Clone, Copy, Debug)]
@@ -65,6 +73,8 @@ pub(crate) struct Meta {
     pub g: Geometry,
     /// The virtual disk size in bytes (grows with `grow`; `Qcow2::size` mirrors it).
     pub size: u64,
+    /// The L2 cache's RAM bound (`OpenOptions::l2_cache_bytes`), for a disk that grows.
+    pub l2_cache_bytes: u64,
     pub l1: Vec<u64>,
     l1_offset: u64,
     l1_dirty: BTreeSet<usize>,
@@ -163,6 +173,7 @@ impl Meta {
         Meta {
             g,
             size,
+            l2_cache_bytes: L2_CACHE_BYTES,
             l1,
             l1_offset,
             l1_dirty: BTreeSet::new(),

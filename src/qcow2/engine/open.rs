@@ -3,7 +3,7 @@
 
 use super::dedup::{self, lifecycle};
 use super::image::{AckDurability, OpenOptions, ProgressHook, Qcow2, LOCK_SPINS};
-use super::meta::{Geometry, Meta, MAX_L1_BYTES};
+use super::meta::{l2_cache_cap, Geometry, Meta, L2_CACHE_BYTES, MAX_L1_BYTES};
 use super::overlap::{kind, MetadataMap, OverlapMode};
 use super::state::State;
 use super::writeback::Writeback;
@@ -18,8 +18,6 @@ use std::sync::{Arc, Condvar, Mutex};
 
 /// Most RAM the overlap map may take at open by default.
 const OVERLAP_MAP_CAP: usize = 64 << 20;
-/// RAM the L2 cache may use by default.
-const L2_CACHE_BYTES: u64 = 16 << 20;
 
 impl Qcow2 {
     /// Open the image file at `path`.
@@ -104,9 +102,10 @@ impl Qcow2 {
             l2_bits,
             version: h.version,
         };
-        let l2_cap = (opts.l2_cache_bytes.unwrap_or(L2_CACHE_BYTES) / cs)
-            .clamp(16, (h.l1_size as u64).max(16)) as usize;
+        let l2_bytes = opts.l2_cache_bytes.unwrap_or(L2_CACHE_BYTES);
+        let l2_cap = l2_cache_cap(l2_bytes, cs, h.l1_size as u64);
         let mut meta = Meta::new(g, h.size, l1, h.l1_table_offset, rc, l2_cap, file_len);
+        meta.l2_cache_bytes = l2_bytes;
         meta.incompatible = h.incompatible_features;
         meta.lazy = !read_only
             && h.version >= 3

@@ -30,6 +30,14 @@ impl Qcow2 {
         if new_size == old {
             return Ok(());
         }
+        if self.header.nb_snapshots > 0 {
+            // Each snapshot must keep its own size (the snapshot table's disk-size field), which
+            // this engine does not maintain. (Snapshots cannot be made while we serve.)
+            return Err(Qcow2Error::Invalid(format!(
+                "the image has {} internal snapshots: grow it offline with qemu-img resize",
+                self.header.nb_snapshots
+            )));
+        }
         // Most of what is unwritten goes out now, without the metadata lock: less to do under it.
         self.flush_all()?;
         let s = self.storage.as_ref();

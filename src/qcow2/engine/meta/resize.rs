@@ -11,7 +11,7 @@
 //!   in one 12-byte write inside the header's first sector (synced), then the size (synced),
 //!   and only then are the old table's clusters freed.
 
-use super::{Meta, MAX_L1_BYTES};
+use super::{l2_cache_cap, Meta, MAX_L1_BYTES};
 use crate::qcow2::engine::overlap::kind;
 use crate::qcow2::error::{Qcow2Error, Result};
 use crate::qcow2::format::encode_table;
@@ -44,6 +44,7 @@ impl Meta {
             } else {
                 self.move_l1(s, need)?;
             }
+            self.l2.set_cap(l2_cache_cap(self.l2_cache_bytes, cs, need));
         }
         // The L1 table covers the new size by now (in the file): the size goes last.
         s.write_at(&new_size.to_be_bytes(), OFF_SIZE)?;
