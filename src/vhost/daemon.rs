@@ -98,15 +98,18 @@ impl DaemonView for View<'_> {
     }
     fn resize(&mut self, size: u64) -> Result<(), String> {
         let old = self.ctx.dev.capacity();
-        self.ctx.dev.resize(size).map_err(|e| e.to_string())?;
-        if size == old {
-            return Ok(());
+        let r = self.ctx.dev.resize(size).map_err(|e| e.to_string());
+        // (A failure after the growth, such as the dedup index area's, still grew the disk:
+        // the frontend is told then too.)
+        let now = self.ctx.dev.capacity();
+        if now == old {
+            return r;
         }
-        info!("block_resize: {old} -> {size} bytes");
+        info!("block_resize: {old} -> {now} bytes");
         // GET_CONFIG reads the capacity from the device, so the new size is what a frontend
         // reads from now on; a connected one is told to read it.
         let Some(ch) = self.channel.as_ref() else {
-            return Ok(());
+            return r;
         };
         match ch.config_changed() {
             Ok(Notice::Sent) => info!("the frontend was told the config changed"),
@@ -116,7 +119,7 @@ impl DaemonView for View<'_> {
             ),
             Err(e) => warn!("telling the frontend the config changed failed: {e}"),
         }
-        Ok(())
+        r
     }
 }
 

@@ -20,6 +20,9 @@ impl Qcow2 {
         if self.read_only {
             return Err(Qcow2Error::ReadOnly);
         }
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Qcow2Error::Invalid("the image is closed".into()));
+        }
         if !new_size.is_multiple_of(512) {
             return Err(Qcow2Error::Invalid(format!(
                 "the new size {new_size} is not a multiple of 512 bytes"
