@@ -270,6 +270,26 @@ mod tests {
     }
 
     #[test]
+    fn resize_forwards_while_active_and_is_refused_while_inactive() {
+        let disk: Inner = Arc::new(MemDisk::new(1 << 20, false));
+        let dev = ActiveDevice::new(1 << 20, false, Some(disk));
+        assert!(matches!(dev.resize(1 << 19), Err(BlockError::Invalid(_))));
+        dev.resize(4 << 20).unwrap();
+        assert_eq!(dev.capacity(), 4 << 20);
+        dev.write_vectored((4 << 20) - 512, &[IoSlice::new(&[1u8; 512])])
+            .unwrap();
+        let inner = dev.deactivate().unwrap().unwrap();
+        assert_eq!(inner.capacity(), 4 << 20);
+        let e = dev.resize(8 << 20).unwrap_err().to_string();
+        assert!(e.contains("inactive"), "{e}");
+        // An activation must bring the grown size.
+        assert!(dev
+            .activate(Arc::new(MemDisk::new(1 << 20, false)))
+            .is_err());
+        dev.activate(inner).unwrap();
+    }
+
+    #[test]
     fn deactivation_closes_the_device_and_activation_checks_its_size() {
         let disk: Inner = Arc::new(MemDisk::new(1 << 20, false));
         let dev = ActiveDevice::new(1 << 20, false, Some(disk));
