@@ -44,6 +44,7 @@ impl Qcow2 {
         // Most of what is unwritten goes out now, without the metadata lock: less to do under it.
         self.flush_all()?;
         let s = self.storage.as_ref();
+        let t0 = std::time::Instant::now();
         let r = {
             let _wb = self.wb_lock();
             let mut m = self.lock();
@@ -62,7 +63,10 @@ impl Qcow2 {
             })
         };
         self.note_error(r)?;
-        log::info!("disk grown from {old} to {new_size} bytes");
+        log::info!(
+            "disk grown from {old} to {new_size} bytes ({:.2?} under the metadata lock)",
+            t0.elapsed()
+        );
         self.hide_backing_tail(old, new_size)
     }
 
