@@ -66,12 +66,44 @@ impl Qcow2 {
         if have {
             let s = self.storage.as_ref();
             set_record(&mut m, s, gc, h)?;
-            if let Some(d) = m.dedup.as_mut() {
-                d.index.insert(h, gc);
+            // Indexed unless a hint already leads to the same host cluster: on a second pass
+            // over clusters that share a copy at the refcount cap, a hint per cluster would
+            // make every later lookup of the content (and the index's probe chain) longer,
+            // quadratic over the pass.
+            if !self.hinted_host(&mut m, gc, h)? {
+                if let Some(d) = m.dedup.as_mut() {
+                    d.index.insert(h, gc);
+                }
             }
             return Ok(m);
         }
         self.write_unique(m, gc, buf, h)
+    }
+
+    /// True when `gc` or another guest cluster on the same host cluster is a hint for `h`.
+    fn hinted_host(&self, m: &mut State, gc: u64, h: &[u8; 32]) -> Result<bool> {
+        let s = self.storage.as_ref();
+        let cs = self.g.cluster_size();
+        let host_of = |m: &mut State, c: u64| -> Result<Option<u64>> {
+            Ok(match m.entry(s, c)? {
+                L2Entry::Normal { host, .. } => Some(host.0 / cs),
+                _ => None,
+            })
+        };
+        let Some(own) = host_of(m, gc)? else {
+            return Ok(false);
+        };
+        let hints = m
+            .dedup
+            .as_ref()
+            .map(|d| d.index.lookup(h))
+            .unwrap_or_default();
+        for c in hints {
+            if c == gc || host_of(m, c)? == Some(own) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// The guest rewrites the content its cluster holds (a verified record says so): counted,
