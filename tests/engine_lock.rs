@@ -21,6 +21,42 @@ fn l2_offset(img: &[u8], gc: u64) -> u64 {
     be(l1 + (gc / 512) as usize * 8) & 0x00ff_ffff_ffff_fe00
 }
 
+/// A gate on the reads of one offset: while it is closed (false), a read there waits (at
+/// most 10 s) and is counted.
+struct ReadGate {
+    open: Arc<AtomicBool>,
+    reads: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl ReadGate {
+    /// Storage over `img` whose reads at `at` wait for the gate (`open` at first).
+    fn storage(img: Vec<u8>, at: u64, open: bool) -> (Arc<dyn Storage>, ReadGate) {
+        let gate = ReadGate {
+            open: Arc::new(AtomicBool::new(open)),
+            reads: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        };
+        let mut hooked = Hooked::new(MemStorage::from_vec(img));
+        let (g, n) = (gate.open.clone(), gate.reads.clone());
+        hooked.on_read = Some(Box::new(move |off| {
+            if off != at || g.load(Ordering::SeqCst) {
+                return;
+            }
+            n.fetch_add(1, Ordering::SeqCst);
+            let t0 = Instant::now();
+            while !g.load(Ordering::SeqCst) && t0.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }));
+        (Arc::new(hooked), gate)
+    }
+    fn set(&self, open: bool) {
+        self.open.store(open, Ordering::SeqCst);
+    }
+    fn reads(&self) -> u64 {
+        self.reads.load(Ordering::SeqCst)
+    }
+}
+
 #[test]
 fn an_l2_miss_is_read_without_the_metadata_lock() {
     let mem = Arc::new(MemStorage::new());
@@ -41,20 +77,8 @@ fn an_l2_miss_is_read_without_the_metadata_lock() {
     let img = mem.snapshot();
     let slow_table = l2_offset(&img, b / 4096);
     assert_ne!(slow_table, 0);
-    // Reads of the second table wait for the gate (at most 10 s).
-    let gate = Arc::new(AtomicBool::new(false));
-    let mut hooked = Hooked::new(MemStorage::from_vec(img));
-    let g = gate.clone();
-    hooked.on_read = Some(Box::new(move |off| {
-        let t0 = Instant::now();
-        while off == slow_table
-            && !g.load(Ordering::SeqCst)
-            && t0.elapsed() < Duration::from_secs(10)
-        {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }));
-    let storage: Arc<dyn Storage> = Arc::new(hooked);
+    // Reads of the second table wait for the gate.
+    let (storage, gate) = ReadGate::storage(img, slow_table, false);
     let q = Arc::new(Qcow2::open_storage(storage, &OpenOptions::default(), None, 0).unwrap());
     let q2 = q.clone();
     let slow = std::thread::spawn(move || {
@@ -69,7 +93,7 @@ fn an_l2_miss_is_read_without_the_metadata_lock() {
     q.read_vectored(a, &mut [IoSliceMut::new(&mut buf)])
         .unwrap();
     let took = t0.elapsed();
-    gate.store(true, Ordering::SeqCst);
+    gate.set(true);
     assert_eq!(buf[0], 1);
     assert_eq!(slow.join().unwrap(), 2, "the slow read gets its data too");
     assert!(
@@ -195,26 +219,9 @@ fn a_dedup_write_reads_a_missing_table_without_the_metadata_lock() {
     }
     let img = mem.snapshot();
     let slow_table = l2_offset(&img, b / 4096);
-    let gate = Arc::new(AtomicBool::new(true));
-    let mut hooked = Hooked::new(MemStorage::from_vec(img));
-    let g = gate.clone();
-    let reads = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let r2 = reads.clone();
-    hooked.on_read = Some(Box::new(move |off| {
-        let t0 = Instant::now();
-        if off == slow_table && !g.load(Ordering::SeqCst) {
-            r2.fetch_add(1, Ordering::SeqCst);
-        }
-        while off == slow_table
-            && !g.load(Ordering::SeqCst)
-            && t0.elapsed() < Duration::from_secs(10)
-        {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }));
-    let storage: Arc<dyn Storage> = Arc::new(hooked);
+    let (storage, gate) = ReadGate::storage(img, slow_table, true);
     let q = Arc::new(Qcow2::open_storage(storage, &opts, None, 0).unwrap());
-    gate.store(false, Ordering::SeqCst);
+    gate.set(false);
     let q2 = q.clone();
     let slow =
         std::thread::spawn(move || q2.write_vectored(b + 4096, &[IoSlice::new(&[3u8; 4096])]));
@@ -224,13 +231,13 @@ fn a_dedup_write_reads_a_missing_table_without_the_metadata_lock() {
     q.read_vectored(a, &mut [IoSliceMut::new(&mut buf)])
         .unwrap();
     let took = t0.elapsed();
-    gate.store(true, Ordering::SeqCst);
+    gate.set(true);
     slow.join().unwrap().unwrap();
     assert_eq!(buf[0], 1);
     q.read_vectored(b + 4096, &mut [IoSliceMut::new(&mut buf)])
         .unwrap();
     assert_eq!(buf[0], 3, "the dedup write landed");
-    assert_eq!(reads.load(Ordering::SeqCst), 1, "the write read its table");
+    assert_eq!(gate.reads(), 1, "the write read its table");
     assert!(
         took < Duration::from_secs(2),
         "a read of another table waited {took:?} for a dedup write's table read"
@@ -257,26 +264,13 @@ fn an_allocation_reads_a_missing_refcount_block_without_the_metadata_lock() {
     let be = |at: usize| u64::from_be_bytes(img[at..at + 8].try_into().unwrap());
     let block0 = be(be(48) as usize);
     assert_ne!(block0, 0);
-    let gate = Arc::new(AtomicBool::new(true));
-    let reads = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let mut hooked = Hooked::new(MemStorage::from_vec(img));
-    let (g, r2) = (gate.clone(), reads.clone());
-    hooked.on_read = Some(Box::new(move |off| {
-        let t0 = Instant::now();
-        if off == block0 && !g.load(Ordering::SeqCst) {
-            r2.fetch_add(1, Ordering::SeqCst);
-        }
-        while off == block0 && !g.load(Ordering::SeqCst) && t0.elapsed() < Duration::from_secs(10) {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }));
-    let storage: Arc<dyn Storage> = Arc::new(hooked);
+    let (storage, gate) = ReadGate::storage(img, block0, true);
     let q = Arc::new(Qcow2::open_storage(storage, &OpenOptions::default(), None, 0).unwrap());
     // a's table is cached before the gate closes.
     let mut buf = [0u8; 4096];
     q.read_vectored(a, &mut [IoSliceMut::new(&mut buf)])
         .unwrap();
-    gate.store(false, Ordering::SeqCst);
+    gate.set(false);
     let q2 = q.clone();
     let slow = std::thread::spawn(move || {
         // A new cluster under a's table: the allocator needs refcount block 0.
@@ -287,17 +281,13 @@ fn an_allocation_reads_a_missing_refcount_block_without_the_metadata_lock() {
     q.read_vectored(a, &mut [IoSliceMut::new(&mut buf)])
         .unwrap();
     let took = t0.elapsed();
-    gate.store(true, Ordering::SeqCst);
+    gate.set(true);
     slow.join().unwrap().unwrap();
     assert_eq!(buf[0], 1);
     q.read_vectored(a + 4096, &mut [IoSliceMut::new(&mut buf)])
         .unwrap();
     assert_eq!(buf[0], 2, "the allocating write landed");
-    assert_eq!(
-        reads.load(Ordering::SeqCst),
-        1,
-        "the allocation read its block"
-    );
+    assert_eq!(gate.reads(), 1, "the allocation read its block");
     assert!(
         took < Duration::from_secs(2),
         "a read waited {took:?} for an allocation's refcount-block read"

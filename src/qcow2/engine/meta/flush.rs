@@ -91,7 +91,6 @@ impl Meta {
             return Ok(None);
         }
         self.stats.metadata_flushes += 1;
-        let cs = self.g.cluster_size();
         // Every table a persister would still write goes too (those are dirty anyway; a table
         // no longer cached was written before it left).
         for k in self.wb.pending() {
@@ -102,14 +101,7 @@ impl Meta {
             }
         }
         let keys = self.l2.dirty_keys();
-        // Overlap checks before anything is taken.
-        for &k in &keys {
-            self.rc.guard(k, cs, kind::ACTIVE_L2)?;
-        }
-        for &i in &self.l1_dirty {
-            self.rc
-                .guard(self.l1_offset + i as u64 * 8, 8, kind::ACTIVE_L1)?;
-        }
+        self.guard_tables(&keys)?;
         let tables_dirty = !keys.is_empty() || !self.l1_dirty.is_empty();
         if self.rc.has_dirty()
             && self.lazy
@@ -147,6 +139,20 @@ impl Meta {
             l1,
             unlink: std::mem::take(&mut self.pending_unlink),
         }))
+    }
+
+    /// Overlap checks of the tables at `tables` and of the dirty L1 entries, before a writer
+    /// takes copies of them.
+    pub(super) fn guard_tables(&self, tables: &[u64]) -> Result<()> {
+        let cs = self.g.cluster_size();
+        for &k in tables {
+            self.rc.guard(k, cs, kind::ACTIVE_L2)?;
+        }
+        for &i in &self.l1_dirty {
+            self.rc
+                .guard(self.l1_offset + i as u64 * 8, 8, kind::ACTIVE_L1)?;
+        }
+        Ok(())
     }
 
     /// The copies of `flush_copy` were written with result `r`: what was not changed since is

@@ -4,7 +4,6 @@
 //! and reports back (`persist_end`). A child of `meta` so that it works on the core's own fields.
 
 use super::Meta;
-use crate::qcow2::engine::overlap::kind;
 use crate::qcow2::error::{Qcow2Error, Result};
 use crate::qcow2::format::encode_table;
 use crate::qcow2::format::entries::L1E_OFFSET_MASK;
@@ -71,16 +70,8 @@ impl Meta {
         if self.corrupt {
             return Err(Qcow2Error::MarkedCorrupt);
         }
-        let cs = self.g.cluster_size();
-        let pending = self.wb.pending();
         // Overlap checks before anything is taken.
-        for &off in &pending {
-            self.rc.guard(off, cs, kind::ACTIVE_L2)?;
-        }
-        for &i in &self.l1_dirty {
-            self.rc
-                .guard(self.l1_offset + i as u64 * 8, 8, kind::ACTIVE_L1)?;
-        }
+        self.guard_tables(&self.wb.pending())?;
         if self.incompatible & INCOMPAT_DIRTY == 0 {
             self.set_incompatible(s, self.incompatible | INCOMPAT_DIRTY)?;
         }
