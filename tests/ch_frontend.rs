@@ -15,7 +15,8 @@ use common::chfront::{ch_protocol_features, ch_virtio_features, page_dirty, Ch, 
 use common::guest::{Backend, Which};
 use common::vring::*;
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags,
+    VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::VhostUserFrontend;
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_MQ;
@@ -490,6 +491,10 @@ fn copy_memory(src: &Mem) -> Mem {
     dst
 }
 
+fn read(log: &Path) -> String {
+    std::fs::read_to_string(log).unwrap_or_default()
+}
+
 fn control(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("{name}.qmp"))
 }
@@ -564,7 +569,10 @@ fn migration_with_device_state_between_two_daemons() {
         ch.pause(QUEUES);
         let used: Vec<u16> = rings.iter().map(|r| r.used_idx(&mem)).collect();
         let posted: Vec<u16> = rings.iter().map(|r| r.avail_idx(&mem)).collect();
-        let (state, bases) = ch.save_backend_state(QUEUES).unwrap();
+        let src_log = d.join(format!("{src}.log"));
+        let (state, bases) = ch
+            .save_backend_state(QUEUES)
+            .unwrap_or_else(|e| panic!("round {round}: {e}; {src}'s log:\n{}", read(&src_log)));
         let done: Vec<u16> = rings.iter().map(|r| r.used_idx(&mem)).collect();
         eprintln!(
             "round {round} {src}->{dst}: paused at used {used:?} of posted {posted:?}; \
@@ -588,7 +596,9 @@ fn migration_with_device_state_between_two_daemons() {
         let dst_sock = d.join(format!("{dst}.sock"));
         ch = Ch::connect(&dst_sock, QUEUES);
         ch.set_protocol_features_again(proto);
-        ch.restore_backend_state(&state).unwrap();
+        let dst_log = d.join(format!("{dst}.log"));
+        ch.restore_backend_state(&state)
+            .unwrap_or_else(|e| panic!("round {round}: {e}; {dst}'s log:\n{}", read(&dst_log)));
         set_active(d, src, false);
         set_active(d, dst, true);
         ch.setup_with_bases(
@@ -622,6 +632,40 @@ fn migration_with_device_state_between_two_daemons() {
     assert!(caught > 0, "no pause caught requests in flight");
     io_on_all_queues(&mem, &mut rings, 10);
 
+    let log = d.join(format!("{}.log", names[1]));
+    let o = states_refused(d, &mut ch, proto, &log);
+    drop(ch);
+    for mut b in [s.daemon, o].into_iter().chain(daemons) {
+        let st = b.terminate();
+        assert!(st.success(), "{} exit {st}:\n{}", b.name, b.log_text());
+    }
+    common::assert_check_clean(&img);
+}
+
+/// The states a daemon refuses: a save while the rings behind `ch` run (the daemon whose log
+/// is `active_log`), and at CHECK_DEVICE_STATE, a state of another disk and a truncated one
+/// (a third daemon, returned, serving a smaller image).
+fn states_refused(
+    d: &Path,
+    ch: &mut Ch,
+    proto: VhostUserProtocolFeatures,
+    active_log: &Path,
+) -> Backend {
+    // Saving while the rings run is refused (the phase is STOPPED), and says why.
+    let (_keep, remote) = std::os::unix::net::UnixStream::pair().unwrap();
+    let r = ch.vu.set_device_state_fd(
+        VhostTransferStateDirection::SAVE,
+        VhostTransferStatePhase::STOPPED,
+        remote.into(),
+    );
+    assert!(r.is_err(), "a state saved from running rings");
+    assert!(ch.vu.check_device_state().is_err());
+    let log = read(active_log);
+    assert!(
+        log.contains("queue 0 is still running: stop every ring (GET_VRING_BASE) before saving"),
+        "{log}"
+    );
+
     // A destination that serves another disk refuses the state at CHECK_DEVICE_STATE.
     let (mut bad, _) = ch.save_backend_state(QUEUES).unwrap();
     let other = d.join("other.qcow2");
@@ -643,10 +687,5 @@ fn migration_with_device_state_between_two_daemons() {
     ] {
         assert!(log.contains(refusal), "no \"{refusal}\" in:\n{log}");
     }
-    drop((och, ch));
-    for mut b in [s.daemon, o].into_iter().chain(daemons) {
-        let st = b.terminate();
-        assert!(st.success(), "{} exit {st}:\n{}", b.name, b.log_text());
-    }
-    common::assert_check_clean(&img);
+    o
 }
