@@ -2,9 +2,10 @@
 //! protocol features and message order, replayed by tests/common/chfront.rs on the rust-vmm
 //! `vhost` crate's `Frontend`), with real requests on its split rings in memfd guest memory:
 //! activation and I/O on two queues, memory hotplug, a guest reboot, the dirty log of a
-//! migration, a local migration and a reconnect to a restarted daemon, both with requests in
-//! flight (the inflight region). A cloud-hypervisor guest itself cannot boot here (no usable
-//! KVM).
+//! migration, a local migration, a migration with DEVICE_STATE between two daemons, a
+//! snapshot and resume, and a reconnect to a restarted daemon, all with requests in flight
+//! (stopped rings and a saved state; the inflight region). A cloud-hypervisor guest itself
+//! cannot boot here (no usable KVM).
 
 mod common;
 
@@ -478,6 +479,33 @@ fn local_migration_with_requests_in_flight() {
         check_batch(&mem, &mut rings, round);
     }
     io_on_all_queues(&mem, &mut rings, 8);
+    finish(s, ch);
+}
+
+/// cloud-hypervisor's snapshot of a running VM, then `resume` on the same connection (also what
+/// its source does when a migration fails after the snapshot): pause with requests in flight,
+/// the rings stopped and the state saved; `resume` runs `setup_vhost_user` again with the
+/// bases it kept and the inflight region it holds. The requests not yet taken run then, each
+/// request completes once.
+#[test]
+fn snapshot_then_resume_continues_at_the_carried_bases() {
+    let s = start();
+    let mem = guest_memory(&[(0, RAM)]);
+    let mut inflight = Inflight::default();
+    let (mut ch, acked, mut rings) = activate(&s, &mem, Some(&mut inflight));
+    io_on_all_queues(&mem, &mut rings, 11);
+    for round in 0..2u8 {
+        post_batch(&mem, &mut rings, round);
+        ch.pause(QUEUES);
+        let (_, bases) = ch.save_backend_state(QUEUES).unwrap();
+        for (q, r) in rings.iter().enumerate() {
+            assert_eq!(bases[q], u64::from(r.used_idx(&mem)), "queue {q}: base");
+        }
+        eprintln!("round {round}: snapshot at bases {bases:?}");
+        ch.setup_with_bases(&mem, &rings, acked, Some(&mut inflight), Some(&bases));
+        check_batch(&mem, &mut rings, round);
+    }
+    io_on_all_queues(&mem, &mut rings, 12);
     finish(s, ch);
 }
 
