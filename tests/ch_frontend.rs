@@ -656,6 +656,8 @@ fn migration_with_device_state_between_two_daemons() {
             cfg[32], 0,
             "round {round}: the write cache flag did not travel"
         );
+        let log = read(&dst_log);
+        assert!(!log.contains("disagree"), "round {round}:\n{log}");
     }
     assert!(caught > 0, "no pause caught requests in flight");
     io_on_all_queues(&mem, &mut rings, 10);

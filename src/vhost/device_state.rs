@@ -270,6 +270,9 @@ enum Pending {
 #[derive(Default)]
 pub(crate) struct DeviceState {
     pending: Option<Pending>,
+    /// Where the source stopped each queue, from the state loaded: compared once with where
+    /// each ring starts here.
+    loaded: Vec<Option<QueueState>>,
 }
 
 impl DeviceState {
@@ -314,6 +317,11 @@ impl DeviceState {
                     if s.writeback { "on" } else { "off" },
                     s.queues.iter().map(|q| q.next_avail).collect::<Vec<_>>()
                 );
+                self.loaded = s
+                    .queues
+                    .iter()
+                    .map(|q| Some(*q).filter(|q| q.size > 0))
+                    .collect();
                 Ok(())
             }),
         };
@@ -321,6 +329,28 @@ impl DeviceState {
             warn!("device state check failed: {e}");
         }
         r
+    }
+}
+
+impl DeviceState {
+    /// Queue `queue` has started: after a loaded state, it should continue where the source
+    /// stopped. A ring that starts elsewhere means guest memory older or newer than the state
+    /// (requests would run twice or never complete): said loudly, once.
+    pub(crate) fn ring_started(&mut self, backend: &BlkBackend, queue: usize) {
+        let Some(src) = self.loaded.get_mut(queue).and_then(Option::take) else {
+            return;
+        };
+        let Some(v) = backend.vring(queue) else {
+            return;
+        };
+        let here = v.queue.next_avail();
+        if here != src.next_avail {
+            warn!(
+                "queue {queue} starts at available index {here}, the source stopped at {}: \
+                 guest memory and the device state disagree",
+                src.next_avail
+            );
+        }
     }
 }
 

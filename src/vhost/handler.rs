@@ -149,6 +149,7 @@ impl Handler {
         self.backend
             .start_queue(q)
             .map_err(VuError::ReqHandlerError)?;
+        self.state.ring_started(&self.backend, q);
         if let (Some(fd), Some(w)) = (self.backend.completion_fd(q), self.worker(q)) {
             w.watch_completions(q, fd);
         }
