@@ -506,6 +506,23 @@ fn snapshot_then_resume_continues_at_the_carried_bases() {
         check_batch(&mem, &mut rings, round);
     }
     io_on_all_queues(&mem, &mut rings, 12);
+
+    // A state whose position for queue 0 is not where its ring starts (as after guest memory
+    // older than the state) is said loudly when the ring starts.
+    ch.pause(QUEUES);
+    let (mut state, bases) = ch.save_backend_state(QUEUES).unwrap();
+    let later = (bases[0] as u16).wrapping_add(1);
+    state[34..36].copy_from_slice(&later.to_le_bytes());
+    ch.restore_backend_state(&state).unwrap();
+    ch.setup_with_bases(&mem, &rings, acked, Some(&mut inflight), Some(&bases));
+    let warning = format!(
+        "queue 0 starts at available index {}, the source stopped at {later}",
+        bases[0]
+    );
+    let log = s.daemon.log_text();
+    assert!(log.contains(&warning), "no \"{warning}\" in:\n{log}");
+    assert!(!log.contains("queue 1 starts at"), "{log}");
+    io_on_all_queues(&mem, &mut rings, 13);
     finish(s, ch);
 }
 
