@@ -211,7 +211,7 @@ impl Snapshot {
             });
         }
         Ok(Snapshot {
-            capacity: backend.ctx.limits.capacity,
+            capacity: sectors(backend),
             read_only: backend.ctx.dev.read_only(),
             writeback: backend
                 .ctx
@@ -223,7 +223,7 @@ impl Snapshot {
 
     /// Whether `backend` can take over a guest this state was saved from.
     fn fits(&self, backend: &BlkBackend) -> Result<(), StateError> {
-        let dst = backend.ctx.limits.capacity;
+        let dst = sectors(backend);
         if self.capacity != dst {
             return Err(StateError::Capacity {
                 src: self.capacity,
@@ -254,6 +254,11 @@ impl Snapshot {
         }
         Ok(())
     }
+}
+
+/// The capacity the guest is told now (GET_CONFIG's; `block_resize` changes it).
+fn sectors(backend: &BlkBackend) -> u64 {
+    backend.ctx.dev.capacity() / crate::virtio::SECTOR_SIZE
 }
 
 fn array<const N: usize>(b: &[u8], at: usize) -> Option<[u8; N]> {
