@@ -678,6 +678,14 @@ fn migration_with_device_state_between_two_daemons() {
     }
     assert!(caught > 0, "no pause caught requests in flight");
     io_on_all_queues(&mem, &mut rings, 10);
+    // The disk grows (`block_resize`): a state says the size the guest is told now.
+    let mut q = common::qmp::Qmp::connect(&control(d, names[1]));
+    let r = q.cmd(
+        "block_resize",
+        serde_json::json!({"node-name": "disk", "size": 96u64 << 20}),
+    );
+    assert_eq!(r, serde_json::json!({"return": {}}));
+    drop(q);
 
     let log = d.join(format!("{}.log", names[1]));
     let o = states_refused(d, &mut ch, proto, &log);
@@ -729,7 +737,7 @@ fn states_refused(
     assert!(e.contains("VhostUserCheckDeviceState"), "{e}");
     let log = o.log_text();
     for refusal in [
-        "the source served 131072 sectors, this daemon serves 65536",
+        "the source served 196608 sectors, this daemon serves 65536",
         "state of 10 bytes, expected 32",
     ] {
         assert!(log.contains(refusal), "no \"{refusal}\" in:\n{log}");
