@@ -2,9 +2,10 @@
 //! protocol features and message order, replayed by tests/common/chfront.rs on the rust-vmm
 //! `vhost` crate's `Frontend`), with real requests on its split rings in memfd guest memory:
 //! activation and I/O on two queues, memory hotplug, a guest reboot, the dirty log of a
-//! migration, a local migration and a reconnect to a restarted daemon, both with requests in
-//! flight (the inflight region). A cloud-hypervisor guest itself cannot boot here (no usable
-//! KVM).
+//! migration, a local migration, a migration with DEVICE_STATE between two daemons, a
+//! snapshot and resume, and a reconnect to a restarted daemon, all with requests in flight
+//! (stopped rings and a saved state; the inflight region). A cloud-hypervisor guest itself
+//! cannot boot here (no usable KVM).
 
 mod common;
 
@@ -14,7 +15,11 @@ use std::time::Duration;
 use common::chfront::{ch_protocol_features, ch_virtio_features, page_dirty, Ch, Inflight};
 use common::guest::{Backend, Which};
 use common::vring::*;
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags,
+    VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
+use vhost::vhost_user::VhostUserFrontend;
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_MQ;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
@@ -232,10 +237,10 @@ fn activation_features_and_io_on_two_queues() {
         "protocol features acked {:?}, cloud-hypervisor uses {needed:?}",
         ch.acked_protocol
     );
-    // Not offered: cloud-hypervisor then snapshots without a backend state and stops no ring
-    // before a migration's last pass (README, "cloud-hypervisor: what is verified", says what
-    // that means; offering it changes that text and this line).
-    assert!(!ch
+    // Offered: cloud-hypervisor then stops every ring (GET_VRING_BASE, which waits for the
+    // requests in flight) and carries a backend state and the ring positions when it
+    // snapshots or migrates (README, "cloud-hypervisor: what is verified").
+    assert!(ch
         .acked_protocol
         .contains(VhostUserProtocolFeatures::DEVICE_STATE));
     // Migration needs LOG_ALL besides LOG_SHMFD; multiqueue needs MQ.
@@ -436,11 +441,13 @@ fn reconnect_after_a_daemon_crash_runs_requests_in_flight_again() {
     finish(s, ch);
 }
 
-/// cloud-hypervisor's local live migration (`send-migration --local`), on a daemon without
-/// DEVICE_STATE: the source pauses (rings disabled, nothing waited for), snapshots no backend
-/// state and closes the connection with requests in flight; the destination, sharing the guest
-/// memory, connects, sets the protocol features it was handed (no GET), gets a new inflight
-/// region and sets each ring's base to the available index. Every request completes once.
+/// cloud-hypervisor's local live migration (`send-migration --local`): the source pauses
+/// (rings disabled) with requests in flight; its snapshot, with DEVICE_STATE acked, stops
+/// every ring (GET_VRING_BASE) and saves the backend state (without it, nothing is waited
+/// for); the connection is closed. The destination, sharing the guest memory, connects, sets
+/// the protocol features it was handed (no GET), loads the state, gets a new inflight region
+/// and sets each ring's base to the carried one (without a state: the available index).
+/// Every request completes once.
 #[test]
 fn local_migration_with_requests_in_flight() {
     let s = start();
@@ -451,19 +458,289 @@ fn local_migration_with_requests_in_flight() {
     io_on_all_queues(&mem, &mut rings, 7);
     for round in 0..3u8 {
         post_batch(&mem, &mut rings, round);
-        // `pause_vhost_user`, then the snapshot's `shutdown`.
+        // `pause_vhost_user`, then the snapshot's `state()` and `shutdown`.
         ch.pause(QUEUES);
         let used: Vec<u16> = rings.iter().map(|r| r.used_idx(&mem)).collect();
+        let saved = proto
+            .contains(VhostUserProtocolFeatures::DEVICE_STATE)
+            .then(|| ch.save_backend_state(QUEUES).unwrap());
         drop(ch);
         let posted: Vec<u16> = rings.iter().map(|r| r.avail_idx(&mem)).collect();
         eprintln!("round {round}: paused at used {used:?} of posted {posted:?}");
         // The destination: `Blk::new` with a state, then activation.
         ch = Ch::connect(&s.sock, QUEUES);
         ch.set_protocol_features_again(proto);
+        if let Some((state, _)) = &saved {
+            ch.restore_backend_state(state).unwrap();
+        }
         let mut fresh = Inflight::default();
-        ch.setup(&mem, &rings, acked, Some(&mut fresh));
+        let bases = saved.as_ref().map(|(_, b)| b.as_slice());
+        ch.setup_with_bases(&mem, &rings, acked, Some(&mut fresh), bases);
         check_batch(&mem, &mut rings, round);
     }
     io_on_all_queues(&mem, &mut rings, 8);
     finish(s, ch);
+}
+
+/// cloud-hypervisor's snapshot of a running VM, then `resume` on the same connection (also what
+/// its source does when a migration fails after the snapshot): pause with requests in flight,
+/// the rings stopped and the state saved; `resume` runs `setup_vhost_user` again with the
+/// bases it kept and the inflight region it holds. The requests not yet taken run then, each
+/// request completes once.
+#[test]
+fn snapshot_then_resume_continues_at_the_carried_bases() {
+    let s = start();
+    let mem = guest_memory(&[(0, RAM)]);
+    let mut inflight = Inflight::default();
+    let (mut ch, acked, mut rings) = activate(&s, &mem, Some(&mut inflight));
+    io_on_all_queues(&mem, &mut rings, 11);
+    for round in 0..2u8 {
+        post_batch(&mem, &mut rings, round);
+        ch.pause(QUEUES);
+        let (_, bases) = ch.save_backend_state(QUEUES).unwrap();
+        for (q, r) in rings.iter().enumerate() {
+            assert_eq!(bases[q], u64::from(r.used_idx(&mem)), "queue {q}: base");
+        }
+        eprintln!("round {round}: snapshot at bases {bases:?}");
+        ch.setup_with_bases(&mem, &rings, acked, Some(&mut inflight), Some(&bases));
+        check_batch(&mem, &mut rings, round);
+    }
+    io_on_all_queues(&mem, &mut rings, 12);
+
+    // A state whose position for queue 0 is not where its ring starts (as after guest memory
+    // older than the state) is said loudly when the ring starts.
+    ch.pause(QUEUES);
+    let (mut state, bases) = ch.save_backend_state(QUEUES).unwrap();
+    let later = (bases[0] as u16).wrapping_add(1);
+    state[34..36].copy_from_slice(&later.to_le_bytes());
+    ch.restore_backend_state(&state).unwrap();
+    ch.setup_with_bases(&mem, &rings, acked, Some(&mut inflight), Some(&bases));
+    let warning = format!(
+        "queue 0 starts at available index {}, the source stopped at {later}",
+        bases[0]
+    );
+    let log = s.daemon.log_text();
+    assert!(log.contains(&warning), "no \"{warning}\" in:\n{log}");
+    assert!(!log.contains("queue 1 starts at"), "{log}");
+    io_on_all_queues(&mem, &mut rings, 13);
+    finish(s, ch);
+}
+
+/// Guest memory as the destination of a migration receives it: a copy of the source's, made
+/// at its last dirty-log read. Whatever the source's daemon writes after that never arrives.
+fn copy_memory(src: &Mem) -> Mem {
+    let dst = guest_memory(&[(0, RAM)]);
+    let mut buf = vec![0u8; RAM as usize];
+    src.read_slice(&mut buf, GuestAddress(0)).unwrap();
+    dst.write_slice(&buf, GuestAddress(0)).unwrap();
+    dst
+}
+
+fn read(log: &Path) -> String {
+    std::fs::read_to_string(log).unwrap_or_default()
+}
+
+fn control(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.qmp"))
+}
+
+fn set_active(dir: &Path, name: &str, on: bool) {
+    let mut q = common::qmp::Qmp::connect(&control(dir, name));
+    let r = q.cmd("blockdev-set-active", serde_json::json!({ "active": on }));
+    assert_eq!(
+        r,
+        serde_json::json!({"return": {}}),
+        "{name}: set active {on}"
+    );
+}
+
+/// cloud-hypervisor's live migration with DEVICE_STATE between two daemons on one image
+/// (shared storage), back and forth, with requests in flight when the VM pauses: the source
+/// stops each ring (GET_VRING_BASE: its requests in flight finish first), saves its state
+/// through a socket pair, CHECK_DEVICE_STATE; the guest memory the destination gets is a
+/// copy made after that (a completion later than the copy would be lost); the image is
+/// handed over (`blockdev-set-active`); the destination loads the state, CHECK_DEVICE_STATE,
+/// and starts the rings at the carried bases with a new inflight region. Every request
+/// completes exactly once, every write reads back, a guest-set write cache flag travels, and
+/// a state the destination cannot serve is refused at CHECK_DEVICE_STATE.
+#[test]
+fn migration_with_device_state_between_two_daemons() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let img = d.join("ch.qcow2");
+    common::create_with_cli(&img, "64M", &[]);
+    let names = ["a", "b"];
+    let mut daemons: Vec<Backend> = names
+        .iter()
+        .map(|n| {
+            let (sock, ctl) = (d.join(format!("{n}.sock")), control(d, n));
+            let mut args = vec!["--serial", SERIAL, "--control", ctl.to_str().unwrap()];
+            if *n == "b" {
+                args.push("--inactive");
+            }
+            let log = d.join(format!("{n}.log"));
+            let mut b = Backend::start_with(Which::Ours, &img, &sock, &log, &args);
+            b.wait_listening(&sock);
+            b
+        })
+        .collect();
+    let s = Setup {
+        _dir: tempfile::tempdir().unwrap(),
+        img: img.clone(),
+        sock: d.join("a.sock"),
+        log: d.join("a.log"),
+        daemon: daemons.remove(0),
+    };
+    let mut mem = guest_memory(&[(0, RAM)]);
+    let (mut ch, acked, mut rings) = activate(&s, &mem, Some(&mut Inflight::default()));
+    assert!(ch
+        .acked_protocol
+        .contains(VhostUserProtocolFeatures::DEVICE_STATE));
+    let proto = ch.acked_protocol;
+    io_on_all_queues(&mem, &mut rings, 9);
+    // The guest turns its write cache off (CONFIG_WCE): write-through from now on.
+    ch.vu
+        .set_config(32, VhostUserConfigFlags::WRITABLE, &[0])
+        .unwrap();
+
+    let mut caught = 0;
+    for round in 0..3u8 {
+        let (src, dst) = (
+            names[usize::from(round % 2)],
+            names[usize::from(1 - round % 2)],
+        );
+        post_batch(&mem, &mut rings, round);
+        // Pause, then `state()`: the rings stop, the state is saved.
+        ch.pause(QUEUES);
+        let used: Vec<u16> = rings.iter().map(|r| r.used_idx(&mem)).collect();
+        let posted: Vec<u16> = rings.iter().map(|r| r.avail_idx(&mem)).collect();
+        let src_log = d.join(format!("{src}.log"));
+        let (state, bases) = ch
+            .save_backend_state(QUEUES)
+            .unwrap_or_else(|e| panic!("round {round}: {e}; {src}'s log:\n{}", read(&src_log)));
+        let done: Vec<u16> = rings.iter().map(|r| r.used_idx(&mem)).collect();
+        eprintln!(
+            "round {round} {src}->{dst}: paused at used {used:?} of posted {posted:?}; \
+             stopped at bases {bases:?}, used {done:?}; state of {} bytes",
+            state.len()
+        );
+        caught += usize::from(used != posted);
+        for q in 0..QUEUES {
+            assert_eq!(
+                bases[q],
+                u64::from(done[q]),
+                "round {round} queue {q}: GET_VRING_BASE answered with requests not in the \
+                 used ring"
+            );
+        }
+        // The last memory pass, then the snapshot's `shutdown`.
+        let copy = copy_memory(&mem);
+        let old = std::mem::replace(&mut mem, copy);
+        drop(ch);
+        // The destination: `Blk::new` with the state; the image handed over; activation.
+        let dst_sock = d.join(format!("{dst}.sock"));
+        ch = Ch::connect(&dst_sock, QUEUES);
+        ch.set_protocol_features_again(proto);
+        let dst_log = d.join(format!("{dst}.log"));
+        ch.restore_backend_state(&state)
+            .unwrap_or_else(|e| panic!("round {round}: {e}; {dst}'s log:\n{}", read(&dst_log)));
+        set_active(d, src, false);
+        set_active(d, dst, true);
+        ch.setup_with_bases(
+            &mem,
+            &rings,
+            acked,
+            Some(&mut Inflight::default()),
+            Some(&bases),
+        );
+        check_batch(&mem, &mut rings, round);
+        // Nothing completed twice, nothing late on the source.
+        std::thread::sleep(Duration::from_millis(100));
+        for (q, r) in rings.iter().enumerate() {
+            assert_eq!(
+                r.used_idx(&mem),
+                r.avail_idx(&mem),
+                "queue {q}: extra completions"
+            );
+            assert_eq!(
+                r.used_idx(&old),
+                done[q],
+                "queue {q}: completed on the source late"
+            );
+        }
+        let cfg = ch.get_config();
+        assert_eq!(
+            cfg[32], 0,
+            "round {round}: the write cache flag did not travel"
+        );
+        let log = read(&dst_log);
+        assert!(!log.contains("disagree"), "round {round}:\n{log}");
+    }
+    assert!(caught > 0, "no pause caught requests in flight");
+    io_on_all_queues(&mem, &mut rings, 10);
+    // The disk grows (`block_resize`): a state says the size the guest is told now.
+    let mut q = common::qmp::Qmp::connect(&control(d, names[1]));
+    let r = q.cmd(
+        "block_resize",
+        serde_json::json!({"node-name": "disk", "size": 96u64 << 20}),
+    );
+    assert_eq!(r, serde_json::json!({"return": {}}));
+    drop(q);
+
+    let log = d.join(format!("{}.log", names[1]));
+    let o = states_refused(d, &mut ch, proto, &log);
+    drop(ch);
+    for mut b in [s.daemon, o].into_iter().chain(daemons) {
+        let st = b.terminate();
+        assert!(st.success(), "{} exit {st}:\n{}", b.name, b.log_text());
+    }
+    common::assert_check_clean(&img);
+}
+
+/// The states a daemon refuses: a save while the rings behind `ch` run (the daemon whose log
+/// is `active_log`), and at CHECK_DEVICE_STATE, a state of another disk and a truncated one
+/// (a third daemon, returned, serving a smaller image).
+fn states_refused(
+    d: &Path,
+    ch: &mut Ch,
+    proto: VhostUserProtocolFeatures,
+    active_log: &Path,
+) -> Backend {
+    // Saving while the rings run is refused (the phase is STOPPED), and says why.
+    let (_keep, remote) = std::os::unix::net::UnixStream::pair().unwrap();
+    let r = ch.vu.set_device_state_fd(
+        VhostTransferStateDirection::SAVE,
+        VhostTransferStatePhase::STOPPED,
+        remote.into(),
+    );
+    assert!(r.is_err(), "a state saved from running rings");
+    assert!(ch.vu.check_device_state().is_err());
+    let log = read(active_log);
+    assert!(
+        log.contains("queue 0 is still running: stop every ring (GET_VRING_BASE) before saving"),
+        "{log}"
+    );
+
+    // A destination that serves another disk refuses the state at CHECK_DEVICE_STATE.
+    let (mut bad, _) = ch.save_backend_state(QUEUES).unwrap();
+    let other = d.join("other.qcow2");
+    common::create_with_cli(&other, "32M", &[]);
+    let osock = d.join("other.sock");
+    let mut o = Backend::start_with(Which::Ours, &other, &osock, &d.join("o.log"), &[]);
+    o.wait_listening(&osock);
+    let mut och = Ch::connect(&osock, QUEUES);
+    och.set_protocol_features_again(proto);
+    let e = och.restore_backend_state(&bad).unwrap_err();
+    assert!(e.contains("VhostUserCheckDeviceState"), "{e}");
+    bad.truncate(10);
+    let e = och.restore_backend_state(&bad).unwrap_err();
+    assert!(e.contains("VhostUserCheckDeviceState"), "{e}");
+    let log = o.log_text();
+    for refusal in [
+        "the source served 196608 sectors, this daemon serves 65536",
+        "state of 10 bytes, expected 32",
+    ] {
+        assert!(log.contains(refusal), "no \"{refusal}\" in:\n{log}");
+    }
+    o
 }

@@ -126,6 +126,11 @@ impl BlkBackend {
         self.exec(queue)?.as_ref().map(|e| e.event_fd())
     }
 
+    /// Requests in flight on queue `queue`; None when it never started on this connection.
+    pub(crate) fn in_flight(&self, queue: usize) -> Option<usize> {
+        self.exec(queue)?.as_ref().map(|e| e.in_flight())
+    }
+
     /// Wait until queue `queue` (every queue when None) has nothing in flight; the worker
     /// threads complete what finishes meanwhile. Gives up after `timeout` (logged).
     pub(crate) fn drain(&self, queue: Option<usize>, timeout: Duration) -> bool {

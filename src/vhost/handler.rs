@@ -26,6 +26,7 @@ use vm_memory::{GuestAddress, GuestAddressSpace, GuestRegionMmap};
 
 use super::backend::{device_features, BlkBackend, GuestMap, DRAIN_TIMEOUT};
 use super::backend_channel::BackendChannel;
+use super::device_state::DeviceState;
 use super::dirty_log::LogBitmap;
 use super::inflight_fd::InflightRegion;
 use super::vring::eventfd_of;
@@ -56,6 +57,8 @@ pub(crate) struct Handler {
     /// it cannot send config-change messages; `channel` does (see `backend_channel`).
     backend_req: Option<Backend>,
     channel: Arc<BackendChannel>,
+    /// A migration's device state transfer (SET_DEVICE_STATE_FD, CHECK_DEVICE_STATE).
+    state: DeviceState,
 }
 
 fn failed(e: impl std::fmt::Display) -> VuError {
@@ -78,6 +81,7 @@ impl Handler {
             inflight: None,
             backend_req: None,
             channel,
+            state: DeviceState::default(),
         }
     }
 
@@ -90,6 +94,7 @@ impl Handler {
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
             | VhostUserProtocolFeatures::LOG_SHMFD
             | VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::DEVICE_STATE
     }
 
     /// Stop every worker thread (after the connection ended and requests drained).
@@ -144,6 +149,7 @@ impl Handler {
         self.backend
             .start_queue(q)
             .map_err(VuError::ReqHandlerError)?;
+        self.state.ring_started(&self.backend, q);
         if let (Some(fd), Some(w)) = (self.backend.completion_fd(q), self.worker(q)) {
             w.watch_completions(q, fd);
         }
@@ -555,15 +561,18 @@ impl VhostUserBackendReqHandlerMut for Handler {
 
     fn set_device_state_fd(
         &mut self,
-        _dir: VhostTransferStateDirection,
-        _phase: VhostTransferStatePhase,
-        _fd: File,
+        dir: VhostTransferStateDirection,
+        phase: VhostTransferStatePhase,
+        fd: File,
     ) -> VuResult<Option<File>> {
-        Err(VuError::InvalidOperation("no device state to transfer"))
+        self.state
+            .set_fd(&self.backend, dir, phase, fd)
+            .map_err(failed)?;
+        Ok(None)
     }
 
     fn check_device_state(&mut self) -> VuResult<()> {
-        Err(VuError::InvalidOperation("no device state to transfer"))
+        self.state.check(&self.backend).map_err(failed)
     }
 
     fn get_shmem_config(&mut self) -> VuResult<VhostUserShMemConfig> {

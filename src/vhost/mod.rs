@@ -1,7 +1,7 @@
 //! The vhost-user transport: the request handler of a frontend connection ([`handler`], on
 //! the `vhost` crate), the queues' state and their worker threads ([`backend`], [`vring`],
 //! [`worker`]), the inflight region that lets a restarted daemon take over requests in flight
-//! ([`inflight_fd`]), and the daemon's main loop ([`serve`]): signals, one connection at a
+//! ([`inflight_fd`]), the device state a migration carries ([`device_state`]), and the daemon's main loop ([`serve`]): signals, one connection at a
 //! time on one socket, reconnects, a periodic timer, the QMP control socket ([`control`]),
 //! clean shutdown.
 
@@ -10,6 +10,7 @@ mod backend_channel;
 mod config;
 mod control;
 mod daemon;
+mod device_state;
 pub mod dirty_log;
 mod handler;
 pub mod inflight_fd;

@@ -17,8 +17,14 @@
 //!   GET_FEATURES, SET_PROTOCOL_FEATURES with the features acked before (no
 //!   GET_PROTOCOL_FEATURES), then `setup_vhost_user` with the inflight region it kept.
 //! - reset (guest reboot): SET_VRING_ENABLE 0 and GET_VRING_BASE per queue.
-//! - pause (before a snapshot or a migration's last pass): SET_VRING_ENABLE 0 per queue; with
-//!   no DEVICE_STATE the snapshot adds nothing and the connection is closed.
+//! - pause (before a snapshot or a migration's last pass): SET_VRING_ENABLE 0 per queue.
+//! - snapshot (`VhostUserCommon::state`, then `snapshot`): with DEVICE_STATE acked,
+//!   `save_backend_state` (GET_VRING_BASE per queue, SET_DEVICE_STATE_FD save/STOPPED, the
+//!   state read to EOF, CHECK_DEVICE_STATE); then the last dirty-log read and the connection
+//!   closed. Without DEVICE_STATE only the last two.
+//! - restore (`Blk::new` with a state): connect, SET_PROTOCOL_FEATURES with the acked ones,
+//!   `restore_backend_state` (SET_DEVICE_STATE_FD load/STOPPED, the state written, the channel
+//!   closed, CHECK_DEVICE_STATE), and at activation `setup_vhost_user` with the carried bases.
 //! - memory hotplug: ADD_MEM_REG with CONFIGURE_MEM_SLOTS.
 //! - migration: `start_dirty_log` (a sealed memfd log, SET_LOG_BASE, SET_FEATURES with LOG_ALL,
 //!   SET_VRING_ADDR with the LOG flag and the used ring's guest address), `dirty_log` (a new log
@@ -26,14 +32,17 @@
 //!   acked (`supports_device_state`).
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
-    VhostUserVirtioFeatures, VhostUserVringAddrFlags,
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags,
+    VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VhostUserVringAddrFlags,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserDirtyLogRegion, VringConfigData};
@@ -211,6 +220,22 @@ impl Ch {
         acked: u64,
         inflight: Option<&mut Inflight>,
     ) {
+        self.setup_with_bases(mem, rings, acked, inflight, None)
+    }
+
+    /// `setup_vhost_user`; with `bases` (a migration's or a snapshot's, carried from
+    /// `save_backend_state`) SET_VRING_BASE sends them instead of the available indexes.
+    pub fn setup_with_bases(
+        &mut self,
+        mem: &Mem,
+        rings: &[Ring],
+        acked: u64,
+        inflight: Option<&mut Inflight>,
+        bases: Option<&[u64]>,
+    ) {
+        if let Some(b) = bases {
+            assert_eq!(b.len(), rings.len(), "VringBasesCountMismatch");
+        }
         let acked = acked & self.backend_features;
         self.vu.set_features(acked).unwrap();
         self.acked_features = acked;
@@ -250,7 +275,11 @@ impl Ch {
                 log_addr: None,
             };
             self.vu.set_vring_addr(q, &config).unwrap();
-            self.vu.set_vring_base(q, r.avail_idx(mem)).unwrap();
+            let base = match bases {
+                Some(b) => b[q] as u16,
+                None => r.avail_idx(mem),
+            };
+            self.vu.set_vring_base(q, base).unwrap();
             self.vu.set_vring_call(q, &r.call).unwrap();
             self.vu.set_vring_kick(q, &r.kick).unwrap();
             self.vrings.push(config);
@@ -276,6 +305,65 @@ impl Ch {
         for q in 0..num_queues {
             self.vu.set_vring_enable(q, false).unwrap();
         }
+    }
+
+    /// `save_backend_state` (when DEVICE_STATE was acked, from the migration's `state()`):
+    /// GET_VRING_BASE for every queue, SET_DEVICE_STATE_FD (save, STOPPED) with one end of a
+    /// socket pair, the state read to EOF from the channel the backend chose, then
+    /// CHECK_DEVICE_STATE. Returns (state, bases), or the first error as text.
+    pub fn save_backend_state(&mut self, num_queues: usize) -> Result<(Vec<u8>, Vec<u64>), String> {
+        let bases = (0..num_queues)
+            .map(|q| self.vu.get_vring_base(q).map(u64::from))
+            .collect::<Result<Vec<u64>, _>>()
+            .map_err(|e| format!("VhostUserGetVringBase: {e}"))?;
+        let (local, remote) = UnixStream::pair().unwrap();
+        let mut read_file: File = match self
+            .vu
+            .set_device_state_fd(
+                VhostTransferStateDirection::SAVE,
+                VhostTransferStatePhase::STOPPED,
+                remote.into(),
+            )
+            .map_err(|e| format!("VhostUserSetDeviceStateFd: {e}"))?
+        {
+            Some(f) => f,
+            None => OwnedFd::from(local).into(),
+        };
+        let mut state = Vec::new();
+        read_file
+            .read_to_end(&mut state)
+            .map_err(|e| format!("SaveRestoreBackendState: {e}"))?;
+        self.vu
+            .check_device_state()
+            .map_err(|e| format!("VhostUserCheckDeviceState: {e}"))?;
+        Ok((state, bases))
+    }
+
+    /// `restore_backend_state` (from `Blk::new` with a state, right after
+    /// SET_PROTOCOL_FEATURES): SET_DEVICE_STATE_FD (load, STOPPED), the state written and the
+    /// channel closed, then CHECK_DEVICE_STATE.
+    pub fn restore_backend_state(&mut self, state: &[u8]) -> Result<(), String> {
+        let (local, remote) = UnixStream::pair().unwrap();
+        {
+            let mut write_file: File = match self
+                .vu
+                .set_device_state_fd(
+                    VhostTransferStateDirection::LOAD,
+                    VhostTransferStatePhase::STOPPED,
+                    remote.into(),
+                )
+                .map_err(|e| format!("VhostUserSetDeviceStateFd: {e}"))?
+            {
+                Some(f) => f,
+                None => OwnedFd::from(local).into(),
+            };
+            write_file
+                .write_all(state)
+                .map_err(|e| format!("SaveRestoreBackendState: {e}"))?;
+        }
+        self.vu
+            .check_device_state()
+            .map_err(|e| format!("VhostUserCheckDeviceState: {e}"))
     }
 
     /// `add_memory_region` with CONFIGURE_MEM_SLOTS: ADD_MEM_REG of `mem`'s region at `gpa`.
