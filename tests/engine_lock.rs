@@ -12,7 +12,7 @@ use common::hooked::Hooked;
 use vhost_user_qcow2::block::BlockDevice;
 use vhost_user_qcow2::qcow2::format::dedup::DedupMode;
 use vhost_user_qcow2::qcow2::{create, AckDurability, CreateOptions, OpenOptions, Qcow2};
-use vhost_user_qcow2::storage::{MemStorage, Storage};
+use vhost_user_qcow2::storage::{CrashMode, FaultStorage, MemStorage, Storage};
 
 /// The host offset of the L2 table for guest cluster `gc` (4 KiB clusters: 512 entries each).
 fn l2_offset(img: &[u8], gc: u64) -> u64 {
@@ -352,4 +352,133 @@ fn a_flush_punches_freed_clusters_without_the_lock_and_reuses_none_meanwhile() {
         took < Duration::from_secs(2),
         "a read and an allocating write waited {took:?} for a flush's hole punch"
     );
+}
+
+/// A flush that closes a COPIED window (a dedup link cleared COPIED on a cluster whose entry
+/// was in the file) writes its copies and syncs without the metadata lock too.
+#[test]
+fn a_flush_closing_a_copied_window_syncs_without_the_metadata_lock() {
+    let mem = Arc::new(MemStorage::new());
+    let o = CreateOptions {
+        size: 64 << 20,
+        cluster_bits: 12,
+        dedup: true,
+        ..Default::default()
+    };
+    create(&*mem, &o).unwrap();
+    let gate = Arc::new(AtomicBool::new(true));
+    let syncs = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut hooked = Hooked::new(MemStorage::from_vec(mem.snapshot()));
+    let (g, n) = (gate.clone(), syncs.clone());
+    hooked.on_flush = Some(Box::new(move || {
+        if g.load(Ordering::SeqCst) {
+            return;
+        }
+        n.fetch_add(1, Ordering::SeqCst);
+        let t0 = Instant::now();
+        while !g.load(Ordering::SeqCst) && t0.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }));
+    let hooked = Arc::new(hooked);
+    let storage: Arc<dyn Storage> = hooked.clone();
+    let opts = OpenOptions {
+        dedup_mode: Some(DedupMode::Inline),
+        ..Default::default()
+    };
+    let q = Arc::new(Qcow2::open_storage(storage, &opts, None, 0).unwrap());
+    let (a, b, c) = (0u64, 8u64 << 20, 16u64 << 20);
+    let x: Vec<u8> = (0..4096u32).map(|i| (i % 199) as u8 + 1).collect();
+    q.write_vectored(a, &[IoSlice::new(&x)]).unwrap();
+    q.write_vectored(c, &[IoSlice::new(&[5u8; 4096])]).unwrap();
+    q.flush_all().unwrap();
+    // A link to a's cluster: COPIED goes from a's entry, in a DIRTY window.
+    q.write_vectored(b, &[IoSlice::new(&x)]).unwrap();
+    assert_eq!(q.dedup_stats().unwrap().clusters_deduplicated, 1);
+    gate.store(false, Ordering::SeqCst);
+    let q2 = q.clone();
+    let flusher = std::thread::spawn(move || q2.flush_all());
+    std::thread::sleep(Duration::from_millis(100)); // the flush waits in a sync now
+    let t0 = Instant::now();
+    let mut buf = [0u8; 4096];
+    q.read_vectored(c, &mut [IoSliceMut::new(&mut buf)])
+        .unwrap();
+    let took = t0.elapsed();
+    gate.store(true, Ordering::SeqCst);
+    flusher.join().unwrap().unwrap();
+    assert!(syncs.load(Ordering::SeqCst) >= 1, "the flush synced");
+    assert_eq!(buf[0], 5);
+    assert!(
+        took < Duration::from_secs(2),
+        "a read waited {took:?} for the sync of a flush closing a COPIED window"
+    );
+    // The window is closed: DIRTY is clear in the file, and the image is consistent.
+    q.close().unwrap();
+    drop(q);
+    let img = hooked.inner.snapshot();
+    assert_eq!(img[79] & 1, 0, "DIRTY left set after a clean close");
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("w.qcow2");
+    std::fs::write(&p, &img).unwrap();
+    common::assert_check_clean(&p);
+}
+
+/// While that flush syncs without the lock, another write makes a new COPIED change whose
+/// table piece goes to the file before the write returns (persist before ack). The flush must
+/// not clear DIRTY over it: it sees the change (and the persister waits for its writeback lock
+/// anyway). Whatever the disk kept, `qemu-img check` then accepts the image after a repair.
+#[test]
+fn a_copied_change_during_the_window_flush_keeps_dirty() {
+    let mem = MemStorage::new();
+    let o = CreateOptions {
+        size: 64 << 20,
+        cluster_bits: 12,
+        dedup: true,
+        ..Default::default()
+    };
+    create(&mem, &o).unwrap();
+    let gate = Arc::new(AtomicBool::new(true));
+    let mut hooked = Hooked::new(FaultStorage::new(mem.snapshot(), None));
+    let g = gate.clone();
+    hooked.on_flush = Some(Box::new(move || {
+        let t0 = Instant::now();
+        while !g.load(Ordering::SeqCst) && t0.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }));
+    let hooked = Arc::new(hooked);
+    let storage: Arc<dyn Storage> = hooked.clone();
+    let opts = OpenOptions {
+        dedup_mode: Some(DedupMode::Inline),
+        ..Default::default()
+    };
+    let q = Arc::new(Qcow2::open_storage(storage, &opts, None, 0).unwrap());
+    let content = |k: u32| -> Vec<u8> { (0..4096u32).map(|i| ((i * k) % 253) as u8 + 1).collect() };
+    let (x, y) = (content(3), content(7));
+    q.write_vectored(0, &[IoSlice::new(&x)]).unwrap();
+    q.write_vectored(4 << 20, &[IoSlice::new(&y)]).unwrap();
+    q.flush_all().unwrap();
+    // A COPIED window: a link to the cluster of 0.
+    q.write_vectored(8 << 20, &[IoSlice::new(&x)]).unwrap();
+    gate.store(false, Ordering::SeqCst);
+    let q2 = q.clone();
+    let flusher = std::thread::spawn(move || q2.flush_all());
+    std::thread::sleep(Duration::from_millis(100)); // the flush waits in a sync now
+                                                    // A new window while it syncs: a link to the cluster of 4 MiB (COPIED goes from its entry).
+    let q3 = q.clone();
+    let linker =
+        std::thread::spawn(move || q3.write_vectored(12 << 20, &[IoSlice::new(&y)]).unwrap());
+    std::thread::sleep(Duration::from_millis(100));
+    gate.store(true, Ordering::SeqCst);
+    flusher.join().unwrap().unwrap();
+    linker.join().unwrap();
+    assert_eq!(q.dedup_stats().unwrap().clusters_deduplicated, 2);
+    // A crash now: the image as the disk may hold it.
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("c.qcow2");
+    for cm in [CrashMode::AllWrites, CrashMode::FlushedOnly] {
+        let img = hooked.inner.crashed_image(cm);
+        common::crash::check_crashed(&p, img, &format!("crash after the window flush ({cm:?})"));
+    }
+    drop(q);
 }

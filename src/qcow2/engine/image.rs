@@ -226,8 +226,12 @@ impl Qcow2 {
                 }
                 None => m.flush_begin(s)?,
             };
-            drop(wb);
+            // A COPIED window closed by copies keeps the writeback lock through the last sync
+            // and the sync of the DIRTY clear: no persister may put a table piece into the
+            // file between them.
+            let wb = t.keep_writeback().then_some(wb);
             if t.keep_lock() {
+                drop(wb);
                 let r = s.flush();
                 m.flush_end(s, t, r)?;
             } else {
@@ -236,7 +240,12 @@ impl Qcow2 {
                 // The refcount blocks the frees below need, read without the lock.
                 let mut m = self.lock();
                 let want = m.refcounts_to_load(false, Some(t.unlinked()));
-                let (r, runs) = self.load_refcounts(m, want).flush_end_unpunched(s, t, r);
+                let mut m = self.load_refcounts(m, want);
+                let (r, runs) = m.flush_end_unpunched(s, t, r);
+                let sync_clear = m.take_sync_dirty_clear();
+                drop(m);
+                let cleared = if sync_clear { s.flush() } else { Ok(()) };
+                drop(wb);
                 // The holes of the clusters freed are punched without the lock (the allocator
                 // skips those clusters meanwhile).
                 if !runs.is_empty() {
@@ -244,6 +253,7 @@ impl Qcow2 {
                     self.lock().punched(&runs);
                 }
                 r?;
+                cleared?;
             }
             Ok(sampled)
         });

@@ -116,6 +116,10 @@ pub(crate) struct Meta {
     /// cleared it, or a survivor got it back): the next flush writes refcounts and tables
     /// inside a DIRTY window, since no order of those two writes is consistent on its own.
     copied_window: bool,
+    /// COPIED changes so far (see `FlushTicket::seen`).
+    copied_changes: u64,
+    /// A flush cleared DIRTY without a sync (`take_sync_dirty_clear`).
+    sync_dirty_clear: bool,
     /// Flushes that wrote L2 or L1 entries to the file so far (see `Qcow2::flush_refcounts`).
     tables_written: u64,
     /// A cluster was linked since the last sync whose data must reach the disk before its L2
@@ -195,6 +199,8 @@ impl Meta {
             pinned: ClusterMap::default(),
             sharing: Sharing::default(),
             copied_window: false,
+            copied_changes: 0,
+            sync_dirty_clear: false,
             tables_written: 0,
             loading: ClusterSet::default(),
             incompatible: 0,

@@ -14,8 +14,13 @@ use crate::storage::Storage;
 pub(crate) struct FlushTicket {
     /// Frees whose unlink the sync makes durable.
     unlink: Vec<u64>,
-    /// A COPIED window: DIRTY is cleared after the sync (the sync runs under the lock).
+    /// A COPIED window: DIRTY is cleared after the sync.
     fixup: bool,
+    /// For a COPIED window closed by a flush that wrote copies (`flush_copy`): the count of
+    /// COPIED changes and of table writes when it copied. DIRTY is cleared only if neither
+    /// moved by the end of its last sync (the caller keeps the writeback lock until then).
+    /// None: the locked path, whose last sync runs under the metadata lock.
+    seen: Option<(u64, u64)>,
     corrupt: bool,
 }
 
@@ -33,6 +38,8 @@ pub(crate) struct FlushCopies {
     l1: Vec<(usize, u64, u64)>,
     /// The frees whose unlink these writes carry.
     unlink: Vec<u64>,
+    /// A COPIED window: (COPIED changes, table writes) when copied (see `FlushTicket::seen`).
+    fixup: Option<(u64, u64)>,
 }
 
 impl FlushCopies {
@@ -70,7 +77,13 @@ impl FlushTicket {
 
     /// True when the sync must run with the lock held (a COPIED window clears DIRTY after it).
     pub(crate) fn keep_lock(&self) -> bool {
-        self.fixup
+        self.fixup && self.seen.is_none()
+    }
+
+    /// True when the caller must keep the writeback lock through the last sync and the sync of
+    /// the DIRTY clear (a COPIED window closed by copies; see `seen`).
+    pub(crate) fn keep_writeback(&self) -> bool {
+        self.fixup && self.seen.is_some()
     }
 }
 
@@ -85,12 +98,16 @@ impl Meta {
     /// `flush_begin` for a caller that holds the writeback lock and writes the metadata
     /// without the metadata lock: copies of what is dirty, in crash-safe order
     /// (`FlushCopies::write`), then `flush_copied`. None when the flush must run under the lock
-    /// (a corrupt image, or a COPIED window: DIRTY is cleared after the last sync).
+    /// (a corrupt image). In a COPIED window DIRTY is set first, as in `flush_begin`.
     pub(crate) fn flush_copy(&mut self, s: &dyn Storage) -> Result<Option<FlushCopies>> {
-        if self.corrupt || self.copied_window {
+        if self.corrupt {
             return Ok(None);
         }
         self.stats.metadata_flushes += 1;
+        let fixup = self.copied_window;
+        if fixup && self.incompatible & INCOMPAT_DIRTY == 0 {
+            self.set_incompatible(s, self.incompatible | INCOMPAT_DIRTY)?;
+        }
         // Every table a persister would still write goes too (those are dirty anyway; a table
         // no longer cached was written before it left).
         for k in self.wb.pending() {
@@ -138,6 +155,7 @@ impl Meta {
             tables,
             l1,
             unlink: std::mem::take(&mut self.pending_unlink),
+            fixup: fixup.then_some((self.copied_changes, self.tables_written)),
         }))
     }
 
@@ -180,7 +198,8 @@ impl Meta {
         }
         Ok(FlushTicket {
             unlink: c.unlink,
-            fixup: false,
+            fixup: c.fixup.is_some(),
+            seen: c.fixup,
             corrupt: false,
         })
     }
@@ -197,6 +216,7 @@ impl Meta {
             return Ok(FlushTicket {
                 unlink: Vec::new(),
                 fixup: false,
+                seen: None,
                 corrupt: true,
             });
         }
@@ -273,6 +293,7 @@ impl Meta {
             return Ok(FlushTicket {
                 unlink: Vec::new(),
                 fixup: false,
+                seen: None,
                 corrupt: false,
             });
         }
@@ -281,6 +302,7 @@ impl Meta {
         Ok(FlushTicket {
             unlink: std::mem::take(&mut self.pending_unlink),
             fixup,
+            seen: None,
             corrupt: false,
         })
     }
@@ -340,10 +362,25 @@ impl Meta {
         for c in t.unlink {
             self.pending_io.push((seq, c));
         }
-        if t.fixup {
-            self.copied_window = false;
-            if !self.lazy {
-                self.set_incompatible(s, self.incompatible & !INCOMPAT_DIRTY)?;
+        match (t.fixup, t.seen) {
+            (false, _) => {}
+            (true, None) => {
+                self.copied_window = false;
+                if !self.lazy {
+                    self.set_incompatible(s, self.incompatible & !INCOMPAT_DIRTY)?;
+                }
+            }
+            (true, Some(seen)) => {
+                // Copies written without the lock: the window closes only if nothing COPIED
+                // changed and no table reached the file since they were taken; otherwise the
+                // next flush closes it. The clear is synced by the caller, which holds the
+                // writeback lock until then (no persister writes a table before that sync).
+                if (self.copied_changes, self.tables_written) == seen {
+                    self.copied_window = false;
+                    if !self.lazy && self.clear_dirty_unsynced(s)? {
+                        self.sync_dirty_clear = true;
+                    }
+                }
             }
         }
         self.file_len = s.len()?;
@@ -373,9 +410,16 @@ impl Meta {
                 // The refcount moves with the flag (a link to it, or the last other reference
                 // gone): the flush that writes both does it inside a DIRTY window.
                 self.copied_window = true;
+                self.copied_changes += 1;
             }
         }
         Ok(())
+    }
+
+    /// True once (then false) when a flush cleared DIRTY without a sync: the caller syncs
+    /// before it lets the writeback lock go.
+    pub(crate) fn take_sync_dirty_clear(&mut self) -> bool {
+        std::mem::take(&mut self.sync_dirty_clear)
     }
 
     /// Sequence number of the oldest data I/O still in flight.
