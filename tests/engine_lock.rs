@@ -21,6 +21,14 @@ fn l2_offset(img: &[u8], gc: u64) -> u64 {
     be(l1 + (gc / 512) as usize * 8) & 0x00ff_ffff_ffff_fe00
 }
 
+/// Wait while `gate` is closed (false), at most 10 s.
+fn hold(gate: &AtomicBool) {
+    let t0 = Instant::now();
+    while !gate.load(Ordering::SeqCst) && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// A gate on the reads of one offset: while it is closed (false), a read there waits (at
 /// most 10 s) and is counted.
 struct ReadGate {
@@ -42,10 +50,7 @@ impl ReadGate {
                 return;
             }
             n.fetch_add(1, Ordering::SeqCst);
-            let t0 = Instant::now();
-            while !g.load(Ordering::SeqCst) && t0.elapsed() < Duration::from_secs(10) {
-                std::thread::sleep(Duration::from_millis(1));
-            }
+            hold(&g);
         }));
         (Arc::new(hooked), gate)
     }
@@ -128,12 +133,8 @@ fn flush_with_slow_syncs(ack: AckDurability) {
     let mut hooked = Hooked::new(MemStorage::from_vec(mem.snapshot()));
     let (g, arm) = (gate.clone(), armed.clone());
     hooked.on_flush = Some(Box::new(move || {
-        let t0 = Instant::now();
-        while arm.load(Ordering::SeqCst)
-            && !g.load(Ordering::SeqCst)
-            && t0.elapsed() < Duration::from_secs(10)
-        {
-            std::thread::sleep(Duration::from_millis(1));
+        if arm.load(Ordering::SeqCst) {
+            hold(&g);
         }
     }));
     let hooked = Arc::new(hooked);
@@ -311,13 +312,10 @@ fn a_flush_punches_freed_clusters_without_the_lock_and_reuses_none_meanwhile() {
     let mut hooked = Hooked::new(MemStorage::from_vec(mem.snapshot()));
     let (g, p2) = (gate.clone(), punches.clone());
     hooked.on_punch = Some(Box::new(move |_, _| {
-        let t0 = Instant::now();
         if !g.load(Ordering::SeqCst) {
             p2.fetch_add(1, Ordering::SeqCst);
         }
-        while !g.load(Ordering::SeqCst) && t0.elapsed() < Duration::from_secs(10) {
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        hold(&g);
     }));
     let storage: Arc<dyn Storage> = Arc::new(hooked);
     let q = Arc::new(Qcow2::open_storage(storage, &OpenOptions::default(), None, 0).unwrap());
@@ -375,10 +373,7 @@ fn a_flush_closing_a_copied_window_syncs_without_the_metadata_lock() {
             return;
         }
         n.fetch_add(1, Ordering::SeqCst);
-        let t0 = Instant::now();
-        while !g.load(Ordering::SeqCst) && t0.elapsed() < Duration::from_secs(10) {
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        hold(&g);
     }));
     let hooked = Arc::new(hooked);
     let storage: Arc<dyn Storage> = hooked.clone();
@@ -441,10 +436,7 @@ fn a_copied_change_during_the_window_flush_keeps_dirty() {
     let mut hooked = Hooked::new(FaultStorage::new(mem.snapshot(), None));
     let g = gate.clone();
     hooked.on_flush = Some(Box::new(move || {
-        let t0 = Instant::now();
-        while !g.load(Ordering::SeqCst) && t0.elapsed() < Duration::from_secs(10) {
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        hold(&g);
     }));
     let hooked = Arc::new(hooked);
     let storage: Arc<dyn Storage> = hooked.clone();
