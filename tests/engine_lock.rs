@@ -474,3 +474,49 @@ fn a_copied_change_during_the_window_flush_keeps_dirty() {
     }
     drop(q);
 }
+
+/// The refcount block a flush's frees need is read without the metadata lock too.
+#[test]
+fn a_flush_reads_the_refcount_block_of_its_frees_without_the_metadata_lock() {
+    let mem = Arc::new(MemStorage::new());
+    let o = CreateOptions {
+        size: 64 << 20,
+        cluster_bits: 12,
+        ..Default::default()
+    };
+    create(&*mem, &o).unwrap();
+    let (a, x) = (0u64, 4096u64);
+    {
+        let q = Qcow2::open_storage(mem.clone(), &OpenOptions::default(), None, 0).unwrap();
+        q.write_vectored(a, &[IoSlice::new(&[1u8; 4096])]).unwrap();
+        q.write_vectored(x, &[IoSlice::new(&[2u8; 4096])]).unwrap();
+        q.close().unwrap();
+    }
+    let img = mem.snapshot();
+    let be = |at: usize| u64::from_be_bytes(img[at..at + 8].try_into().unwrap());
+    let block0 = be(be(48) as usize);
+    let (storage, gate) = ReadGate::storage(img, block0, true);
+    let q = Arc::new(Qcow2::open_storage(storage, &OpenOptions::default(), None, 0).unwrap());
+    let mut buf = [0u8; 4096];
+    q.read_vectored(a, &mut [IoSliceMut::new(&mut buf)])
+        .unwrap();
+    // A discard queues the free; the flush makes the unlink durable and applies it, which
+    // needs refcount block 0 (not loaded since the open).
+    q.discard(x, 4096).unwrap();
+    gate.set(false);
+    let q2 = q.clone();
+    let flusher = std::thread::spawn(move || q2.flush_all());
+    std::thread::sleep(Duration::from_millis(100)); // the flush is in its block read
+    let t0 = Instant::now();
+    q.read_vectored(a, &mut [IoSliceMut::new(&mut buf)])
+        .unwrap();
+    let took = t0.elapsed();
+    gate.set(true);
+    flusher.join().unwrap().unwrap();
+    assert_eq!(buf[0], 1);
+    assert_eq!(gate.reads(), 1, "the flush read the block");
+    assert!(
+        took < Duration::from_secs(2),
+        "a read waited {took:?} for a flush's refcount-block read"
+    );
+}
