@@ -225,9 +225,12 @@ impl BlockDevice for ActiveDevice {
                 "the image is inactive (blockdev-set-active): it cannot be resized".into(),
             ));
         };
-        dev.resize(new_size)?;
+        // The engine may fail after the new size is in the file (the dedup area, the backing
+        // tail): the capacity follows the device either way, so the frontend is told and a
+        // later activation finds the size it reopens.
+        let r = dev.resize(new_size);
         self.capacity.store(dev.capacity(), Ordering::Release);
-        Ok(())
+        r
     }
 
     fn end_direct(&self, seq: u64, dir: Direction, ok: bool) {

@@ -94,9 +94,7 @@ impl Meta {
         let first = self.rc.alloc(s, n)?;
         let new = first * cs;
         if let Err(e) = self.rc.guard(new, n * cs, 0) {
-            for c in first..first + n {
-                self.rc.add(s, c, -1)?;
-            }
+            self.unalloc_data(s, new, n);
             return Err(e);
         }
         for c in first..first + n {
@@ -117,8 +115,24 @@ impl Meta {
         let mut field = [0u8; 12];
         field[..4].copy_from_slice(&(need as u32).to_be_bytes());
         field[4..].copy_from_slice(&new.to_be_bytes());
-        s.write_at(&field, OFF_L1_SIZE)?;
-        s.flush()?;
+        if let Err(e) = s.write_at(&field, OFF_L1_SIZE).and_then(|()| s.flush()) {
+            // A failed write or sync may still have changed the header: later L1 writes must go
+            // to the table the file names (both hold the same entries). Whichever is not in
+            // use is leaked, never freed.
+            let mut now = [0u8; 12];
+            match s.read_at(&mut now, OFF_L1_SIZE) {
+                Ok(()) if now == field => {
+                    self.l1 = table;
+                    self.l1_offset = new;
+                }
+                Ok(()) => {}
+                Err(_) => {
+                    log::error!("the L1 table's place is unknown after a failed resize");
+                    self.corrupt = true;
+                }
+            }
+            return Err(e.into());
+        }
         let old_off = self.l1_offset;
         let old_n = (self.l1.len() as u64 * 8).div_ceil(cs);
         self.l1 = table;
