@@ -27,7 +27,7 @@ pub struct ServeArgs {
     /// The UNIX socket to listen on (a stale socket file is replaced, a live one refused).
     #[arg(long)]
     pub socket: PathBuf,
-    /// Request queues offered, 1..=1024 (QEMU asks for one per vCPU); they are served by at
+    /// Request queues offered, 1..=256 (QEMU asks for one per vCPU); they are served by at
     /// most one worker thread per host CPU.
     #[arg(long, default_value_t = vhost_user_qcow2::vhost::DEFAULT_NUM_QUEUES)]
     pub num_queues: u16,
@@ -57,7 +57,7 @@ pub struct ServeArgs {
     /// Threads of the pool that runs requests which may block (allocating writes, flushes,
     /// discards, cache misses).
     #[arg(long, default_value_t = vhost::DEFAULT_POOL_THREADS as u16,
-          value_parser = clap::value_parser!(u16).range(1..=1024))]
+          value_parser = clap::value_parser!(u16).range(1..=256))]
     pub aio_threads: u16,
     /// Lazy refcounts: on, off, or auto (follow the image's lazy-refcounts bit).
     #[arg(long, value_enum, default_value_t = OnOffAuto::Auto)]

@@ -85,7 +85,16 @@ impl BackendChannel {
             log::warn!("the backend channel's descriptor was not seen: no config-change notices");
             return;
         };
-        *lock(&self.active) = Some(UnixStream::from(fd));
+        let sock = UnixStream::from(fd);
+        // A frontend that never reads the channel must not block a resize for ever.
+        if let Err(e) = sock
+            .set_write_timeout(Some(ACK_TIMEOUT))
+            .and_then(|()| sock.set_read_timeout(Some(ACK_TIMEOUT)))
+        {
+            log::warn!("the backend channel takes no timeouts ({e}): no config-change notices");
+            return;
+        }
+        *lock(&self.active) = Some(sock);
     }
 
     /// The features the frontend acknowledged (protocol features, virtio features).
@@ -112,6 +121,17 @@ impl BackendChannel {
             & vhost::vhost_user::VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
             != 0;
         let ack = protocol_on && p.contains(VhostUserProtocolFeatures::REPLY_ACK);
+        let r = Self::notify(sock, ack);
+        if r.is_err() {
+            // A reply that comes late would pass for the next notice's: the channel is out of
+            // step, so it is dropped (the guest sees later sizes after a reconnect).
+            *g = None;
+        }
+        r
+    }
+
+    /// Send the notice on `sock`; with `ack`, wait for the frontend's reply.
+    fn notify(sock: &mut UnixStream, ack: bool) -> io::Result<Notice> {
         let flags = VERSION_1 | if ack { FLAG_NEED_REPLY } else { 0 };
         let mut msg = [0u8; 12];
         msg[0..4].copy_from_slice(&CONFIG_CHANGE_MSG.to_le_bytes());
@@ -120,7 +140,6 @@ impl BackendChannel {
         if !ack {
             return Ok(Notice::Sent);
         }
-        sock.set_read_timeout(Some(ACK_TIMEOUT))?;
         let mut reply = [0u8; 20];
         sock.read_exact(&mut reply)?;
         let field =

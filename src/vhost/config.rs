@@ -17,8 +17,9 @@ use crate::control::{EventReceiver, ImageControl};
 /// to start a VM with more vCPUs than the backend offers queues.
 pub const DEFAULT_NUM_QUEUES: u16 = 64;
 
-/// The largest queue count (virtio's limit).
-pub const MAX_NUM_QUEUES: u16 = 1024;
+/// The largest queue count: vhost-user carries a ring's index in 8 bits (SET_VRING_KICK,
+/// CALL, ERR), so a queue past 255 would take the eventfds of queue `n % 256`.
+pub const MAX_NUM_QUEUES: u16 = 256;
 
 /// The default period of `ServeConfig::tick`.
 pub const DEFAULT_TICK: Duration = Duration::from_secs(1);

@@ -69,6 +69,8 @@ pub enum StateError {
     InFlight { queue: usize, count: usize },
     #[error("queue {queue}: {count} requests taken and not in the used ring")]
     Unfinished { queue: usize, count: u16 },
+    #[error("a device state transfer is still under way (its channel is still open)")]
+    Busy,
     #[error("state transfer: {0}")]
     Io(#[from] io::Error),
     #[error("state of more than {MAX_LEN} bytes: not a vhost-user-qcow2 device state")]
@@ -291,6 +293,18 @@ impl DeviceState {
         phase: VhostTransferStatePhase,
         fd: File,
     ) -> Result<(), StateError> {
+        // One transfer thread at a time: one blocked on a channel the frontend keeps open
+        // must not be joined by another per message.
+        if let Some(Pending::Save(h)) = &self.pending {
+            if !h.is_finished() {
+                return Err(StateError::Busy);
+            }
+        }
+        if let Some(Pending::Load(h)) = &self.pending {
+            if !h.is_finished() {
+                return Err(StateError::Busy);
+            }
+        }
         let started = start(backend, dir, phase, fd);
         self.pending = Some(match started {
             Ok(p) => p,

@@ -54,6 +54,9 @@ impl DirtyLog {
     /// Use the log in `file` (`size` bytes at `offset`), replacing any earlier one.
     pub fn set_base(&self, file: File, offset: u64, size: u64) -> Result<(), DirtyLogError> {
         let err = |why: String| DirtyLogError::Map { size, offset, why };
+        if !super::sys::file_covers(&file, offset, size) {
+            return Err(err("the file is shorter than the log".into()));
+        }
         let len = usize::try_from(size).map_err(|e| err(e.to_string()))?;
         let map = MmapRegion::<()>::from_file(FileOffset::new(file, offset), len)
             .map_err(|e| err(e.to_string()))?;

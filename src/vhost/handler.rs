@@ -186,6 +186,9 @@ impl Handler {
         r: &VhostUserMemoryRegion,
         file: File,
     ) -> VuResult<GuestRegionMmap<LogBitmap>> {
+        if !super::sys::file_covers(&file, r.mmap_offset, r.memory_size) {
+            return Err(failed("a memory region's file is shorter than the region"));
+        }
         let map = r.mmap_region::<LogBitmap>(file)?;
         map.bitmap().attach(r.guest_phys_addr, &self.backend.log);
         GuestRegionMmap::new(map, GuestAddress(r.guest_phys_addr))

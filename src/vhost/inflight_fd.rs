@@ -132,6 +132,11 @@ impl InflightRegion {
                 queue_size,
             });
         }
+        if !super::sys::file_covers(&file, offset, size) {
+            return Err(InflightFdError::Map(format!(
+                "the file is shorter than {size} bytes at offset {offset}"
+            )));
+        }
         let len = usize::try_from(size).map_err(|e| InflightFdError::Map(e.to_string()))?;
         let map = MmapRegion::<()>::from_file(FileOffset::new(file, offset), len)
             .map_err(|e| InflightFdError::Map(e.to_string()))?;

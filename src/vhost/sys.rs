@@ -184,6 +184,18 @@ impl Drop for Epoll {
     }
 }
 
+/// True unless `file` is a regular file (memfd included) shorter than `offset + size`: a
+/// mapping past its end would kill the daemon with SIGBUS at the first access, so a frontend
+/// that sends a short file is refused instead. Other kinds (a DAX character device) report no
+/// length and are left to the mapping.
+pub(super) fn file_covers(file: &fs::File, offset: u64, size: u64) -> bool {
+    match file.metadata() {
+        Ok(m) if m.file_type().is_file() => offset.checked_add(size).is_some_and(|e| e <= m.len()),
+        Ok(_) => true,
+        Err(_) => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -273,5 +285,19 @@ mod tests {
             assert_eq!(watch.join().unwrap(), (0o604, true), "round {i}");
             drop(l);
         }
+    }
+
+    #[test]
+    fn a_file_shorter_than_the_mapping_is_refused() {
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(4096).unwrap();
+        assert!(super::file_covers(&f, 0, 4096));
+        assert!(super::file_covers(&f, 1024, 3072));
+        assert!(
+            !super::file_covers(&f, 0, 8192),
+            "would SIGBUS past the end"
+        );
+        assert!(!super::file_covers(&f, 4096, 1));
+        assert!(!super::file_covers(&f, u64::MAX, 2), "overflow");
     }
 }
