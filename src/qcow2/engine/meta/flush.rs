@@ -456,6 +456,10 @@ impl Meta {
 
     /// Write the refcount blocks changed in memory (no sync).
     pub(crate) fn write_dirty_refcounts(&mut self, s: &dyn Storage) -> Result<()> {
+        // The caller syncs without the lock: a flush or persister that writes tables before
+        // that sync must sync first, or a table could reach the disk ahead of these refcounts
+        // (found by tests/engine_crash_concurrent.rs with torn sectors).
+        self.data_before_l2 = true;
         self.rc.write_dirty(s)
     }
 
