@@ -520,3 +520,78 @@ fn a_flush_reads_the_refcount_block_of_its_frees_without_the_metadata_lock() {
         "a read waited {took:?} for a flush's refcount-block read"
     );
 }
+
+/// A cache full of dirty tables does not flush under the metadata lock: the allocating write
+/// that finds it full takes a table over the cap and then flushes on its own thread, without
+/// the lock, so a read and an in-place write on another thread go on while its sync is slow.
+#[test]
+fn a_full_cache_of_dirty_tables_flushes_without_the_metadata_lock() {
+    let mem = Arc::new(MemStorage::new());
+    let o = CreateOptions {
+        size: 64 << 20,
+        cluster_bits: 12,
+        ..Default::default()
+    };
+    create(&*mem, &o).unwrap();
+    let table = 2u64 << 20; // guest bytes one L2 table maps
+    let gate = Arc::new(AtomicBool::new(true));
+    let armed = Arc::new(AtomicBool::new(false));
+    let mut hooked = Hooked::new(MemStorage::from_vec(mem.snapshot()));
+    let (g, arm) = (gate.clone(), armed.clone());
+    hooked.on_flush = Some(Box::new(move || {
+        if arm.load(Ordering::SeqCst) {
+            hold(&g);
+        }
+    }));
+    let hooked = Arc::new(hooked);
+    let storage: Arc<dyn Storage> = hooked.clone();
+    let opts = OpenOptions {
+        // The smallest cache: 16 tables, which stay dirty until a flush (with `file` ack a
+        // persister writes them before each write returns, and they are clean).
+        l2_cache_bytes: Some(16 * 4096),
+        ack_durability: AckDurability::Memory,
+        ..Default::default()
+    };
+    let q = Arc::new(Qcow2::open_storage(storage, &opts, None, 0).unwrap());
+    // b: allocated and durable, in the first table; then one new cluster under each of the
+    // 16 tables fills the cache with dirty ones.
+    let b = 4096u64;
+    q.write_vectored(b, &[IoSlice::new(&[2u8; 4096])]).unwrap();
+    q.flush_all().unwrap();
+    for t in 0..16u64 {
+        q.write_vectored(t * table, &[IoSlice::new(&[1u8; 4096])])
+            .unwrap();
+    }
+    gate.store(false, Ordering::SeqCst);
+    armed.store(true, Ordering::SeqCst);
+    let q2 = q.clone();
+    let writer =
+        std::thread::spawn(move || q2.write_vectored(16 * table, &[IoSlice::new(&[5u8; 4096])]));
+    std::thread::sleep(Duration::from_millis(100)); // its flush waits in a sync now
+    let t0 = Instant::now();
+    let mut buf = [0u8; 4096];
+    q.read_vectored(b, &mut [IoSliceMut::new(&mut buf)])
+        .unwrap();
+    q.write_vectored(b, &[IoSlice::new(&[3u8; 4096])]).unwrap();
+    let took = t0.elapsed();
+    let blocked = !writer.is_finished();
+    gate.store(true, Ordering::SeqCst);
+    writer.join().unwrap().unwrap();
+    armed.store(false, Ordering::SeqCst);
+    assert!(
+        took < Duration::from_secs(2),
+        "a read and an in-place write waited {took:?} for the full cache's flush"
+    );
+    assert!(blocked, "the write into a full cache ran no slow sync");
+    assert_eq!(buf[0], 2);
+    assert_eq!(q.stats().locked_flushes, 0, "no flush ran under the lock");
+    q.close().unwrap();
+    drop(q);
+    let img = Arc::new(MemStorage::from_vec(hooked.inner.snapshot()));
+    let q = Qcow2::open_storage(img, &OpenOptions::default(), None, 0).unwrap();
+    for (off, want) in [(b, 3u8), (15 * table, 1), (16 * table, 5)] {
+        q.read_vectored(off, &mut [IoSliceMut::new(&mut buf)])
+            .unwrap();
+        assert!(buf.iter().all(|&x| x == want), "cluster at {off}");
+    }
+}

@@ -230,7 +230,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        if let Some(q) = q.filter(|q| q.needs_refcount_timer()) {
+        let Some(q) = q else { return };
+        // A flush the metadata cache asked for and no request ran yet (reads that go straight
+        // to the file do not run it).
+        q.flush_if_wanted();
+        if q.needs_refcount_timer() {
             if let Err(e) = q.flush_refcounts() {
                 log::error!("writing held-back refcounts failed: {e}");
             }

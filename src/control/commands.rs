@@ -55,6 +55,7 @@ pub struct EngineStatsInfo {
     pub clusters_freed: u64,
     pub cow_clusters: u64,
     pub metadata_flushes: u64,
+    pub locked_flushes: u64,
 }
 
 impl From<EngineStats> for EngineStatsInfo {
@@ -66,6 +67,7 @@ impl From<EngineStats> for EngineStatsInfo {
             clusters_freed: s.clusters_freed,
             cow_clusters: s.cow_clusters,
             metadata_flushes: s.metadata_flushes,
+            locked_flushes: s.locked_flushes,
         }
     }
 }

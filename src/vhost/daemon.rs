@@ -243,14 +243,16 @@ impl StatsLine {
                 clusters_freed: 0,
                 cow_clusters: 0,
                 metadata_flushes: 0,
+                locked_flushes: 0,
             });
             line.push_str(&format!(
-                "; engine: {} L2 hits, {} misses, {} clusters allocated, {} freed, {} metadata flushes",
+                "; engine: {} L2 hits, {} misses, {} clusters allocated, {} freed, {} metadata flushes ({} under the lock)",
                 d(e.l2_cache_hits, o.l2_cache_hits),
                 d(e.l2_cache_misses, o.l2_cache_misses),
                 d(e.clusters_allocated, o.clusters_allocated),
                 d(e.clusters_freed, o.clusters_freed),
                 d(e.metadata_flushes, o.metadata_flushes),
+                d(e.locked_flushes, o.locked_flushes),
             ));
         }
         info!("{line}");

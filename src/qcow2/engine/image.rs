@@ -133,6 +133,8 @@ pub struct Qcow2 {
     /// The writeback lock: one persister at a time writes table pieces, and a full flush waits
     /// for it (`engine/persist.rs`). Taken before the metadata lock, never while holding it.
     pub(super) wb: Mutex<()>,
+    /// `Meta::flush_wanted`, read without the lock.
+    pub(super) flush_wanted: Arc<AtomicBool>,
 }
 
 /// Tries at a busy metadata lock before sleeping on it, each followed by a few spin hints:
@@ -203,6 +205,25 @@ impl Qcow2 {
         let mut m = self.wait(m);
         m.cluster_wait(false);
         m
+    }
+
+    /// Run the flush the engine asked for instead of flushing under the lock (a cache full of
+    /// dirty tables, many frees waiting; see `Meta::flush_wanted`). Called by a request once
+    /// it holds nothing (no lock, no guest cluster), and by the daemon's timer. A failure is
+    /// logged, not returned: the request that calls this is done, and the next flush (the
+    /// guest's own included) writes the same tables again and reports it.
+    pub fn flush_if_wanted(&self) {
+        // One request takes the job; the others go on (a failed flush is asked for again by
+        // the next request that finds the cache full).
+        if self.read_only
+            || !self.flush_wanted.load(Ordering::Relaxed)
+            || !self.flush_wanted.swap(false, Ordering::Relaxed)
+        {
+            return;
+        }
+        if let Err(e) = self.flush_all() {
+            log::warn!("the flush the metadata cache asked for failed: {e}");
+        }
     }
 
     /// Make everything durable that completed before the call (data and metadata). Concurrent

@@ -117,6 +117,7 @@ impl Qcow2 {
             drop(m);
             self.cond.notify_all();
         }
+        self.flush_if_wanted();
         r
     }
 
@@ -313,7 +314,9 @@ impl Qcow2 {
             self.write_plain(offset, bufs)
         };
         let r = r.and_then(|need| self.persist(need));
-        self.note_error(r)
+        let r = self.note_error(r);
+        self.flush_if_wanted();
+        r
     }
 
     /// The write path without dedup. Returns the table change it depends on that is not in the

@@ -51,6 +51,12 @@ impl L2Cache {
         self.map.len() >= self.cap
     }
 
+    /// True when the cache holds its cap and a slack of a quarter more (at least 4 tables):
+    /// the flush a full cache asked for has not come in time.
+    pub(crate) fn past_slack(&self) -> bool {
+        self.map.len() >= self.cap + (self.cap / 4).max(4)
+    }
+
     /// Drop the least recently used clean table; false when every table is dirty. Walks from
     /// the least recently used end past dirty tables only.
     pub(crate) fn evict_clean(&mut self) -> bool {

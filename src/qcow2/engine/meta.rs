@@ -15,6 +15,8 @@ use crate::qcow2::error::{Qcow2Error, Result};
 use crate::qcow2::format::{self, L1Entry, L2Entry};
 use crate::storage::Storage;
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 mod flush;
 mod persist;
@@ -60,6 +62,9 @@ pub struct EngineStats {
     pub clusters_freed: u64,
     pub cow_clusters: u64,
     pub metadata_flushes: u64,
+    /// Flushes the engine ran under the metadata lock because requests outran the flush they
+    /// asked for (a cache full of dirty tables past its slack, frees far past their limit).
+    pub locked_flushes: u64,
     /// Guest flushes that ran a sync, and those a sync already running or done covered.
     pub flush_syncs: u64,
     pub flushes_without_sync: u64,
@@ -137,6 +142,11 @@ pub(crate) struct Meta {
     /// A flush is writing its copies without the metadata lock (`flush_copy`): the flushes
     /// this lock would otherwise run (a full cache, too many frees) wait for the next time.
     flush_outside: bool,
+    /// Set instead of flushing under the lock when the L2 cache is full of dirty tables or
+    /// frees pile up: the request that set it (or the next one, or the daemon's timer) runs a
+    /// flush without the lock once it is done (`Qcow2::flush_if_wanted`). Shared with the
+    /// image, which reads it without the lock.
+    pub flush_wanted: Arc<AtomicBool>,
 }
 
 /// One more waiter (`enter`) or one fewer.
@@ -208,6 +218,7 @@ impl Meta {
             changes: 0,
             wb: Writeback::new(false, 512),
             flush_outside: false,
+            flush_wanted: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -338,13 +349,16 @@ impl Meta {
         Ok(e)
     }
 
-    /// Make room in the L2 cache, writing the tables when every cached one is dirty. Our caller
-    /// is in the middle of an operation on the tables: the frees that flush made durable are
-    /// only queued here, not applied (applying one can give a survivor COPIED back, an edit of
-    /// the tables under the caller's feet); the next flush applies them.
+    /// Make room in the L2 cache. When every cached table is dirty, the cache takes a few
+    /// tables over its cap and asks for a flush that runs without the lock
+    /// (`Qcow2::flush_if_wanted`); only past that slack does it write the tables here, under
+    /// the lock. Our caller is in the middle of an operation on the tables: the frees that
+    /// locked flush made durable are only queued here, not applied (applying one can give a
+    /// survivor COPIED back, an edit of the tables under the caller's feet); the next flush
+    /// applies them.
     ///
-    /// When a persister is writing the tables that are dirty, the flush leaves them alone and
-    /// the cache takes one table more than its cap for now (the next miss evicts again).
+    /// When a flush is writing the tables that are dirty, the cache takes one table more than
+    /// its cap for now (the next miss evicts again).
     fn make_room(&mut self, s: &dyn Storage) -> Result<()> {
         while self.l2.full() {
             if !self.l2.evict_clean() {
@@ -352,6 +366,11 @@ impl Meta {
                     // Its copies are dirty until it is done; one table over the cap for now.
                     break;
                 }
+                if !self.l2.past_slack() {
+                    self.flush_wanted.store(true, Ordering::Relaxed);
+                    break;
+                }
+                self.stats.locked_flushes += 1;
                 let t = self.flush_begin(s)?;
                 let r = s.flush();
                 self.finish_flush(s, t, r)?;
@@ -594,10 +613,14 @@ impl Meta {
             }
             _ => {}
         }
-        // (Frees waiting for old I/O are not counted: no flush can apply those.) Discards
-        // flush at the limit between their batches, outside the lock (`zero_range`); this
-        // flush under the lock is the backstop for everything else.
+        // (Frees waiting for old I/O are not counted: no flush can apply those.) At the limit
+        // the request asks for a flush without the lock once it is done (discards flush
+        // between their batches, `zero_range`); this flush under the lock is the backstop.
+        if self.pending_unlink.len() > PENDING_FREE_LIMIT {
+            self.flush_wanted.store(true, Ordering::Relaxed);
+        }
         if self.pending_unlink.len() > 4 * PENDING_FREE_LIMIT && !self.flush_outside {
+            self.stats.locked_flushes += 1;
             self.flush(s)?;
         }
         Ok(())

@@ -124,6 +124,7 @@ impl Qcow2 {
         let mut state = State { meta, dedup: None };
         let (mode, paused, new_setting) = open_dedup(s, &mut state, &h, file_len, opts)?;
         let dedup_on = state.dedup.is_some();
+        let flush_wanted = state.meta.flush_wanted.clone();
         let img = Qcow2 {
             storage,
             meta: Mutex::new(state),
@@ -144,6 +145,7 @@ impl Qcow2 {
             group: Default::default(),
             lock_spins: lock_spins(),
             wb: Mutex::new(()),
+            flush_wanted,
         };
         if dedup_on && new_setting {
             // The mode this session runs in is the image's setting from now on.

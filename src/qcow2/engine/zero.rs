@@ -17,7 +17,9 @@ const BATCH: u64 = 4096;
 
 impl Qcow2 {
     pub(crate) fn zero_range(&self, offset: u64, len: u64, mode: Mode) -> Result<()> {
-        self.note_error(self.zero_range_inner(offset, len, mode))
+        let r = self.note_error(self.zero_range_inner(offset, len, mode));
+        self.flush_if_wanted();
+        r
     }
 
     /// Discard `offset..offset + len` (whole clusters; see `Mode::Discard`).

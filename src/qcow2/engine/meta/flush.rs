@@ -9,6 +9,7 @@ use crate::qcow2::format::entries::L1E_OFFSET_MASK;
 use crate::qcow2::format::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY, OFF_INCOMPATIBLE};
 use crate::qcow2::format::L2Entry;
 use crate::storage::Storage;
+use std::sync::atomic::Ordering;
 
 /// What `flush_begin` hands to `flush_end`, across the sync that may run without the lock.
 pub(crate) struct FlushTicket {
@@ -104,6 +105,7 @@ impl Meta {
             return Ok(None);
         }
         self.stats.metadata_flushes += 1;
+        self.flush_wanted.store(false, Ordering::Relaxed);
         let fixup = self.copied_window;
         if fixup && self.incompatible & INCOMPAT_DIRTY == 0 {
             self.set_incompatible(s, self.incompatible | INCOMPAT_DIRTY)?;
@@ -211,6 +213,7 @@ impl Meta {
     pub(crate) fn flush_begin(&mut self, s: &dyn Storage) -> Result<FlushTicket> {
         debug_assert!(!self.flush_outside, "a flush is writing copies");
         self.stats.metadata_flushes += 1;
+        self.flush_wanted.store(false, Ordering::Relaxed);
         if self.corrupt {
             // Nothing more is written into a corrupt image's metadata.
             return Ok(FlushTicket {
