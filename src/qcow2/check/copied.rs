@@ -12,7 +12,7 @@ use super::classify::{classify, Kind};
 use super::image::{Image, MetaGuard};
 use super::ondisk::OnDisk;
 use super::report::{CheckError, Findings};
-use super::walk::second_visit;
+use super::walk::{nonzero_entries, second_visit};
 use crate::qcow2::format::entries::{
     L1E_OFFSET_MASK, L2E_OFFSET_MASK, L2E_RESERVED_MASK, OFLAG_COPIED,
 };
@@ -60,7 +60,7 @@ pub(crate) fn check_copied(
         memo: BTreeMap::new(),
         memo_cost: 0,
     };
-    for (i, &l1e) in img.l1.iter().enumerate() {
+    for (i, l1e) in nonzero_entries(&img.l1) {
         let l2_off = l1e & L1E_OFFSET_MASK;
         if l2_off == 0 {
             continue;

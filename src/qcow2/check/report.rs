@@ -208,5 +208,33 @@ pub(crate) struct EntryFix {
     pub value: u64,
     /// The entry is in an L2 table (else in an L1 table).
     pub in_l2: bool,
-    pub why: String,
+    pub why: FixReason,
+}
+
+/// Why an entry is rewritten: kept as data and worded only when repair reports it (a hostile
+/// table can have a fix per entry, and most checks repair nothing).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum FixReason {
+    /// L1 entry `index` points past the end of the file, at `l2`.
+    L1PastEnd { index: usize, l2: u64 },
+    /// An unaligned preallocated zero cluster at `off`.
+    UnalignedZero { off: u64 },
+    /// An L2 entry points past the end of the file, at `off`.
+    L2PastEnd { off: u64 },
+}
+
+impl std::fmt::Display for FixReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            FixReason::L1PastEnd { index, l2 } => {
+                write!(f, "L1 entry {index} points past the end of the file ({l2:#x})")
+            }
+            FixReason::UnalignedZero { off } => {
+                write!(f, "unaligned preallocated zero cluster {off:#x}")
+            }
+            FixReason::L2PastEnd { off } => {
+                write!(f, "L2 entry points past the end of the file ({off:#x})")
+            }
+        }
+    }
 }

@@ -372,3 +372,14 @@ fn overflows_past_the_message_limit_are_counted() {
         assert_eq!(m, pattern[i % 3], "message {i}");
     }
 }
+
+#[test]
+fn nonzero_entries_skips_zero_runs_and_keeps_indexes() {
+    let mut t = vec![0u64; 300];
+    for i in [0usize, 63, 64, 200, 299] {
+        t[i] = i as u64 + 1;
+    }
+    let got: Vec<(usize, u64)> = walk::nonzero_entries(&t).collect();
+    assert_eq!(got, vec![(0, 1), (63, 64), (64, 65), (200, 201), (299, 300)]);
+    assert_eq!(walk::nonzero_entries(&[]).count(), 0);
+}

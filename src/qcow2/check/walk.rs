@@ -6,7 +6,7 @@
 use super::image::{read_table, Image, REFT_OFFSET_MASK, REFT_RESERVED_MASK};
 use super::l2memo::{exceed_msg, exceeds, Ev, L2Memo};
 use super::refarray::RefArray;
-use super::report::{CheckError, EntryFix, Findings, Progress};
+use super::report::{CheckError, EntryFix, FixReason, Findings, Progress};
 use crate::qcow2::format::entries::{L1E_OFFSET_MASK, L1E_RESERVED_MASK, OFLAG_ZERO};
 use crate::qcow2::format::refblock::max_refcount;
 use crate::storage::Storage;
@@ -226,11 +226,10 @@ impl<'a> Walker<'a> {
         };
         // Entries past the end of the file read as zero: nothing to walk.
         p.tick(l1_size as u64 - l1.len() as u64);
-        for (i, &e) in l1.iter().enumerate() {
-            p.tick(1);
-            if e == 0 {
-                continue;
-            }
+        let mut ticked = 0;
+        for (i, e) in nonzero_entries(l1) {
+            p.tick((i + 1 - ticked) as u64);
+            ticked = i + 1;
             if e & L1E_RESERVED_MASK != 0 {
                 self.f
                     .corrupt_with(|| format!("ERROR found L1 entry with reserved bits set: {e:x}"));
@@ -244,7 +243,7 @@ impl<'a> Walker<'a> {
                     at: l1_off + 8 * i as u64,
                     value: 0,
                     in_l2: false,
-                    why: format!("L1 entry {i} points past the end of the file ({l2:#x})"),
+                    why: FixReason::L1PastEnd { index: i, l2 },
                 });
             }
             if l2 & (img.cs - 1) != 0 {
@@ -256,6 +255,7 @@ impl<'a> Walker<'a> {
             }
             self.walk_l2(l2, active)?;
         }
+        p.tick((l1.len() - ticked) as u64);
         Ok(())
     }
 
@@ -371,7 +371,7 @@ impl<'a> Walker<'a> {
                     at: l2_off + 8 * idx as u64,
                     value: OFLAG_ZERO,
                     in_l2: true,
-                    why: format!("unaligned preallocated zero cluster {off:#x}"),
+                    why: FixReason::UnalignedZero { off },
                 }),
                 Ev::Inc {
                     off,
@@ -386,7 +386,7 @@ impl<'a> Walker<'a> {
                             at,
                             value: if v3 { OFLAG_ZERO } else { 0 },
                             in_l2: true,
-                            why: format!("L2 entry points past the end of the file ({off:#x})"),
+                            why: FixReason::L2PastEnd { off },
                         });
                     }
                 }
@@ -485,4 +485,19 @@ impl<'a> Walker<'a> {
             }
         }
     }
+}
+
+/// The nonzero entries of a table, with their indexes. Sparse tables are mostly zeros: a chunk
+/// of them is skipped after one OR over it instead of a test per entry.
+pub(crate) fn nonzero_entries(t: &[u64]) -> impl Iterator<Item = (usize, u64)> + '_ {
+    const CHUNK: usize = 64;
+    t.chunks(CHUNK)
+        .enumerate()
+        .filter(|(_, c)| c.iter().fold(0, |a, &e| a | e) != 0)
+        .flat_map(|(k, c)| {
+            c.iter()
+                .enumerate()
+                .filter(|&(_, &e)| e != 0)
+                .map(move |(j, &e)| (k * CHUNK + j, e))
+        })
 }
