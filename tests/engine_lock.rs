@@ -595,3 +595,72 @@ fn a_full_cache_of_dirty_tables_flushes_without_the_metadata_lock() {
         assert!(buf.iter().all(|&x| x == want), "cluster at {off}");
     }
 }
+
+/// A dedup write whose record (the dedup index cluster) is not cached reads it without the
+/// metadata lock; evicted dirty index clusters are written without it too.
+#[test]
+fn a_dedup_write_reads_a_missing_record_without_the_metadata_lock() {
+    use vhost_user_qcow2::qcow2::format::dedup::{DedupExtension, EXT_DEDUP};
+    use vhost_user_qcow2::qcow2::format::Header;
+    let mem = Arc::new(MemStorage::new());
+    let o = CreateOptions {
+        size: 128 << 20,
+        cluster_bits: 12,
+        dedup: true,
+        ..Default::default()
+    };
+    create(&*mem, &o).unwrap();
+    let opts = OpenOptions {
+        dedup_mode: Some(DedupMode::Inline),
+        // Four index clusters of records (127 guest clusters each) in the cache.
+        dedup_cache_bytes: Some(4 * 4096),
+        ..Default::default()
+    };
+    let (a, b) = (0u64, 8u64 << 20);
+    {
+        let q = Qcow2::open_storage(mem.clone(), &opts, None, 0).unwrap();
+        q.write_vectored(a, &[IoSlice::new(&[1u8; 4096])]).unwrap();
+        // Records spread over many index clusters (unique contents).
+        for i in 0..40u64 {
+            let off = i * (1 << 20) + 8192;
+            q.write_vectored(off, &[IoSlice::new(&[i as u8 + 10; 4096])])
+                .unwrap();
+        }
+        q.close().unwrap();
+    }
+    let img = mem.snapshot();
+    let h = Header::decode(&img[..4096]).unwrap();
+    let e = DedupExtension::decode(h.extension(EXT_DEDUP).unwrap()).unwrap();
+    let gc = (b + 4096) / 4096;
+    let slow_record = e.index_offset + gc / 127 * 4096;
+    let (storage, gate) = ReadGate::storage(img, slow_record, true);
+    let q = Arc::new(Qcow2::open_storage(storage, &opts, None, 0).unwrap());
+    // The cache holds other index clusters now.
+    for i in 30..40u64 {
+        let off = i * (1 << 20) + 8192;
+        q.write_vectored(off, &[IoSlice::new(&[i as u8 + 100; 4096])])
+            .unwrap();
+    }
+    gate.set(false);
+    let q2 = q.clone();
+    let slow =
+        std::thread::spawn(move || q2.write_vectored(b + 4096, &[IoSlice::new(&[3u8; 4096])]));
+    std::thread::sleep(Duration::from_millis(100)); // the dedup write is in its record read
+    let t0 = Instant::now();
+    let mut buf = [0u8; 4096];
+    q.read_vectored(a, &mut [IoSliceMut::new(&mut buf)])
+        .unwrap();
+    let took = t0.elapsed();
+    gate.set(true);
+    slow.join().unwrap().unwrap();
+    assert!(
+        took < Duration::from_secs(2),
+        "a read waited {took:?} for a dedup write's record read"
+    );
+    assert_eq!(buf[0], 1);
+    assert_eq!(gate.reads(), 1, "the write read its record");
+    q.read_vectored(b + 4096, &mut [IoSliceMut::new(&mut buf)])
+        .unwrap();
+    assert_eq!(buf[0], 3, "the dedup write landed");
+    q.close().unwrap();
+}

@@ -227,7 +227,10 @@ impl std::fmt::Display for FixReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match *self {
             FixReason::L1PastEnd { index, l2 } => {
-                write!(f, "L1 entry {index} points past the end of the file ({l2:#x})")
+                write!(
+                    f,
+                    "L1 entry {index} points past the end of the file ({l2:#x})"
+                )
             }
             FixReason::UnalignedZero { off } => {
                 write!(f, "unaligned preallocated zero cluster {off:#x}")

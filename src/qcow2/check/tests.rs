@@ -380,6 +380,9 @@ fn nonzero_entries_skips_zero_runs_and_keeps_indexes() {
         t[i] = i as u64 + 1;
     }
     let got: Vec<(usize, u64)> = walk::nonzero_entries(&t).collect();
-    assert_eq!(got, vec![(0, 1), (63, 64), (64, 65), (200, 201), (299, 300)]);
+    assert_eq!(
+        got,
+        vec![(0, 1), (63, 64), (64, 65), (200, 201), (299, 300)]
+    );
     assert_eq!(walk::nonzero_entries(&[]).count(), 0);
 }

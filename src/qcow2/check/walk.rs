@@ -6,7 +6,7 @@
 use super::image::{read_table, Image, REFT_OFFSET_MASK, REFT_RESERVED_MASK};
 use super::l2memo::{exceed_msg, exceeds, Ev, L2Memo};
 use super::refarray::RefArray;
-use super::report::{CheckError, EntryFix, FixReason, Findings, Progress};
+use super::report::{CheckError, EntryFix, Findings, FixReason, Progress};
 use crate::qcow2::format::entries::{L1E_OFFSET_MASK, L1E_RESERVED_MASK, OFLAG_ZERO};
 use crate::qcow2::format::refblock::max_refcount;
 use crate::storage::Storage;

@@ -18,6 +18,9 @@ const BATCH: u64 = 4096;
 impl Qcow2 {
     pub(crate) fn zero_range(&self, offset: u64, len: u64, mode: Mode) -> Result<()> {
         let r = self.note_error(self.zero_range_inner(offset, len, mode));
+        if self.dedup_on && Self::records_evicted(&self.lock()) {
+            self.write_evicted_records();
+        }
         self.flush_if_wanted();
         r
     }

@@ -159,6 +159,66 @@ impl Qcow2 {
         self.lock().dedup.as_ref().map(|d| d.open_report.clone())
     }
 
+    /// If the index cluster with guest cluster `gc`'s record is not cached, read it without
+    /// the lock (dropped and taken again around the read), as `load_tables` does for tables.
+    fn load_record<'a>(&'a self, mut m: MutexGuard<'a, State>, gc: u64) -> MutexGuard<'a, State> {
+        let Some((k, off, len)) = m
+            .dedup
+            .as_mut()
+            .and_then(|d| d.records.as_mut())
+            .and_then(|r| r.record_to_load(gc))
+        else {
+            return m;
+        };
+        drop(m);
+        let s = self.storage.as_ref();
+        let mut buf = vec![0u8; len];
+        let ok = s.read_at(&mut buf, off).is_ok();
+        let mut m = self.lock();
+        if let Some(r) = m.dedup.as_mut().and_then(|d| d.records.as_mut()) {
+            if let Err(e) = r.loaded(s, k, ok.then_some(&buf[..])) {
+                log::warn!("dedup index cluster {k}: {e}");
+            }
+        }
+        m
+    }
+
+    /// True when evicted index clusters wait for a writer (see `write_evicted_records`).
+    pub(crate) fn records_evicted(m: &State) -> bool {
+        m.dedup
+            .as_ref()
+            .and_then(|d| d.records.as_ref())
+            .is_some_and(|r| r.has_evicted())
+    }
+
+    /// Write the dirty index clusters the record cache evicted, without the metadata lock (under
+    /// the writeback lock, so that the index area cannot move meanwhile). Records are hints: a
+    /// failed write only loses them (logged).
+    pub(crate) fn write_evicted_records(&self) {
+        let s = self.storage.as_ref();
+        let _wb = self.wb_lock();
+        let batch = match self.lock().dedup.as_mut().and_then(|d| d.records.as_mut()) {
+            Some(r) => r.take_evicted(),
+            None => return,
+        };
+        let done: Vec<(u64, bool)> = batch
+            .iter()
+            .map(|(k, off, b)| {
+                let r = s.write_at(b, *off);
+                if let Err(e) = &r {
+                    log::warn!("dedup index cluster {k} not written ({e}): its hints are lost");
+                }
+                (*k, r.is_ok())
+            })
+            .collect();
+        let mut m = self.lock();
+        if let Some(r) = m.dedup.as_mut().and_then(|d| d.records.as_mut()) {
+            for (k, ok) in done {
+                r.evicted_written(k, ok);
+            }
+        }
+    }
+
     fn hold_cluster(&self, gc: u64) -> ClusterGuard<'_> {
         self.hold_cluster_locked(gc).1
     }
@@ -180,9 +240,10 @@ impl Qcow2 {
     /// only this request; a table that cannot be read is left to `entry`, which reports it.
     fn hold_cluster_locked(&self, gc: u64) -> (MutexGuard<'_, State>, ClusterGuard<'_>) {
         let cb = self.g.cluster_bits;
-        let mut m = self
+        let m = self
             .load_tables(self.lock(), gc << cb, 1 << cb)
             .unwrap_or_else(|_| self.lock());
+        let mut m = self.load_record(m, gc);
         while m.is_held(gc) {
             m = self.wait_cluster(m);
         }
@@ -213,6 +274,8 @@ impl Qcow2 {
             Vec::new()
         };
         let mut need = 0;
+        // Evicted index clusters are written once the request holds nothing.
+        let mut evicted = false;
         for iov::Chunk {
             gc,
             in_off,
@@ -233,11 +296,13 @@ impl Qcow2 {
                 let s = self.storage.as_ref();
                 let background = self.dedup_mode() == DedupMode::Background;
                 let (guard, first) = self.hold_cluster_then(gc, |m| {
-                    if background {
+                    let r = if background {
                         mark_pending(m, s, gc)
                     } else {
                         forget(m, s, gc).map(|()| false)
-                    }
+                    };
+                    evicted |= Self::records_evicted(m);
+                    r
                 });
                 if first? {
                     // The first pending cluster: the worker sleeps until told.
@@ -273,11 +338,15 @@ impl Qcow2 {
             // Its entry: a link, a zero cluster or a new cluster just made, or the one an
             // identical rewrite or an in-place write relied on.
             need = need.max(m.ack_need(gc, gc));
+            evicted |= Self::records_evicted(&m);
             let wake = guard.release(&mut m);
             drop(m);
             if wake {
                 self.cond.notify_all();
             }
+        }
+        if evicted {
+            self.write_evicted_records();
         }
         Ok(need)
     }

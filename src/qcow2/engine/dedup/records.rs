@@ -10,7 +10,7 @@
 //! a byte compare. Records loaded from the image are not verified: QEMU may have written the
 //! cluster in place since (docs/dedup.md, "Staleness").
 
-use crate::qcow2::engine::clustermap::ClusterMap;
+use crate::qcow2::engine::clustermap::{ClusterMap, ClusterSet};
 use crate::qcow2::error::Result;
 use crate::qcow2::format::dedup as codec;
 use crate::qcow2::format::dedup::{IndexCluster, PENDING};
@@ -52,6 +52,13 @@ pub(crate) struct Records {
     /// The guest clusters of a rebuild batch in flight, and which of them had their record set
     /// or cleared since the batch was planned (`rebuild.rs`).
     watch: Option<Watch>,
+    /// Index clusters being read without the lock (`record_to_load`). A load under the lock takes
+    /// the cluster out of here, and the copy read outside is then dropped.
+    loading: ClusterSet,
+    /// Dirty index clusters evicted from the cache, encoded, until a request writes them
+    /// without the metadata lock (`take_evicted`, `evicted_written`; true once taken). A load
+    /// meanwhile takes the bytes from here, not from the area.
+    evicting: ClusterMap<(Vec<u8>, bool)>,
 }
 
 /// Guest clusters `first..first + len` watched for record changes, one bit each.
@@ -113,6 +120,8 @@ impl Records {
             reads: 0,
             writes: 0,
             watch: None,
+            loading: ClusterSet::default(),
+            evicting: ClusterMap::default(),
         }
     }
 
@@ -180,53 +189,161 @@ impl Records {
             return Ok(None);
         }
         if !self.cache.contains_key(&k) {
+            // Whoever reads this cluster without the lock must not insert it after us.
+            self.loading.remove(&k);
             if self.cache.len() >= self.cap {
                 self.evict(s)?;
             }
-            let ic = if bit(&self.on_disk, k) {
+            let ic = if let Some((b, _)) = self.evicting.get(&k) {
+                let b = b.clone();
+                self.decode(k, &b)
+            } else if bit(&self.on_disk, k) {
                 let mut buf = vec![0u8; self.cs() as usize];
                 s.read_at(&mut buf, self.area.offset + k * self.cs())?;
                 self.reads += 1;
-                match IndexCluster::decode(&buf, self.cluster_bits, self.generation, k) {
-                    Ok(ic) => ic,
-                    // A hole: no records for this range (see `write_all`).
-                    Err(_) if is_zero(&buf) => {
-                        IndexCluster::empty(self.cluster_bits, self.generation, k)
-                    }
-                    Err(e) => {
-                        log::warn!("dedup index cluster {k} unreadable ({e}): its hints are lost");
-                        set_bit(&mut self.on_disk, k, false);
-                        IndexCluster::empty(self.cluster_bits, self.generation, k)
-                    }
-                }
+                self.decode(k, &buf)
             } else {
                 IndexCluster::empty(self.cluster_bits, self.generation, k)
             };
-            let verified =
-                vec![if self.all_verified { u64::MAX } else { 0 }; self.rpc.div_ceil(64) as usize];
-            self.cache.insert(
-                k,
-                Slot {
-                    ic,
-                    verified,
-                    dirty: false,
-                },
-            );
-            self.order.push_back(k);
+            self.insert(k, ic);
         }
         Ok(self.cache.get_mut(&k))
     }
 
-    fn evict(&mut self, s: &dyn Storage) -> Result<()> {
-        while let Some(k) = self.order.pop_front() {
-            if let Some(slot) = self.cache.remove(&k) {
-                if slot.dirty {
-                    self.write_slot(s, k, &slot.ic)?;
-                }
-                return Ok(());
+    /// Index cluster `k` as read from the area (or from `evicting`).
+    fn decode(&mut self, k: u64, buf: &[u8]) -> IndexCluster {
+        match IndexCluster::decode(buf, self.cluster_bits, self.generation, k) {
+            Ok(ic) => ic,
+            // A hole: no records for this range (see `write_all`).
+            Err(_) if is_zero(buf) => IndexCluster::empty(self.cluster_bits, self.generation, k),
+            Err(e) => {
+                log::warn!("dedup index cluster {k} unreadable ({e}): its hints are lost");
+                set_bit(&mut self.on_disk, k, false);
+                IndexCluster::empty(self.cluster_bits, self.generation, k)
             }
         }
+    }
+
+    fn insert(&mut self, k: u64, ic: IndexCluster) {
+        let verified =
+            vec![if self.all_verified { u64::MAX } else { 0 }; self.rpc.div_ceil(64) as usize];
+        self.cache.insert(
+            k,
+            Slot {
+                ic,
+                verified,
+                dirty: false,
+            },
+        );
+        self.order.push_back(k);
+    }
+
+    /// If the index cluster holding guest cluster `gc`'s record must be read from the area,
+    /// register the read and return (index cluster, file offset, bytes): the caller reads it
+    /// without the lock, then `loaded`. None: cached, being read, or nothing to read.
+    pub(crate) fn record_to_load(&mut self, gc: u64) -> Option<(u64, u64, usize)> {
+        let k = gc / self.rpc;
+        if k >= self.area.clusters
+            || self.cache.contains_key(&k)
+            || self.evicting.contains_key(&k)
+            || self.loading.contains(&k)
+            || !bit(&self.on_disk, k)
+        {
+            return None;
+        }
+        self.loading.insert(k);
+        Some((k, self.area.offset + k * self.cs(), self.cs() as usize))
+    }
+
+    /// An index cluster read without the lock (`record_to_load`) arrives (None: the read failed; a
+    /// load under the lock reports it): cached unless a load under the lock superseded it.
+    pub(crate) fn loaded(&mut self, s: &dyn Storage, k: u64, buf: Option<&[u8]>) -> Result<()> {
+        if !self.loading.remove(&k) || self.cache.contains_key(&k) {
+            return Ok(());
+        }
+        let Some(buf) = buf else {
+            return Ok(());
+        };
+        if self.cache.len() >= self.cap {
+            self.evict(s)?;
+        }
+        self.reads += 1;
+        let ic = self.decode(k, buf);
+        self.insert(k, ic);
         Ok(())
+    }
+
+    /// Make room for one index cluster. The oldest one goes; when it is dirty, its bytes wait
+    /// in `evicting` for a request to write them without the lock (or, when too many wait
+    /// already, it is written here, under the lock). A dirty one whose earlier eviction is
+    /// still being written stays: two writes of one cluster in flight could land in either
+    /// order, and a load must find the newest bytes. If only such ones are cached, the cache
+    /// takes one more for now.
+    fn evict(&mut self, s: &dyn Storage) -> Result<()> {
+        for _ in 0..self.order.len() {
+            let Some(k) = self.order.pop_front() else {
+                break;
+            };
+            let busy = self.evicting.contains_key(&k);
+            let Some(slot) = self.cache.get(&k) else {
+                continue;
+            };
+            if slot.dirty && busy {
+                self.order.push_back(k);
+                continue;
+            }
+            let Some(slot) = self.cache.remove(&k) else {
+                continue;
+            };
+            if slot.dirty {
+                if self.evicting.len() < self.cap {
+                    let b = slot.ic.encode(self.cluster_bits);
+                    self.evicting.insert(k, (b, false));
+                } else {
+                    self.write_slot(s, k, &slot.ic)?;
+                }
+            }
+            return Ok(());
+        }
+        Ok(())
+    }
+
+    /// True when evicted index clusters wait for a writer (`take_evicted`).
+    pub(crate) fn has_evicted(&self) -> bool {
+        self.evicting.values().any(|(_, taken)| !taken)
+    }
+
+    /// The evicted index clusters nobody writes yet: (index cluster, file offset, bytes). The
+    /// caller holds the writeback lock (so the area cannot move meanwhile), writes them without
+    /// the metadata lock, and reports each with `evicted_written`.
+    pub(crate) fn take_evicted(&mut self) -> Vec<(u64, u64, Vec<u8>)> {
+        let (off, cs) = (self.area.offset, self.cs());
+        let mut out = Vec::new();
+        for (&k, (b, taken)) in self.evicting.iter_mut() {
+            if !*taken {
+                *taken = true;
+                out.push((k, off + k * cs, b.clone()));
+            }
+        }
+        out
+    }
+
+    /// The write of evicted index cluster `k` finished (`ok`: it is in the area now).
+    pub(crate) fn evicted_written(&mut self, k: u64, ok: bool) {
+        if self.evicting.remove(&k).is_none() {
+            return;
+        }
+        if ok {
+            self.writes += 1;
+            set_bit(&mut self.on_disk, k, true);
+            return;
+        }
+        // What the area holds for it is unknown now: its records are lost, unless the cache
+        // has them again; those go out with the next eviction or close.
+        set_bit(&mut self.on_disk, k, false);
+        if let Some(slot) = self.cache.get_mut(&k) {
+            slot.dirty = true;
+        }
     }
 
     fn write_slot(&mut self, s: &dyn Storage, k: u64, ic: &IndexCluster) -> Result<()> {
@@ -289,6 +406,23 @@ impl Records {
     /// records", so the whole area loads next time without the empty ranges taking disk space
     /// (an area is 0.8% of the disk at 4 KiB clusters). The caller syncs.
     pub(crate) fn write_all(&mut self, s: &dyn Storage) -> Result<()> {
+        // Evicted ones first (the same bytes a writer outside may be writing; a cached copy
+        // loaded from them since, and changed, is written after).
+        let (off, cs) = (self.area.offset, self.cs());
+        let mut ev: Vec<u64> = self.evicting.keys().copied().collect();
+        ev.sort_unstable();
+        for k in ev {
+            let Some((b, taken)) = self.evicting.get(&k) else {
+                continue;
+            };
+            let taken = *taken;
+            s.write_at(b, off + k * cs)?;
+            self.writes += 1;
+            set_bit(&mut self.on_disk, k, true);
+            if !taken {
+                self.evicting.remove(&k);
+            }
+        }
         let mut ks: Vec<u64> = self.cache.keys().copied().collect();
         ks.sort_unstable();
         for k in ks {
@@ -305,7 +439,9 @@ impl Records {
         let cs = self.cs();
         let mut k = 0;
         while k < self.area.clusters {
-            let stale = |r: &Self, k: u64| !bit(&r.on_disk, k) && !r.cache.contains_key(&k);
+            let stale = |r: &Self, k: u64| {
+                !bit(&r.on_disk, k) && !r.cache.contains_key(&k) && !r.evicting.contains_key(&k)
+            };
             if !stale(self, k) {
                 k += 1;
                 continue;
@@ -354,7 +490,7 @@ mod tests {
         for gc in 0..(5 * 127) {
             r.set(&s, gc, Some(&h), true).unwrap();
         }
-        assert!(r.writes >= 1, "the cache of 4 clusters evicted one");
+        assert!(r.has_evicted(), "the cache of 4 clusters evicted one");
         assert_eq!(r.get(&s, 3).unwrap(), Some((h, true)));
         r.write_all(&s).unwrap();
         // A new view of the same generation, loaded: records are there but not verified.
@@ -367,6 +503,74 @@ mod tests {
         // Another generation does not accept these clusters.
         let mut r3 = Records::new(12, area(), 8, true, 1 << 20);
         assert_eq!(r3.get(&s, 1).unwrap(), None);
+    }
+
+    #[test]
+    fn an_evicted_dirty_cluster_waits_for_its_writer_and_loads_from_memory_meanwhile() {
+        let s = MemStorage::new();
+        let big = Area {
+            offset: 4096 * 10,
+            clusters: 10,
+        };
+        let mut r = Records::new(12, big, 7, false, 4 * 4096);
+        let (h, h2) = ([9u8; 32], [5u8; 32]);
+        // Five index clusters' worth of records (127 each) in a cache of four: the first one
+        // is evicted dirty, and nothing is written under the lock.
+        for gc in 0..(5 * 127) {
+            r.set(&s, gc, Some(&h), true).unwrap();
+        }
+        assert_eq!(r.writes, 0);
+        let batch = r.take_evicted();
+        assert_eq!(batch.iter().map(|b| b.0).collect::<Vec<_>>(), vec![0]);
+        assert!(!r.has_evicted(), "taken by its writer");
+        // Before the write lands, the cluster loads from its evicted bytes, not the area.
+        let reads = r.reads;
+        assert_eq!(r.get(&s, 3).unwrap(), Some((h, true)));
+        assert_eq!(r.reads, reads);
+        // Changed again while its write is out: it is not evicted a second time meanwhile.
+        r.set(&s, 3, Some(&h2), true).unwrap();
+        for gc in (5 * 127)..(9 * 127) {
+            r.set(&s, gc, Some(&h), true).unwrap();
+        }
+        assert_eq!(r.get(&s, 3).unwrap(), Some((h2, true)), "still cached");
+        assert!(r.take_evicted().iter().all(|b| b.0 != 0));
+        let (k, off, bytes) = &batch[0];
+        s.write_at(bytes, *off).unwrap();
+        r.evicted_written(*k, true);
+        r.write_all(&s).unwrap();
+        let mut r2 = Records::new(12, big, 7, true, 1 << 20);
+        assert_eq!(r2.get(&s, 3).unwrap(), Some((h2, false)));
+        assert_eq!(r2.get(&s, 9 * 127 - 1).unwrap(), Some((h, false)));
+    }
+
+    #[test]
+    fn an_index_cluster_read_outside_the_lock_yields_to_a_load_under_it() {
+        let s = MemStorage::new();
+        let h = [9u8; 32];
+        let mut r = Records::new(12, area(), 7, false, 1 << 20);
+        r.set(&s, 5, Some(&h), true).unwrap();
+        r.write_all(&s).unwrap();
+        let mut r = Records::new(12, area(), 7, true, 1 << 20);
+        let (k, off, len) = r.record_to_load(5).unwrap();
+        assert!(r.record_to_load(6).is_none(), "one read per index cluster");
+        let mut fresh = vec![0u8; len];
+        s.read_at(&mut fresh, off).unwrap();
+        // A load under the lock comes first; the copy read outside is then dropped.
+        assert_eq!(r.get(&s, 5).unwrap(), Some((h, false)));
+        r.set(&s, 5, None, false).unwrap();
+        r.loaded(&s, k, Some(&fresh)).unwrap();
+        assert_eq!(
+            r.get(&s, 5).unwrap(),
+            None,
+            "the older copy did not replace the cache"
+        );
+        // Without one, the copy read outside is cached.
+        let mut r = Records::new(12, area(), 7, true, 1 << 20);
+        let (k, _, _) = r.record_to_load(5).unwrap();
+        r.loaded(&s, k, Some(&fresh)).unwrap();
+        let reads = r.reads;
+        assert_eq!(r.get(&s, 5).unwrap(), Some((h, false)));
+        assert_eq!(r.reads, reads, "no read under the lock");
     }
 
     #[test]
