@@ -664,3 +664,80 @@ fn a_dedup_write_reads_a_missing_record_without_the_metadata_lock() {
     assert_eq!(buf[0], 3, "the dedup write landed");
     q.close().unwrap();
 }
+
+/// The refcount block the allocator needs next is created (written, synced, linked into the
+/// table, synced) without the metadata lock: a read and an in-place write go on while its
+/// syncs are slow. Then the image is consistent and the new block in use.
+#[test]
+fn a_new_refcount_block_is_written_without_the_metadata_lock() {
+    use vhost_user_qcow2::qcow2::check::{check, CheckOptions};
+    let mem = Arc::new(MemStorage::new());
+    let o = CreateOptions {
+        size: 64 << 20,
+        cluster_bits: 12,
+        ..Default::default()
+    };
+    create(&*mem, &o).unwrap();
+    let gate = Arc::new(AtomicBool::new(true));
+    let armed = Arc::new(AtomicBool::new(false));
+    let held = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut hooked = Hooked::new(MemStorage::from_vec(mem.snapshot()));
+    let (g, arm, n) = (gate.clone(), armed.clone(), held.clone());
+    hooked.on_flush = Some(Box::new(move || {
+        if arm.load(Ordering::SeqCst) {
+            n.fetch_add(1, Ordering::SeqCst);
+            hold(&g);
+        }
+    }));
+    let hooked = Arc::new(hooked);
+    let storage: Arc<dyn Storage> = hooked.clone();
+    let q = Arc::new(Qcow2::open_storage(storage, &OpenOptions::default(), None, 0).unwrap());
+    q.write_vectored(0, &[IoSlice::new(&[2u8; 4096])]).unwrap();
+    q.flush_all().unwrap();
+    // 4 KiB clusters, 16-bit refcounts: a block covers 2048 clusters. Allocating 2500 more
+    // needs the second block; the first sync with the gate closed is its creation's.
+    gate.store(false, Ordering::SeqCst);
+    armed.store(true, Ordering::SeqCst);
+    let q2 = q.clone();
+    let writer = std::thread::spawn(move || {
+        for i in 1..2500u64 {
+            q2.write_vectored(i * 4096, &[IoSlice::new(&[(i % 251) as u8; 4096])])?;
+        }
+        Ok::<(), vhost_user_qcow2::block::BlockError>(())
+    });
+    let t0 = Instant::now();
+    while held.load(Ordering::SeqCst) == 0 && t0.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(held.load(Ordering::SeqCst), 1, "the writer waits in a sync");
+    let t0 = Instant::now();
+    let mut buf = [0u8; 4096];
+    q.read_vectored(0, &mut [IoSliceMut::new(&mut buf)])
+        .unwrap();
+    q.write_vectored(0, &[IoSlice::new(&[3u8; 4096])]).unwrap();
+    let took = t0.elapsed();
+    gate.store(true, Ordering::SeqCst);
+    writer.join().unwrap().unwrap();
+    armed.store(false, Ordering::SeqCst);
+    assert!(
+        took < Duration::from_secs(2),
+        "a read and an in-place write waited {took:?} for a refcount block's creation"
+    );
+    assert_eq!(buf[0], 2);
+    q.close().unwrap();
+    drop(q);
+    let img = MemStorage::from_vec(hooked.inner.snapshot());
+    let r = check(&img, &CheckOptions::default()).unwrap();
+    assert!(r.is_clean(), "{:?}", r.messages);
+    let q = Qcow2::open_storage(Arc::new(img), &OpenOptions::default(), None, 0).unwrap();
+    for (i, want) in [
+        (0u64, 3u8),
+        (1, 1),
+        (2047, (2047 % 251) as u8),
+        (2499, (2499 % 251) as u8),
+    ] {
+        q.read_vectored(i * 4096, &mut [IoSliceMut::new(&mut buf)])
+            .unwrap();
+        assert!(buf.iter().all(|&x| x == want), "cluster {i}");
+    }
+}

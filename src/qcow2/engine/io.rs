@@ -177,6 +177,41 @@ impl Qcow2 {
         m
     }
 
+    /// Create the refcount block the allocator will need soon (`Refcounts::block_to_create`),
+    /// its writes and syncs without the lock, so that they stall only this request. The file
+    /// is grown over it first, under the lock, so that no concurrent growth cuts it off. A
+    /// failure is logged and left to the locked path, which creates the block when it needs
+    /// it and reports the error.
+    pub(super) fn create_refcount_block<'a>(
+        &'a self,
+        mut m: MutexGuard<'a, State>,
+    ) -> MutexGuard<'a, State> {
+        if self.read_only || m.is_corrupt() {
+            return m;
+        }
+        let Some(nb) = m.rc.block_to_create() else {
+            return m;
+        };
+        let s = self.storage.as_ref();
+        let cs = self.g.cluster_size();
+        let r = match m.extend_file(s, nb.end(cs)) {
+            Ok(()) => {
+                drop(m);
+                let r = nb.write(s, cs);
+                m = self.lock();
+                r
+            }
+            Err(e) => Err(std::io::Error::other(e.to_string())),
+        };
+        if let Err(e) = &r {
+            log::warn!("creating a refcount block without the lock failed: {e}");
+        }
+        if let Err(e) = m.rc.block_created(s, nb, r.is_ok()) {
+            log::warn!("freeing the refcount table a growth replaced failed: {e}");
+        }
+        m
+    }
+
     /// Where each piece of the guest range `offset..offset+len` comes from, host-contiguous
     /// pieces merged: (offset in the caller's buffers, length, source).
     pub(super) fn map_read(
@@ -415,7 +450,8 @@ impl Qcow2 {
         let s = self.storage.as_ref();
         let mut m = self.load_tables(self.lock(), offset, len)?;
         let want = m.refcounts_to_load(true, None);
-        let mut m = self.load_refcounts(m, want);
+        let m = self.load_refcounts(m, want);
+        let mut m = self.create_refcount_block(m);
         'retry: loop {
             // Checked again after every wait: the image may have been marked meanwhile.
             if m.is_corrupt() {

@@ -9,10 +9,12 @@
 use super::clustermap::{ClusterHash, ClusterMap, ClusterSet};
 use super::overlap::{kind, MetadataMap, OverlapMode};
 use crate::qcow2::error::{Qcow2Error, Result};
-use crate::qcow2::format::{self, header, refblock};
+use crate::qcow2::format::{self, refblock};
 use crate::storage::Storage;
 use lru::LruCache;
 use std::num::NonZeroUsize;
+
+mod growth;
 
 /// Most RAM for clean (unchanged since read or written) refcount blocks; the least recently
 /// used is dropped past it. 16 MiB covers the refcounts of 512 GiB of data at 64 KiB clusters.
@@ -61,6 +63,12 @@ pub(crate) struct Refcounts {
     /// Clusters the allocator must not hand out although their refcount is 0 (the dedup index
     /// area: first cluster, count); set by `reserve`.
     reserved: Option<(u64, u64)>,
+    /// A block being created without the metadata lock (`block_to_create`): the allocator
+    /// skips the clusters it covers until `block_created`.
+    creating: Option<u64>,
+    /// Refcount tables a growth replaced while a block was being created, (offset, clusters):
+    /// freed by `block_created` (its entry write may still land in the old table).
+    old_tables: Vec<(u64, u64)>,
 }
 
 /// Largest refcount table QEMU accepts (8 MiB).
@@ -126,6 +134,8 @@ impl Refcounts {
             map: MetadataMap::new(),
             check_mask: OverlapMode::All.mask(),
             reserved: None,
+            creating: None,
+            old_tables: Vec::new(),
         })
     }
 
@@ -243,6 +253,7 @@ impl Refcounts {
     fn is_reserved(&self, c: u64) -> bool {
         self.reserved.is_some_and(|(f, n)| c >= f && c - f < n)
             || (!self.punching.is_empty() && self.punching.contains(&c))
+            || self.in_creating(c)
     }
 
     /// Keep the clusters of `runs` (first, count; refcount 0 now) from the allocator while
@@ -362,121 +373,6 @@ impl Refcounts {
         }
     }
 
-    /// Create refcount block `b` at the first cluster it covers that is not reserved (all of them
-    /// are free, since the block does not exist). The block is written and synced before the
-    /// table links it.
-    fn create_block(&mut self, s: &dyn Storage, b: u64) -> Result<()> {
-        if b >= self.table.len() as u64 {
-            return self.grow(s, b);
-        }
-        let cs = self.cs();
-        let lo = b
-            .checked_mul(self.epb)
-            .ok_or_else(|| Qcow2Error::corrupt("refcount block offset overflow"))?;
-        let at = self.skip_reserved(lo, 1);
-        if at >= lo + self.epb {
-            return Err(Qcow2Error::Invalid(format!(
-                "refcount block {b} has no room outside the dedup index area"
-            )));
-        }
-        let first = at
-            .checked_mul(cs)
-            .ok_or_else(|| Qcow2Error::corrupt("refcount block offset overflow"))?;
-        let mut data = vec![0u8; cs as usize];
-        refblock::set(&mut data, (at - lo) as usize, self.order, 1);
-        self.guard(first, cs, 0)?;
-        s.write_at(&data, first)?;
-        s.flush()?;
-        self.map.add(first / cs, 1, kind::REFCOUNT_BLOCK);
-        self.table[b as usize] = first;
-        self.guard(self.table_offset + b * 8, 8, kind::REFCOUNT_TABLE)?;
-        s.write_at(&first.to_be_bytes(), self.table_offset + b * 8)?;
-        s.flush()?;
-        self.clean.put(b, data);
-        self.allocations = self.allocations.max(at + 1);
-        log::debug!("new refcount block {b} at {first:#x}");
-        Ok(())
-    }
-
-    /// Grow the refcount table so that it covers block `b`: new blocks for `b..b+k` and the new
-    /// table are placed at the start of the area block `b` covers (free, since those blocks do not
-    /// exist), written and synced, then the header is switched (synced), then the old table freed.
-    fn grow(&mut self, s: &dyn Storage, b: u64) -> Result<()> {
-        let cs = self.cs();
-        let per_cluster = cs / 8;
-        let old_len = self.table.len() as u64;
-        let first_cluster = b * self.epb;
-        // The new blocks and the table go at the start of the area block `b` covers, or just
-        // past the dedup index area if that lies there; the new blocks must cover them.
-        let mut k = 1u64;
-        let (entries, t_clusters, at) = loop {
-            let want = (b + k).max(old_len.saturating_mul(2)).max(per_cluster);
-            let t = want.div_ceil(per_cluster);
-            let at = self.skip_reserved(first_cluster, k + t);
-            if (b + k) * self.epb >= at + k + t {
-                break (t * per_cluster, t, at);
-            }
-            k += 1;
-        };
-        if t_clusters * cs > MAX_REFTABLE_BYTES {
-            return Err(Qcow2Error::Unsupported(
-                "the refcount table would exceed 8 MiB (image too large for its cluster size)"
-                    .into(),
-            ));
-        }
-        let base = at
-            .checked_mul(cs)
-            .ok_or_else(|| Qcow2Error::corrupt("refcount area offset overflow"))?;
-        let used = k + t_clusters; // clusters taken by the new blocks and the table
-        self.guard(base, used * cs, 0)?;
-        let mut new_blocks = Vec::with_capacity(k as usize);
-        for j in 0..k {
-            let mut data = vec![0u8; cs as usize];
-            let lo = first_cluster + j * self.epb;
-            for c in at.max(lo)..(lo + self.epb).min(at + used) {
-                refblock::set(&mut data, (c - lo) as usize, self.order, 1);
-            }
-            s.write_at(&data, base + j * cs)?;
-            new_blocks.push(data);
-        }
-        let mut table = self.table.clone();
-        table.resize(entries as usize, 0);
-        for j in 0..k {
-            table[(b + j) as usize] = base + j * cs;
-        }
-        let table_off = base + k * cs;
-        s.write_at(&format::encode_table(&table), table_off)?;
-        s.flush()?;
-        let mut hdr = [0u8; 12];
-        hdr[..8].copy_from_slice(&table_off.to_be_bytes());
-        hdr[8..].copy_from_slice(&(t_clusters as u32).to_be_bytes());
-        s.write_at(&hdr, header::OFF_REFCOUNT_TABLE)?;
-        s.flush()?;
-        self.map.add(at, k, kind::REFCOUNT_BLOCK);
-        self.map.add(at + k, t_clusters, kind::REFCOUNT_TABLE);
-        self.map.remove(
-            self.table_offset / cs,
-            self.table_clusters,
-            kind::REFCOUNT_TABLE,
-        );
-        let (old_off, old_clusters) = (self.table_offset, self.table_clusters);
-        self.table = table;
-        self.table_offset = table_off;
-        self.table_clusters = t_clusters;
-        for (j, data) in new_blocks.into_iter().enumerate() {
-            self.clean.put(b + j as u64, data);
-        }
-        self.allocations = self.allocations.max(at + used);
-        // The header no longer points at the old table: free its clusters.
-        for c in 0..old_clusters {
-            self.add(s, old_off / cs + c, -1)?;
-        }
-        log::info!(
-            "refcount table grown to {t_clusters} clusters at {table_off:#x} ({k} new blocks)"
-        );
-        Ok(())
-    }
-
     /// True when some block has changes not yet written.
     pub(crate) fn has_dirty(&self) -> bool {
         !self.dirty.is_empty()
@@ -557,6 +453,14 @@ impl Refcounts {
         let mut from = from;
         loop {
             let start = self.free_run_by_refcount(s, from, n)?;
+            // Not over a block being created.
+            if let Some(b) = self.creating {
+                let (lo, hi) = (b * self.epb, (b + 1) * self.epb);
+                if start < hi && lo < start.saturating_add(n) {
+                    from = hi;
+                    continue;
+                }
+            }
             if self.punching.is_empty() {
                 return Ok(start);
             }
