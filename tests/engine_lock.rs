@@ -741,3 +741,68 @@ fn a_new_refcount_block_is_written_without_the_metadata_lock() {
         assert!(buf.iter().all(|&x| x == want), "cluster {i}");
     }
 }
+
+/// A dedup write whose duplicate lives under a table the cache lacks reads that table without
+/// the metadata lock before it looks the candidate up, and still links to it.
+#[test]
+fn a_dedup_write_reads_its_candidates_table_without_the_metadata_lock() {
+    let mem = Arc::new(MemStorage::new());
+    let o = CreateOptions {
+        size: 128 << 20,
+        cluster_bits: 12,
+        dedup: true,
+        ..Default::default()
+    };
+    create(&*mem, &o).unwrap();
+    let opts = OpenOptions {
+        dedup_mode: Some(DedupMode::Inline),
+        // 16 tables of the 64 the image has.
+        l2_cache_bytes: Some(16 * 4096),
+        ..Default::default()
+    };
+    let cand = 8u64 << 20; // under table 4
+    {
+        let q = Qcow2::open_storage(mem.clone(), &opts, None, 0).unwrap();
+        q.write_vectored(cand, &[IoSlice::new(&[7u8; 4096])])
+            .unwrap();
+        for t in 0..64u64 {
+            let off = (t << 21) + 8192;
+            q.write_vectored(off, &[IoSlice::new(&[t as u8 + 10; 4096])])
+                .unwrap();
+        }
+        q.close().unwrap();
+    }
+    let img = mem.snapshot();
+    let slow_table = l2_offset(&img, cand / 4096);
+    let (storage, gate) = ReadGate::storage(img, slow_table, true);
+    let q = Arc::new(Qcow2::open_storage(storage, &opts, None, 0).unwrap());
+    // The cache holds the last tables (the writer's own among them), not the candidate's.
+    let (mine, other) = ((63u64 << 21) + 3 * 4096, (62u64 << 21) + 8192);
+    for t in 48..64u64 {
+        let mut buf = [0u8; 4096];
+        q.read_vectored(t << 21, &mut [IoSliceMut::new(&mut buf)])
+            .unwrap();
+    }
+    gate.set(false);
+    let q2 = q.clone();
+    let slow = std::thread::spawn(move || q2.write_vectored(mine, &[IoSlice::new(&[7u8; 4096])]));
+    std::thread::sleep(Duration::from_millis(100)); // the write is in its candidate's table read
+    let t0 = Instant::now();
+    let mut buf = [0u8; 4096];
+    q.read_vectored(other, &mut [IoSliceMut::new(&mut buf)])
+        .unwrap();
+    let took = t0.elapsed();
+    gate.set(true);
+    slow.join().unwrap().unwrap();
+    assert!(
+        took < Duration::from_secs(2),
+        "a read waited {took:?} for a dedup write's candidate table read"
+    );
+    assert_eq!(buf[0], 62 + 10);
+    assert_eq!(gate.reads(), 1, "the write read its candidate's table");
+    assert_eq!(q.dedup_stats().unwrap().clusters_deduplicated, 1, "linked");
+    q.read_vectored(mine, &mut [IoSliceMut::new(&mut buf)])
+        .unwrap();
+    assert!(buf.iter().all(|&x| x == 7));
+    q.close().unwrap();
+}

@@ -451,6 +451,18 @@ impl Meta {
         Ok(())
     }
 
+    /// The host offset of guest cluster `gc`'s data cluster, when its table is cached and the
+    /// entry is a plain allocated one (no I/O; the cache's order is left alone).
+    pub(crate) fn l2_cached_host(&self, gc: u64) -> Option<u64> {
+        let i = usize::try_from(gc >> self.g.l2_bits).ok()?;
+        let l1 = L1Entry::decode(*self.l1.get(i)?);
+        let raw = *self.l2.peek(l1.l2_offset?.0)?.get(self.g.l2_index(gc))?;
+        match L2Entry::decode(raw, self.g.cluster_bits) {
+            L2Entry::Normal { host, .. } => Some(host.0),
+            _ => None,
+        }
+    }
+
     /// The L2 entry of guest cluster `gc`.
     pub(crate) fn entry(&mut self, s: &dyn Storage, gc: u64) -> Result<L2Entry> {
         let Some(off) = self.l1_entry(gc)?.l2_offset else {

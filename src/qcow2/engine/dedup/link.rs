@@ -49,6 +49,7 @@ impl Qcow2 {
             return Ok(m);
         }
         'lookup: loop {
+            m = self.load_candidates(m, h);
             let cands = self.ranked_candidates(&mut m, gc, h)?;
             let n_cands = cands.len();
             for cand in cands {
@@ -78,6 +79,47 @@ impl Qcow2 {
             return Ok(m);
         }
         self.write_unique(m, gc, buf, h)
+    }
+
+    /// Read what the lookups of `h`'s candidates need and the caches lack (their L2 tables,
+    /// then the refcount blocks of their clusters) without the lock, which is dropped and
+    /// taken again around the reads (the caller's cluster stays held), as `load_tables` does
+    /// for a request's own range. A table or block that cannot be read is left to the lookup
+    /// under the lock, which reports the error.
+    fn load_candidates<'a>(
+        &'a self,
+        mut m: MutexGuard<'a, State>,
+        h: &[u8; 32],
+    ) -> MutexGuard<'a, State> {
+        let s = self.storage.as_ref();
+        let hints = m
+            .dedup
+            .as_ref()
+            .map(|d| d.index.lookup(h))
+            .unwrap_or_default();
+        for &c in &hints {
+            let Ok(Some((off, cs))) = m.l2_to_load(s, c) else {
+                continue;
+            };
+            drop(m);
+            let mut buf = vec![0u8; cs as usize];
+            let r = s.read_at(&mut buf, off);
+            m = self.lock();
+            if let Err(e) = m.l2_loaded(s, off, r.is_ok().then_some(&buf[..])) {
+                log::debug!("dedup candidate {c}: table at {off:#x}: {e}");
+            }
+        }
+        let cs = self.g.cluster_size();
+        let mut want = Vec::new();
+        for &c in &hints {
+            if let Some(off) = m.l2_cached_host(c) {
+                let b = m.rc.block_of(off / cs);
+                if let Some(at) = m.rc.block_to_load(b) {
+                    want.push((b, at));
+                }
+            }
+        }
+        self.load_refcounts(m, want)
     }
 
     /// True when `gc` or another guest cluster on the same host cluster is a hint for `h`.
