@@ -209,13 +209,16 @@ impl Qcow2 {
 
     /// Run the flush the engine asked for instead of flushing under the lock (a cache full of
     /// dirty tables, many frees waiting; see `Meta::flush_wanted`). Called by a request once
-    /// it holds nothing (no lock, no guest cluster), and by the daemon's timer. A failure is
+    /// it holds nothing (no lock, no guest cluster: the `BlockDevice` calls, not the engine's
+    /// own reads and writes, which may run with a cluster held), and by the daemon's timer;
+    /// never after close. A failure is
     /// logged, not returned: the request that calls this is done, and the next flush (the
     /// guest's own included) writes the same tables again and reports it.
     pub fn flush_if_wanted(&self) {
         // One request takes the job; the others go on (a failed flush is asked for again by
         // the next request that finds the cache full).
         if self.read_only
+            || self.closed.load(Ordering::Relaxed)
             || !self.flush_wanted.load(Ordering::Relaxed)
             || !self.flush_wanted.swap(false, Ordering::Relaxed)
         {
@@ -418,20 +421,26 @@ impl BlockDevice for Qcow2 {
         offset: u64,
         bufs: &mut [IoSliceMut<'_>],
     ) -> std::result::Result<(), BlockError> {
-        Ok(self.read(offset, bufs)?)
+        let r = self.read(offset, bufs);
+        self.flush_if_wanted();
+        Ok(r?)
     }
     fn write_vectored(
         &self,
         offset: u64,
         bufs: &[IoSlice<'_>],
     ) -> std::result::Result<(), BlockError> {
-        Ok(self.write(offset, bufs)?)
+        let r = self.write(offset, bufs);
+        self.flush_if_wanted();
+        Ok(r?)
     }
     fn flush(&self) -> std::result::Result<(), BlockError> {
         Ok(self.flush_all()?)
     }
     fn discard(&self, offset: u64, len: u64) -> std::result::Result<(), BlockError> {
-        Ok(self.discard_range(offset, len)?)
+        let r = self.discard_range(offset, len);
+        self.flush_if_wanted();
+        Ok(r?)
     }
     fn write_zeroes(
         &self,
@@ -439,7 +448,9 @@ impl BlockDevice for Qcow2 {
         len: u64,
         unmap: bool,
     ) -> std::result::Result<(), BlockError> {
-        Ok(self.write_zeroes_range(offset, len, unmap)?)
+        let r = self.write_zeroes_range(offset, len, unmap);
+        self.flush_if_wanted();
+        Ok(r?)
     }
     fn close(&self) -> std::result::Result<(), BlockError> {
         Ok(Qcow2::close(self)?)

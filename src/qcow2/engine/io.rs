@@ -117,7 +117,6 @@ impl Qcow2 {
             drop(m);
             self.cond.notify_all();
         }
-        self.flush_if_wanted();
         r
     }
 
@@ -136,12 +135,12 @@ impl Qcow2 {
         let mut at = offset / per_table * per_table;
         while at < offset.saturating_add(len) {
             let gc = at >> self.g.cluster_bits;
-            if let Some((off, cs)) = m.l2_to_load(s, gc)? {
+            if let Some((off, cs, ticket)) = m.l2_to_load(s, gc)? {
                 drop(m);
                 let mut buf = vec![0u8; cs as usize];
                 let r = s.read_at(&mut buf, off);
                 m = self.lock();
-                m.l2_loaded(s, off, r.is_ok().then_some(&buf[..]))?;
+                m.l2_loaded(s, off, ticket, r.is_ok().then_some(&buf[..]))?;
             }
             at = at.saturating_add(per_table);
         }
@@ -155,7 +154,7 @@ impl Qcow2 {
     pub(super) fn load_refcounts<'a>(
         &'a self,
         m: MutexGuard<'a, State>,
-        want: Vec<(u64, u64)>,
+        want: Vec<(u64, u64, u64)>,
     ) -> MutexGuard<'a, State> {
         if want.is_empty() {
             return m;
@@ -163,16 +162,16 @@ impl Qcow2 {
         drop(m);
         let s = self.storage.as_ref();
         let cs = self.g.cluster_size() as usize;
-        let got: Vec<(u64, Option<Vec<u8>>)> = want
+        let got: Vec<(u64, u64, Option<Vec<u8>>)> = want
             .into_iter()
-            .map(|(b, off)| {
+            .map(|(b, off, ticket)| {
                 let mut buf = vec![0u8; cs];
-                (b, s.read_at(&mut buf, off).ok().map(|()| buf))
+                (b, ticket, s.read_at(&mut buf, off).ok().map(|()| buf))
             })
             .collect();
         let mut m = self.lock();
-        for (b, d) in got {
-            m.rc.block_loaded(b, d);
+        for (b, ticket, d) in got {
+            m.rc.block_loaded(b, ticket, d);
         }
         m
     }
@@ -194,7 +193,7 @@ impl Qcow2 {
         };
         let s = self.storage.as_ref();
         let cs = self.g.cluster_size();
-        let r = match m.extend_file(s, nb.end(cs)) {
+        let r = match m.grow_file(s, nb.end(cs)) {
             Ok(()) => {
                 drop(m);
                 let r = nb.write(s, cs);
@@ -349,9 +348,7 @@ impl Qcow2 {
             self.write_plain(offset, bufs)
         };
         let r = r.and_then(|need| self.persist(need));
-        let r = self.note_error(r);
-        self.flush_if_wanted();
-        r
+        self.note_error(r)
     }
 
     /// The write path without dedup. Returns the table change it depends on that is not in the

@@ -7,6 +7,7 @@
 
 use super::clustermap::{ClusterMap, ClusterSet};
 use super::l2cache::L2Cache;
+use super::loading::Loading;
 use super::overlap::kind;
 use super::refcount::Refcounts;
 use super::sharing::Sharing;
@@ -137,7 +138,7 @@ pub(crate) struct Meta {
     /// L2 tables being read without the lock (`l2_to_load`), by host offset. A load under the
     /// lock takes a table out of here: the reader outside then drops its copy, which may be
     /// older than what the cache has seen since.
-    loading: ClusterSet,
+    loading: Loading,
     /// What of the tables is newer in memory than in the file (persist before ack).
     pub wb: Writeback,
     /// A flush is writing its copies without the metadata lock (`flush_copy`): the flushes
@@ -213,7 +214,7 @@ impl Meta {
             copied_changes: 0,
             sync_dirty_clear: false,
             tables_written: 0,
-            loading: ClusterSet::default(),
+            loading: Loading::default(),
             incompatible: 0,
             data_before_l2: false,
             changes: 0,
@@ -390,7 +391,7 @@ impl Meta {
         }
         self.stats.l2_misses += 1;
         // Whoever reads this table without the lock must not insert it after us.
-        self.loading.remove(&off);
+        self.loading.cancel(off);
         let cs = self.g.cluster_size();
         let end = off.saturating_add(cs);
         if end > self.file_len {
@@ -411,12 +412,16 @@ impl Meta {
     /// If the L2 table of guest cluster `gc` must be read from the file, register the read and
     /// return its offset and size: the caller reads it without the lock, then `l2_loaded`.
     /// None: the table is cached, being read already, or there is none.
-    pub(crate) fn l2_to_load(&mut self, s: &dyn Storage, gc: u64) -> Result<Option<(u64, u64)>> {
+    pub(crate) fn l2_to_load(
+        &mut self,
+        s: &dyn Storage,
+        gc: u64,
+    ) -> Result<Option<(u64, u64, u64)>> {
         let Some(off) = self.l1_entry(gc)?.l2_offset else {
             return Ok(None);
         };
         let off = off.0;
-        if self.l2.contains(off) || self.loading.contains(&off) {
+        if self.l2.contains(off) || self.loading.contains(off) {
             return Ok(None);
         }
         let cs = self.g.cluster_size();
@@ -427,8 +432,8 @@ impl Meta {
             // `entry` reports it.
             return Ok(None);
         }
-        self.loading.insert(off);
-        Ok(Some((off, cs)))
+        let ticket = self.loading.start(off);
+        Ok(Some((off, cs, ticket)))
     }
 
     /// An L2 table read without the lock (`l2_to_load`) arrives: cached unless a load under
@@ -437,9 +442,10 @@ impl Meta {
         &mut self,
         s: &dyn Storage,
         off: u64,
+        ticket: u64,
         buf: Option<&[u8]>,
     ) -> Result<()> {
-        if !self.loading.remove(&off) || self.l2.contains(off) {
+        if !self.loading.finish(off, ticket) || self.l2.contains(off) {
             return Ok(());
         }
         let Some(buf) = buf else {
@@ -550,7 +556,7 @@ impl Meta {
         let zero_from = self.zero_from.max(self.rc.allocations * cs);
         let new = self.rc.alloc(s, 1)? * cs;
         // A reader outside the lock of an old table that lived here must not insert it.
-        self.loading.remove(&new);
+        self.loading.cancel(new);
         self.stats.clusters_allocated += 1;
         if let Err(e) = self.rc.guard(new, cs, 0) {
             // A cluster with refcount 0 that holds metadata: the refcounts are wrong.
@@ -652,7 +658,7 @@ impl Meta {
         &mut self,
         alloc: bool,
         unlinked: Option<&[u64]>,
-    ) -> Vec<(u64, u64)> {
+    ) -> Vec<(u64, u64, u64)> {
         const MAX_BLOCK_LOADS: usize = 64;
         let mut blocks: Vec<u64> = Vec::new();
         if alloc {
@@ -679,8 +685,8 @@ impl Meta {
             if out.len() >= MAX_BLOCK_LOADS {
                 break;
             }
-            if let Some(off) = self.rc.block_to_load(b) {
-                out.push((b, off));
+            if let Some((off, ticket)) = self.rc.block_to_load(b) {
+                out.push((b, off, ticket));
             }
         }
         out

@@ -17,6 +17,7 @@ mod image;
 mod io;
 mod iov;
 mod l2cache;
+mod loading;
 mod meta;
 mod open;
 pub mod overlap;

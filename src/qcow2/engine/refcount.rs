@@ -7,6 +7,7 @@
 //! New refcount blocks and a grown refcount table are written and synced before they are linked.
 
 use super::clustermap::{ClusterHash, ClusterMap, ClusterSet};
+use super::loading::Loading;
 use super::overlap::{kind, MetadataMap, OverlapMode};
 use crate::qcow2::error::{Qcow2Error, Result};
 use crate::qcow2::format::{self, refblock};
@@ -45,7 +46,7 @@ pub(crate) struct Refcounts {
     /// Blocks being read without the metadata lock (`block_to_load`), by index. A load under
     /// the lock takes its block out of here: the reader outside then drops its copy, which may
     /// be older than what the cache has seen since.
-    loading: ClusterSet,
+    loading: Loading,
     /// Freed clusters whose holes are being punched without the metadata lock
     /// (`hold_punching`): the allocator skips them until `punched`, so a punch never lands on
     /// a cluster handed out again.
@@ -126,7 +127,7 @@ impl Refcounts {
             dirty: ClusterMap::default(),
             flushing: ClusterSet::default(),
             touched: ClusterSet::default(),
-            loading: ClusterSet::default(),
+            loading: Loading::default(),
             punching: ClusterSet::default(),
             clean: LruCache::with_hasher(clean_cap(cluster_bits), ClusterHash::default()),
             free_hint: 0,
@@ -171,7 +172,7 @@ impl Refcounts {
         if self.dirty.contains_key(&b) || self.clean.contains(&b) {
             return Ok(true);
         }
-        self.loading.remove(&b);
+        self.loading.cancel(b);
         let off = match self.table.get(b as usize) {
             Some(&o) if o != 0 => o,
             _ => return Ok(false),
@@ -184,19 +185,18 @@ impl Refcounts {
 
     /// Block `b` is in the table but not cached, and nobody reads it: its file offset, for a
     /// read without the lock (`block_loaded` then). None otherwise.
-    pub(crate) fn block_to_load(&mut self, b: u64) -> Option<u64> {
-        if self.dirty.contains_key(&b) || self.clean.contains(&b) || self.loading.contains(&b) {
+    pub(crate) fn block_to_load(&mut self, b: u64) -> Option<(u64, u64)> {
+        if self.dirty.contains_key(&b) || self.clean.contains(&b) || self.loading.contains(b) {
             return None;
         }
         let off = self.table.get(b as usize).copied().filter(|&o| o != 0)?;
-        self.loading.insert(b);
-        Some(off)
+        Some((off, self.loading.start(b)))
     }
 
     /// The block of `block_to_load` was read (`data`, or None when the read failed): cached
     /// unless a load under the lock took it over meanwhile.
-    pub(crate) fn block_loaded(&mut self, b: u64, data: Option<Vec<u8>>) {
-        if !self.loading.remove(&b) {
+    pub(crate) fn block_loaded(&mut self, b: u64, ticket: u64, data: Option<Vec<u8>>) {
+        if !self.loading.finish(b, ticket) {
             return;
         }
         if let Some(d) = data {
@@ -335,6 +335,12 @@ impl Refcounts {
             let mut first_free = None;
             let mut c = start;
             while c < start + n {
+                if self.in_creating(c) {
+                    // The whole range of a block being created, at once.
+                    start = (c / self.epb + 1) * self.epb;
+                    c = start;
+                    continue;
+                }
                 if self.is_reserved(c) {
                     start = c + 1;
                     c += 1;
@@ -577,7 +583,7 @@ mod tests {
     #[test]
     fn a_block_read_outside_the_lock_yields_to_a_load_under_it() {
         let (s, mut r) = setup(16, 4);
-        let off = r.block_to_load(0).unwrap();
+        let (off, ticket) = r.block_to_load(0).unwrap();
         assert_eq!(off, 2 << 16);
         assert_eq!(r.block_to_load(0), None, "one reader at a time");
         let mut stale = vec![0u8; 1 << 16];
@@ -585,14 +591,18 @@ mod tests {
         // Meanwhile a load under the lock, a change and a write of the block.
         r.set(&s, 1, 5).unwrap();
         r.write_dirty(&s).unwrap();
-        r.block_loaded(0, Some(stale));
+        // ...and another reader registered since: its read is newer than ours.
+        r.clean.pop(&0);
+        let (_, newer) = r.block_to_load(0).unwrap();
+        r.block_loaded(0, ticket, Some(stale));
         assert_eq!(r.get(&s, 1).unwrap(), 5, "the older copy was dropped");
+        r.block_loaded(0, newer, None);
         // Unchallenged, a copy read outside is cached (no read under the lock then).
         let (s2, mut r2) = setup(16, 4);
-        let off = r2.block_to_load(0).unwrap();
+        let (off, ticket) = r2.block_to_load(0).unwrap();
         let mut d = vec![0u8; 1 << 16];
         s2.read_at(&mut d, off).unwrap();
-        r2.block_loaded(0, Some(d));
+        r2.block_loaded(0, ticket, Some(d));
         assert_eq!(r2.cached_blocks(), (0, 1));
         assert_eq!(r2.block_to_load(0), None, "cached");
         assert_eq!(r2.block_to_load(7), None, "no such block in the table");

@@ -21,7 +21,6 @@ impl Qcow2 {
         if self.dedup_on && Self::records_evicted(&self.lock()) {
             self.write_evicted_records();
         }
-        self.flush_if_wanted();
         r
     }
 

@@ -98,14 +98,14 @@ impl Qcow2 {
             .map(|d| d.index.lookup(h))
             .unwrap_or_default();
         for &c in &hints {
-            let Ok(Some((off, cs))) = m.l2_to_load(s, c) else {
+            let Ok(Some((off, cs, ticket))) = m.l2_to_load(s, c) else {
                 continue;
             };
             drop(m);
             let mut buf = vec![0u8; cs as usize];
             let r = s.read_at(&mut buf, off);
             m = self.lock();
-            if let Err(e) = m.l2_loaded(s, off, r.is_ok().then_some(&buf[..])) {
+            if let Err(e) = m.l2_loaded(s, off, ticket, r.is_ok().then_some(&buf[..])) {
                 log::debug!("dedup candidate {c}: table at {off:#x}: {e}");
             }
         }
@@ -114,8 +114,8 @@ impl Qcow2 {
         for &c in &hints {
             if let Some(off) = m.l2_cached_host(c) {
                 let b = m.rc.block_of(off / cs);
-                if let Some(at) = m.rc.block_to_load(b) {
-                    want.push((b, at));
+                if let Some((at, ticket)) = m.rc.block_to_load(b) {
+                    want.push((b, at, ticket));
                 }
             }
         }

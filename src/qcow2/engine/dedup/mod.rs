@@ -162,7 +162,7 @@ impl Qcow2 {
     /// If the index cluster with guest cluster `gc`'s record is not cached, read it without
     /// the lock (dropped and taken again around the read), as `load_tables` does for tables.
     fn load_record<'a>(&'a self, mut m: MutexGuard<'a, State>, gc: u64) -> MutexGuard<'a, State> {
-        let Some((k, off, len)) = m
+        let Some((k, off, len, ticket)) = m
             .dedup
             .as_mut()
             .and_then(|d| d.records.as_mut())
@@ -176,7 +176,7 @@ impl Qcow2 {
         let ok = s.read_at(&mut buf, off).is_ok();
         let mut m = self.lock();
         if let Some(r) = m.dedup.as_mut().and_then(|d| d.records.as_mut()) {
-            if let Err(e) = r.loaded(s, k, ok.then_some(&buf[..])) {
+            if let Err(e) = r.loaded(s, k, ticket, ok.then_some(&buf[..])) {
                 log::warn!("dedup index cluster {k}: {e}");
             }
         }
@@ -198,7 +198,8 @@ impl Qcow2 {
         let s = self.storage.as_ref();
         let _wb = self.wb_lock();
         let batch = match self.lock().dedup.as_mut().and_then(|d| d.records.as_mut()) {
-            Some(r) => r.take_evicted(),
+            // A request writes a few; one left with more leaves the rest to the next.
+            Some(r) => r.take_evicted(16),
             None => return,
         };
         let done: Vec<(u64, bool)> = batch

@@ -10,7 +10,8 @@
 //! a byte compare. Records loaded from the image are not verified: QEMU may have written the
 //! cluster in place since (docs/dedup.md, "Staleness").
 
-use crate::qcow2::engine::clustermap::{ClusterMap, ClusterSet};
+use crate::qcow2::engine::clustermap::ClusterMap;
+use crate::qcow2::engine::loading::Loading;
 use crate::qcow2::error::Result;
 use crate::qcow2::format::dedup as codec;
 use crate::qcow2::format::dedup::{IndexCluster, PENDING};
@@ -54,11 +55,13 @@ pub(crate) struct Records {
     watch: Option<Watch>,
     /// Index clusters being read without the lock (`record_to_load`). A load under the lock takes
     /// the cluster out of here, and the copy read outside is then dropped.
-    loading: ClusterSet,
+    loading: Loading,
     /// Dirty index clusters evicted from the cache, encoded, until a request writes them
     /// without the metadata lock (`take_evicted`, `evicted_written`; true once taken). A load
     /// meanwhile takes the bytes from here, not from the area.
     evicting: ClusterMap<(Vec<u8>, bool)>,
+    /// Entries of `evicting` no writer took yet.
+    untaken: usize,
 }
 
 /// Guest clusters `first..first + len` watched for record changes, one bit each.
@@ -120,8 +123,9 @@ impl Records {
             reads: 0,
             writes: 0,
             watch: None,
-            loading: ClusterSet::default(),
+            loading: Loading::default(),
             evicting: ClusterMap::default(),
+            untaken: 0,
         }
     }
 
@@ -159,6 +163,8 @@ impl Records {
     /// this generation in the old area are copied; the new ones start empty. The cached ones
     /// stay as they are (dirty ones are written to the new area later).
     pub(crate) fn move_to(&mut self, s: &dyn Storage, new: Area) -> Result<()> {
+        // Reads without the lock in the old area are stale from now on.
+        self.loading.clear();
         let cs = self.cs();
         let mut buf = vec![0u8; cs as usize];
         for k in 0..self.area.clusters.min(new.clusters) {
@@ -190,7 +196,7 @@ impl Records {
         }
         if !self.cache.contains_key(&k) {
             // Whoever reads this cluster without the lock must not insert it after us.
-            self.loading.remove(&k);
+            self.loading.cancel(k);
             if self.cache.len() >= self.cap {
                 self.evict(s)?;
             }
@@ -241,24 +247,35 @@ impl Records {
     /// If the index cluster holding guest cluster `gc`'s record must be read from the area,
     /// register the read and return (index cluster, file offset, bytes): the caller reads it
     /// without the lock, then `loaded`. None: cached, being read, or nothing to read.
-    pub(crate) fn record_to_load(&mut self, gc: u64) -> Option<(u64, u64, usize)> {
+    pub(crate) fn record_to_load(&mut self, gc: u64) -> Option<(u64, u64, usize, u64)> {
         let k = gc / self.rpc;
         if k >= self.area.clusters
             || self.cache.contains_key(&k)
             || self.evicting.contains_key(&k)
-            || self.loading.contains(&k)
+            || self.loading.contains(k)
             || !bit(&self.on_disk, k)
         {
             return None;
         }
-        self.loading.insert(k);
-        Some((k, self.area.offset + k * self.cs(), self.cs() as usize))
+        let ticket = self.loading.start(k);
+        Some((
+            k,
+            self.area.offset + k * self.cs(),
+            self.cs() as usize,
+            ticket,
+        ))
     }
 
     /// An index cluster read without the lock (`record_to_load`) arrives (None: the read failed; a
     /// load under the lock reports it): cached unless a load under the lock superseded it.
-    pub(crate) fn loaded(&mut self, s: &dyn Storage, k: u64, buf: Option<&[u8]>) -> Result<()> {
-        if !self.loading.remove(&k) || self.cache.contains_key(&k) {
+    pub(crate) fn loaded(
+        &mut self,
+        s: &dyn Storage,
+        k: u64,
+        ticket: u64,
+        buf: Option<&[u8]>,
+    ) -> Result<()> {
+        if !self.loading.finish(k, ticket) || self.cache.contains_key(&k) {
             return Ok(());
         }
         let Some(buf) = buf else {
@@ -299,6 +316,7 @@ impl Records {
                 if self.evicting.len() < self.cap {
                     let b = slot.ic.encode(self.cluster_bits);
                     self.evicting.insert(k, (b, false));
+                    self.untaken += 1;
                 } else {
                     self.write_slot(s, k, &slot.ic)?;
                 }
@@ -310,21 +328,25 @@ impl Records {
 
     /// True when evicted index clusters wait for a writer (`take_evicted`).
     pub(crate) fn has_evicted(&self) -> bool {
-        self.evicting.values().any(|(_, taken)| !taken)
+        self.untaken > 0
     }
 
-    /// The evicted index clusters nobody writes yet: (index cluster, file offset, bytes). The
-    /// caller holds the writeback lock (so the area cannot move meanwhile), writes them without
-    /// the metadata lock, and reports each with `evicted_written`.
-    pub(crate) fn take_evicted(&mut self) -> Vec<(u64, u64, Vec<u8>)> {
+    /// Evicted index clusters nobody writes yet, at most `max`: (index cluster, file offset,
+    /// bytes). The caller holds the writeback lock (so the area cannot move meanwhile), writes
+    /// them without the metadata lock, and reports each with `evicted_written`.
+    pub(crate) fn take_evicted(&mut self, max: usize) -> Vec<(u64, u64, Vec<u8>)> {
         let (off, cs) = (self.area.offset, self.cs());
         let mut out = Vec::new();
         for (&k, (b, taken)) in self.evicting.iter_mut() {
+            if out.len() >= max {
+                break;
+            }
             if !*taken {
                 *taken = true;
                 out.push((k, off + k * cs, b.clone()));
             }
         }
+        self.untaken -= out.len();
         out
     }
 
@@ -421,6 +443,7 @@ impl Records {
             set_bit(&mut self.on_disk, k, true);
             if !taken {
                 self.evicting.remove(&k);
+                self.untaken -= 1;
             }
         }
         let mut ks: Vec<u64> = self.cache.keys().copied().collect();
@@ -520,7 +543,7 @@ mod tests {
             r.set(&s, gc, Some(&h), true).unwrap();
         }
         assert_eq!(r.writes, 0);
-        let batch = r.take_evicted();
+        let batch = r.take_evicted(16);
         assert_eq!(batch.iter().map(|b| b.0).collect::<Vec<_>>(), vec![0]);
         assert!(!r.has_evicted(), "taken by its writer");
         // Before the write lands, the cluster loads from its evicted bytes, not the area.
@@ -533,7 +556,7 @@ mod tests {
             r.set(&s, gc, Some(&h), true).unwrap();
         }
         assert_eq!(r.get(&s, 3).unwrap(), Some((h2, true)), "still cached");
-        assert!(r.take_evicted().iter().all(|b| b.0 != 0));
+        assert!(r.take_evicted(16).iter().all(|b| b.0 != 0));
         let (k, off, bytes) = &batch[0];
         s.write_at(bytes, *off).unwrap();
         r.evicted_written(*k, true);
@@ -551,14 +574,14 @@ mod tests {
         r.set(&s, 5, Some(&h), true).unwrap();
         r.write_all(&s).unwrap();
         let mut r = Records::new(12, area(), 7, true, 1 << 20);
-        let (k, off, len) = r.record_to_load(5).unwrap();
+        let (k, off, len, ticket) = r.record_to_load(5).unwrap();
         assert!(r.record_to_load(6).is_none(), "one read per index cluster");
         let mut fresh = vec![0u8; len];
         s.read_at(&mut fresh, off).unwrap();
         // A load under the lock comes first; the copy read outside is then dropped.
         assert_eq!(r.get(&s, 5).unwrap(), Some((h, false)));
         r.set(&s, 5, None, false).unwrap();
-        r.loaded(&s, k, Some(&fresh)).unwrap();
+        r.loaded(&s, k, ticket, Some(&fresh)).unwrap();
         assert_eq!(
             r.get(&s, 5).unwrap(),
             None,
@@ -566,8 +589,8 @@ mod tests {
         );
         // Without one, the copy read outside is cached.
         let mut r = Records::new(12, area(), 7, true, 1 << 20);
-        let (k, _, _) = r.record_to_load(5).unwrap();
-        r.loaded(&s, k, Some(&fresh)).unwrap();
+        let (k, _, _, ticket) = r.record_to_load(5).unwrap();
+        r.loaded(&s, k, ticket, Some(&fresh)).unwrap();
         let reads = r.reads;
         assert_eq!(r.get(&s, 5).unwrap(), Some((h, false)));
         assert_eq!(r.reads, reads, "no read under the lock");

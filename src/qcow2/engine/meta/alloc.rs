@@ -48,8 +48,10 @@ impl Meta {
     }
 
     /// Make the file at least `target` bytes long, never shorter than it is: a new refcount
-    /// block may lie past `file_len` (written where the range it covers begins).
-    fn grow_file(&mut self, s: &dyn Storage, target: u64) -> Result<()> {
+    /// block may lie past `file_len` (written where the range it covers begins). Unlike
+    /// `extend_file`, what lies past the allocations still reads as zeros (a refcount block
+    /// created ahead is not in a range data is allocated from).
+    pub(crate) fn grow_file(&mut self, s: &dyn Storage, target: u64) -> Result<()> {
         let cur = s.len()?;
         if target > cur {
             s.set_len(target)?;

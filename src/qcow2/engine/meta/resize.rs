@@ -99,7 +99,7 @@ impl Meta {
         }
         for c in first..first + n {
             // A reader outside the lock of an old L2 table that lived here must not insert it.
-            self.loading.remove(&(c * cs));
+            self.loading.cancel(c * cs);
         }
         self.stats.clusters_allocated += n;
         self.rc.map.add(first, n, kind::ACTIVE_L1);

@@ -89,6 +89,8 @@ impl Refcounts {
     /// lock), the entry is written into the new table here, and the old one is freed now.
     pub(crate) fn block_created(&mut self, s: &dyn Storage, nb: NewBlock, ok: bool) -> Result<()> {
         self.creating = None;
+        // An allocator that skipped the range meanwhile moved its search past it.
+        self.free_hint = self.free_hint.min(nb.b * self.epb);
         let cs = self.cs();
         let mut r = Ok(());
         if ok && self.table.get(nb.b as usize) == Some(&0) {
