@@ -62,6 +62,67 @@ impl ReadGate {
     }
 }
 
+/// Storage over an image whose syncs wait while the gate is closed (`close`; at most 10 s
+/// each), counting the syncs that waited.
+struct SyncGate {
+    open: Arc<AtomicBool>,
+    armed: Arc<AtomicBool>,
+    held: Arc<std::sync::atomic::AtomicU64>,
+    hooked: Arc<Hooked<MemStorage>>,
+}
+
+impl SyncGate {
+    fn new(img: Vec<u8>) -> (Arc<dyn Storage>, SyncGate) {
+        let open = Arc::new(AtomicBool::new(true));
+        let armed = Arc::new(AtomicBool::new(false));
+        let held = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut hooked = Hooked::new(MemStorage::from_vec(img));
+        let (g, arm, n) = (open.clone(), armed.clone(), held.clone());
+        hooked.on_flush = Some(Box::new(move || {
+            if arm.load(Ordering::SeqCst) {
+                n.fetch_add(1, Ordering::SeqCst);
+                hold(&g);
+            }
+        }));
+        let hooked = Arc::new(hooked);
+        let storage: Arc<dyn Storage> = hooked.clone();
+        let gate = SyncGate {
+            open,
+            armed,
+            held,
+            hooked,
+        };
+        (storage, gate)
+    }
+    /// Syncs from now on wait.
+    fn close(&self) {
+        self.open.store(false, Ordering::SeqCst);
+        self.armed.store(true, Ordering::SeqCst);
+    }
+    /// Waiting syncs go on, and later ones do not wait.
+    fn release(&self) {
+        self.open.store(true, Ordering::SeqCst);
+        self.armed.store(false, Ordering::SeqCst);
+    }
+    fn held(&self) -> u64 {
+        self.held.load(Ordering::SeqCst)
+    }
+    /// What the file holds now, as a new in-memory image.
+    fn snapshot(&self) -> MemStorage {
+        MemStorage::from_vec(self.hooked.inner.snapshot())
+    }
+}
+
+/// Every byte of the cluster at each offset reads as the byte given.
+fn assert_reads(q: &Qcow2, want: &[(u64, u8)], what: &str) {
+    let mut buf = [0u8; 4096];
+    for &(off, b) in want {
+        q.read_vectored(off, &mut [IoSliceMut::new(&mut buf)])
+            .unwrap();
+        assert!(buf.iter().all(|&x| x == b), "{what}: cluster at {off}");
+    }
+}
+
 #[test]
 fn an_l2_miss_is_read_without_the_metadata_lock() {
     let mem = Arc::new(MemStorage::new());
@@ -128,17 +189,7 @@ fn flush_with_slow_syncs(ack: AckDurability) {
     };
     create(&*mem, &o).unwrap();
     let (a, b) = (0u64, 8u64 << 20);
-    let gate = Arc::new(AtomicBool::new(true));
-    let armed = Arc::new(AtomicBool::new(false));
-    let mut hooked = Hooked::new(MemStorage::from_vec(mem.snapshot()));
-    let (g, arm) = (gate.clone(), armed.clone());
-    hooked.on_flush = Some(Box::new(move || {
-        if arm.load(Ordering::SeqCst) {
-            hold(&g);
-        }
-    }));
-    let hooked = Arc::new(hooked);
-    let storage: Arc<dyn Storage> = hooked.clone();
+    let (storage, gate) = SyncGate::new(mem.snapshot());
     let opts = OpenOptions {
         ack_durability: ack,
         ..Default::default()
@@ -153,8 +204,7 @@ fn flush_with_slow_syncs(ack: AckDurability) {
         q.write_vectored(a + i * 4096, &[IoSlice::new(&[1u8; 4096])])
             .unwrap();
     }
-    gate.store(false, Ordering::SeqCst);
-    armed.store(true, Ordering::SeqCst);
+    gate.close();
     let q2 = q.clone();
     let flusher = std::thread::spawn(move || q2.flush_all());
     std::thread::sleep(Duration::from_millis(100)); // the flush waits in a sync now
@@ -165,9 +215,8 @@ fn flush_with_slow_syncs(ack: AckDurability) {
     q.write_vectored(b, &[IoSlice::new(&[3u8; 4096])]).unwrap();
     let took = t0.elapsed();
     let blocked = !flusher.is_finished();
-    gate.store(true, Ordering::SeqCst);
+    gate.release();
     flusher.join().unwrap().unwrap();
-    armed.store(false, Ordering::SeqCst);
     assert!(blocked, "{ack:?}: the flush was not held in its sync");
     assert_eq!(buf[0], 2);
     assert!(
@@ -177,13 +226,13 @@ fn flush_with_slow_syncs(ack: AckDurability) {
     // Everything is where it was written, across a clean close and reopen.
     q.close().unwrap();
     drop(q);
-    let img = Arc::new(MemStorage::from_vec(hooked.inner.snapshot()));
-    let q = Qcow2::open_storage(img, &OpenOptions::default(), None, 0).unwrap();
-    for (off, want) in [(a, 1u8), (a + 7 * 4096, 1), (b, 3)] {
-        q.read_vectored(off, &mut [IoSliceMut::new(&mut buf)])
-            .unwrap();
-        assert!(buf.iter().all(|&x| x == want), "{ack:?}: cluster at {off}");
-    }
+    let q =
+        Qcow2::open_storage(Arc::new(gate.snapshot()), &OpenOptions::default(), None, 0).unwrap();
+    assert_reads(
+        &q,
+        &[(a, 1), (a + 7 * 4096, 1), (b, 3)],
+        &format!("{ack:?}"),
+    );
 }
 
 /// The same for the dedup write path: the L2 table of the cluster it holds is read before the
@@ -534,17 +583,7 @@ fn a_full_cache_of_dirty_tables_flushes_without_the_metadata_lock() {
     };
     create(&*mem, &o).unwrap();
     let table = 2u64 << 20; // guest bytes one L2 table maps
-    let gate = Arc::new(AtomicBool::new(true));
-    let armed = Arc::new(AtomicBool::new(false));
-    let mut hooked = Hooked::new(MemStorage::from_vec(mem.snapshot()));
-    let (g, arm) = (gate.clone(), armed.clone());
-    hooked.on_flush = Some(Box::new(move || {
-        if arm.load(Ordering::SeqCst) {
-            hold(&g);
-        }
-    }));
-    let hooked = Arc::new(hooked);
-    let storage: Arc<dyn Storage> = hooked.clone();
+    let (storage, gate) = SyncGate::new(mem.snapshot());
     let opts = OpenOptions {
         // The smallest cache: 16 tables, which stay dirty until a flush (with `file` ack a
         // persister writes them before each write returns, and they are clean).
@@ -562,8 +601,7 @@ fn a_full_cache_of_dirty_tables_flushes_without_the_metadata_lock() {
         q.write_vectored(t * table, &[IoSlice::new(&[1u8; 4096])])
             .unwrap();
     }
-    gate.store(false, Ordering::SeqCst);
-    armed.store(true, Ordering::SeqCst);
+    gate.close();
     let q2 = q.clone();
     let writer =
         std::thread::spawn(move || q2.write_vectored(16 * table, &[IoSlice::new(&[5u8; 4096])]));
@@ -575,9 +613,8 @@ fn a_full_cache_of_dirty_tables_flushes_without_the_metadata_lock() {
     q.write_vectored(b, &[IoSlice::new(&[3u8; 4096])]).unwrap();
     let took = t0.elapsed();
     let blocked = !writer.is_finished();
-    gate.store(true, Ordering::SeqCst);
+    gate.release();
     writer.join().unwrap().unwrap();
-    armed.store(false, Ordering::SeqCst);
     assert!(
         took < Duration::from_secs(2),
         "a read and an in-place write waited {took:?} for the full cache's flush"
@@ -587,13 +624,9 @@ fn a_full_cache_of_dirty_tables_flushes_without_the_metadata_lock() {
     assert_eq!(q.stats().locked_flushes, 0, "no flush ran under the lock");
     q.close().unwrap();
     drop(q);
-    let img = Arc::new(MemStorage::from_vec(hooked.inner.snapshot()));
-    let q = Qcow2::open_storage(img, &OpenOptions::default(), None, 0).unwrap();
-    for (off, want) in [(b, 3u8), (15 * table, 1), (16 * table, 5)] {
-        q.read_vectored(off, &mut [IoSliceMut::new(&mut buf)])
-            .unwrap();
-        assert!(buf.iter().all(|&x| x == want), "cluster at {off}");
-    }
+    let q =
+        Qcow2::open_storage(Arc::new(gate.snapshot()), &OpenOptions::default(), None, 0).unwrap();
+    assert_reads(&q, &[(b, 3), (15 * table, 1), (16 * table, 5)], "reopened");
 }
 
 /// A dedup write whose record (the dedup index cluster) is not cached reads it without the
@@ -678,26 +711,13 @@ fn a_new_refcount_block_is_written_without_the_metadata_lock() {
         ..Default::default()
     };
     create(&*mem, &o).unwrap();
-    let gate = Arc::new(AtomicBool::new(true));
-    let armed = Arc::new(AtomicBool::new(false));
-    let held = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let mut hooked = Hooked::new(MemStorage::from_vec(mem.snapshot()));
-    let (g, arm, n) = (gate.clone(), armed.clone(), held.clone());
-    hooked.on_flush = Some(Box::new(move || {
-        if arm.load(Ordering::SeqCst) {
-            n.fetch_add(1, Ordering::SeqCst);
-            hold(&g);
-        }
-    }));
-    let hooked = Arc::new(hooked);
-    let storage: Arc<dyn Storage> = hooked.clone();
+    let (storage, gate) = SyncGate::new(mem.snapshot());
     let q = Arc::new(Qcow2::open_storage(storage, &OpenOptions::default(), None, 0).unwrap());
     q.write_vectored(0, &[IoSlice::new(&[2u8; 4096])]).unwrap();
     q.flush_all().unwrap();
     // 4 KiB clusters, 16-bit refcounts: a block covers 2048 clusters. Allocating 2500 more
     // needs the second block; the first sync with the gate closed is its creation's.
-    gate.store(false, Ordering::SeqCst);
-    armed.store(true, Ordering::SeqCst);
+    gate.close();
     let q2 = q.clone();
     let writer = std::thread::spawn(move || {
         for i in 1..2500u64 {
@@ -706,19 +726,18 @@ fn a_new_refcount_block_is_written_without_the_metadata_lock() {
         Ok::<(), vhost_user_qcow2::block::BlockError>(())
     });
     let t0 = Instant::now();
-    while held.load(Ordering::SeqCst) == 0 && t0.elapsed() < Duration::from_secs(20) {
+    while gate.held() == 0 && t0.elapsed() < Duration::from_secs(20) {
         std::thread::sleep(Duration::from_millis(1));
     }
-    assert_eq!(held.load(Ordering::SeqCst), 1, "the writer waits in a sync");
+    assert_eq!(gate.held(), 1, "the writer waits in a sync");
     let t0 = Instant::now();
     let mut buf = [0u8; 4096];
     q.read_vectored(0, &mut [IoSliceMut::new(&mut buf)])
         .unwrap();
     q.write_vectored(0, &[IoSlice::new(&[3u8; 4096])]).unwrap();
     let took = t0.elapsed();
-    gate.store(true, Ordering::SeqCst);
+    gate.release();
     writer.join().unwrap().unwrap();
-    armed.store(false, Ordering::SeqCst);
     assert!(
         took < Duration::from_secs(2),
         "a read and an in-place write waited {took:?} for a refcount block's creation"
@@ -726,20 +745,12 @@ fn a_new_refcount_block_is_written_without_the_metadata_lock() {
     assert_eq!(buf[0], 2);
     q.close().unwrap();
     drop(q);
-    let img = MemStorage::from_vec(hooked.inner.snapshot());
+    let img = gate.snapshot();
     let r = check(&img, &CheckOptions::default()).unwrap();
     assert!(r.is_clean(), "{:?}", r.messages);
     let q = Qcow2::open_storage(Arc::new(img), &OpenOptions::default(), None, 0).unwrap();
-    for (i, want) in [
-        (0u64, 3u8),
-        (1, 1),
-        (2047, (2047 % 251) as u8),
-        (2499, (2499 % 251) as u8),
-    ] {
-        q.read_vectored(i * 4096, &mut [IoSliceMut::new(&mut buf)])
-            .unwrap();
-        assert!(buf.iter().all(|&x| x == want), "cluster {i}");
-    }
+    let last = |i: u64| (i * 4096, (i % 251) as u8);
+    assert_reads(&q, &[(0, 3), (4096, 1), last(2047), last(2499)], "reopened");
 }
 
 /// A dedup write whose duplicate lives under a table the cache lacks reads that table without
