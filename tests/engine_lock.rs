@@ -21,6 +21,19 @@ fn l2_offset(img: &[u8], gc: u64) -> u64 {
     be(l1 + (gc / 512) as usize * 8) & 0x00ff_ffff_ffff_fe00
 }
 
+/// A new image in memory: `size` bytes, 4 KiB clusters, with or without a dedup index.
+fn new_image(size: u64, dedup: bool) -> Arc<MemStorage> {
+    let mem = Arc::new(MemStorage::new());
+    let o = CreateOptions {
+        size,
+        cluster_bits: 12,
+        dedup,
+        ..Default::default()
+    };
+    create(&*mem, &o).unwrap();
+    mem
+}
+
 /// Wait while `gate` is closed (false), at most 10 s.
 fn hold(gate: &AtomicBool) {
     let t0 = Instant::now();
@@ -125,13 +138,7 @@ fn assert_reads(q: &Qcow2, want: &[(u64, u8)], what: &str) {
 
 #[test]
 fn an_l2_miss_is_read_without_the_metadata_lock() {
-    let mem = Arc::new(MemStorage::new());
-    let o = CreateOptions {
-        size: 64 << 20,
-        cluster_bits: 12,
-        ..Default::default()
-    };
-    create(&*mem, &o).unwrap();
+    let mem = new_image(64 << 20, false);
     // Data under two L2 tables (each covers 2 MiB), written and closed.
     let (a, b) = (0u64, 8u64 << 20);
     {
@@ -181,13 +188,7 @@ fn a_flush_syncs_without_the_metadata_lock() {
 }
 
 fn flush_with_slow_syncs(ack: AckDurability) {
-    let mem = Arc::new(MemStorage::new());
-    let o = CreateOptions {
-        size: 64 << 20,
-        cluster_bits: 12,
-        ..Default::default()
-    };
-    create(&*mem, &o).unwrap();
+    let mem = new_image(64 << 20, false);
     let (a, b) = (0u64, 8u64 << 20);
     let (storage, gate) = SyncGate::new(mem.snapshot());
     let opts = OpenOptions {
@@ -239,14 +240,7 @@ fn flush_with_slow_syncs(ack: AckDurability) {
 /// lock is kept for the cluster's decision.
 #[test]
 fn a_dedup_write_reads_a_missing_table_without_the_metadata_lock() {
-    let mem = Arc::new(MemStorage::new());
-    let o = CreateOptions {
-        size: 128 << 20,
-        cluster_bits: 12,
-        dedup: true,
-        ..Default::default()
-    };
-    create(&*mem, &o).unwrap();
+    let mem = new_image(128 << 20, true);
     let opts = OpenOptions {
         dedup_mode: Some(DedupMode::Inline),
         // 16 tables of the 64 the image has.
@@ -297,13 +291,7 @@ fn a_dedup_write_reads_a_missing_table_without_the_metadata_lock() {
 /// An allocation whose refcount block is not cached reads it without the metadata lock.
 #[test]
 fn an_allocation_reads_a_missing_refcount_block_without_the_metadata_lock() {
-    let mem = Arc::new(MemStorage::new());
-    let o = CreateOptions {
-        size: 64 << 20,
-        cluster_bits: 12,
-        ..Default::default()
-    };
-    create(&*mem, &o).unwrap();
+    let mem = new_image(64 << 20, false);
     let a = 0u64;
     {
         let q = Qcow2::open_storage(mem.clone(), &OpenOptions::default(), None, 0).unwrap();
@@ -349,13 +337,7 @@ fn an_allocation_reads_a_missing_refcount_block_without_the_metadata_lock() {
 /// new write put there).
 #[test]
 fn a_flush_punches_freed_clusters_without_the_lock_and_reuses_none_meanwhile() {
-    let mem = Arc::new(MemStorage::new());
-    let o = CreateOptions {
-        size: 64 << 20,
-        cluster_bits: 12,
-        ..Default::default()
-    };
-    create(&*mem, &o).unwrap();
+    let mem = new_image(64 << 20, false);
     let gate = Arc::new(AtomicBool::new(true));
     let punches = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut hooked = Hooked::new(MemStorage::from_vec(mem.snapshot()));
@@ -405,14 +387,7 @@ fn a_flush_punches_freed_clusters_without_the_lock_and_reuses_none_meanwhile() {
 /// was in the file) writes its copies and syncs without the metadata lock too.
 #[test]
 fn a_flush_closing_a_copied_window_syncs_without_the_metadata_lock() {
-    let mem = Arc::new(MemStorage::new());
-    let o = CreateOptions {
-        size: 64 << 20,
-        cluster_bits: 12,
-        dedup: true,
-        ..Default::default()
-    };
-    create(&*mem, &o).unwrap();
+    let mem = new_image(64 << 20, true);
     let gate = Arc::new(AtomicBool::new(true));
     let syncs = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut hooked = Hooked::new(MemStorage::from_vec(mem.snapshot()));
@@ -527,13 +502,7 @@ fn a_copied_change_during_the_window_flush_keeps_dirty() {
 /// The refcount block a flush's frees need is read without the metadata lock too.
 #[test]
 fn a_flush_reads_the_refcount_block_of_its_frees_without_the_metadata_lock() {
-    let mem = Arc::new(MemStorage::new());
-    let o = CreateOptions {
-        size: 64 << 20,
-        cluster_bits: 12,
-        ..Default::default()
-    };
-    create(&*mem, &o).unwrap();
+    let mem = new_image(64 << 20, false);
     let (a, x) = (0u64, 4096u64);
     {
         let q = Qcow2::open_storage(mem.clone(), &OpenOptions::default(), None, 0).unwrap();
@@ -575,13 +544,7 @@ fn a_flush_reads_the_refcount_block_of_its_frees_without_the_metadata_lock() {
 /// the lock, so a read and an in-place write on another thread go on while its sync is slow.
 #[test]
 fn a_full_cache_of_dirty_tables_flushes_without_the_metadata_lock() {
-    let mem = Arc::new(MemStorage::new());
-    let o = CreateOptions {
-        size: 64 << 20,
-        cluster_bits: 12,
-        ..Default::default()
-    };
-    create(&*mem, &o).unwrap();
+    let mem = new_image(64 << 20, false);
     let table = 2u64 << 20; // guest bytes one L2 table maps
     let (storage, gate) = SyncGate::new(mem.snapshot());
     let opts = OpenOptions {
@@ -635,14 +598,7 @@ fn a_full_cache_of_dirty_tables_flushes_without_the_metadata_lock() {
 fn a_dedup_write_reads_a_missing_record_without_the_metadata_lock() {
     use vhost_user_qcow2::qcow2::format::dedup::{DedupExtension, EXT_DEDUP};
     use vhost_user_qcow2::qcow2::format::Header;
-    let mem = Arc::new(MemStorage::new());
-    let o = CreateOptions {
-        size: 128 << 20,
-        cluster_bits: 12,
-        dedup: true,
-        ..Default::default()
-    };
-    create(&*mem, &o).unwrap();
+    let mem = new_image(128 << 20, true);
     let opts = OpenOptions {
         dedup_mode: Some(DedupMode::Inline),
         // Four index clusters of records (127 guest clusters each) in the cache.
@@ -704,13 +660,7 @@ fn a_dedup_write_reads_a_missing_record_without_the_metadata_lock() {
 #[test]
 fn a_new_refcount_block_is_written_without_the_metadata_lock() {
     use vhost_user_qcow2::qcow2::check::{check, CheckOptions};
-    let mem = Arc::new(MemStorage::new());
-    let o = CreateOptions {
-        size: 64 << 20,
-        cluster_bits: 12,
-        ..Default::default()
-    };
-    create(&*mem, &o).unwrap();
+    let mem = new_image(64 << 20, false);
     let (storage, gate) = SyncGate::new(mem.snapshot());
     let q = Arc::new(Qcow2::open_storage(storage, &OpenOptions::default(), None, 0).unwrap());
     q.write_vectored(0, &[IoSlice::new(&[2u8; 4096])]).unwrap();
@@ -757,14 +707,7 @@ fn a_new_refcount_block_is_written_without_the_metadata_lock() {
 /// the metadata lock before it looks the candidate up, and still links to it.
 #[test]
 fn a_dedup_write_reads_its_candidates_table_without_the_metadata_lock() {
-    let mem = Arc::new(MemStorage::new());
-    let o = CreateOptions {
-        size: 128 << 20,
-        cluster_bits: 12,
-        dedup: true,
-        ..Default::default()
-    };
-    create(&*mem, &o).unwrap();
+    let mem = new_image(128 << 20, true);
     let opts = OpenOptions {
         dedup_mode: Some(DedupMode::Inline),
         // 16 tables of the 64 the image has.
