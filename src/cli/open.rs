@@ -38,6 +38,7 @@ pub struct OpenArgs {
     pub overlap_check: OverlapMode,
     pub dedup: DedupArg,
     pub dedup_cache_bytes: Option<u64>,
+    pub l2_cache_bytes: Option<u64>,
     pub direct: bool,
     pub ack: AckDurabilityArg,
 }
@@ -91,6 +92,7 @@ pub fn open_device(a: &OpenArgs) -> anyhow::Result<OpenImage> {
                 DedupArg::Auto => None,
             },
             dedup_cache_bytes,
+            l2_cache_bytes: a.l2_cache_bytes,
             // Hashed by the dedup worker (every caller starts it) while the image is served:
             // the first request is served at once.
             dedup_rebuild_in_background: true,
