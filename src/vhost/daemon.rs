@@ -330,10 +330,7 @@ impl<'a> MainLoop<'a> {
             config.writeback,
         );
         let ctx = Arc::new(DeviceCtx::new(device.clone(), limits, &config.serial));
-        let listener = Listener::from(bind_socket(&config.socket, config.socket_mode)?);
-        let socket = SocketFile(config.socket.clone());
         let ep = Epoll::new()?;
-        ep.add(listener.as_raw_fd(), TOKEN_LISTEN)?;
         if let Some(fd) = &sigfd {
             ep.add(fd.as_raw_fd(), TOKEN_SIGNAL)?;
         }
@@ -358,6 +355,11 @@ impl<'a> MainLoop<'a> {
             }
             None => (None, image),
         };
+        // The vhost-user socket last: once it exists (what a frontend, a test or the readiness
+        // watcher waits for), the control socket does too.
+        let listener = Listener::from(bind_socket(&config.socket, config.socket_mode)?);
+        let socket = SocketFile(config.socket.clone());
+        ep.add(listener.as_raw_fd(), TOKEN_LISTEN)?;
         let periodic = Periodic::new(config, &ep)?;
         let pool =
             Pool::new(config.pool_threads, "vuq-io").map_err(io_err("starting the I/O pool"))?;
