@@ -760,3 +760,76 @@ fn a_dedup_write_reads_its_candidates_table_without_the_metadata_lock() {
     assert!(buf.iter().all(|&x| x == 7));
     q.close().unwrap();
 }
+
+/// The sync that sets DIRTY (once per DIRTY window: lazy refcounts' flush, a persister's first
+/// batch) runs without the metadata lock: while it is held, a read and an in-place write of
+/// another cluster go on. Then everything is in the file across a clean close.
+#[test]
+fn setting_dirty_syncs_without_the_metadata_lock() {
+    for (lazy, ack) in [(true, AckDurability::Memory), (false, AckDurability::File)] {
+        dirty_set_with_slow_syncs(lazy, ack);
+    }
+}
+
+fn dirty_set_with_slow_syncs(lazy: bool, ack: AckDurability) {
+    let what = format!("lazy {lazy}, ack {ack:?}");
+    let mem = new_image(64 << 20, false);
+    let (a, b) = (0u64, 8u64 << 20);
+    let (storage, gate) = SyncGate::new(mem.snapshot());
+    let opts = OpenOptions {
+        lazy_refcounts: Some(lazy),
+        ack_durability: ack,
+        ..Default::default()
+    };
+    let q = Arc::new(Qcow2::open_storage(storage, &opts, None, 0).unwrap());
+    assert!(q.needs_refcount_timer(), "{what}: a DIRTY window");
+    q.write_vectored(b, &[IoSlice::new(&[2u8; 4096])]).unwrap();
+    // The timer ends the DIRTY window: the next table write opens another.
+    q.flush_refcounts().unwrap();
+    assert_eq!(
+        gate.snapshot().snapshot()[79] & 1,
+        0,
+        "{what}: DIRTY cleared"
+    );
+    let q2 = q.clone();
+    let writer = move || {
+        // New clusters: tables ahead of their refcounts (lazy), or a persister (file).
+        for i in 0..8u64 {
+            q2.write_vectored(a + i * 4096, &[IoSlice::new(&[1u8; 4096])])
+                .unwrap();
+        }
+        q2.flush_all()
+    };
+    gate.close();
+    let other = std::thread::spawn(writer);
+    std::thread::sleep(Duration::from_millis(100)); // DIRTY's sync waits now
+    let t0 = Instant::now();
+    let mut buf = [0u8; 4096];
+    q.read_vectored(b, &mut [IoSliceMut::new(&mut buf)])
+        .unwrap();
+    q.write_vectored(b, &[IoSlice::new(&[3u8; 4096])]).unwrap();
+    let took = t0.elapsed();
+    let blocked = !other.is_finished();
+    let dirty = gate.snapshot().snapshot()[79] & 1;
+    gate.release();
+    other.join().unwrap().unwrap();
+    assert!(blocked && gate.held() >= 1, "{what}: no sync was held");
+    assert_eq!(dirty, 1, "{what}: DIRTY was not written before its sync");
+    assert_eq!(buf[0], 2);
+    assert!(
+        took < Duration::from_secs(2),
+        "{what}: a read and an in-place write waited {took:?} for the sync that sets DIRTY"
+    );
+    q.close().unwrap();
+    drop(q);
+    let img = gate.snapshot().snapshot();
+    assert_eq!(img[79] & 1, 0, "{what}: DIRTY left set after a clean close");
+    let q = Qcow2::open_storage(
+        Arc::new(MemStorage::from_vec(img)),
+        &OpenOptions::default(),
+        None,
+        0,
+    )
+    .unwrap();
+    assert_reads(&q, &[(a, 1), (a + 7 * 4096, 1), (b, 3)], &what);
+}

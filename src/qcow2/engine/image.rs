@@ -239,6 +239,7 @@ impl Qcow2 {
             // everything (see `Meta::flush_begin`). Its writes and inner syncs run without
             // the metadata lock, on copies, unless a COPIED window needs the locked order.
             let wb = self.wb_lock();
+            self.dirty_ahead(None)?;
             let mut m = self.lock();
             let sampled = m.changes();
             let t = match m.flush_copy(s)? {

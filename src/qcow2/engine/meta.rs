@@ -109,6 +109,8 @@ pub(crate) struct Meta {
     pub lazy: bool,
     /// The incompatible feature bits as they are on disk.
     pub incompatible: u64,
+    /// Writes of the incompatible bits under the lock so far (see `dirty_ahead`).
+    incompat_writes: u64,
     /// An overlap check fired: no more metadata or data writes.
     corrupt: bool,
     /// Threads waiting for older I/O to finish (a verifier's barrier): every end of an I/O must
@@ -216,6 +218,7 @@ impl Meta {
             tables_written: 0,
             loading: Loading::default(),
             incompatible: 0,
+            incompat_writes: 0,
             data_before_l2: false,
             changes: 0,
             wb: Writeback::new(false, 512),

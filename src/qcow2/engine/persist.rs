@@ -12,6 +12,7 @@
 
 use super::image::Qcow2;
 use crate::qcow2::error::Result;
+use crate::qcow2::format::header::OFF_INCOMPATIBLE;
 use std::sync::MutexGuard;
 
 impl Qcow2 {
@@ -27,11 +28,27 @@ impl Qcow2 {
         }
         let s = self.storage.as_ref();
         let _wb = self.wb_lock();
+        self.dirty_ahead(Some(need))?;
         let Some(batch) = self.lock().persist_begin(s, need)? else {
             return Ok(());
         };
         let r = batch.write(s);
         self.lock().persist_end(batch, r)
+    }
+
+    /// With the writeback lock held, before a flush's copies (`need`: None) or a persister's
+    /// (Some): set DIRTY (written and synced) without the metadata lock if that step would
+    /// set it under the lock, so the once-per-window sync stops no other queue
+    /// (docs/design.md, "What may block where").
+    pub(super) fn dirty_ahead(&self, need: Option<u64>) -> Result<()> {
+        let s = self.storage.as_ref();
+        let Some(ahead) = self.lock().dirty_ahead(need) else {
+            return Ok(());
+        };
+        let r = s
+            .write_at(&ahead.0.to_be_bytes(), OFF_INCOMPATIBLE)
+            .and_then(|()| s.flush());
+        self.lock().dirty_ahead_done(s, ahead, r)
     }
 
     /// The writeback lock (see the module documentation). A panic while it is held leaves

@@ -117,6 +117,9 @@ impl Qcow2 {
 
     pub(crate) fn persist_dedup_setting(&self) -> Result<()> {
         let (mode, paused) = (self.dedup_mode(), self.dedup_paused());
+        // The header may be rewritten whole from what the file holds: no DIRTY set without
+        // the metadata lock may be on its way meanwhile (`Qcow2::dirty_ahead`).
+        let _wb = self.wb_lock();
         let mut m = self.lock();
         let cb = self.g.cluster_bits;
         match m.dedup.as_mut() {

@@ -392,10 +392,53 @@ impl Meta {
 
     /// Rewrite the incompatible feature bits in the header (synced).
     pub(super) fn set_incompatible(&mut self, s: &dyn Storage, bits: u64) -> Result<()> {
+        self.incompat_writes += 1;
         s.write_at(&bits.to_be_bytes(), OFF_INCOMPATIBLE)?;
         s.flush()?;
         self.incompatible = bits;
         Ok(())
+    }
+
+    /// For a caller that holds the writeback lock, before `flush_copy` (`need`: None) or
+    /// `persist_begin` (`need`: Some): the incompatible bits with DIRTY to write and sync
+    /// without the metadata lock, when that step would otherwise set DIRTY (synced) under it;
+    /// with the count of locked writes of the bits, for `dirty_ahead_done`. The writeback lock
+    /// keeps every other writer of tables ahead of refcounts out meanwhile.
+    pub(crate) fn dirty_ahead(&self, need: Option<u64>) -> Option<(u64, u64)> {
+        if self.corrupt || self.g.version < 3 || self.incompatible & INCOMPAT_DIRTY != 0 {
+            return None;
+        }
+        let wanted = match need {
+            Some(n) => !self.wb.covered(n),
+            None => {
+                let tables = self.l2.has_dirty()
+                    || !self.l1_dirty.is_empty()
+                    || !self.wb.pending().is_empty();
+                self.copied_window || (self.lazy && self.rc.has_dirty() && tables)
+            }
+        };
+        wanted.then_some((self.incompatible | INCOMPAT_DIRTY, self.incompat_writes))
+    }
+
+    /// The bits of `dirty_ahead` were written and synced with result `r`. If a write under
+    /// the lock changed the bits in the file meanwhile (a CORRUPT mark, the timer's clear of
+    /// DIRTY), either may have landed last: the bits are written again, under the lock.
+    pub(crate) fn dirty_ahead_done(
+        &mut self,
+        s: &dyn Storage,
+        (bits, writes): (u64, u64),
+        r: std::io::Result<()>,
+    ) -> Result<()> {
+        r?;
+        if self.incompat_writes == writes {
+            debug_assert_eq!(self.incompatible | INCOMPAT_DIRTY, bits);
+            self.incompatible = bits;
+            return Ok(());
+        }
+        if self.corrupt || self.g.version < 3 {
+            return Ok(());
+        }
+        self.set_incompatible(s, self.incompatible | INCOMPAT_DIRTY)
     }
 
     /// Set or clear COPIED on guest cluster `gc` if it still points at host cluster `hc`.
@@ -474,6 +517,7 @@ impl Meta {
             return Ok(false);
         }
         let bits = self.incompatible & !INCOMPAT_DIRTY;
+        self.incompat_writes += 1;
         s.write_at(&bits.to_be_bytes(), OFF_INCOMPATIBLE)?;
         self.incompatible = bits;
         Ok(true)
