@@ -833,3 +833,67 @@ fn dirty_set_with_slow_syncs(lazy: bool, ack: AckDurability) {
     .unwrap();
     assert_reads(&q, &[(a, 1), (a + 7 * 4096, 1), (b, 3)], &what);
 }
+
+/// A discard on an image with dedup records forgets the records of the clusters it drops; the
+/// index clusters holding them are read without the metadata lock.
+#[test]
+fn a_discard_reads_the_records_it_forgets_without_the_metadata_lock() {
+    use vhost_user_qcow2::qcow2::format::dedup::{DedupExtension, EXT_DEDUP};
+    use vhost_user_qcow2::qcow2::format::Header;
+    let mem = new_image(128 << 20, true);
+    let opts = OpenOptions {
+        dedup_mode: Some(DedupMode::Inline),
+        // Four index clusters of records (127 guest clusters each) in the cache.
+        dedup_cache_bytes: Some(4 * 4096),
+        ..Default::default()
+    };
+    let (a, b) = (0u64, 8u64 << 20);
+    {
+        let q = Qcow2::open_storage(mem.clone(), &opts, None, 0).unwrap();
+        q.write_vectored(a, &[IoSlice::new(&[1u8; 4096])]).unwrap();
+        for i in 0..40u64 {
+            let off = i * (1 << 20) + 8192;
+            q.write_vectored(off, &[IoSlice::new(&[i as u8 + 10; 4096])])
+                .unwrap();
+        }
+        q.close().unwrap();
+    }
+    let img = mem.snapshot();
+    let h = Header::decode(&img[..4096]).unwrap();
+    let e = DedupExtension::decode(h.extension(EXT_DEDUP).unwrap()).unwrap();
+    let gc = (b + 8192) / 4096;
+    let slow_record = e.index_offset + gc / 127 * 4096;
+    let (storage, gate) = ReadGate::storage(img, slow_record, true);
+    let q = Arc::new(Qcow2::open_storage(storage, &opts, None, 0).unwrap());
+    // The cache holds other index clusters now.
+    for i in 30..40u64 {
+        let off = i * (1 << 20) + 8192;
+        q.write_vectored(off, &[IoSlice::new(&[i as u8 + 100; 4096])])
+            .unwrap();
+    }
+    gate.set(false);
+    let q2 = q.clone();
+    let slow = std::thread::spawn(move || q2.discard(b, 1 << 20));
+    std::thread::sleep(Duration::from_millis(100)); // the discard is in its record read
+    let t0 = Instant::now();
+    let mut buf = [0u8; 4096];
+    q.read_vectored(a, &mut [IoSliceMut::new(&mut buf)])
+        .unwrap();
+    let took = t0.elapsed();
+    gate.set(true);
+    slow.join().unwrap().unwrap();
+    assert!(
+        took < Duration::from_secs(2),
+        "a read waited {took:?} for a discard's record read"
+    );
+    assert_eq!(buf[0], 1);
+    assert_eq!(gate.reads(), 1, "the discard read the records it forgets");
+    q.read_vectored(b + 8192, &mut [IoSliceMut::new(&mut buf)])
+        .unwrap();
+    assert_eq!(buf[0], 0, "the discard dropped the cluster");
+    // Its record is gone: the same content written elsewhere is not linked to it.
+    q.write_vectored(a + 4096, &[IoSlice::new(&[18u8; 4096])])
+        .unwrap();
+    assert_eq!(q.dedup_stats().unwrap().clusters_deduplicated, 0);
+    q.close().unwrap();
+}

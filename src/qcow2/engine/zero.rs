@@ -96,7 +96,9 @@ impl Qcow2 {
         let s = self.storage.as_ref();
         let cb = self.g.cluster_bits;
         // The L2 tables of the batch are read without the lock first.
-        let mut m = self.load_tables(self.lock(), from << cb, (to - from) << cb)?;
+        let m = self.load_tables(self.lock(), from << cb, (to - from) << cb)?;
+        // And the dedup records it forgets.
+        let mut m = self.load_records(m, from..to);
         while (from..to).any(|gc| m.allocating(gc) || m.is_held(gc)) {
             m = self.wait_cluster(m);
         }

@@ -162,25 +162,38 @@ impl Qcow2 {
         self.lock().dedup.as_ref().map(|d| d.open_report.clone())
     }
 
-    /// If the index cluster with guest cluster `gc`'s record is not cached, read it without
-    /// the lock (dropped and taken again around the read), as `load_tables` does for tables.
-    fn load_record<'a>(&'a self, mut m: MutexGuard<'a, State>, gc: u64) -> MutexGuard<'a, State> {
-        let Some((k, off, len, ticket)) = m
-            .dedup
-            .as_mut()
-            .and_then(|d| d.records.as_mut())
-            .and_then(|r| r.record_to_load(gc))
-        else {
-            return m;
+    /// Read the index clusters holding the records of guest clusters `gcs` that are not
+    /// cached (at most `MAX_RECORD_LOADS`) without the lock (dropped and taken again around
+    /// the reads), as `load_tables` does for tables. A write loads its own record; a discard
+    /// or write-zeroes batch the records it forgets.
+    pub(crate) fn load_records<'a>(
+        &'a self,
+        mut m: MutexGuard<'a, State>,
+        gcs: std::ops::Range<u64>,
+    ) -> MutexGuard<'a, State> {
+        let want = match m.dedup.as_mut().and_then(|d| d.records.as_mut()) {
+            Some(r) => r.records_to_load(gcs.start, gcs.end, MAX_RECORD_LOADS),
+            None => return m,
         };
+        if want.is_empty() {
+            return m;
+        }
         drop(m);
         let s = self.storage.as_ref();
-        let mut buf = vec![0u8; len];
-        let ok = s.read_at(&mut buf, off).is_ok();
+        let read: Vec<_> = want
+            .into_iter()
+            .map(|(k, off, len, ticket)| {
+                let mut buf = vec![0u8; len];
+                let ok = s.read_at(&mut buf, off).is_ok();
+                (k, ticket, ok.then_some(buf))
+            })
+            .collect();
         let mut m = self.lock();
         if let Some(r) = m.dedup.as_mut().and_then(|d| d.records.as_mut()) {
-            if let Err(e) = r.loaded(s, k, ticket, ok.then_some(&buf[..])) {
-                log::warn!("dedup index cluster {k}: {e}");
+            for (k, ticket, buf) in read {
+                if let Err(e) = r.loaded(s, k, ticket, buf.as_deref()) {
+                    log::warn!("dedup index cluster {k}: {e}");
+                }
             }
         }
         m
@@ -247,7 +260,7 @@ impl Qcow2 {
         let m = self
             .load_tables(self.lock(), gc << cb, 1 << cb)
             .unwrap_or_else(|_| self.lock());
-        let mut m = self.load_record(m, gc);
+        let mut m = self.load_records(m, gc..gc + 1);
         while m.is_held(gc) {
             m = self.wait_cluster(m);
         }
@@ -475,6 +488,10 @@ fn forget_after_error(m: &mut State, s: &dyn Storage, gc: u64) {
         log::warn!("dedup record of guest cluster {gc} not cleared: {e}");
     }
 }
+
+/// Index clusters a discard batch reads without the lock at most (33 cover a batch of 4096
+/// guest clusters at 4 KiB clusters); the rest, if any, load under it.
+const MAX_RECORD_LOADS: usize = 40;
 
 /// Guest cluster `gc` is about to get content we do not hash: forget its record and its hint.
 /// Called under the lock before the change is planned, so no record ever outlives the content.

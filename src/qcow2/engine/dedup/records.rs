@@ -266,6 +266,29 @@ impl Records {
         ))
     }
 
+    /// `record_to_load` for the index clusters of guest clusters `from..to` (a discard
+    /// batch's), at most `max` and at most half the cache, so that the ones read first are
+    /// not evicted by the last.
+    pub(crate) fn records_to_load(
+        &mut self,
+        from: u64,
+        to: u64,
+        max: usize,
+    ) -> Vec<(u64, u64, usize, u64)> {
+        let mut out = Vec::new();
+        if from >= to {
+            return out;
+        }
+        let max = max.min(self.cap / 2).max(1);
+        for k in from / self.rpc..=(to - 1) / self.rpc {
+            if out.len() >= max {
+                break;
+            }
+            out.extend(self.record_to_load(k * self.rpc));
+        }
+        out
+    }
+
     /// An index cluster read without the lock (`record_to_load`) arrives (None: the read failed; a
     /// load under the lock reports it): cached unless a load under the lock superseded it.
     pub(crate) fn loaded(
