@@ -120,7 +120,7 @@ cleanup() {
     if [ -n "$DAEMON_PID" ] && kill -0 "$DAEMON_PID" 2>/dev/null; then
         kill -KILL "$DAEMON_PID" 2>/dev/null || true
     fi
-    rm -f "$WORK"/run.img "$WORK"/run.sock
+    rm -f "$WORK"/run.img "$WORK"/run.sock "$WORK"/run.raw
     if [ "$KEEP" = 0 ] && [ -z "$OUT" ]; then
         rm -rf "$WORK"
     fi
@@ -201,8 +201,10 @@ define_rows() {
     # Latency under interference (issue 16): 4 KiB random reads at QD1 on one queue, alone and
     # while a second queue writes and discards 8 MiB ranges and the lazy-refcount timer fires
     # every second; compare the p99 of the two rows.
+    # fio-raw: the same reads on a raw file (O_DIRECT), alone and while a shell loop writes and
+    # punches 8 MiB ranges of its other half the same way: what the disk allows.
     local half lazy=("ours=ours:--lazy-refcounts on --refcount-flush-interval 1"
-        "none=ours:--cache none --lazy-refcounts on --refcount-flush-interval 1")
+        "none=ours:--cache none --lazy-refcounts on --refcount-flush-interval 1" "fio-raw=fio")
     half=$(($(numfmt --from=iec "$FILL_SIZE") / 2))
     row "lat 4k randread QD1 alone" filled:lazy_refcounts=on 1 nopin \
         "--workload randread --bs 4k --iodepth 1 --size $half --runtime {runtime}" "${lazy[@]}"
@@ -286,9 +288,11 @@ print(json.dumps({"ios": ios, "bytes": byts, "errors": errs, "elapsed_s": secs,
 }
 
 # run_fio CLIENT-ARGS QUEUES RAW: fio on RAW with the bench client's workload (one job per
-# queue, O_DIRECT, io_uring), printing the client's JSON fields.
+# queue, O_DIRECT, io_uring), printing the client's JSON fields. With --interfere (the latency
+# rows) the last queue's part is played by raw_interfere on the second half of RAW instead,
+# and one fio job reads the first half.
 run_fio() {
-    local args=$1 queues=$2 raw=$3 rw="" bs="" depth="" runtime=""
+    local args=$1 queues=$2 raw=$3 rw="" bs="" depth="" runtime="" size="" interfere=0
     read -r -a a <<<"$args"
     local k
     for ((k = 0; k < ${#a[@]}; k++)); do
@@ -297,11 +301,42 @@ run_fio() {
             --bs) bs=${a[$((k + 1))]} ;;
             --iodepth) depth=${a[$((k + 1))]} ;;
             --runtime) runtime=${a[$((k + 1))]} ;;
+            --size) size=${a[$((k + 1))]} ;;
+            --interfere) interfere=1 ;;
         esac
     done
-    fio --name=raw --filename="$raw" --direct=1 --ioengine=io_uring --rw="$rw" --bs="$bs" \
-        --iodepth="$depth" --numjobs="$queues" --runtime="$runtime" --time_based \
-        --randrepeat=0 --norandommap --group_reporting=0 --output-format=json 2>/dev/null | fio_json
+    local ipid="" half jobs=$queues
+    if [ "$interfere" = 1 ]; then
+        half=$(($(stat -c %s "$raw") / 2))
+        size=$half
+        jobs=$((queues - 1))
+        raw_interfere "$raw" "$half" "$half" &
+        ipid=$!
+    fi
+    local out rc=0
+    out=$(fio --name=raw --filename="$raw" --direct=1 --ioengine=io_uring --rw="$rw" --bs="$bs" \
+        --iodepth="$depth" --numjobs="$jobs" --runtime="$runtime" --time_based \
+        ${size:+--size="$size"} --randrepeat=0 --norandommap --group_reporting=0 \
+        --output-format=json 2>/dev/null) || rc=$?
+    if [ -n "$ipid" ]; then
+        kill "$ipid" 2>/dev/null || true
+        wait "$ipid" 2>/dev/null || true
+    fi
+    [ "$rc" = 0 ] && fio_json <<<"$out"
+}
+
+# raw_interfere RAW OFFSET LEN: the bench client's --interfere queue on a raw file, until
+# killed: write 8 MiB (1 MiB O_DIRECT writes, one at a time), punch it out, next 8 MiB.
+raw_interfere() {
+    local raw=$1 off=$(($2 / 1048576)) n=$(($3 / 8388608)) k=0 at
+    [ "$n" -gt 0 ] || return 0
+    while :; do
+        at=$((off + (k % n) * 8))
+        dd if=/dev/zero of="$raw" bs=1M count=8 seek="$at" oflag=direct conv=notrunc \
+            status=none || return 0
+        fallocate -p -o $((at * 1048576)) -l 8M "$raw" || return 0
+        k=$((k + 1))
+    done
 }
 
 # Daemon command for KIND with EXTRA, as an array in CMD.
@@ -391,7 +426,17 @@ run_one() {
     rm -f "$sock"
     if [ "$kind" = fio ]; then
         local out args=${client_args//\{runtime\}/$RUNTIME} err=""
-        out=$(run_fio "$args" "$queues" "$WORK/base/cold.raw") || err="fio failed"
+        local raw=$WORK/base/cold.raw
+        if [ "${ROW_IMAGES[$i]}" != cold ]; then
+            # A raw file of the filled image's size with its own random data; the latency rows'
+            # interferer writes and punches it, so each run gets a fresh copy.
+            [ -f "$WORK/base/fill.raw" ] || head -c "$(numfmt --from=iec "$FILL_SIZE")" /dev/urandom >"$WORK/base/fill.raw"
+            raw=$WORK/run.raw
+            cp "$WORK/base/fill.raw" "$raw"
+            sync "$raw"
+        fi
+        out=$(run_fio "$args" "$queues" "$raw") || err="fio failed"
+        rm -f "$WORK/run.raw"
         [ -z "$out" ] && out=null
         {
             printf '{"row":%s,"variant":%s,"kind":"fio","round":%d,"queues":%d,"cpu_s":null,"client":%s' \
