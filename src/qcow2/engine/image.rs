@@ -272,10 +272,14 @@ impl Qcow2 {
                 let cleared = if sync_clear { s.flush() } else { Ok(()) };
                 drop(wb);
                 // The holes of the clusters freed are punched without the lock (the allocator
-                // skips those clusters meanwhile).
+                // skips those clusters meanwhile), then synced: a write into a durable hole
+                // needs no sync of its data before its entry (`Refcounts::holes`), which on a
+                // disk that discards and rewrites saves a sync per allocating write.
                 if !runs.is_empty() {
-                    punch_runs(s, self.g.cluster_size(), &runs);
-                    self.lock().punched(&runs);
+                    let punched = punch_runs(s, self.g.cluster_size(), &runs);
+                    let durable = !punched.is_empty() && s.flush().is_ok();
+                    let durable = if durable { &punched[..] } else { &[] };
+                    self.lock().punched(&runs, durable);
                 }
                 r?;
                 cleared?;

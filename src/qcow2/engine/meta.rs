@@ -164,12 +164,16 @@ fn count(waiters: &mut usize, enter: bool) {
 
 /// Punch the holes of freed cluster runs (first, count); a failure only keeps the old bytes
 /// (logged).
-pub(crate) fn punch_runs(s: &dyn Storage, cs: u64, runs: &[(u64, u64)]) {
+/// Punch the holes of `runs` (first cluster, count); returns the runs punched.
+pub(crate) fn punch_runs(s: &dyn Storage, cs: u64, runs: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut done = Vec::with_capacity(runs.len());
     for &(first, n) in runs {
-        if let Err(e) = s.punch_hole(first * cs, n * cs) {
-            log::debug!("punch hole at clusters {first}..{}: {e}", first + n);
+        match s.punch_hole(first * cs, n * cs) {
+            Ok(()) => done.push((first, n)),
+            Err(e) => log::debug!("punch hole at clusters {first}..{}: {e}", first + n),
         }
     }
+    done
 }
 
 /// How much the file grows at least when allocations pass its end.
@@ -699,8 +703,9 @@ impl Meta {
     /// still touch. Clusters that drop to zero are punched out of the file.
     pub(crate) fn apply_frees(&mut self, s: &dyn Storage) -> Result<()> {
         let (r, runs) = self.apply_frees_unpunched(s);
+        // Under the lock: no sync follows, so none of them counts as a durable hole.
         punch_runs(s, self.g.cluster_size(), &runs);
-        self.rc.punched(&runs);
+        self.rc.punched(&runs, &[]);
         r
     }
 
@@ -737,8 +742,9 @@ impl Meta {
     }
 
     /// The holes of `runs` (from `apply_frees_unpunched`) are punched.
-    pub(crate) fn punched(&mut self, runs: &[(u64, u64)]) {
-        self.rc.punched(runs);
+    /// `durable`: the runs whose holes a sync made durable since (see `Refcounts::punched`).
+    pub(crate) fn punched(&mut self, runs: &[(u64, u64)], durable: &[(u64, u64)]) {
+        self.rc.punched(runs, durable);
     }
 
     /// Drop one reference of each cluster in `ready`; those that reach 0 go into `freed`.

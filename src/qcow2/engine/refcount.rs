@@ -16,6 +16,7 @@ use lru::LruCache;
 use std::num::NonZeroUsize;
 
 mod growth;
+mod holes;
 
 /// Most RAM for clean (unchanged since read or written) refcount blocks; the least recently
 /// used is dropped past it. 16 MiB covers the refcounts of 512 GiB of data at 64 KiB clusters.
@@ -51,6 +52,11 @@ pub(crate) struct Refcounts {
     /// (`hold_punching`): the allocator skips them until `punched`, so a punch never lands on
     /// a cluster handed out again.
     punching: ClusterSet,
+    /// Free clusters whose holes are durable (`refcount/holes.rs`); one leaves when its
+    /// refcount does.
+    holes: holes::Holes,
+    /// The last `alloc` took a run of `holes` (it reads as zeros, durably).
+    pub(crate) last_alloc_holes: bool,
     /// Blocks as they are on disk, least recently used dropped first.
     clean: LruCache<u64, Vec<u8>, ClusterHash>,
     /// No cluster below this index is free.
@@ -129,6 +135,8 @@ impl Refcounts {
             touched: ClusterSet::default(),
             loading: Loading::default(),
             punching: ClusterSet::default(),
+            holes: holes::Holes::default(),
+            last_alloc_holes: false,
             clean: LruCache::with_hasher(clean_cap(cluster_bits), ClusterHash::default()),
             free_hint: 0,
             allocations: 0,
@@ -264,13 +272,17 @@ impl Refcounts {
         }
     }
 
-    /// The holes of `runs` are punched: the clusters may be handed out again.
-    pub(crate) fn punched(&mut self, runs: &[(u64, u64)]) {
+    /// The holes of `runs` are punched: the clusters may be handed out again. `durable`: those
+    /// of them that are holes on disk now, punched and synced since (see `holes`).
+    pub(crate) fn punched(&mut self, runs: &[(u64, u64)], durable: &[(u64, u64)]) {
         for &(f, n) in runs {
             for c in f..f + n {
                 self.punching.remove(&c);
             }
             self.free_hint = self.free_hint.min(f);
+        }
+        for &(f, n) in durable {
+            self.holes.insert(f, n);
         }
     }
 
@@ -300,6 +312,9 @@ impl Refcounts {
             .block_mut(s, b)?
             .ok_or_else(|| Qcow2Error::corrupt("refcount block vanished"))?;
         refblock::set(blk, i, order, v);
+        if v != 0 && !self.holes.is_empty() {
+            self.holes.remove(c);
+        }
         if v == 0 && c < self.free_hint {
             self.free_hint = c;
         }
@@ -359,6 +374,7 @@ impl Refcounts {
                 }
                 c += 1;
             }
+            self.last_alloc_holes = self.holes.covers(start, n);
             for k in start..start + n {
                 self.set(s, k, 1)?;
             }

@@ -6,8 +6,9 @@ use crate::qcow2::error::Result;
 use crate::storage::Storage;
 
 impl Meta {
-    /// Take `n` contiguous data clusters. Returns the first host offset, and whether they lie
-    /// past the old end of the file (so they read as zeros without being written).
+    /// Take `n` contiguous data clusters. Returns the first host offset, and whether they read
+    /// as zeros on disk without being written, durably: past the old end of the file, or freed
+    /// clusters whose punched holes were synced (`Refcounts::holes`).
     ///
     /// The file is grown to cover every allocation at once: the length only ever grows, to at
     /// least the end of everything allocated, so it never cuts off a write in flight, and no
@@ -18,10 +19,12 @@ impl Meta {
         // file as it was at open, nothing was written.
         let zero_from = self.zero_from.max(self.rc.allocations * cs);
         let c = self.rc.alloc(s, n)?;
+        // Freed clusters whose holes are durable read as zeros just the same.
+        let holes = self.rc.last_alloc_holes;
         self.stats.clusters_allocated += n;
         let host = c * cs;
         self.cover_allocation(s, zero_from, host + n * cs)?;
-        Ok((host, host >= zero_from))
+        Ok((host, holes || host >= zero_from))
     }
 
     /// After an allocation ending at `alloc_end` (`zero_from`: where never-written space began
