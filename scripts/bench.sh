@@ -201,8 +201,9 @@ define_rows() {
     # Latency under interference (issue 16): 4 KiB random reads at QD1 on one queue, alone and
     # while a second queue writes and discards 8 MiB ranges and the lazy-refcount timer fires
     # every second; compare the p99 of the two rows.
-    # fio-raw: the same reads on a raw file (O_DIRECT), alone and while a shell loop writes and
-    # punches 8 MiB ranges of its other half the same way: what the disk allows.
+    # fio-raw: the same reads on a raw file (O_DIRECT), alone and while scripts/raw_interfere.py
+    # writes and punches 8 MiB ranges of its other half the same way: what the disk and the
+    # file system allow (ext4 serializes O_DIRECT reads of a file with its allocating writes).
     local half lazy=("ours=ours:--lazy-refcounts on --refcount-flush-interval 1"
         "none=ours:--cache none --lazy-refcounts on --refcount-flush-interval 1" "fio-raw=fio")
     half=$(($(numfmt --from=iec "$FILL_SIZE") / 2))
@@ -289,8 +290,8 @@ print(json.dumps({"ios": ios, "bytes": byts, "errors": errs, "elapsed_s": secs,
 
 # run_fio CLIENT-ARGS QUEUES RAW: fio on RAW with the bench client's workload (one job per
 # queue, O_DIRECT, io_uring), printing the client's JSON fields. With --interfere (the latency
-# rows) the last queue's part is played by raw_interfere on the second half of RAW instead,
-# and one fio job reads the first half.
+# rows) the last queue's part is played by scripts/raw_interfere.py on the second half of RAW
+# instead (it prints the rate it wrote at), and one fio job reads the first half.
 run_fio() {
     local args=$1 queues=$2 raw=$3 rw="" bs="" depth="" runtime="" size="" interfere=0
     read -r -a a <<<"$args"
@@ -310,7 +311,7 @@ run_fio() {
         half=$(($(stat -c %s "$raw") / 2))
         size=$half
         jobs=$((queues - 1))
-        raw_interfere "$raw" "$half" "$half" &
+        python3 "$ROOT/scripts/raw_interfere.py" "$raw" "$half" "$half" "$((runtime + 2))" &
         ipid=$!
     fi
     local out rc=0
@@ -323,20 +324,6 @@ run_fio() {
         wait "$ipid" 2>/dev/null || true
     fi
     [ "$rc" = 0 ] && fio_json <<<"$out"
-}
-
-# raw_interfere RAW OFFSET LEN: the bench client's --interfere queue on a raw file, until
-# killed: write 8 MiB (1 MiB O_DIRECT writes, one at a time), punch it out, next 8 MiB.
-raw_interfere() {
-    local raw=$1 off=$(($2 / 1048576)) n=$(($3 / 8388608)) k=0 at
-    [ "$n" -gt 0 ] || return 0
-    while :; do
-        at=$((off + (k % n) * 8))
-        dd if=/dev/zero of="$raw" bs=1M count=8 seek="$at" oflag=direct conv=notrunc \
-            status=none || return 0
-        fallocate -p -o $((at * 1048576)) -l 8M "$raw" || return 0
-        k=$((k + 1))
-    done
 }
 
 # Daemon command for KIND with EXTRA, as an array in CMD.
