@@ -897,3 +897,65 @@ fn a_discard_reads_the_records_it_forgets_without_the_metadata_lock() {
     assert_eq!(q.dedup_stats().unwrap().clusters_deduplicated, 0);
     q.close().unwrap();
 }
+
+/// While a flush sets DIRTY without the metadata lock, another request trips an overlap check
+/// and marks the image CORRUPT; the flush's header write lands after that mark. The CORRUPT
+/// bit must still be in the file in the end (the flush writes the bits again under the lock).
+#[test]
+fn a_corrupt_mark_during_the_dirty_set_stays_in_the_file() {
+    let mem = new_image(64 << 20, false);
+    let (a, b, x) = (0u64, 8u64 << 20, 16u64 << 20);
+    {
+        let q = Qcow2::open_storage(mem.clone(), &OpenOptions::default(), None, 0).unwrap();
+        q.write_vectored(x, &[IoSlice::new(&[7u8; 4096])]).unwrap();
+        q.close().unwrap();
+    }
+    // Guest cluster x now claims to be the refcount table (COPIED): a write there trips the
+    // overlap check.
+    let mut img = mem.snapshot();
+    let be = |img: &[u8], at: usize| u64::from_be_bytes(img[at..at + 8].try_into().unwrap());
+    let rt = be(&img, 48);
+    let at = (l2_offset(&img, x / 4096) + (x / 4096 % 512) * 8) as usize;
+    img[at..at + 8].copy_from_slice(&(rt | 1 << 63).to_be_bytes());
+    // The first header write after arming waits for the gate.
+    let (armed, open) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let mut hooked = Hooked::new(MemStorage::from_vec(img));
+    let (arm, g) = (armed.clone(), open.clone());
+    hooked.on_write = Some(Box::new(move |_, off| {
+        if off == 72 && arm.swap(false, Ordering::SeqCst) {
+            hold(&g);
+        }
+    }));
+    let hooked = Arc::new(hooked);
+    let storage: Arc<dyn Storage> = hooked.clone();
+    let opts = OpenOptions {
+        lazy_refcounts: Some(true),
+        ack_durability: AckDurability::Memory,
+        ..Default::default()
+    };
+    let q = Arc::new(Qcow2::open_storage(storage, &opts, None, 0).unwrap());
+    q.write_vectored(b, &[IoSlice::new(&[2u8; 4096])]).unwrap();
+    q.flush_refcounts().unwrap();
+    assert_eq!(
+        hooked.inner.snapshot()[79] & 3,
+        0,
+        "DIRTY and CORRUPT clear"
+    );
+    q.write_vectored(a, &[IoSlice::new(&[1u8; 4096])]).unwrap();
+    armed.store(true, Ordering::SeqCst);
+    let q2 = q.clone();
+    let flusher = std::thread::spawn(move || q2.flush_all());
+    std::thread::sleep(Duration::from_millis(100)); // its DIRTY write waits now
+    assert!(!armed.load(Ordering::SeqCst), "the flush set DIRTY");
+    let r = q.write_vectored(x, &[IoSlice::new(&[9u8; 4096])]);
+    assert!(r.is_err() && q.is_corrupt(), "the overlap check fired");
+    open.store(true, Ordering::SeqCst);
+    let _ = flusher.join().unwrap();
+    let bits = hooked.inner.snapshot()[79];
+    assert_eq!(bits & 2, 2, "CORRUPT lost from the file (bits {bits:#x})");
+    drop(q);
+    assert_eq!(hooked.inner.snapshot()[79] & 2, 2, "CORRUPT lost at close");
+}

@@ -422,23 +422,24 @@ impl Meta {
 
     /// The bits of `dirty_ahead` were written and synced with result `r`. If a write under
     /// the lock changed the bits in the file meanwhile (a CORRUPT mark, the timer's clear of
-    /// DIRTY), either may have landed last: the bits are written again, under the lock.
+    /// DIRTY, a locked flush's own set), either may have landed last, ours included when it
+    /// failed part way: the bits memory holds are written again, under the lock, with DIRTY
+    /// when ours succeeded (a CORRUPT mark is never lost).
     pub(crate) fn dirty_ahead_done(
         &mut self,
         s: &dyn Storage,
         (bits, writes): (u64, u64),
         r: std::io::Result<()>,
     ) -> Result<()> {
+        if self.incompat_writes != writes {
+            let dirty = if r.is_ok() { INCOMPAT_DIRTY } else { 0 };
+            self.set_incompatible(s, self.incompatible | dirty)?;
+            return Ok(r?);
+        }
         r?;
-        if self.incompat_writes == writes {
-            debug_assert_eq!(self.incompatible | INCOMPAT_DIRTY, bits);
-            self.incompatible = bits;
-            return Ok(());
-        }
-        if self.corrupt || self.g.version < 3 {
-            return Ok(());
-        }
-        self.set_incompatible(s, self.incompatible | INCOMPAT_DIRTY)
+        debug_assert_eq!(self.incompatible | INCOMPAT_DIRTY, bits);
+        self.incompatible = bits;
+        Ok(())
     }
 
     /// Set or clear COPIED on guest cluster `gc` if it still points at host cluster `hc`.
