@@ -276,8 +276,12 @@ impl Qcow2 {
                 // needs no sync of its data before its entry (`Refcounts::holes`), which on a
                 // disk that discards and rewrites saves a sync per allocating write.
                 if !runs.is_empty() {
-                    let punched = punch_runs(s, self.g.cluster_size(), &runs);
-                    let durable = !punched.is_empty() && s.flush().is_ok();
+                    let cs = self.g.cluster_size();
+                    let punched = punch_runs(s, cs, &runs);
+                    // Clusters smaller than the O_DIRECT alignment share blocks that a
+                    // neighbour's read-modify-write may have put back meanwhile: no holes.
+                    let aligned = s.direct_fd().is_none_or(|(_, a)| cs >= a);
+                    let durable = aligned && !punched.is_empty() && s.flush().is_ok();
                     let durable = if durable { &punched[..] } else { &[] };
                     self.lock().punched(&runs, durable);
                 }

@@ -252,6 +252,8 @@ impl Refcounts {
     /// Keep clusters `first..first + n` (refcount 0) from the allocator, and record them in the
     /// overlap map as metadata of kind `k`, so that no data or table write lands there.
     pub(crate) fn reserve(&mut self, first: u64, n: u64, k: u16) {
+        // The area is written with refcount 0: no cluster of it reads as zeros from now on.
+        self.holes.remove_range(first, n);
         if let Some((f, m)) = self.reserved.replace((first, n)) {
             self.map.remove(f, m, k);
         }
@@ -551,6 +553,36 @@ mod tests {
         s.write_at(&blk, 2 * cs as u64).unwrap();
         let r = Refcounts::load(&s, cluster_bits, order, cs as u64, 1).unwrap();
         (s, r)
+    }
+
+    #[test]
+    fn durable_holes_count_until_their_clusters_are_used_or_reserved() {
+        let (s, mut r) = setup(16, 4);
+        assert_eq!(r.alloc(&s, 6).unwrap(), 3);
+        assert!(!r.last_alloc_holes, "never freed");
+        for c in 3..9 {
+            r.set(&s, c, 0).unwrap();
+        }
+        r.hold_punching(&[(3, 6)]);
+        // Punched, but only 3..5 synced since.
+        r.punched(&[(3, 6)], &[(3, 2)]);
+        assert_eq!(r.alloc(&s, 2).unwrap(), 3);
+        assert!(r.last_alloc_holes, "a run of durable holes");
+        assert_eq!(r.alloc(&s, 1).unwrap(), 5);
+        assert!(!r.last_alloc_holes, "punched but not synced");
+        // Freed again without a punch: the clusters were used, no longer holes.
+        r.set(&s, 3, 0).unwrap();
+        assert_eq!(r.alloc(&s, 1).unwrap(), 3);
+        assert!(!r.last_alloc_holes, "used since its punch");
+        // The dedup index area is written with refcount 0: once reserved, never a hole again.
+        for c in 6..9 {
+            r.set(&s, c, 0).unwrap();
+        }
+        r.punched(&[], &[(6, 3)]);
+        r.reserve(6, 2, kind::DEDUP_INDEX);
+        r.reserve(20, 1, kind::DEDUP_INDEX);
+        assert_eq!(r.alloc(&s, 3).unwrap(), 6);
+        assert!(!r.last_alloc_holes, "the old index area is not a hole");
     }
 
     #[test]

@@ -372,9 +372,20 @@ impl Qcow2 {
         let s = self.storage.as_ref();
         let cs = self.g.cluster_size();
         let cur = m.entry(s, gc)?;
-        let (host, fresh_alloc) = match cur {
-            L2Entry::Normal { host, copied: true } => (host.0, false),
-            _ => (m.alloc_data(s, 1)?.0, true),
+        // `zeros`: a new cluster that reads as zeros on disk, for a guest cluster that read as
+        // zeros: a lost data write then reads as before, so its data needs no sync before the
+        // entry (as for plain writes, `WChunk::padded`).
+        let (host, fresh_alloc, zeros) = match cur {
+            L2Entry::Normal { host, copied: true } => (host.0, false, false),
+            _ => {
+                let (host, fresh) = m.alloc_data(s, 1)?;
+                let read_zeros = match cur {
+                    L2Entry::Zero { host: None, .. } => true,
+                    L2Entry::Unallocated => self.backing.is_none(),
+                    _ => false,
+                };
+                (host, true, fresh && read_zeros)
+            }
         };
         let placed =
             m.rc.guard(host, cs, 0)
@@ -426,7 +437,9 @@ impl Qcow2 {
                 forget_after_error(&mut m, s, gc);
                 return Err(e);
             }
-            m.data_first();
+            if !zeros {
+                m.data_first();
+            }
         }
         if let Some(d) = m.dedup.as_mut() {
             d.stats.clusters_unique += 1;

@@ -64,6 +64,28 @@ impl Holes {
         }
     }
 
+    /// Clusters `first..first + n` are written without a refcount (the dedup index area):
+    /// none of them is a hole any more.
+    pub(crate) fn remove_range(&mut self, first: u64, n: u64) {
+        let end = first.saturating_add(n);
+        let overlapping: Vec<(u64, u64)> = self
+            .runs
+            .range(..end)
+            .rev()
+            .take_while(|(_, &e)| e > first)
+            .map(|(&s, &e)| (s, e))
+            .collect();
+        for (s, e) in overlapping {
+            self.runs.remove(&s);
+            if s < first {
+                self.runs.insert(s, first);
+            }
+            if end < e {
+                self.runs.insert(end, e);
+            }
+        }
+    }
+
     /// Ranges held.
     #[cfg(test)]
     fn len(&self) -> usize {
@@ -104,5 +126,13 @@ mod tests {
         assert_eq!(h.len(), 2);
         h.insert(0, 0);
         assert_eq!(h.len(), 2);
+        // 11..15, 16..31 left; a range across both, and one inside a run.
+        h.remove_range(13, 5);
+        assert!(h.covers(11, 2) && !h.covers(13, 1) && !h.covers(17, 1));
+        assert!(h.covers(18, 13));
+        h.remove_range(20, 2);
+        assert!(h.covers(18, 2) && !h.covers(20, 1) && !h.covers(21, 1) && h.covers(22, 9));
+        h.remove_range(0, 100);
+        assert!(h.is_empty());
     }
 }
