@@ -25,9 +25,13 @@ struct Daemon {
 
 impl Daemon {
     fn start(extra: &[&str]) -> Daemon {
+        Daemon::start_on("64M", &[], extra)
+    }
+    /// `start` on an image of `size` made with `create` options `create`.
+    fn start_on(size: &str, create: &[&str], extra: &[&str]) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("d.qcow2");
-        common::create_with_cli(&img, "64M", &[]);
+        common::create_with_cli(&img, size, create);
         let ctl = dir.path().join("c.sock");
         let mut args = vec!["--control", ctl.to_str().unwrap()];
         args.extend_from_slice(extra);
@@ -164,6 +168,45 @@ fn commands_answer_and_quit_leaves_a_clean_image() {
 
 /// With two queues, each queue's requests are counted under that queue (each worker thread
 /// numbers its own vrings from 0: the daemon must map them back to the device's queues).
+/// `serve --l2-cache-size` bounds the L2 cache: two passes over 512 L2 tables (4 KiB clusters,
+/// 2 MiB per table) hit every time with the default cache and miss every time with 1M (256
+/// tables).
+#[test]
+fn l2_cache_size_bounds_the_cache() {
+    let mut misses = Vec::new();
+    for extra in [&[][..], &["--l2-cache-size", "1M"][..]] {
+        let mut d = Daemon::start_on("1G", &["--cluster-size", "4096"], extra);
+        let mut q = Qmp::connect(&d.ctl());
+        let mut c = Client::connect(&d.sock(), 1, false).unwrap();
+        c.buf(0, 4096).copy_from_slice(&pattern(5, 4096));
+        let stat = |q: &mut Qmp| {
+            q.ok("query-stats")["engine"]["l2-cache-misses"]
+                .as_u64()
+                .unwrap()
+        };
+        for t in 0..512u64 {
+            let r = c.write(0, t << 21, 0, 4096);
+            d.check(r == 0, &format!("write in table {t} returned {r}"));
+        }
+        let before = stat(&mut q);
+        for pass in 0..2 {
+            for t in 0..512u64 {
+                let r = c.read(0, t << 21, 0, 4096);
+                d.check(
+                    r == 0,
+                    &format!("pass {pass}: read in table {t} returned {r}"),
+                );
+            }
+        }
+        misses.push(stat(&mut q) - before);
+        drop(q);
+        d.quit();
+        drop(c);
+    }
+    assert_eq!(misses[0], 0, "default cache: {misses:?}");
+    assert_eq!(misses[1], 1024, "256 tables, 512 used in turn: {misses:?}");
+}
+
 #[test]
 fn each_queue_counts_its_own_requests() {
     let mut d = Daemon::start(&["--num-queues", "2"]);
