@@ -384,6 +384,9 @@ impl Qcow2 {
                 if result.is_ok() {
                     if c.padded() {
                         m.data_first();
+                    } else {
+                        // No sync for its own entry; a dedup link to it needs one.
+                        m.note_unsynced(host / self.g.cluster_size());
                     }
                     let linked = m.entry(s, c.gc).and_then(|old| {
                         m.set_entry(

@@ -134,6 +134,17 @@ pub(crate) struct Meta {
     /// A cluster was linked since the last sync whose data must reach the disk before its L2
     /// entry (it had bytes to copy, or it was not fresh past the end of the file).
     data_before_l2: bool,
+    /// New clusters whose data was written without a sync before their entry (they read as
+    /// zeros on disk: `alloc_data`), by host cluster, with the flush count when linked
+    /// (`note_unsynced`); see `link_needs_sync`.
+    unsynced: ClusterMap<u64>,
+    /// Too many of those to track: every link until a flush started after this count ends
+    /// needs the sync.
+    unsynced_all: Option<u64>,
+    /// Flushes started so far (`flush_copy`, `flush_begin`), and the most a finished one had
+    /// when it started: data that completed before it was counted is durable.
+    flushes_started: u64,
+    flushes_durable: u64,
     /// Counts changes a guest flush must make durable (links, table changes, completed writes);
     /// a flush whose count was reached by a finished sync needs no sync of its own.
     changes: u64,
@@ -224,6 +235,10 @@ impl Meta {
             incompatible: 0,
             incompat_writes: 0,
             data_before_l2: false,
+            unsynced: ClusterMap::default(),
+            unsynced_all: None,
+            flushes_started: 0,
+            flushes_durable: 0,
             changes: 0,
             wb: Writeback::new(false, 512),
             flush_outside: false,

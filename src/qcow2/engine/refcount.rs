@@ -252,8 +252,7 @@ impl Refcounts {
     /// Keep clusters `first..first + n` (refcount 0) from the allocator, and record them in the
     /// overlap map as metadata of kind `k`, so that no data or table write lands there.
     pub(crate) fn reserve(&mut self, first: u64, n: u64, k: u16) {
-        // The area is written with refcount 0: no cluster of it reads as zeros from now on.
-        self.holes.remove_range(first, n);
+        self.not_holes(first, n);
         if let Some((f, m)) = self.reserved.replace((first, n)) {
             self.map.remove(f, m, k);
         }
@@ -264,6 +263,12 @@ impl Refcounts {
         self.reserved.is_some_and(|(f, n)| c >= f && c - f < n)
             || (!self.punching.is_empty() && self.punching.contains(&c))
             || self.in_creating(c)
+    }
+
+    /// Clusters `first..first + n` are about to be written with refcount 0 (the dedup index
+    /// area): none of them reads as zeros from now on.
+    pub(crate) fn not_holes(&mut self, first: u64, n: u64) {
+        self.holes.remove_range(first, n);
     }
 
     /// Keep the clusters of `runs` (first, count; refcount 0 now) from the allocator while

@@ -141,6 +141,9 @@ fn grow_records(
         return Ok(());
     }
     let area = free_area(s, m, need, s.len()?, old)?;
+    let cs = m.g.cluster_size();
+    // Before anything is written there (a move that fails part way leaves bytes behind).
+    m.rc.not_holes(area.offset / cs, need);
     match d.records.as_mut() {
         Some(r) => r.move_to(s, area)?,
         None => {
@@ -150,7 +153,6 @@ fn grow_records(
         }
     }
     // Replaces the old area's reservation.
-    let cs = m.g.cluster_size();
     m.rc.reserve(area.offset / cs, need, kind::DEDUP_INDEX);
     log::info!(
         "dedup index area moved to {:#x} ({need} clusters) for {guest_clusters} guest clusters",

@@ -325,6 +325,11 @@ impl Qcow2 {
             L2Entry::Normal { host, .. } if host.0 == c.host);
         let identical = cur.host_cluster().map(|o| o.0) == Some(c.host);
         if !identical {
+            // The cluster's data may not be durable yet (a new cluster that read as zeros
+            // skipped its sync): this guest cluster had other content, so sync first.
+            if m.link_needs_sync(hc) {
+                m.data_first();
+            }
             m.rc.add(s, hc, 1)?;
             m.set_entry(
                 s,
@@ -437,7 +442,9 @@ impl Qcow2 {
                 forget_after_error(&mut m, s, gc);
                 return Err(e);
             }
-            if !zeros {
+            if zeros {
+                m.note_unsynced(host / cs);
+            } else {
                 m.data_first();
             }
         }

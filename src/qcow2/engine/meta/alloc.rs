@@ -2,6 +2,10 @@
 //! works on the core's own fields.
 
 use super::{Meta, GROW_STEP};
+
+/// Unsynced new clusters tracked one by one at most (16 bytes each); past it, all links sync
+/// until the next flush.
+const MAX_UNSYNCED: usize = 1 << 16;
 use crate::qcow2::error::Result;
 use crate::storage::Storage;
 
@@ -71,6 +75,36 @@ impl Meta {
         }
         self.zero_from = self.zero_from.max(end);
         Ok(())
+    }
+
+    /// Host cluster `hc` (from `alloc_data`, reading as zeros) was linked with its data
+    /// written but not synced first. Another entry that comes to point at it (a dedup link)
+    /// must then sync first (`link_needs_sync`): its guest cluster had other content, which
+    /// a lost data write would turn into zeros.
+    pub(crate) fn note_unsynced(&mut self, hc: u64) {
+        if self.unsynced.len() >= MAX_UNSYNCED {
+            self.unsynced.clear();
+            self.unsynced_all = Some(self.flushes_started);
+        }
+        self.unsynced.insert(hc, self.flushes_started);
+    }
+
+    /// True when a link to host cluster `hc` needs its data synced before the entry.
+    pub(crate) fn link_needs_sync(&self, hc: u64) -> bool {
+        let pending = |at: u64| at >= self.flushes_durable;
+        self.unsynced.get(&hc).is_some_and(|&at| pending(at))
+            || self.unsynced_all.is_some_and(pending)
+    }
+
+    /// A flush counted `started` when it began, and its last sync succeeded: the data of
+    /// every cluster noted before is durable.
+    pub(super) fn flush_durable(&mut self, started: u64) {
+        self.flushes_durable = self.flushes_durable.max(started);
+        let durable = self.flushes_durable;
+        self.unsynced.retain(|_, at| *at >= durable);
+        if self.unsynced_all.is_some_and(|at| at < durable) {
+            self.unsynced_all = None;
+        }
     }
 
     /// Give back clusters taken by `alloc_data` that were never linked. Only ever called while

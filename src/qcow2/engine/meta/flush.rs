@@ -23,6 +23,8 @@ pub(crate) struct FlushTicket {
     /// None: the locked path, whose last sync runs under the metadata lock.
     seen: Option<(u64, u64)>,
     corrupt: bool,
+    /// `Meta::flushes_started` when this flush began (see `Meta::flush_durable`).
+    started: u64,
 }
 
 /// The copies a flush writes without the metadata lock (`Meta::flush_copy`; the caller holds
@@ -41,6 +43,8 @@ pub(crate) struct FlushCopies {
     unlink: Vec<u64>,
     /// A COPIED window: (COPIED changes, table writes) when copied (see `FlushTicket::seen`).
     fixup: Option<(u64, u64)>,
+    /// `Meta::flushes_started` when copied.
+    started: u64,
 }
 
 impl FlushCopies {
@@ -105,6 +109,7 @@ impl Meta {
             return Ok(None);
         }
         self.stats.metadata_flushes += 1;
+        self.flushes_started += 1;
         self.flush_wanted.store(false, Ordering::Relaxed);
         let fixup = self.copied_window;
         if fixup && self.incompatible & INCOMPAT_DIRTY == 0 {
@@ -158,6 +163,7 @@ impl Meta {
             l1,
             unlink: std::mem::take(&mut self.pending_unlink),
             fixup: fixup.then_some((self.copied_changes, self.tables_written)),
+            started: self.flushes_started,
         }))
     }
 
@@ -203,6 +209,7 @@ impl Meta {
             fixup: c.fixup.is_some(),
             seen: c.fixup,
             corrupt: false,
+            started: c.started,
         })
     }
 
@@ -213,6 +220,7 @@ impl Meta {
     pub(crate) fn flush_begin(&mut self, s: &dyn Storage) -> Result<FlushTicket> {
         debug_assert!(!self.flush_outside, "a flush is writing copies");
         self.stats.metadata_flushes += 1;
+        self.flushes_started += 1;
         self.flush_wanted.store(false, Ordering::Relaxed);
         if self.corrupt {
             // Nothing more is written into a corrupt image's metadata.
@@ -221,6 +229,7 @@ impl Meta {
                 fixup: false,
                 seen: None,
                 corrupt: true,
+                started: self.flushes_started,
             });
         }
         let l2_dirty = self.l2.has_dirty();
@@ -298,6 +307,7 @@ impl Meta {
                 fixup: false,
                 seen: None,
                 corrupt: false,
+                started: self.flushes_started,
             });
         }
         self.wb.all_written();
@@ -307,6 +317,7 @@ impl Meta {
             fixup,
             seen: None,
             corrupt: false,
+            started: self.flushes_started,
         })
     }
 
@@ -357,6 +368,7 @@ impl Meta {
             self.pending_unlink.extend(t.unlink);
             return Err(e.into());
         }
+        self.flush_durable(t.started);
         if t.corrupt {
             return Ok(());
         }
@@ -433,7 +445,9 @@ impl Meta {
     ) -> Result<()> {
         if self.incompat_writes != writes {
             let dirty = if r.is_ok() { INCOMPAT_DIRTY } else { 0 };
-            self.set_incompatible(s, self.incompatible | dirty)?;
+            // (A CORRUPT mark whose own write failed half way is put in too.)
+            let corrupt = if self.corrupt { INCOMPAT_CORRUPT } else { 0 };
+            self.set_incompatible(s, self.incompatible | dirty | corrupt)?;
             return Ok(r?);
         }
         r?;

@@ -67,6 +67,9 @@ impl Holes {
     /// Clusters `first..first + n` are written without a refcount (the dedup index area):
     /// none of them is a hole any more.
     pub(crate) fn remove_range(&mut self, first: u64, n: u64) {
+        if n == 0 {
+            return;
+        }
         let end = first.saturating_add(n);
         let overlapping: Vec<(u64, u64)> = self
             .runs
