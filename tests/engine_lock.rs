@@ -592,10 +592,11 @@ fn a_full_cache_of_dirty_tables_flushes_without_the_metadata_lock() {
     assert_reads(&q, &[(b, 3), (15 * table, 1), (16 * table, 5)], "reopened");
 }
 
-/// A dedup write whose record (the dedup index cluster) is not cached reads it without the
-/// metadata lock; evicted dirty index clusters are written without it too.
-#[test]
-fn a_dedup_write_reads_a_missing_record_without_the_metadata_lock() {
+/// A dedup image whose records spread over many index clusters (one unique cluster per MiB
+/// at +8 KiB, 40 of them, and byte 1 at 0), reopened with a cache of four index clusters
+/// that hold others, with reads of the index cluster holding guest cluster `slow_gc`'s record
+/// gated (the gate open until `set(false)`).
+fn records_image(slow_gc: u64) -> (Arc<Qcow2>, ReadGate) {
     use vhost_user_qcow2::qcow2::format::dedup::{DedupExtension, EXT_DEDUP};
     use vhost_user_qcow2::qcow2::format::Header;
     let mem = new_image(128 << 20, true);
@@ -605,10 +606,9 @@ fn a_dedup_write_reads_a_missing_record_without_the_metadata_lock() {
         dedup_cache_bytes: Some(4 * 4096),
         ..Default::default()
     };
-    let (a, b) = (0u64, 8u64 << 20);
     {
         let q = Qcow2::open_storage(mem.clone(), &opts, None, 0).unwrap();
-        q.write_vectored(a, &[IoSlice::new(&[1u8; 4096])]).unwrap();
+        q.write_vectored(0, &[IoSlice::new(&[1u8; 4096])]).unwrap();
         // Records spread over many index clusters (unique contents).
         for i in 0..40u64 {
             let off = i * (1 << 20) + 8192;
@@ -620,8 +620,7 @@ fn a_dedup_write_reads_a_missing_record_without_the_metadata_lock() {
     let img = mem.snapshot();
     let h = Header::decode(&img[..4096]).unwrap();
     let e = DedupExtension::decode(h.extension(EXT_DEDUP).unwrap()).unwrap();
-    let gc = (b + 4096) / 4096;
-    let slow_record = e.index_offset + gc / 127 * 4096;
+    let slow_record = e.index_offset + slow_gc / 127 * 4096;
     let (storage, gate) = ReadGate::storage(img, slow_record, true);
     let q = Arc::new(Qcow2::open_storage(storage, &opts, None, 0).unwrap());
     // The cache holds other index clusters now.
@@ -630,23 +629,46 @@ fn a_dedup_write_reads_a_missing_record_without_the_metadata_lock() {
         q.write_vectored(off, &[IoSlice::new(&[i as u8 + 100; 4096])])
             .unwrap();
     }
+    (q, gate)
+}
+
+/// With `gate` closed, runs `slow` on another thread; once it waits at the gate (100 ms),
+/// reads the cluster at 0. Opens the gate, joins `slow`; returns how long the read took, its
+/// first byte and what `slow` returned.
+fn read_while_gated<T: Send + 'static>(
+    q: &Arc<Qcow2>,
+    gate: &ReadGate,
+    slow: impl FnOnce(Arc<Qcow2>) -> T + Send + 'static,
+) -> (Duration, u8, T) {
     gate.set(false);
     let q2 = q.clone();
-    let slow =
-        std::thread::spawn(move || q2.write_vectored(b + 4096, &[IoSlice::new(&[3u8; 4096])]));
-    std::thread::sleep(Duration::from_millis(100)); // the dedup write is in its record read
+    let slow = std::thread::spawn(move || slow(q2));
+    std::thread::sleep(Duration::from_millis(100));
     let t0 = Instant::now();
     let mut buf = [0u8; 4096];
-    q.read_vectored(a, &mut [IoSliceMut::new(&mut buf)])
+    q.read_vectored(0, &mut [IoSliceMut::new(&mut buf)])
         .unwrap();
     let took = t0.elapsed();
     gate.set(true);
-    slow.join().unwrap().unwrap();
+    (took, buf[0], slow.join().unwrap())
+}
+
+/// A dedup write whose record (the dedup index cluster) is not cached reads it without the
+/// metadata lock; evicted dirty index clusters are written without it too.
+#[test]
+fn a_dedup_write_reads_a_missing_record_without_the_metadata_lock() {
+    let b = 8u64 << 20;
+    let (q, gate) = records_image((b + 4096) / 4096);
+    let (took, first, r) = read_while_gated(&q, &gate, move |q| {
+        q.write_vectored(b + 4096, &[IoSlice::new(&[3u8; 4096])])
+    });
+    r.unwrap();
     assert!(
         took < Duration::from_secs(2),
         "a read waited {took:?} for a dedup write's record read"
     );
-    assert_eq!(buf[0], 1);
+    assert_eq!(first, 1);
+    let mut buf = [0u8; 4096];
     assert_eq!(gate.reads(), 1, "the write read its record");
     q.read_vectored(b + 4096, &mut [IoSliceMut::new(&mut buf)])
         .unwrap();
@@ -838,55 +860,16 @@ fn dirty_set_with_slow_syncs(lazy: bool, ack: AckDurability) {
 /// index clusters holding them are read without the metadata lock.
 #[test]
 fn a_discard_reads_the_records_it_forgets_without_the_metadata_lock() {
-    use vhost_user_qcow2::qcow2::format::dedup::{DedupExtension, EXT_DEDUP};
-    use vhost_user_qcow2::qcow2::format::Header;
-    let mem = new_image(128 << 20, true);
-    let opts = OpenOptions {
-        dedup_mode: Some(DedupMode::Inline),
-        // Four index clusters of records (127 guest clusters each) in the cache.
-        dedup_cache_bytes: Some(4 * 4096),
-        ..Default::default()
-    };
     let (a, b) = (0u64, 8u64 << 20);
-    {
-        let q = Qcow2::open_storage(mem.clone(), &opts, None, 0).unwrap();
-        q.write_vectored(a, &[IoSlice::new(&[1u8; 4096])]).unwrap();
-        for i in 0..40u64 {
-            let off = i * (1 << 20) + 8192;
-            q.write_vectored(off, &[IoSlice::new(&[i as u8 + 10; 4096])])
-                .unwrap();
-        }
-        q.close().unwrap();
-    }
-    let img = mem.snapshot();
-    let h = Header::decode(&img[..4096]).unwrap();
-    let e = DedupExtension::decode(h.extension(EXT_DEDUP).unwrap()).unwrap();
-    let gc = (b + 8192) / 4096;
-    let slow_record = e.index_offset + gc / 127 * 4096;
-    let (storage, gate) = ReadGate::storage(img, slow_record, true);
-    let q = Arc::new(Qcow2::open_storage(storage, &opts, None, 0).unwrap());
-    // The cache holds other index clusters now.
-    for i in 30..40u64 {
-        let off = i * (1 << 20) + 8192;
-        q.write_vectored(off, &[IoSlice::new(&[i as u8 + 100; 4096])])
-            .unwrap();
-    }
-    gate.set(false);
-    let q2 = q.clone();
-    let slow = std::thread::spawn(move || q2.discard(b, 1 << 20));
-    std::thread::sleep(Duration::from_millis(100)); // the discard is in its record read
-    let t0 = Instant::now();
-    let mut buf = [0u8; 4096];
-    q.read_vectored(a, &mut [IoSliceMut::new(&mut buf)])
-        .unwrap();
-    let took = t0.elapsed();
-    gate.set(true);
-    slow.join().unwrap().unwrap();
+    let (q, gate) = records_image((b + 8192) / 4096);
+    let (took, first, r) = read_while_gated(&q, &gate, move |q| q.discard(b, 1 << 20));
+    r.unwrap();
     assert!(
         took < Duration::from_secs(2),
         "a read waited {took:?} for a discard's record read"
     );
-    assert_eq!(buf[0], 1);
+    assert_eq!(first, 1);
+    let mut buf = [0u8; 4096];
     assert_eq!(gate.reads(), 1, "the discard read the records it forgets");
     q.read_vectored(b + 8192, &mut [IoSliceMut::new(&mut buf)])
         .unwrap();
