@@ -384,7 +384,7 @@ impl Qcow2 {
                 if result.is_ok() {
                     if c.padded() {
                         m.data_first();
-                    } else {
+                    } else if m.dedup.is_some() {
                         // No sync for its own entry; a dedup link to it needs one.
                         m.note_unsynced(host / self.g.cluster_size());
                     }
