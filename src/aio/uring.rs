@@ -110,6 +110,11 @@ impl Ring {
         Ok(())
     }
 
+    /// Entries pushed and not yet handed to the kernel.
+    pub fn unsubmitted(&self) -> usize {
+        self.unsubmitted
+    }
+
     /// Operations submitted and not reaped yet.
     pub fn in_flight(&self) -> usize {
         self.in_kernel + self.unsubmitted

@@ -125,6 +125,11 @@ where
         })
     }
 
+    /// Operations queued in the ring and not yet handed to the kernel.
+    pub fn unsubmitted(&self) -> usize {
+        self.ring.as_ref().map_or(0, Ring::unsubmitted)
+    }
+
     /// The eventfd that becomes readable when requests finish.
     pub fn event_fd(&self) -> RawFd {
         std::os::fd::AsRawFd::as_raw_fd(&*self.event)
@@ -302,6 +307,13 @@ where
         }
         if n == 0 {
             self.finish_direct(head);
+        } else if dir == Direction::Read || plan.align > 1 {
+            // This request goes to the device: hand it over now. Held for the rest of the
+            // batch, it would wait for every later request's planning, and the device would
+            // get the batch as one burst: measured on a virtio disk at QD32, 74K IOPS
+            // batched, 88-90K submitted per request, as fio on the raw file (95K). Buffered
+            // writes land in the page cache and stay batched (one syscall per turn).
+            self.flush_submissions();
         }
     }
 

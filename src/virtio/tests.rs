@@ -396,3 +396,76 @@ fn a_panicking_device_fails_the_request_not_the_queue() {
     let (used, st) = e.run(&[(HDR, 16, R), (STATUS, 1, W)]);
     assert_eq!((used, st), (1, VIRTIO_BLK_S_IOERR));
 }
+
+/// Submit one chain on `exec`: a request of `t` at sector 0 over DATA..DATA+4096.
+fn submit_4k(e: &Env, exec: &mut QueueExec<Arc<GuestMemoryMmap<()>>>, head: u16, t: u32) {
+    e.header(t, 0);
+    let q = MockSplitQueue::new(&e.mem, 16);
+    let data_flags = if t == VIRTIO_BLK_T_IN { W } else { R };
+    let raw: Vec<RawDescriptor> = [(HDR, 16, R), (DATA, 4096, data_flags), (STATUS, 1, W)]
+        .iter()
+        .map(|&(a, l, f)| RawDescriptor::from(SplitDescriptor::new(a, l, f, 0)))
+        .collect();
+    let chain = q.build_desc_chain(&raw).unwrap();
+    assert_eq!(exec.submit(Arc::new(e.mem.clone()), head, chain), None);
+}
+
+/// Wait (at most 10 s) until `exec` has finished `n` requests.
+fn reap_n(exec: &mut QueueExec<Arc<GuestMemoryMmap<()>>>, n: usize) -> Vec<(u16, u32)> {
+    let mut done = Vec::new();
+    let t0 = std::time::Instant::now();
+    while done.len() < n && t0.elapsed() < std::time::Duration::from_secs(10) {
+        exec.reap(&mut done);
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    done
+}
+
+/// A read that goes to the device is handed to the kernel by `submit`, not held until the end
+/// of the event-loop turn: a batch held back waits for every later request's planning and
+/// reaches the disk as one burst (QD32 on a virtio disk: 74K IOPS batched, 88K not). A
+/// buffered write lands in the page cache and stays batched until `flush_submissions`.
+#[test]
+fn a_read_for_the_device_is_submitted_at_once_and_a_buffered_write_waits_for_the_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.raw");
+    std::fs::write(&path, vec![0x5au8; 1 << 20]).unwrap();
+    let pool = crate::aio::Pool::new(2, "test-pool").unwrap();
+    let e = env(false);
+    for direct in [true, false] {
+        let disk = match crate::raw::RawDisk::open_with(&path, false, direct) {
+            Ok(d) => Arc::new(d),
+            Err(err) => {
+                eprintln!("no O_DIRECT here ({err}); that case skipped");
+                continue;
+            }
+        };
+        let cfg = BlkConfig::new(1 << 20, 1, 16, 4096, true);
+        let ctx = Arc::new(DeviceCtx::new(disk, cfg, "serial-123"));
+        let Ok(mut exec) = QueueExec::new(ctx, pool.clone(), 0, 16, true) else {
+            panic!("no executor");
+        };
+        if !exec.has_ring() {
+            eprintln!("no io_uring here; skipped");
+            return;
+        }
+        e.mem.write_slice(&[0u8; 4096], GuestAddress(DATA)).unwrap();
+        if direct {
+            submit_4k(&e, &mut exec, 0, VIRTIO_BLK_T_IN);
+            assert_eq!(exec.unsubmitted(), 0, "the O_DIRECT read waits in the ring");
+            assert_eq!(reap_n(&mut exec, 1), vec![(0, 4097)]);
+            let mut back = [0u8; 4096];
+            e.mem.read_slice(&mut back, GuestAddress(DATA)).unwrap();
+            assert!(back.iter().all(|&b| b == 0x5a));
+        } else {
+            e.mem
+                .write_slice(&[0x77u8; 4096], GuestAddress(DATA))
+                .unwrap();
+            submit_4k(&e, &mut exec, 1, VIRTIO_BLK_T_OUT);
+            assert_eq!(exec.unsubmitted(), 1, "a buffered write is batched");
+            exec.flush_submissions();
+            assert_eq!(exec.unsubmitted(), 0);
+            assert_eq!(reap_n(&mut exec, 1), vec![(1, 1)]);
+        }
+    }
+}
