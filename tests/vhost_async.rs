@@ -361,3 +361,84 @@ fn dedup_with_many_writes_in_flight_on_one_queue() {
         common::assert_check_clean(&img);
     }
 }
+
+/// (voluntary context switches, CPU ticks) of the thread named `name` of process `pid`.
+fn thread_counters(pid: u32, name: &str) -> Option<(u64, u64)> {
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let dir = t.ok()?.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
+        if comm.trim() != name {
+            continue;
+        }
+        let status = std::fs::read_to_string(dir.join("status")).ok()?;
+        let switches = status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))?
+            .trim()
+            .parse()
+            .ok()?;
+        let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+        // Fields after the command's closing parenthesis: utime and stime are 14 and 15.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+        return Some((switches, ticks));
+    }
+    None
+}
+
+/// `--poll-us`: while requests keep coming, the queue's worker takes them without going to
+/// sleep between them (without polling it sleeps once per request at queue depth 1); once
+/// they stop, it sleeps after the window and costs no CPU.
+#[test]
+fn a_polling_worker_does_not_sleep_between_requests_and_sleeps_when_idle() {
+    const N: usize = 400;
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    std::fs::write(&image, vec![0x3cu8; 1 << 20]).unwrap();
+    for poll in [None, Some("100000")] {
+        let socket = dir.path().join(format!("p{}.sock", poll.is_some()));
+        let mut args = vec!["--num-queues", "1"];
+        if let Some(us) = poll {
+            args.extend(["--poll-us", us]);
+        }
+        let mut child = spawn_binary(&image, &socket, &args);
+        wait_for(&socket);
+        let mut c = connect_or_fail(&mut child, &socket, 1);
+        assert_eq!(c.read(0, 0, 0, 4096), 0);
+        let pid = child.id();
+        let Some((before, _)) = thread_counters(pid, "vuq-queue0") else {
+            fail_with_log(&mut child, "no thread vuq-queue0");
+        };
+        for i in 0..N {
+            assert_eq!(c.read(0, (i as u64 % 256) * 4096, 0, 4096), 0);
+        }
+        let (after, _) = thread_counters(pid, "vuq-queue0").unwrap();
+        let per_request = (after - before) as f64 / N as f64;
+        match poll {
+            None => assert!(
+                per_request >= 0.5,
+                "without polling the worker sleeps once per request: {per_request:.2}"
+            ),
+            Some(_) => {
+                assert!(
+                    per_request < 0.1,
+                    "a polling worker slept {per_request:.2} times per request"
+                );
+                // Idle: past the window (100 ms) the worker sleeps.
+                std::thread::sleep(Duration::from_millis(300));
+                let (_, t0) = thread_counters(pid, "vuq-queue0").unwrap();
+                std::thread::sleep(Duration::from_millis(500));
+                let (_, t1) = thread_counters(pid, "vuq-queue0").unwrap();
+                assert!(
+                    t1 - t0 <= 5,
+                    "an idle polling worker used {} ticks",
+                    t1 - t0
+                );
+            }
+        }
+        drop(c);
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}

@@ -59,6 +59,13 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = vhost::DEFAULT_POOL_THREADS as u16,
           value_parser = clap::value_parser!(u16).range(1..=256))]
     pub aio_threads: u16,
+    /// Microseconds a queue's worker thread keeps looking for new requests and completions
+    /// after its last one before it sleeps (busy polling, as QEMU's iothread poll-max-ns). It
+    /// takes about 12 us off each request at queue depth 1 on a virtio disk, for up to a
+    /// whole CPU per busy worker; an idle worker sleeps. 0: never polls.
+    #[arg(long, value_name = "US", default_value_t = 0,
+          value_parser = clap::value_parser!(u32).range(0..=100_000))]
+    pub poll_us: u32,
     /// Lazy refcounts: on, off, or auto (follow the image's lazy-refcounts bit).
     #[arg(long, value_enum, default_value_t = OnOffAuto::Auto)]
     pub lazy_refcounts: OnOffAuto,
@@ -222,6 +229,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         AioArg::Threads => vhost::AioMode::Threads,
     };
     cfg.pool_threads = usize::from(args.aio_threads);
+    cfg.poll = std::time::Duration::from_micros(u64::from(args.poll_us));
     cfg.discard_granularity = granularity;
     cfg.socket_mode = args.socket_mode;
     cfg.handle_signals = true;

@@ -119,6 +119,9 @@ pub struct ServeConfig {
     /// Threads of the pool that runs the blocking requests (allocating writes, flushes,
     /// discards; everything under `AioMode::Threads`).
     pub pool_threads: usize,
+    /// How long a queue worker keeps looking for new events without sleeping after its last
+    /// one (busy polling); zero: it sleeps at once.
+    pub poll: Duration,
     /// Handing the image over at run time (QMP `blockdev-set-active`); None: always active.
     pub handover: Option<Box<dyn Handover>>,
 }
@@ -147,6 +150,7 @@ impl ServeConfig {
             stats_interval: Duration::ZERO,
             aio: AioMode::IoUring,
             pool_threads: DEFAULT_POOL_THREADS,
+            poll: Duration::ZERO,
             handover: None,
         }
     }

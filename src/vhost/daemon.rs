@@ -311,6 +311,8 @@ struct MainLoop<'a> {
     /// Runs the requests that block; shared by all connections.
     pool: Arc<Pool>,
     aio: AioMode,
+    /// Busy-polling window of the queue workers.
+    poll: Duration,
     handover: Option<Box<dyn Handover>>,
 }
 
@@ -366,6 +368,7 @@ impl<'a> MainLoop<'a> {
         Ok(MainLoop {
             pool,
             aio: config.aio,
+            poll: config.poll,
             device,
             queue_size: config.queue_size,
             ctx,
@@ -410,7 +413,7 @@ impl<'a> MainLoop<'a> {
     fn on_event(&mut self, token: u64) -> Result<Option<Reason>, VhostError> {
         match token {
             TOKEN_LISTEN if self.conn.is_none() => {
-                let io = (self.pool.clone(), self.aio);
+                let io = (self.pool.clone(), self.aio, self.poll);
                 match start_connection(
                     &self.ctx,
                     self.queue_size,
@@ -538,7 +541,7 @@ fn start_connection(
     queue_size: u16,
     listener: &mut Listener,
     done: &EventFd,
-    (pool, aio): (Arc<Pool>, AioMode),
+    (pool, aio, poll): (Arc<Pool>, AioMode, Duration),
 ) -> Result<Connection, VhostError> {
     let stream = listener
         .accept()
@@ -558,7 +561,7 @@ fn start_connection(
     let cpus = thread::available_parallelism().map_or(1, |n| n.get());
     let threads = backend.num_queues().clamp(1, cpus);
     let workers = (0..threads)
-        .map(|t| Worker::spawn(backend.clone(), format!("vuq-queue{t}")))
+        .map(|t| Worker::spawn(backend.clone(), format!("vuq-queue{t}"), poll))
         .collect::<Result<Vec<_>, _>>()?;
     let channel = Arc::new(BackendChannel::default());
     let handler = Arc::new(Mutex::new(Handler::new(

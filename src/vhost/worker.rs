@@ -6,6 +6,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use log::warn;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -32,7 +33,13 @@ pub(crate) struct Worker {
 impl Worker {
     /// Start a worker of `backend`; queues are given to it with `watch_kick` and
     /// `watch_completions`.
-    pub(crate) fn spawn(backend: Arc<BlkBackend>, name: String) -> Result<Self, VhostError> {
+    /// `poll`: how long the thread keeps looking for events without sleeping after its last
+    /// one.
+    pub(crate) fn spawn(
+        backend: Arc<BlkBackend>,
+        name: String,
+        poll: Duration,
+    ) -> Result<Self, VhostError> {
         let io = |what| move |source| VhostError::Io { what, source };
         let epoll = Arc::new(Epoll::new()?);
         let exit = EventFd::new(EFD_NONBLOCK).map_err(io("creating an eventfd"))?;
@@ -40,7 +47,7 @@ impl Worker {
         let ep = epoll.clone();
         let thread = std::thread::Builder::new()
             .name(name)
-            .spawn(move || run(&backend, &ep))
+            .spawn(move || run(&backend, &ep, poll))
             .map_err(io("spawning a queue worker"))?;
         Ok(Worker {
             epoll,
@@ -95,10 +102,19 @@ impl Drop for Worker {
     }
 }
 
-fn run(backend: &BlkBackend, epoll: &Epoll) {
+fn run(backend: &BlkBackend, epoll: &Epoll, poll: Duration) {
     let mut events = vec![epoll::Event::new(epoll::Events::empty(), 0); 16];
+    // Busy polling (opt-in): until `poll_until`, look for events without sleeping. A kick or
+    // a completion is then taken without the wake-up of a sleeping thread; the ring's
+    // completions are posted on the syscall's way back, so polling epoll sees them too.
+    let mut poll_until: Option<Instant> = None;
     loop {
-        let n = match epoll::wait(epoll.fd(), -1, &mut events) {
+        let timeout = match poll_until {
+            Some(t) if Instant::now() < t => 0,
+            _ => -1,
+        };
+        let n = match epoll::wait(epoll.fd(), timeout, &mut events) {
+            Ok(0) => continue,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
@@ -106,6 +122,9 @@ fn run(backend: &BlkBackend, epoll: &Epoll) {
                 return;
             }
         };
+        if !poll.is_zero() {
+            poll_until = Some(Instant::now() + poll);
+        }
         for ev in events.iter().take(n) {
             let token = ev.data; // a copy: Event is packed
             if token == TOKEN_EXIT {
