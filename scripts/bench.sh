@@ -255,8 +255,10 @@ define_rows() {
 define_cold_rows() {
     local q direct=("ours=ours:--cache none" "qsd=qsdd" "fio-raw=fio")
     for q in 1 2; do
+        # ours-poll: the same with the workers busy-polling for 50 us after each event.
         row "cold 4k randread QD1 ${q}q" cold "$q" pin \
-            "--workload randread --bs 4k --iodepth 1 --runtime {runtime}" "${direct[@]}"
+            "--workload randread --bs 4k --iodepth 1 --runtime {runtime}" "${direct[@]}" \
+            "ours-poll=ours:--cache none --poll-us 50"
         row "cold 4k randread QD32 ${q}q" cold "$q" nopin \
             "--workload randread --bs 4k --iodepth 32 --runtime {runtime}" "${direct[@]}"
     done
