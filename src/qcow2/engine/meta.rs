@@ -199,10 +199,13 @@ impl Meta {
         size: u64,
         l1: Vec<u64>,
         l1_offset: u64,
-        rc: Refcounts,
+        mut rc: Refcounts,
         l2_cap: usize,
         file_len: u64,
     ) -> Meta {
+        // What the file holds at open counts as allocated: runs allocated past the watermark
+        // are kept apart (`Refcounts::ahead`), and the first one must not be.
+        rc.note_allocated(0, file_len.div_ceil(g.cluster_size()));
         Meta {
             g,
             size,
@@ -577,6 +580,7 @@ impl Meta {
         let cs = self.g.cluster_size();
         let zero_from = self.zero_from.max(self.rc.allocations * cs);
         let new = self.rc.alloc(s, 1)? * cs;
+        let ahead = self.rc.last_alloc_ahead;
         // A reader outside the lock of an old table that lived here must not insert it.
         self.loading.cancel(new);
         self.stats.clusters_allocated += 1;
@@ -587,7 +591,7 @@ impl Meta {
         }
         self.rc.map.add(new / cs, 1, kind::ACTIVE_L2);
         self.cover_allocation(s, zero_from, new + cs)?;
-        Ok((new, new >= zero_from))
+        Ok((new, new >= zero_from && !ahead))
     }
 
     /// Point guest cluster `gc` at `entry` (in the cache; durable at the next flush).

@@ -57,12 +57,23 @@ pub(crate) struct Refcounts {
     holes: holes::Holes,
     /// The last `alloc` took a run of `holes` (it reads as zeros, durably).
     pub(crate) last_alloc_holes: bool,
+    /// The last `alloc` took clusters of a run in `ahead` (allocated before, so written
+    /// maybe, although past `allocations`).
+    pub(crate) last_alloc_ahead: bool,
     /// Blocks as they are on disk, least recently used dropped first.
     clean: LruCache<u64, Vec<u8>, ClusterHash>,
     /// No cluster below this index is free.
     free_hint: u64,
-    /// First cluster index past everything referenced by the refcount structures we know of.
+    /// First cluster index past everything allocated since open (as a contiguous range from
+    /// the clusters the refcount structures knew of at open), but for the runs in `ahead`.
     pub(crate) allocations: u64,
+    /// Runs (first cluster -> end) allocated past `allocations` with a gap before them: a
+    /// refcount block created ahead of the allocator, or data placed past a block's range
+    /// the allocator skipped while the block was being created. The gap was never written
+    /// and still reads as zeros, so such a run does not move the watermark (it did, and every
+    /// new data cluster in the gap was then written in full with zeros and synced before its
+    /// entry). A run merges into the watermark when the allocations reach it.
+    ahead: std::collections::BTreeMap<u64, u64>,
     /// Where the metadata is (kept here since the allocator places refcount structures).
     pub(crate) map: MetadataMap,
     /// Kinds of metadata every write is checked against.
@@ -137,9 +148,11 @@ impl Refcounts {
             punching: ClusterSet::default(),
             holes: holes::Holes::default(),
             last_alloc_holes: false,
+            last_alloc_ahead: false,
             clean: LruCache::with_hasher(clean_cap(cluster_bits), ClusterHash::default()),
             free_hint: 0,
             allocations: 0,
+            ahead: std::collections::BTreeMap::new(),
             map: MetadataMap::new(),
             check_mask: OverlapMode::All.mask(),
             reserved: None,
@@ -273,6 +286,45 @@ impl Refcounts {
 
     /// Keep the clusters of `runs` (first, count; refcount 0 now) from the allocator while
     /// their holes are punched without the lock.
+    /// Clusters `first..first + n` were allocated (and may be written): they extend the
+    /// watermark `allocations` when they start at or below it, else they are kept in `ahead`.
+    pub(crate) fn note_allocated(&mut self, first: u64, n: u64) {
+        let end = first.saturating_add(n);
+        if first > self.allocations {
+            // Keep the runs disjoint: one that overlaps or touches this one joins it.
+            let (mut lo, mut hi) = (first, end);
+            while let Some((&s, &e)) = self.ahead.range(..=hi).next_back() {
+                if e < lo {
+                    break;
+                }
+                (lo, hi) = (lo.min(s), hi.max(e));
+                self.ahead.remove(&s);
+            }
+            self.ahead.insert(lo, hi);
+            return;
+        }
+        self.allocations = self.allocations.max(end);
+        // Runs the watermark reached (or passed) merge into it.
+        while let Some((&s, &e)) = self.ahead.first_key_value() {
+            if s > self.allocations {
+                break;
+            }
+            self.allocations = self.allocations.max(e);
+            self.ahead.remove(&s);
+        }
+    }
+
+    /// Whether a cluster of `first..first + n` lies in a run allocated ahead of the watermark
+    /// (past `allocations`, it then does not read as zeros all the same).
+    pub(crate) fn allocated_ahead(&self, first: u64, n: u64) -> bool {
+        let end = first.saturating_add(n);
+        // Runs do not overlap: only the last one starting before `end` can reach `first`.
+        self.ahead
+            .range(..end)
+            .next_back()
+            .is_some_and(|(_, &e)| e > first)
+    }
+
     pub(crate) fn hold_punching(&mut self, runs: &[(u64, u64)]) {
         for &(f, n) in runs {
             self.punching.extend(f..f + n);
@@ -382,6 +434,7 @@ impl Refcounts {
                 c += 1;
             }
             self.last_alloc_holes = self.holes.covers(start, n);
+            self.last_alloc_ahead = self.allocated_ahead(start, n);
             for k in start..start + n {
                 self.set(s, k, 1)?;
             }
@@ -389,7 +442,7 @@ impl Refcounts {
                 Some(f) if f < start => f,
                 _ => start + n,
             };
-            self.allocations = self.allocations.max(start + n);
+            self.note_allocated(start, n);
             return Ok(start);
         }
     }
@@ -558,6 +611,44 @@ mod tests {
         s.write_at(&blk, 2 * cs as u64).unwrap();
         let r = Refcounts::load(&s, cluster_bits, order, cs as u64, 1).unwrap();
         (s, r)
+    }
+
+    #[test]
+    fn runs_allocated_past_the_watermark_leave_the_gap_fresh() {
+        let (s, mut r) = setup(16, 4);
+        r.note_allocated(0, 3); // the file at open (as `Meta::new` does)
+        assert_eq!(r.alloc(&s, 2).unwrap(), 3);
+        assert_eq!(r.allocations, 5);
+        // A block created ahead of the allocator (cluster 20), and data past a skipped range.
+        r.note_allocated(20, 1);
+        r.note_allocated(30, 4);
+        r.note_allocated(33, 3); // touches 30..34: one run
+        assert_eq!(r.allocations, 5, "the gap 5..20 was never written");
+        assert!(!r.allocated_ahead(5, 15));
+        assert!(r.allocated_ahead(19, 2));
+        assert!(r.allocated_ahead(35, 1));
+        assert!(!r.allocated_ahead(36, 10));
+        assert!(!r.allocated_ahead(21, 9));
+        // The allocator hands out the gap: fresh; it reaches the first run, which merges.
+        assert_eq!(r.alloc(&s, 15).unwrap(), 5);
+        assert!(!r.last_alloc_ahead);
+        assert_eq!(r.allocations, 21, "the run at 20 joined the watermark");
+        assert!(r.allocated_ahead(30, 1));
+        // A run freed while still ahead, handed out again: not fresh.
+        let mut r2 = setup(16, 4).1;
+        r2.note_allocated(0, 3);
+        r2.note_allocated(10, 2);
+        for c in 3..12 {
+            r2.set(&s, c, 1).unwrap();
+        }
+        assert_eq!(r2.alloc(&s, 1).unwrap(), 12, "10 and 11 are allocated");
+        assert!(!r2.last_alloc_ahead);
+        r2.set(&s, 10, 0).unwrap();
+        assert_eq!(r2.alloc(&s, 1).unwrap(), 10);
+        assert!(
+            r2.last_alloc_ahead,
+            "cluster 10 was allocated before, past the watermark"
+        );
     }
 
     #[test]

@@ -28,7 +28,8 @@ impl Meta {
         self.stats.clusters_allocated += n;
         let host = c * cs;
         self.cover_allocation(s, zero_from, host + n * cs)?;
-        Ok((host, holes || host >= zero_from))
+        let ahead = self.rc.last_alloc_ahead;
+        Ok((host, holes || (host >= zero_from && !ahead)))
     }
 
     /// After an allocation ending at `alloc_end` (`zero_from`: where never-written space began
@@ -43,7 +44,9 @@ impl Meta {
     ) -> Result<()> {
         let cs = self.g.cluster_size();
         let end = (self.rc.allocations * cs).max(alloc_end);
-        self.zero_from = zero_from.max(end);
+        // Only the contiguous watermark: a run allocated ahead (`Refcounts::ahead`) leaves the
+        // gap before it reading as zeros.
+        self.zero_from = zero_from.max(self.rc.allocations * cs);
         if end > self.file_len {
             let target = end
                 .max(self.file_len.saturating_add(GROW_STEP))

@@ -108,7 +108,7 @@ impl Refcounts {
                 self.map.add(nb.at, 1, kind::REFCOUNT_BLOCK);
                 self.table[nb.b as usize] = first;
                 self.clean.put(nb.b, nb.data);
-                self.allocations = self.allocations.max(nb.at + 1);
+                self.note_allocated(nb.at, 1);
                 log::debug!(
                     "new refcount block {} at {first:#x} (without the lock)",
                     nb.b
@@ -161,7 +161,7 @@ impl Refcounts {
         s.write_at(&first.to_be_bytes(), self.table_offset + b * 8)?;
         s.flush()?;
         self.clean.put(b, data);
-        self.allocations = self.allocations.max(at + 1);
+        self.note_allocated(at, 1);
         log::debug!("new refcount block {b} at {first:#x}");
         Ok(())
     }
@@ -234,7 +234,7 @@ impl Refcounts {
         for (j, data) in new_blocks.into_iter().enumerate() {
             self.clean.put(b + j as u64, data);
         }
-        self.allocations = self.allocations.max(at + used);
+        self.note_allocated(at, used);
         // The header no longer points at the old table: free its clusters, unless a block
         // being created may still write its entry there (then `block_created` frees them).
         if self.creating.is_some() {
