@@ -942,3 +942,56 @@ fn a_corrupt_mark_during_the_dirty_set_stays_in_the_file() {
     drop(q);
     assert_eq!(hooked.inner.snapshot()[79] & 2, 2, "CORRUPT lost at close");
 }
+
+/// The background dedup worker reads the L2 table of the cluster it processes, when the
+/// cache lacks it, without the metadata lock (`hold_cluster` loads it): a guest read goes on
+/// meanwhile.
+#[test]
+fn the_background_worker_reads_a_missing_table_without_the_metadata_lock() {
+    let mem = new_image(128 << 20, true);
+    // 4 KiB clusters: a table maps 2 MiB. Tables 0..24 exist.
+    {
+        let opts = OpenOptions {
+            dedup_mode: Some(DedupMode::Off),
+            ..Default::default()
+        };
+        let q = Qcow2::open_storage(mem.clone(), &opts, None, 0).unwrap();
+        for i in 0..24u64 {
+            q.write_vectored(i << 21, &[IoSlice::new(&[i as u8 + 1; 4096])])
+                .unwrap();
+        }
+        q.close().unwrap();
+    }
+    let target = (20u64 << 21) + 8192;
+    let img = mem.snapshot();
+    let (storage, gate) = ReadGate::storage(img.clone(), l2_offset(&img, target / 4096), true);
+    let opts = OpenOptions {
+        dedup_mode: Some(DedupMode::Background),
+        l2_cache_bytes: Some(16 * 4096),
+        ..Default::default()
+    };
+    let q = Arc::new(Qcow2::open_storage(storage, &opts, None, 0).unwrap());
+    q.write_vectored(target, &[IoSlice::new(&[0x5au8; 4096])])
+        .unwrap();
+    assert_eq!(q.dedup_pending(), 1);
+    // Clean (a dirty table stays cached), then pushed out of the 16-table cache; table 0 is
+    // read last.
+    q.flush_all().unwrap();
+    let mut buf = [0u8; 4096];
+    for i in (0..18u64).rev() {
+        q.read_vectored(i << 21, &mut [IoSliceMut::new(&mut buf)])
+            .unwrap();
+    }
+    let misses = q.stats().l2_misses;
+    let (took, first, r) = read_while_gated(&q, &gate, |q| q.dedup_step());
+    assert_eq!(r.unwrap(), true, "the worker processed the cluster");
+    assert!(
+        took < Duration::from_secs(2),
+        "a read waited {took:?} for the worker's table read"
+    );
+    assert_eq!(first, 1);
+    assert_eq!(gate.reads(), 1, "the worker read the table");
+    assert_eq!(q.dedup_pending(), 0);
+    assert_eq!(q.stats().l2_misses, misses + 1, "the table was not cached");
+    q.close().unwrap();
+}
