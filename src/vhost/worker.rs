@@ -123,7 +123,7 @@ fn run(backend: &BlkBackend, epoll: &Epoll, poll: Duration) {
             }
         };
         if !poll.is_zero() {
-            poll_until = Some(Instant::now() + poll);
+            poll_until = Instant::now().checked_add(poll);
         }
         for ev in events.iter().take(n) {
             let token = ev.data; // a copy: Event is packed
