@@ -284,8 +284,6 @@ impl Refcounts {
         self.holes.remove_range(first, n);
     }
 
-    /// Keep the clusters of `runs` (first, count; refcount 0 now) from the allocator while
-    /// their holes are punched without the lock.
     /// Clusters `first..first + n` were allocated (and may be written): they extend the
     /// watermark `allocations` when they start at or below it, else they are kept in `ahead`.
     pub(crate) fn note_allocated(&mut self, first: u64, n: u64) {
@@ -325,6 +323,8 @@ impl Refcounts {
             .is_some_and(|(_, &e)| e > first)
     }
 
+    /// Keep the clusters of `runs` (first, count; refcount 0 now) from the allocator while
+    /// their holes are punched without the lock.
     pub(crate) fn hold_punching(&mut self, runs: &[(u64, u64)]) {
         for &(f, n) in runs {
             self.punching.extend(f..f + n);
