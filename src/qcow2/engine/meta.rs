@@ -21,8 +21,11 @@ use std::sync::Arc;
 
 mod alloc;
 mod flush;
+mod frees;
 mod persist;
 mod resize;
+
+pub(crate) use frees::{punch_runs, PENDING_FREE_LIMIT};
 
 /// Largest L1 table QEMU accepts (32 MiB).
 pub(crate) const MAX_L1_BYTES: u64 = 32 << 20;
@@ -173,25 +176,8 @@ fn count(waiters: &mut usize, enter: bool) {
     }
 }
 
-/// Punch the holes of freed cluster runs (first, count); a failure only keeps the old bytes
-/// (logged).
-/// Punch the holes of `runs` (first cluster, count); returns the runs punched.
-pub(crate) fn punch_runs(s: &dyn Storage, cs: u64, runs: &[(u64, u64)]) -> Vec<(u64, u64)> {
-    let mut done = Vec::with_capacity(runs.len());
-    for &(first, n) in runs {
-        match s.punch_hole(first * cs, n * cs) {
-            Ok(()) => done.push((first, n)),
-            Err(e) => log::debug!("punch hole at clusters {first}..{}: {e}", first + n),
-        }
-    }
-    done
-}
-
 /// How much the file grows at least when allocations pass its end.
 const GROW_STEP: u64 = 4 << 20;
-
-/// How many unapplied frees make the engine flush on its own.
-pub(crate) const PENDING_FREE_LIMIT: usize = 4096;
 
 impl Meta {
     pub(crate) fn new(
@@ -636,174 +622,5 @@ impl Meta {
         } else {
             need
         }
-    }
-
-    /// Queue the host clusters `entry` holds for release once its replacement is durable.
-    pub(crate) fn release(&mut self, s: &dyn Storage, gc: u64, entry: L2Entry) -> Result<()> {
-        let cs = self.g.cluster_size();
-        if let L2Entry::Normal { host, .. } = entry {
-            self.sharing.remove(host.0 / cs, gc);
-        }
-        match entry {
-            L2Entry::Normal { host, .. }
-            | L2Entry::Zero {
-                host: Some(host), ..
-            } => self.pending_unlink.push(host.0 / cs),
-            L2Entry::Compressed { host, size } => {
-                let first = (host & !511) / cs;
-                let last = (host + size.max(1) - 1) / cs;
-                for c in first..=last {
-                    self.pending_unlink.push(c);
-                }
-            }
-            _ => {}
-        }
-        // (Frees waiting for old I/O are not counted: no flush can apply those.) At the limit
-        // the request asks for a flush without the lock once it is done (discards flush
-        // between their batches, `zero_range`); this flush under the lock is the backstop.
-        if self.pending_unlink.len() > PENDING_FREE_LIMIT {
-            self.flush_wanted.store(true, Ordering::Relaxed);
-        }
-        if self.pending_unlink.len() > 4 * PENDING_FREE_LIMIT && !self.flush_outside {
-            self.stats.locked_flushes += 1;
-            self.flush(s)?;
-        }
-        Ok(())
-    }
-
-    /// Frees waiting for the next flush to make their unlink durable.
-    pub(crate) fn frees_pending(&self) -> usize {
-        self.pending_unlink.len()
-    }
-
-    /// Refcount blocks that are not cached but will be needed soon: where the next allocation
-    /// searches (`alloc`), and with `unlinked` (a flush's) those of the frees waiting for I/O
-    /// and of these. At most `MAX_BLOCK_LOADS`, as (block, file offset), each marked as being
-    /// read (see `Refcounts::block_to_load`): the caller reads them without the lock.
-    pub(crate) fn refcounts_to_load(
-        &mut self,
-        alloc: bool,
-        unlinked: Option<&[u64]>,
-    ) -> Vec<(u64, u64, u64)> {
-        const MAX_BLOCK_LOADS: usize = 64;
-        let mut blocks: Vec<u64> = Vec::new();
-        if alloc {
-            blocks.push(self.rc.next_alloc_block());
-        }
-        let (waiting, unlinked) = match unlinked {
-            Some(u) => (&self.pending_io[..], u),
-            None => (&self.pending_io[..0], &[][..]),
-        };
-        let frees = waiting
-            .iter()
-            .map(|&(_, c)| c)
-            .chain(unlinked.iter().copied());
-        for c in frees {
-            if blocks.len() >= 4 * MAX_BLOCK_LOADS {
-                break;
-            }
-            blocks.push(self.rc.block_of(c));
-        }
-        blocks.sort_unstable();
-        blocks.dedup();
-        let mut out = Vec::new();
-        for b in blocks {
-            if out.len() >= MAX_BLOCK_LOADS {
-                break;
-            }
-            if let Some((off, ticket)) = self.rc.block_to_load(b) {
-                out.push((b, off, ticket));
-            }
-        }
-        out
-    }
-
-    /// Decrement the refcounts of clusters whose unlink is durable and that no in-flight I/O can
-    /// still touch. Clusters that drop to zero are punched out of the file.
-    pub(crate) fn apply_frees(&mut self, s: &dyn Storage) -> Result<()> {
-        let (r, runs) = self.apply_frees_unpunched(s);
-        // Under the lock: no sync follows, so none of them counts as a durable hole.
-        punch_runs(s, self.g.cluster_size(), &runs);
-        self.rc.punched(&runs, &[]);
-        r
-    }
-
-    /// `apply_frees` without the hole punches: the runs (first cluster, count) of clusters that
-    /// reached zero, which the allocator skips until the caller has punched them (without the
-    /// lock) and called `punched`. Freed clusters are punched together, a run of neighbours in
-    /// one call (one fallocate per cluster made a large discard or an offline dedup wait on
-    /// the file system's journal cluster by cluster).
-    pub(crate) fn apply_frees_unpunched(
-        &mut self,
-        s: &dyn Storage,
-    ) -> (Result<()>, Vec<(u64, u64)>) {
-        let oldest = self.inflight_io.keys().next().copied().unwrap_or(u64::MAX);
-        let (ready, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending_io)
-            .into_iter()
-            .partition(|&(seq, _)| seq <= oldest);
-        self.pending_io = wait;
-        let mut freed = Vec::new();
-        let r = self.unref_ready(s, ready, &mut freed);
-        freed.sort_unstable();
-        let mut runs = Vec::new();
-        let mut i = 0;
-        while i < freed.len() {
-            let first = freed[i];
-            let mut n = 1;
-            while freed.get(i + n as usize) == Some(&(first + n)) {
-                n += 1;
-            }
-            runs.push((first, n));
-            i += n as usize;
-        }
-        self.rc.hold_punching(&runs);
-        (r, runs)
-    }
-
-    /// The holes of `runs` (from `apply_frees_unpunched`) are punched.
-    /// `durable`: the runs whose holes a sync made durable since (see `Refcounts::punched`).
-    pub(crate) fn punched(&mut self, runs: &[(u64, u64)], durable: &[(u64, u64)]) {
-        self.rc.punched(runs, durable);
-    }
-
-    /// Drop one reference of each cluster in `ready`; those that reach 0 go into `freed`.
-    fn unref_ready(
-        &mut self,
-        s: &dyn Storage,
-        ready: Vec<(u64, u64)>,
-        freed: &mut Vec<u64>,
-    ) -> Result<()> {
-        let cs = self.g.cluster_size();
-        for (seq, c) in ready {
-            if self.pinned.contains_key(&c) {
-                // A verifier is reading this cluster: free it later.
-                self.pending_io.push((seq, c));
-                continue;
-            }
-            match self.rc.add(s, c, -1)? {
-                0 => {
-                    self.sharing.take(c);
-                    self.stats.clusters_freed += 1;
-                    freed.push(c);
-                }
-                1 => {
-                    if let Some(list) = self.sharing.take(c) {
-                        // The one entry still pointing at the cluster gets COPIED back.
-                        let mut alive = Vec::new();
-                        for g in list {
-                            if matches!(self.entry(s, g)?, L2Entry::Normal { host, .. } if host.0 / cs == c)
-                            {
-                                alive.push(g);
-                            }
-                        }
-                        if let [survivor] = alive[..] {
-                            self.set_copied(s, survivor, c, true)?;
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
-        Ok(())
     }
 }
