@@ -87,6 +87,37 @@ fn a_dedup_write_reads_a_missing_record_without_the_metadata_lock() {
     q.close().unwrap();
 }
 
+/// A dedup write whose duplicate's record is not cached reads it without the metadata lock
+/// (the lookup under the lock needs it, and so does marking it verified after the compare),
+/// then links.
+#[test]
+fn a_dedup_write_reads_its_candidates_record_without_the_metadata_lock() {
+    // The candidate: a unique cluster `records_image` wrote at 5 MiB + 8 KiB (content 15),
+    // its record in an index cluster the cache lacks. The writer's own record is cached.
+    let cand = (5u64 << 20) + 8192;
+    let mine = (35u64 << 20) + 3 * 4096;
+    let (q, gate) = records_image(cand / 4096);
+    let (took, first, r) = read_while_gated(&q, &gate, move |q| {
+        q.write_vectored(mine, &[IoSlice::new(&[15u8; 4096])])
+    });
+    r.unwrap();
+    assert!(
+        took < Duration::from_secs(2),
+        "a read waited {took:?} for a dedup write's candidate record read"
+    );
+    assert_eq!(first, 1);
+    assert_eq!(gate.reads(), 1, "the write read its candidate's record");
+    let st = q.dedup_stats().unwrap();
+    assert_eq!(st.clusters_deduplicated, 1, "linked");
+    // A record read from the image is not verified: the data was compared.
+    assert_eq!(st.links_without_read, 0);
+    let mut buf = [0u8; 4096];
+    q.read_vectored(mine, &mut [IoSliceMut::new(&mut buf)])
+        .unwrap();
+    assert!(buf.iter().all(|&x| x == 15));
+    q.close().unwrap();
+}
+
 /// The refcount block the allocator needs next is created (written, synced, linked into the
 /// table, synced) without the metadata lock: a read and an in-place write go on while its
 /// syncs are slow. Then the image is consistent and the new block in use.

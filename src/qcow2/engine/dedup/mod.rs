@@ -175,6 +175,16 @@ impl Qcow2 {
             Some(r) => r.records_to_load(gcs.start, gcs.end, MAX_RECORD_LOADS),
             None => return m,
         };
+        self.read_records(m, want)
+    }
+
+    /// Read the index clusters `want` names (registered by `Records::record_to_load`) without
+    /// the lock, which is dropped and taken again around the reads, and cache them.
+    pub(crate) fn read_records<'a>(
+        &'a self,
+        m: MutexGuard<'a, State>,
+        want: Vec<(u64, u64, usize, u64)>,
+    ) -> MutexGuard<'a, State> {
         if want.is_empty() {
             return m;
         }
