@@ -78,6 +78,28 @@ impl ReadGate {
     }
 }
 
+/// With `gate` closed, runs `slow` on another thread; once it waits at the gate (100 ms),
+/// reads the cluster at `at`. Opens the gate, joins `slow`; returns how long the read took, its
+/// first byte and what `slow` returned.
+fn read_while_gated<T: Send + 'static>(
+    q: &Arc<Qcow2>,
+    gate: &ReadGate,
+    at: u64,
+    slow: impl FnOnce(Arc<Qcow2>) -> T + Send + 'static,
+) -> (Duration, u8, T) {
+    gate.set(false);
+    let q2 = q.clone();
+    let slow = std::thread::spawn(move || slow(q2));
+    std::thread::sleep(Duration::from_millis(100));
+    let t0 = Instant::now();
+    let mut buf = [0u8; 4096];
+    q.read_vectored(at, &mut [IoSliceMut::new(&mut buf)])
+        .unwrap();
+    let took = t0.elapsed();
+    gate.set(true);
+    (took, buf[0], slow.join().unwrap())
+}
+
 /// Storage over an image whose syncs wait while the gate is closed (`close`; at most 10 s
 /// each), counting the syncs that waited.
 struct SyncGate {
@@ -268,19 +290,13 @@ fn a_dedup_write_reads_a_missing_table_without_the_metadata_lock() {
     let slow_table = l2_offset(&img, b / 4096);
     let (storage, gate) = ReadGate::storage(img, slow_table, true);
     let q = Arc::new(Qcow2::open_storage(storage, &opts, None, 0).unwrap());
-    gate.set(false);
-    let q2 = q.clone();
-    let slow =
-        std::thread::spawn(move || q2.write_vectored(b + 4096, &[IoSlice::new(&[3u8; 4096])]));
-    std::thread::sleep(Duration::from_millis(100)); // the dedup write is in its table read
-    let t0 = Instant::now();
+    // The dedup write waits in its table read while a is read.
+    let (took, first, r) = read_while_gated(&q, &gate, a, move |q| {
+        q.write_vectored(b + 4096, &[IoSlice::new(&[3u8; 4096])])
+    });
+    r.unwrap();
+    assert_eq!(first, 1);
     let mut buf = [0u8; 4096];
-    q.read_vectored(a, &mut [IoSliceMut::new(&mut buf)])
-        .unwrap();
-    let took = t0.elapsed();
-    gate.set(true);
-    slow.join().unwrap().unwrap();
-    assert_eq!(buf[0], 1);
     q.read_vectored(b + 4096, &mut [IoSliceMut::new(&mut buf)])
         .unwrap();
     assert_eq!(buf[0], 3, "the dedup write landed");
@@ -311,20 +327,12 @@ fn an_allocation_reads_a_missing_refcount_block_without_the_metadata_lock() {
     let mut buf = [0u8; 4096];
     q.read_vectored(a, &mut [IoSliceMut::new(&mut buf)])
         .unwrap();
-    gate.set(false);
-    let q2 = q.clone();
-    let slow = std::thread::spawn(move || {
-        // A new cluster under a's table: the allocator needs refcount block 0.
-        q2.write_vectored(a + 4096, &[IoSlice::new(&[2u8; 4096])])
+    // A new cluster under a's table: the allocator needs refcount block 0.
+    let (took, first, r) = read_while_gated(&q, &gate, a, move |q| {
+        q.write_vectored(a + 4096, &[IoSlice::new(&[2u8; 4096])])
     });
-    std::thread::sleep(Duration::from_millis(100)); // the write is in its block read
-    let t0 = Instant::now();
-    q.read_vectored(a, &mut [IoSliceMut::new(&mut buf)])
-        .unwrap();
-    let took = t0.elapsed();
-    gate.set(true);
-    slow.join().unwrap().unwrap();
-    assert_eq!(buf[0], 1);
+    r.unwrap();
+    assert_eq!(first, 1);
     q.read_vectored(a + 4096, &mut [IoSliceMut::new(&mut buf)])
         .unwrap();
     assert_eq!(buf[0], 2, "the allocating write landed");
@@ -524,17 +532,9 @@ fn a_flush_reads_the_refcount_block_of_its_frees_without_the_metadata_lock() {
     // A discard queues the free; the flush makes the unlink durable and applies it, which
     // needs refcount block 0 (not loaded since the open).
     q.discard(x, 4096).unwrap();
-    gate.set(false);
-    let q2 = q.clone();
-    let flusher = std::thread::spawn(move || q2.flush_all());
-    std::thread::sleep(Duration::from_millis(100)); // the flush is in its block read
-    let t0 = Instant::now();
-    q.read_vectored(a, &mut [IoSliceMut::new(&mut buf)])
-        .unwrap();
-    let took = t0.elapsed();
-    gate.set(true);
-    flusher.join().unwrap().unwrap();
-    assert_eq!(buf[0], 1);
+    let (took, first, r) = read_while_gated(&q, &gate, a, |q| q.flush_all());
+    r.unwrap();
+    assert_eq!(first, 1);
     assert_eq!(gate.reads(), 1, "the flush read the block");
     assert!(
         took < Duration::from_secs(2),

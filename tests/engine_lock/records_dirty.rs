@@ -43,34 +43,13 @@ fn records_image(slow_gc: u64) -> (Arc<Qcow2>, ReadGate) {
     (q, gate)
 }
 
-/// With `gate` closed, runs `slow` on another thread; once it waits at the gate (100 ms),
-/// reads the cluster at 0. Opens the gate, joins `slow`; returns how long the read took, its
-/// first byte and what `slow` returned.
-fn read_while_gated<T: Send + 'static>(
-    q: &Arc<Qcow2>,
-    gate: &ReadGate,
-    slow: impl FnOnce(Arc<Qcow2>) -> T + Send + 'static,
-) -> (Duration, u8, T) {
-    gate.set(false);
-    let q2 = q.clone();
-    let slow = std::thread::spawn(move || slow(q2));
-    std::thread::sleep(Duration::from_millis(100));
-    let t0 = Instant::now();
-    let mut buf = [0u8; 4096];
-    q.read_vectored(0, &mut [IoSliceMut::new(&mut buf)])
-        .unwrap();
-    let took = t0.elapsed();
-    gate.set(true);
-    (took, buf[0], slow.join().unwrap())
-}
-
 /// A dedup write whose record (the dedup index cluster) is not cached reads it without the
 /// metadata lock; evicted dirty index clusters are written without it too.
 #[test]
 fn a_dedup_write_reads_a_missing_record_without_the_metadata_lock() {
     let b = 8u64 << 20;
     let (q, gate) = records_image((b + 4096) / 4096);
-    let (took, first, r) = read_while_gated(&q, &gate, move |q| {
+    let (took, first, r) = read_while_gated(&q, &gate, 0, move |q| {
         q.write_vectored(b + 4096, &[IoSlice::new(&[3u8; 4096])])
     });
     r.unwrap();
@@ -97,7 +76,7 @@ fn a_dedup_write_reads_its_candidates_record_without_the_metadata_lock() {
     let cand = (5u64 << 20) + 8192;
     let mine = (35u64 << 20) + 3 * 4096;
     let (q, gate) = records_image(cand / 4096);
-    let (took, first, r) = read_while_gated(&q, &gate, move |q| {
+    let (took, first, r) = read_while_gated(&q, &gate, 0, move |q| {
         q.write_vectored(mine, &[IoSlice::new(&[15u8; 4096])])
     });
     r.unwrap();
@@ -201,23 +180,18 @@ fn a_dedup_write_reads_its_candidates_table_without_the_metadata_lock() {
         q.read_vectored(t << 21, &mut [IoSliceMut::new(&mut buf)])
             .unwrap();
     }
-    gate.set(false);
-    let q2 = q.clone();
-    let slow = std::thread::spawn(move || q2.write_vectored(mine, &[IoSlice::new(&[7u8; 4096])]));
-    std::thread::sleep(Duration::from_millis(100)); // the write is in its candidate's table read
-    let t0 = Instant::now();
-    let mut buf = [0u8; 4096];
-    q.read_vectored(other, &mut [IoSliceMut::new(&mut buf)])
-        .unwrap();
-    let took = t0.elapsed();
-    gate.set(true);
-    slow.join().unwrap().unwrap();
+    // The write waits in its candidate's table read while `other` is read.
+    let (took, first, r) = read_while_gated(&q, &gate, other, move |q| {
+        q.write_vectored(mine, &[IoSlice::new(&[7u8; 4096])])
+    });
+    r.unwrap();
     assert!(
         took < Duration::from_secs(2),
         "a read waited {took:?} for a dedup write's candidate table read"
     );
-    assert_eq!(buf[0], 62 + 10);
+    assert_eq!(first, 62 + 10);
     assert_eq!(gate.reads(), 1, "the write read its candidate's table");
+    let mut buf = [0u8; 4096];
     assert_eq!(q.dedup_stats().unwrap().clusters_deduplicated, 1, "linked");
     q.read_vectored(mine, &mut [IoSliceMut::new(&mut buf)])
         .unwrap();
@@ -304,7 +278,7 @@ fn dirty_set_with_slow_syncs(lazy: bool, ack: AckDurability) {
 fn a_discard_reads_the_records_it_forgets_without_the_metadata_lock() {
     let (a, b) = (0u64, 8u64 << 20);
     let (q, gate) = records_image((b + 8192) / 4096);
-    let (took, first, r) = read_while_gated(&q, &gate, move |q| q.discard(b, 1 << 20));
+    let (took, first, r) = read_while_gated(&q, &gate, 0, move |q| q.discard(b, 1 << 20));
     r.unwrap();
     assert!(
         took < Duration::from_secs(2),
@@ -425,7 +399,7 @@ fn the_background_worker_reads_a_missing_table_without_the_metadata_lock() {
             .unwrap();
     }
     let misses = q.stats().l2_misses;
-    let (took, first, r) = read_while_gated(&q, &gate, |q| q.dedup_step());
+    let (took, first, r) = read_while_gated(&q, &gate, 0, |q| q.dedup_step());
     assert!(r.unwrap(), "the worker processed the cluster");
     assert!(
         took < Duration::from_secs(2),
