@@ -30,8 +30,9 @@ struct Candidate {
     copied: bool,
 }
 
-/// Candidates whose records `load_candidates` reads ahead at most (a content has one or two
-/// hints; the rest of a long list is read under the lock if it is ever tried).
+/// Candidates' index clusters `load_candidates` reads ahead at most (a content has one or two
+/// hints; the rest of a long list is read under the lock if it is ever tried). At most half
+/// the record cache too, so the first ones read are not evicted by the last.
 const MAX_CANDIDATE_RECORDS: usize = 8;
 
 impl Qcow2 {
@@ -86,11 +87,11 @@ impl Qcow2 {
     }
 
     /// Read what the lookups of `h`'s candidates need and the caches lack (their L2 tables,
-    /// then the refcount blocks of their clusters, then the records of the first
-    /// `MAX_CANDIDATE_RECORDS`) without the lock, which is dropped and taken again around the
-    /// reads (the caller's cluster stays held), as `load_tables` does for a request's own
-    /// range. A table, block or record that cannot be read is left to the lookup under the
-    /// lock, which reports the error.
+    /// then the refcount blocks of their clusters, then the index clusters of their records,
+    /// `MAX_CANDIDATE_RECORDS` at most) without the lock, which is dropped and taken again
+    /// around the reads (the caller's cluster stays held), as `load_tables` does for a
+    /// request's own range. A table, block or record that cannot be read is left to the
+    /// lookup under the lock, which reports the error.
     fn load_candidates<'a>(
         &'a self,
         mut m: MutexGuard<'a, State>,
@@ -127,12 +128,10 @@ impl Qcow2 {
         let mut m = self.load_refcounts(m, want);
         // And their records: the lookup reads a candidate's record, and a compare that proves
         // the candidate updates it.
-        let mut records = Vec::new();
-        if let Some(r) = m.dedup.as_mut().and_then(|d| d.records.as_mut()) {
-            for &c in hints.iter().take(MAX_CANDIDATE_RECORDS) {
-                records.extend(r.record_to_load(c));
-            }
-        }
+        let records = match m.dedup.as_mut().and_then(|d| d.records.as_mut()) {
+            Some(r) => r.records_of_to_load(&hints, MAX_CANDIDATE_RECORDS),
+            None => Vec::new(),
+        };
         self.read_records(m, records)
     }
 

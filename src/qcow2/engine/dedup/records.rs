@@ -289,6 +289,24 @@ impl Records {
         out
     }
 
+    /// `record_to_load` for the records of guest clusters `gcs` (a dedup write's candidates),
+    /// at most `max` and at most half the cache, as `records_to_load`.
+    pub(crate) fn records_of_to_load(
+        &mut self,
+        gcs: &[u64],
+        max: usize,
+    ) -> Vec<(u64, u64, usize, u64)> {
+        let max = max.min(self.cap / 2).max(1);
+        let mut out = Vec::new();
+        for &gc in gcs {
+            if out.len() >= max {
+                break;
+            }
+            out.extend(self.record_to_load(gc));
+        }
+        out
+    }
+
     /// An index cluster read without the lock (`record_to_load`) arrives (None: the read failed; a
     /// load under the lock reports it): cached unless a load under the lock superseded it.
     pub(crate) fn loaded(
