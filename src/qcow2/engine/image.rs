@@ -4,7 +4,8 @@
 
 use super::dedup::lifecycle;
 use super::group;
-use super::meta::{punch_runs, EngineStats, Geometry};
+use super::meta::frees::punch_runs;
+use super::meta::{EngineStats, Geometry};
 use super::overlap::OverlapMode;
 use super::state::State;
 use crate::block::{BlockDevice, BlockError, DirectPlan, Direction};

@@ -21,11 +21,9 @@ use std::sync::Arc;
 
 mod alloc;
 mod flush;
-mod frees;
+pub(crate) mod frees;
 mod persist;
 mod resize;
-
-pub(crate) use frees::{punch_runs, PENDING_FREE_LIMIT};
 
 /// Largest L1 table QEMU accepts (32 MiB).
 pub(crate) const MAX_L1_BYTES: u64 = 32 << 20;

@@ -1,7 +1,7 @@
 //! Discard and write-zeroes: metadata-only for whole clusters, real zeros for the partial ends.
 
 use super::image::Qcow2;
-use super::meta::PENDING_FREE_LIMIT;
+use super::meta::frees::PENDING_FREE_LIMIT;
 use crate::qcow2::error::{Qcow2Error, Result};
 use crate::qcow2::format::L2Entry;
 use std::io::IoSlice;
