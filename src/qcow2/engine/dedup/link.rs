@@ -129,7 +129,7 @@ impl Qcow2 {
         // And their records: the lookup reads a candidate's record, and a compare that proves
         // the candidate updates it.
         let records = match m.dedup.as_mut().and_then(|d| d.records.as_mut()) {
-            Some(r) => r.records_of_to_load(&hints, MAX_CANDIDATE_RECORDS),
+            Some(r) => r.records_of_to_load(hints.iter().copied(), MAX_CANDIDATE_RECORDS),
             None => Vec::new(),
         };
         self.read_records(m, records)

@@ -267,38 +267,31 @@ impl Records {
     }
 
     /// `record_to_load` for the index clusters of guest clusters `from..to` (a discard
-    /// batch's), at most `max` and at most half the cache, so that the ones read first are
-    /// not evicted by the last.
+    /// batch's), as `records_of_to_load`.
     pub(crate) fn records_to_load(
         &mut self,
         from: u64,
         to: u64,
         max: usize,
     ) -> Vec<(u64, u64, usize, u64)> {
-        let mut out = Vec::new();
         if from >= to {
-            return out;
+            return Vec::new();
         }
-        let max = max.min(self.cap / 2).max(1);
-        for k in from / self.rpc..=(to - 1) / self.rpc {
-            if out.len() >= max {
-                break;
-            }
-            out.extend(self.record_to_load(k * self.rpc));
-        }
-        out
+        let rpc = self.rpc;
+        self.records_of_to_load((from / rpc..=(to - 1) / rpc).map(|k| k * rpc), max)
     }
 
     /// `record_to_load` for the records of guest clusters `gcs` (a dedup write's candidates),
-    /// at most `max` and at most half the cache, as `records_to_load`.
+    /// at most `max` and at most half the cache, so that the ones read first are not evicted
+    /// by the last.
     pub(crate) fn records_of_to_load(
         &mut self,
-        gcs: &[u64],
+        gcs: impl IntoIterator<Item = u64>,
         max: usize,
     ) -> Vec<(u64, u64, usize, u64)> {
         let max = max.min(self.cap / 2).max(1);
         let mut out = Vec::new();
-        for &gc in gcs {
+        for gc in gcs {
             if out.len() >= max {
                 break;
             }
