@@ -107,8 +107,21 @@ fn link_script(unique_at: u64, unique_len: u64) -> Vec<Op> {
 }
 
 /// Unique data in the prefill: with the metadata and the dedup records (32 bytes per guest
-/// cluster), the allocations end a few clusters short of the refcount table's 16 MiB.
-const PREFILL: u64 = 15_340 * 1024;
+/// cluster), the allocations end a little before the second half of the refcount table's last
+/// block but one (16 MiB), where the table is grown ahead of the allocator.
+const PREFILL: u64 = 15_140 * 1024;
+
+/// The prefill of `Case::table_ahead` (no dedup): its allocations end a few dozen clusters
+/// before the second half of the refcount table's last block but one (16 MiB of 1 KiB
+/// clusters), which the script's writes reach.
+const PREFILL_AHEAD: u64 = 15_900 * 1024;
+
+/// How `Case::table_ahead` runs: strict, plain, nothing persisted before acks (never DIRTY).
+const TABLE_AHEAD_MODE: Mode = Mode {
+    lazy: false,
+    dedup: DedupMode::Off,
+    ack: AckDurability::Memory,
+};
 
 /// What the prefill of `link_script` writes (on plain storage, flushed and closed): the first
 /// contents, then (`fill`) unique data up to just short of the refcount table's 16 MiB.
@@ -276,6 +289,26 @@ fn every_crash_point_of_links_while_the_refcount_table_grows() {
     crash_points(&Case::links_table(), Mode::background(true));
 }
 
+/// Small unique writes with flushes between, from a prefill that ends short of the second half
+/// of the table's last block but one: the refcount table grows ahead of the allocator, its steps
+/// outside the metadata lock (`Refcounts::table_to_grow`), among the script's own writes. Strict
+/// refcounts without DIRTY: every crash image must be consistent as it is (a DIRTY image would
+/// let a repair hide a refcount table the header names too early).
+#[test]
+fn every_crash_point_of_a_refcount_table_grown_ahead() {
+    let (case, mode) = (Case::table_ahead(), TABLE_AHEAD_MODE);
+    // Grown ahead, the new blocks and table sit at the start of the table's last block's area
+    // (its entry was empty); grown under the lock, past it (16 MiB).
+    let dry = Arc::new(FaultStorage::new(case.image.clone(), None));
+    run(dry.clone(), &case.ops, &case.start, mode);
+    let at = reftable_offset(&dry.crashed_image(CrashMode::AllWrites));
+    assert!(
+        at > reftable_offset(&case.image) && at < 16 << 20,
+        "the table should have grown ahead of the allocator (new table at {at:#x})"
+    );
+    crash_points(&case, mode);
+}
+
 impl Mode {
     fn plain(lazy: bool) -> Mode {
         Mode {
@@ -332,8 +365,28 @@ impl Case {
     }
 
     fn links_table() -> Case {
-        let ops = link_script(20 << 20, 12 << 10);
+        let ops = link_script(20 << 20, 24 << 10);
         Case::new(ops, LINKS_TABLE_SIZE, 10, 6, &link_prefill(true), true)
+    }
+
+    fn table_ahead() -> Case {
+        use Op::*;
+        const K: u64 = 1024;
+        let mut ops = Vec::new();
+        for i in 0..12u64 {
+            ops.push(WriteUnique((20 << 20) + i * 8 * K, 8 * K, 60 + i as u8));
+            if i % 3 == 2 {
+                ops.push(Flush);
+            }
+        }
+        let o = CreateOptions {
+            size: LINKS_TABLE_SIZE,
+            cluster_bits: 10,
+            refcount_order: 6,
+            ..Default::default()
+        };
+        let prefill = [WriteUnique(2 << 20, PREFILL_AHEAD, 10), Flush];
+        Case::prefilled(ops, &o, &prefill, TABLE_AHEAD_MODE, true)
     }
 
     /// A new image (dedup recorded), with `prefill` written, flushed and closed on plain storage.
@@ -345,7 +398,6 @@ impl Case {
         prefill: &[Op],
         grows: bool,
     ) -> Case {
-        let mem = Arc::new(MemStorage::new());
         let o = CreateOptions {
             size,
             cluster_bits,
@@ -354,11 +406,16 @@ impl Case {
             dedup: !prefill.is_empty(),
             ..Default::default()
         };
-        create(mem.as_ref(), &o).unwrap();
-        let mut start = vec![0u8; size as usize];
+        Case::prefilled(ops, &o, prefill, Mode::inline(false), grows)
+    }
+
+    /// A new image of `o`, with `prefill` written in `mode`, flushed and closed on plain storage.
+    fn prefilled(ops: Vec<Op>, o: &CreateOptions, prefill: &[Op], mode: Mode, grows: bool) -> Case {
+        let mem = Arc::new(MemStorage::new());
+        create(mem.as_ref(), o).unwrap();
+        let mut start = vec![0u8; o.size as usize];
         if !prefill.is_empty() {
-            let q =
-                Qcow2::open_storage(mem.clone(), &Mode::inline(false).options(), None, 0).unwrap();
+            let q = Qcow2::open_storage(mem.clone(), &mode.options(), None, 0).unwrap();
             for &op in prefill {
                 apply(&q, &mut start, op).unwrap();
             }
@@ -521,12 +578,17 @@ fn crash_points(case: &Case, mode: Mode) {
     for n in 0..=total {
         let st = Arc::new(FaultStorage::new(case.image.clone(), Some(n)));
         let (durable, touched) = run(st.clone(), &case.ops, &case.start, mode);
-        for cm in [
+        let mut modes = vec![
             CrashMode::FlushedOnly,
             CrashMode::AllWrites,
             CrashMode::RandomSubset(n * 7 + 1),
             CrashMode::TornSectors(n * 11 + 3),
-        ] {
+        ];
+        if case.grows_table {
+            // The header switch landing before the new table it names.
+            modes.push(CrashMode::NewestOnly);
+        }
+        for cm in modes {
             let what = format!("{mode:?}: crash after write {n} ({cm:?})");
             let (dirty, disk) = common::crash::check_crashed(&path, st.crashed_image(cm), &what);
             let may_dirty =
@@ -546,7 +608,8 @@ fn crash_points(case: &Case, mode: Mode) {
             checked += 1;
         }
     }
-    assert_eq!(checked, 4 * (total + 1));
+    let modes = if case.grows_table { 5 } else { 4 };
+    assert_eq!(checked, modes * (total + 1));
 }
 
 #[test]

@@ -26,6 +26,9 @@ pub enum CrashMode {
     /// A pseudo-random subset of the 512-byte sectors of the unflushed writes: a write that
     /// spans several sectors may land in part (a torn write). Only a sector is atomic.
     TornSectors(u64),
+    /// What was flushed and only the newest unflushed write: the disk wrote the last write
+    /// first (a header or a table entry landing before what it points at was synced).
+    NewestOnly,
 }
 
 /// The unit a disk writes atomically, as `CrashMode::TornSectors` models it.
@@ -145,8 +148,14 @@ impl FaultStorage {
             }
             img[o..e].copy_from_slice(data);
         };
-        for (off, data) in &st.unflushed {
+        let newest = st.unflushed.len().checked_sub(1);
+        for (i, (off, data)) in st.unflushed.iter().enumerate() {
             match mode {
+                CrashMode::NewestOnly => {
+                    if Some(i) == newest {
+                        apply(&mut img, *off, data);
+                    }
+                }
                 CrashMode::FlushedOnly => {}
                 CrashMode::AllWrites => apply(&mut img, *off, data),
                 CrashMode::RandomSubset(_) => {

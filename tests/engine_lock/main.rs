@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod records_dirty;
+mod table_growth;
 
 use common::hooked::Hooked;
 use vhost_user_qcow2::block::BlockDevice;
@@ -35,6 +36,35 @@ fn new_image(size: u64, dedup: bool) -> Arc<MemStorage> {
     };
     create(&*mem, &o).unwrap();
     mem
+}
+
+/// A 128 MiB dedup image whose L2 cache holds 16 of its 64 tables, with `first` written
+/// (offset, byte of a whole cluster), then a cluster under each table (unique contents),
+/// closed; reopened with the reads of the table of guest offset `slow` gated (closed).
+fn dedup_image_over_64_tables(first: &[(u64, u8)], slow: u64) -> (Arc<Qcow2>, ReadGate) {
+    let mem = new_image(128 << 20, true);
+    let opts = OpenOptions {
+        dedup_mode: Some(DedupMode::Inline),
+        l2_cache_bytes: Some(16 * 4096),
+        ..Default::default()
+    };
+    {
+        let q = Qcow2::open_storage(mem.clone(), &opts, None, 0).unwrap();
+        for &(off, b) in first {
+            q.write_vectored(off, &[IoSlice::new(&[b; 4096])]).unwrap();
+        }
+        for t in 0..64u64 {
+            let off = (t << 21) + 8192;
+            q.write_vectored(off, &[IoSlice::new(&[t as u8 + 10; 4096])])
+                .unwrap();
+        }
+        q.close().unwrap();
+    }
+    let img = mem.snapshot();
+    let slow_table = l2_offset(&img, slow / 4096);
+    let (storage, gate) = ReadGate::storage(img, slow_table, true);
+    let q = Arc::new(Qcow2::open_storage(storage, &opts, None, 0).unwrap());
+    (q, gate)
 }
 
 /// Wait while `gate` is closed (false), at most 10 s.
@@ -265,31 +295,9 @@ fn flush_with_slow_syncs(ack: AckDurability) {
 /// lock is kept for the cluster's decision.
 #[test]
 fn a_dedup_write_reads_a_missing_table_without_the_metadata_lock() {
-    let mem = new_image(128 << 20, true);
-    let opts = OpenOptions {
-        dedup_mode: Some(DedupMode::Inline),
-        // 16 tables of the 64 the image has.
-        l2_cache_bytes: Some(16 * 4096),
-        ..Default::default()
-    };
     let (a, b) = (0u64, 8u64 << 20);
-    {
-        let q = Qcow2::open_storage(mem.clone(), &opts, None, 0).unwrap();
-        q.write_vectored(a, &[IoSlice::new(&[1u8; 4096])]).unwrap();
-        q.write_vectored(b, &[IoSlice::new(&[2u8; 4096])]).unwrap();
-        // A cluster under each of the 64 tables (unique contents): the open walks them all,
-        // and the cache (16 tables) keeps only the last ones, so b's is a miss.
-        for t in 0..64u64 {
-            let off = (t << 21) + 8192;
-            q.write_vectored(off, &[IoSlice::new(&[t as u8 + 10; 4096])])
-                .unwrap();
-        }
-        q.close().unwrap();
-    }
-    let img = mem.snapshot();
-    let slow_table = l2_offset(&img, b / 4096);
-    let (storage, gate) = ReadGate::storage(img, slow_table, true);
-    let q = Arc::new(Qcow2::open_storage(storage, &opts, None, 0).unwrap());
+    // The open walks all 64 tables, and the cache keeps only the last ones: b's is a miss.
+    let (q, gate) = dedup_image_over_64_tables(&[(a, 1), (b, 2)], b);
     // The dedup write waits in its table read while a is read.
     let (took, first, r) = read_while_gated(&q, &gate, a, move |q| {
         q.write_vectored(b + 4096, &[IoSlice::new(&[3u8; 4096])])

@@ -150,29 +150,8 @@ fn a_new_refcount_block_is_written_without_the_metadata_lock() {
 /// the metadata lock before it looks the candidate up, and still links to it.
 #[test]
 fn a_dedup_write_reads_its_candidates_table_without_the_metadata_lock() {
-    let mem = new_image(128 << 20, true);
-    let opts = OpenOptions {
-        dedup_mode: Some(DedupMode::Inline),
-        // 16 tables of the 64 the image has.
-        l2_cache_bytes: Some(16 * 4096),
-        ..Default::default()
-    };
     let cand = 8u64 << 20; // under table 4
-    {
-        let q = Qcow2::open_storage(mem.clone(), &opts, None, 0).unwrap();
-        q.write_vectored(cand, &[IoSlice::new(&[7u8; 4096])])
-            .unwrap();
-        for t in 0..64u64 {
-            let off = (t << 21) + 8192;
-            q.write_vectored(off, &[IoSlice::new(&[t as u8 + 10; 4096])])
-                .unwrap();
-        }
-        q.close().unwrap();
-    }
-    let img = mem.snapshot();
-    let slow_table = l2_offset(&img, cand / 4096);
-    let (storage, gate) = ReadGate::storage(img, slow_table, true);
-    let q = Arc::new(Qcow2::open_storage(storage, &opts, None, 0).unwrap());
+    let (q, gate) = dedup_image_over_64_tables(&[(cand, 7)], cand);
     // The cache holds the last tables (the writer's own among them), not the candidate's.
     let (mine, other) = ((63u64 << 21) + 3 * 4096, (62u64 << 21) + 8192);
     for t in 48..64u64 {

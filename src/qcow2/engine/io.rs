@@ -189,7 +189,7 @@ impl Qcow2 {
             return m;
         }
         let Some(nb) = m.rc.block_to_create() else {
-            return m;
+            return self.grow_refcount_table(m);
         };
         let s = self.storage.as_ref();
         let cs = self.g.cluster_size();
@@ -209,6 +209,38 @@ impl Qcow2 {
             log::warn!("freeing the refcount table a growth replaced failed: {e}");
         }
         m
+    }
+
+    /// Grow the refcount table before the allocator needs it (`Refcounts::table_to_grow`):
+    /// its writes and syncs, and the header switch, without the lock. A failure is logged and
+    /// left to the locked path, which grows the table when it must and reports the error.
+    fn grow_refcount_table<'a>(&'a self, mut m: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        let Some(mut step) = m.rc.table_to_grow() else {
+            return m;
+        };
+        let s = self.storage.as_ref();
+        loop {
+            let r = match m.grow_file(s, step.end()) {
+                Ok(()) => {
+                    drop(m);
+                    let r = step.run(s);
+                    m = self.lock();
+                    r
+                }
+                Err(e) => Err(std::io::Error::other(e.to_string())),
+            };
+            if let Err(e) = &r {
+                log::warn!("a step of a refcount table growth without the lock failed: {e}");
+            }
+            match m.rc.table_step_done(s, step, r.is_ok()) {
+                Ok(Some(next)) => step = next,
+                Ok(None) => return m,
+                Err(e) => {
+                    log::warn!("freeing the refcount table a growth replaced failed: {e}");
+                    return m;
+                }
+            }
+        }
     }
 
     /// Where each piece of the guest range `offset..offset+len` comes from, host-contiguous

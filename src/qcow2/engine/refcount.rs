@@ -16,7 +16,9 @@ use lru::LruCache;
 use std::num::NonZeroUsize;
 
 mod growth;
+mod growth_state;
 mod holes;
+mod table_growth;
 
 /// Most RAM for clean (unchanged since read or written) refcount blocks; the least recently
 /// used is dropped past it. 16 MiB covers the refcounts of 512 GiB of data at 64 KiB clusters.
@@ -64,6 +66,8 @@ pub(crate) struct Refcounts {
     clean: LruCache<u64, Vec<u8>, ClusterHash>,
     /// No cluster below this index is free.
     free_hint: u64,
+    /// The end of the furthest run `alloc` handed out since open (`frontier`).
+    alloc_high: u64,
     /// First cluster index past everything allocated since open (as a contiguous range from
     /// the clusters the refcount structures knew of at open), but for the runs in `ahead`.
     pub(crate) allocations: u64,
@@ -87,6 +91,12 @@ pub(crate) struct Refcounts {
     /// Refcount tables a growth replaced while a block was being created, (offset, clusters):
     /// freed by `block_created` (its entry write may still land in the old table).
     old_tables: Vec<(u64, u64)>,
+    /// A growth of the table without the metadata lock (`table_to_grow`).
+    growing: Option<growth_state::Growth>,
+    /// The last growth's id.
+    next_growth: u64,
+    /// Who may switch the header to a grown table (`growth_state::HeaderSlot`).
+    header_slot: std::sync::Arc<std::sync::Mutex<growth_state::HeaderSlot>>,
 }
 
 /// Largest refcount table QEMU accepts (8 MiB).
@@ -158,6 +168,10 @@ impl Refcounts {
             reserved: None,
             creating: None,
             old_tables: Vec::new(),
+            growing: None,
+            next_growth: 0,
+            alloc_high: 0,
+            header_slot: Default::default(),
         })
     }
 
@@ -443,6 +457,7 @@ impl Refcounts {
                 _ => start + n,
             };
             self.note_allocated(start, n);
+            self.alloc_high = self.alloc_high.max(start + n);
             return Ok(start);
         }
     }
@@ -535,13 +550,10 @@ impl Refcounts {
         let mut from = from;
         loop {
             let start = self.free_run_by_refcount(s, from, n)?;
-            // Not over a block being created.
-            if let Some(b) = self.creating {
-                let (lo, hi) = (b * self.epb, (b + 1) * self.epb);
-                if start < hi && lo < start.saturating_add(n) {
-                    from = hi;
-                    continue;
-                }
+            // Not over a block being created (or the blocks of a growth).
+            if let Some(hi) = self.creating_over(start, n) {
+                from = hi;
+                continue;
             }
             if self.punching.is_empty() {
                 return Ok(start);

@@ -359,8 +359,11 @@ impl Qcow2 {
                 }
                 None => self.hold_cluster_locked(gc),
             };
-            // One lock section from the hold (whole clusters) to the release, but for the data
-            // write of a unique cluster.
+            // The refcount block (or table) the allocator needs next, made without the lock
+            // (the cluster stays held), as on the plain write path.
+            let m = self.create_refcount_block(m);
+            // One lock section from here to the release, but for the data write of a unique
+            // cluster and the loads of its candidates.
             let mut m = self.settle_cluster(m, gc, &buf, h.as_ref(), false)?;
             // Its entry: a link, a zero cluster or a new cluster just made, or the one an
             // identical rewrite or an in-place write relied on.

@@ -38,18 +38,19 @@ impl NewBlock {
 
 impl Refcounts {
     /// The refcount block the allocator will need soon, to create without the lock: when the
-    /// allocator's search starts in a block that does not exist, or in the second half of the
-    /// last one before a block that does not. None when none is due, one is being created, or
-    /// the table has no room to spare (growing it stays under the lock). Until
+    /// allocator's frontier (`frontier`) is in a block that does not exist, or in the second
+    /// half of the last one before a block that does not. None when none is due, one is being
+    /// created, or the table has no room to spare (`table_to_grow` grows it then). Until
     /// `block_created`, the allocator skips the clusters the block covers.
     pub(crate) fn block_to_create(&mut self) -> Option<NewBlock> {
-        if self.creating.is_some() {
+        if self.creating.is_some() || self.growing.is_some() {
             return None;
         }
-        let hb = self.free_hint / self.epb;
+        let front = self.frontier();
+        let hb = front / self.epb;
         let b = match self.table.get(hb as usize) {
             Some(0) => hb,
-            Some(_) if self.free_hint % self.epb >= self.epb / 2 => hb + 1,
+            Some(_) if front % self.epb >= self.epb / 2 => hb + 1,
             _ => return None,
         };
         // Room to spare: an allocator skipping this block does not grow the table at once.
@@ -79,9 +80,32 @@ impl Refcounts {
         })
     }
 
-    /// True when cluster `c` lies in the block being created (`block_to_create`).
+    /// Where new clusters are handed out: past the furthest allocation since open, or the
+    /// allocator's search start if that is further. (The search start alone lags: a small free
+    /// run that larger allocations do not fit in keeps it behind.)
+    pub(super) fn frontier(&self) -> u64 {
+        self.free_hint.max(self.alloc_high)
+    }
+
+    /// True when cluster `c` lies in the block being created (`block_to_create`) or in the
+    /// blocks of a table growth without the lock (`table_to_grow`).
     pub(super) fn in_creating(&self, c: u64) -> bool {
-        self.creating.is_some_and(|b| c / self.epb == b)
+        let b = c / self.epb;
+        self.creating == Some(b) || self.in_growth(b)
+    }
+
+    /// The end of the clusters of a block being created (or of a growth's blocks) that
+    /// `start..start + n` overlaps, if any.
+    pub(super) fn creating_over(&self, start: u64, n: u64) -> Option<u64> {
+        let end = start.saturating_add(n);
+        let block = self.creating.map(|b| (b, b + 1));
+        let growth = self.growth_blocks();
+        [block, growth]
+            .into_iter()
+            .flatten()
+            .map(|(lo, hi)| (lo.saturating_mul(self.epb), hi.saturating_mul(self.epb)))
+            .find(|&(lo, hi)| start < hi && lo < end)
+            .map(|(_, hi)| hi)
     }
 
     /// The block of `block_to_create` was written (`ok`) or not: it joins the table, and the
@@ -127,7 +151,7 @@ impl Refcounts {
     /// are free, since the block does not exist). The block is written and synced before the
     /// table links it.
     pub(super) fn create_block(&mut self, s: &dyn Storage, b: u64) -> Result<()> {
-        if self.creating == Some(b) {
+        if self.creating == Some(b) || self.in_growth(b) {
             // The allocator skips a block being created, and nothing else sets a refcount in
             // a range without a block.
             return Err(Qcow2Error::Invalid(format!(
@@ -159,6 +183,11 @@ impl Refcounts {
         self.table[b as usize] = first;
         self.guard(self.table_offset + b * 8, 8, kind::REFCOUNT_TABLE)?;
         s.write_at(&first.to_be_bytes(), self.table_offset + b * 8)?;
+        if let Some(at) = self.mirror_entry(b) {
+            // A growth without the lock waits for its header switch: the new table needs
+            // the entry too, whichever table the header points at after a crash.
+            s.write_at(&first.to_be_bytes(), at)?;
+        }
         s.flush()?;
         self.clean.put(b, data);
         self.note_allocated(at, 1);
@@ -166,46 +195,59 @@ impl Refcounts {
         Ok(())
     }
 
-    /// Grow the refcount table so that it covers block `b`: new blocks for `b..b+k` and the new
-    /// table are placed at the start of the area block `b` covers (free, since those blocks do not
-    /// exist), written and synced, then the header is switched (synced), then the old table freed.
-    fn grow(&mut self, s: &dyn Storage, b: u64) -> Result<()> {
+    /// Where a growth of the table for block `b` goes: (new blocks `k`, table clusters, first
+    /// cluster). The new blocks and the table go at the start of the area block `b` covers, or
+    /// just past the dedup index area if that lies there; the new blocks must cover them.
+    pub(super) fn growth_plan(&self, b: u64) -> Result<(u64, u64, u64)> {
         let cs = self.cs();
         let per_cluster = cs / 8;
         let old_len = self.table.len() as u64;
-        let first_cluster = b * self.epb;
-        // The new blocks and the table go at the start of the area block `b` covers, or just
-        // past the dedup index area if that lies there; the new blocks must cover them.
+        let first_cluster = b
+            .checked_mul(self.epb)
+            .ok_or_else(|| Qcow2Error::corrupt("refcount area offset overflow"))?;
         let mut k = 1u64;
-        let (entries, t_clusters, at) = loop {
+        let (t, at) = loop {
             let want = (b + k).max(old_len.saturating_mul(2)).max(per_cluster);
             let t = want.div_ceil(per_cluster);
             let at = self.skip_reserved(first_cluster, k + t);
-            if (b + k) * self.epb >= at + k + t {
-                break (t * per_cluster, t, at);
+            if (b + k).saturating_mul(self.epb) >= at + k + t {
+                break (t, at);
             }
             k += 1;
         };
-        if t_clusters * cs > MAX_REFTABLE_BYTES {
+        if t * cs > MAX_REFTABLE_BYTES {
             return Err(Qcow2Error::Unsupported(
                 "the refcount table would exceed 8 MiB (image too large for its cluster size)"
                     .into(),
             ));
         }
-        let base = at
-            .checked_mul(cs)
+        at.checked_mul(cs)
             .ok_or_else(|| Qcow2Error::corrupt("refcount area offset overflow"))?;
+        Ok((k, t, at))
+    }
+
+    /// Grow the refcount table so that it covers block `b`: new blocks for `b..b+k` and the new
+    /// table are placed by `growth_plan`, written and synced, then the header is switched
+    /// (synced), then the old table freed. A growth without the lock in progress is settled
+    /// first (`settle_growth`); when it is applied, the grown table may cover `b` already.
+    fn grow(&mut self, s: &dyn Storage, b: u64) -> Result<()> {
+        self.settle_growth(s)?;
+        if b < self.table.len() as u64 {
+            if self.table.get(b as usize) == Some(&0) {
+                return self.create_block(s, b);
+            }
+            return Ok(());
+        }
+        let cs = self.cs();
+        let per_cluster = cs / 8;
+        let (k, t_clusters, at) = self.growth_plan(b)?;
+        let entries = t_clusters * per_cluster;
+        let base = at * cs;
         let used = k + t_clusters; // clusters taken by the new blocks and the table
         self.guard(base, used * cs, 0)?;
-        let mut new_blocks = Vec::with_capacity(k as usize);
-        for j in 0..k {
-            let mut data = vec![0u8; cs as usize];
-            let lo = first_cluster + j * self.epb;
-            for c in at.max(lo)..(lo + self.epb).min(at + used) {
-                refblock::set(&mut data, (c - lo) as usize, self.order, 1);
-            }
-            s.write_at(&data, base + j * cs)?;
-            new_blocks.push(data);
+        let new_blocks = self.new_blocks(b, k, at, used);
+        for (j, data) in new_blocks.iter().enumerate() {
+            s.write_at(data, base + j as u64 * cs)?;
         }
         let mut table = self.table.clone();
         table.resize(entries as usize, 0);

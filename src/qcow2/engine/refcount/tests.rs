@@ -1,5 +1,6 @@
 use super::*;
 use crate::storage::MemStorage;
+use growth_state::TableStep;
 
 /// A minimal image: refcount table at cluster 1, one block at cluster 2 covering clusters 0-2.
 fn setup(cluster_bits: u32, order: u32) -> (MemStorage, Refcounts) {
@@ -275,4 +276,123 @@ fn free_run_finds_the_first_gap() {
     assert_eq!(r.free_run(&s, 1, 100_000).unwrap(), 31);
     r.set(&s, 255, 1).unwrap();
     assert_eq!(r.free_run(&s, 1, 300).unwrap(), 256);
+}
+
+/// The refcount table the header on disk points at (`setup` images keep the header's
+/// refcount-table fields where a real header has them).
+fn table_on_disk(s: &MemStorage) -> (u64, u64) {
+    let mut h = [0u8; 12];
+    s.read_at(&mut h, format::header::OFF_REFCOUNT_TABLE)
+        .unwrap();
+    let off = u64::from_be_bytes(h[..8].try_into().unwrap());
+    let n = u32::from_be_bytes(h[8..].try_into().unwrap());
+    (off, n as u64)
+}
+
+/// Every cluster of `got` has refcount 1 through what is on disk now (after `write_dirty`).
+fn all_counted_on_disk(s: &MemStorage, r: &mut Refcounts, got: &[u64], when: &str) {
+    r.write_dirty(s).unwrap();
+    let (off, n) = table_on_disk(s);
+    let mut r2 = Refcounts::load(s, 9, 6, off, n).unwrap();
+    for &c in got {
+        assert_eq!(r2.get(s, c).unwrap(), 1, "cluster {c} {when}");
+    }
+}
+
+/// Allocations while the table grows without the lock: each step runs `lag` allocations
+/// after it was handed out (`header_lag` for the header switch), and its result is taken as
+/// many allocations later (0: at once, as one request does them; more: other requests
+/// allocate meanwhile, create blocks under the lock, and may outrun the growth, so that a
+/// growth under the lock settles it). Blocks missing below the table's end (the range of
+/// `reserved`) are created under the lock while a growth runs, one per 5 allocations. After every
+/// step and every 97 allocations, what is on disk counts every cluster handed out. Returns
+/// (steps, allocations made while a growth was cancelled, blocks created during a growth).
+fn growth_without_the_lock(lag: usize, header_lag: usize) -> (u64, u64, u64) {
+    let (s, mut r) = setup(9, 6);
+    s.write_at(
+        &[0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 1],
+        format::header::OFF_REFCOUNT_TABLE,
+    )
+    .unwrap();
+    // Blocks 16..=20 (64 clusters each) are reserved whole: the allocator does not create them.
+    r.reserved = Some((1000, 400));
+    let mut missing: Vec<u64> = (16..=20).collect();
+    let (mut got, mut done, mut over, mut late) = (Vec::new(), 0u64, 0u64, 0u64);
+    // The step, when it was handed out, and its result once run.
+    let mut step: Option<(TableStep, usize, Option<bool>)> = None;
+    let mut i = 0usize;
+    while i < 20_000 || step.is_some() {
+        if step.is_none() && i < 20_000 {
+            step = r.table_to_grow().map(|st| (st, i, None));
+        }
+        if let Some((st, at, res)) = step.take() {
+            let wait = if st.is_header() { header_lag } else { lag };
+            step = match res {
+                None if i - at >= wait => {
+                    let ok = st.run(&s).is_ok();
+                    all_counted_on_disk(&s, &mut r, &got, "after a step ran");
+                    Some((st, at, Some(ok)))
+                }
+                Some(ok) if i - at >= 2 * wait => {
+                    let next = r.table_step_done(&s, st, ok).unwrap();
+                    done += 1;
+                    all_counted_on_disk(&s, &mut r, &got, "after a step was done");
+                    next.map(|n| (n, i, None))
+                }
+                res => Some((st, at, res)),
+            };
+        }
+        if i.is_multiple_of(5) && r.growing.as_ref().is_some_and(|g| !g.cancelled) {
+            if let Some(b) = missing.pop() {
+                let keep = r.reserved.take();
+                r.set(&s, b * 64 + 1, 1).unwrap();
+                r.reserved = keep;
+                got.push(b * 64 + 1);
+                late += 1;
+            }
+        }
+        if i < 20_000 {
+            got.push(r.alloc(&s, 1).unwrap());
+            if i.is_multiple_of(97) {
+                all_counted_on_disk(&s, &mut r, &got, &format!("at allocation {i}"));
+            }
+            over += u64::from(r.growing.as_ref().is_some_and(|g| g.cancelled));
+        }
+        i += 1;
+    }
+    assert!(r.growing.is_none());
+    got.sort_unstable();
+    got.dedup();
+    assert_eq!(
+        got.len(),
+        20_000 + late as usize,
+        "no cluster handed out twice"
+    );
+    all_counted_on_disk(&s, &mut r, &got, "at the end");
+    assert_eq!(table_on_disk(&s), r.table_location());
+    (done, over, late)
+}
+
+#[test]
+fn a_table_grown_without_the_lock_counts_every_cluster_at_every_step() {
+    // At once: every growth is done without the lock (two steps at least each).
+    let (steps, over, _) = growth_without_the_lock(0, 0);
+    assert!(steps >= 4, "{steps} steps");
+    assert_eq!(over, 0, "no growth was cancelled");
+    // Late: blocks created under the lock meanwhile, and growths the allocator outruns.
+    for (lag, header_lag) in [
+        (1, 1),
+        (3, 3),
+        (1, 15),
+        (1, 30),
+        (2, 60),
+        (40, 40),
+        (1, 200),
+        (1000, 1000),
+    ] {
+        let (steps, over, late) = growth_without_the_lock(lag, header_lag);
+        assert!(steps >= 2, "lag {lag}: {steps} steps");
+        assert!(late > 0, "lag {lag}: blocks created during a growth");
+        eprintln!("lag {lag}/{header_lag}: {steps} steps, {over} allocations while cancelled");
+    }
 }
