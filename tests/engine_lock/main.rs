@@ -67,6 +67,50 @@ fn dedup_image_over_64_tables(first: &[(u64, u8)], slow: u64) -> (Arc<Qcow2>, Re
     (q, gate)
 }
 
+/// A writer fills clusters 1..n (4 KiB writes, byte i % 251, cluster 0 holds 2) until it waits
+/// in a gated sync (`held() == 1`); a read and an in-place write of cluster 0 are timed then,
+/// the gate released (`release`), the writer joined; then the image is checked clean and,
+/// reopened, holds every write. Returns how long the read and the write took.
+fn time_while_writer_held(
+    q: Arc<Qcow2>,
+    n: u64,
+    held: impl Fn() -> u64,
+    release: impl FnOnce(),
+    image: impl FnOnce() -> MemStorage,
+) -> Duration {
+    use vhost_user_qcow2::qcow2::check::{check, CheckOptions};
+    let q2 = q.clone();
+    let writer = std::thread::spawn(move || {
+        for i in 1..n {
+            q2.write_vectored(i * 4096, &[IoSlice::new(&[(i % 251) as u8; 4096])])?;
+        }
+        Ok::<(), vhost_user_qcow2::block::BlockError>(())
+    });
+    let t0 = Instant::now();
+    while held() == 0 && t0.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(held(), 1, "the writer waits in the gated sync");
+    let t0 = Instant::now();
+    let mut buf = [0u8; 4096];
+    q.read_vectored(0, &mut [IoSliceMut::new(&mut buf)])
+        .unwrap();
+    q.write_vectored(0, &[IoSlice::new(&[3u8; 4096])]).unwrap();
+    let took = t0.elapsed();
+    release();
+    writer.join().unwrap().unwrap();
+    assert_eq!(buf[0], 2);
+    q.close().unwrap();
+    drop(q);
+    let img = image();
+    let r = check(&img, &CheckOptions::default()).unwrap();
+    assert!(r.is_clean(), "{:?}", r.messages);
+    let q = Qcow2::open_storage(Arc::new(img), &OpenOptions::default(), None, 0).unwrap();
+    let last = |i: u64| (i * 4096, (i % 251) as u8);
+    assert_reads(&q, &[(0, 3), last(1), last(n / 2), last(n - 1)], "reopened");
+    took
+}
+
 /// Wait while `gate` is closed (false), at most 10 s.
 fn hold(gate: &AtomicBool) {
     let t0 = Instant::now();

@@ -46,13 +46,7 @@ impl Refcounts {
         if self.creating.is_some() || self.growing.is_some() {
             return None;
         }
-        let front = self.frontier();
-        let hb = front / self.epb;
-        let b = match self.table.get(hb as usize) {
-            Some(0) => hb,
-            Some(_) if front % self.epb >= self.epb / 2 => hb + 1,
-            _ => return None,
-        };
+        let b = self.block_due()?;
         // Room to spare: an allocator skipping this block does not grow the table at once.
         if b + 1 >= self.table.len() as u64 || self.table.get(b as usize) != Some(&0) {
             return None;
@@ -78,6 +72,19 @@ impl Refcounts {
             data,
             table_offset: self.table_offset,
         })
+    }
+
+    /// The block the allocator will need next: the one its frontier is in when that does not
+    /// exist, or the next one when the frontier is in the second half of one that does. None
+    /// when the frontier is past the table.
+    pub(super) fn block_due(&self) -> Option<u64> {
+        let front = self.frontier();
+        let hb = front / self.epb;
+        match self.table.get(hb as usize) {
+            Some(0) => Some(hb),
+            Some(_) if front % self.epb >= self.epb / 2 => Some(hb + 1),
+            _ => None,
+        }
     }
 
     /// Where new clusters are handed out: past the furthest allocation since open, or the

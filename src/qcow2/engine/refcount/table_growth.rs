@@ -55,13 +55,7 @@ impl Refcounts {
             return None;
         }
         let len = self.table.len() as u64;
-        let front = self.frontier();
-        let hb = front / self.epb;
-        let b = match self.table.get(hb as usize) {
-            Some(0) => hb,
-            Some(_) if front % self.epb >= self.epb / 2 => hb + 1,
-            _ => return None,
-        };
+        let b = self.block_due()?;
         // Only the table's last entry, or past it: `block_to_create` takes the others.
         if b + 1 < len || (b < len && self.table.get(b as usize) != Some(&0)) {
             return None;
