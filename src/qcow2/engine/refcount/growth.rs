@@ -123,6 +123,8 @@ impl Refcounts {
         // An allocator that skipped the range meanwhile moved its search past it.
         self.free_hint = self.free_hint.min(nb.b * self.epb);
         let cs = self.cs();
+        // Linked or not, the block's bytes may be in its cluster: not zeros any more.
+        self.note_allocated(nb.at, 1);
         let mut r = Ok(());
         if ok && self.table.get(nb.b as usize) == Some(&0) {
             let first = nb.at * cs;
@@ -139,7 +141,6 @@ impl Refcounts {
                 self.map.add(nb.at, 1, kind::REFCOUNT_BLOCK);
                 self.table[nb.b as usize] = first;
                 self.clean.put(nb.b, nb.data);
-                self.note_allocated(nb.at, 1);
                 log::debug!(
                     "new refcount block {} at {first:#x} (without the lock)",
                     nb.b

@@ -396,3 +396,27 @@ fn a_table_grown_without_the_lock_counts_every_cluster_at_every_step() {
         eprintln!("lag {lag}/{header_lag}: {steps} steps, {over} allocations while cancelled");
     }
 }
+
+/// A block created ahead whose write failed may have left its bytes in its cluster: that
+/// cluster is never taken for zeros (a partial data write there would show the block).
+#[test]
+fn a_failed_block_created_ahead_leaves_no_cluster_taken_for_zeros() {
+    let (s, mut r) = setup(9, 6); // 64 clusters per block
+    r.note_allocated(0, 3);
+    let nb = loop {
+        r.alloc(&s, 1).unwrap();
+        if let Some(nb) = r.block_to_create() {
+            break nb;
+        }
+    };
+    let at = nb.end(512) / 512 - 1;
+    assert!(
+        at >= r.allocations,
+        "the block is created past the watermark"
+    );
+    r.block_created(&s, nb, false).unwrap();
+    assert!(
+        r.allocated_ahead(at, 1) || at < r.allocations,
+        "cluster {at} of a failed block is taken for zeros"
+    );
+}
