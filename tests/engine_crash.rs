@@ -309,6 +309,21 @@ fn every_crash_point_of_a_refcount_table_grown_ahead() {
     crash_points(&case, mode);
 }
 
+/// The same image, but one large write crosses the table's end in one allocation: the
+/// growth happens under the lock (`Refcounts::grow`), settling nothing.
+#[test]
+fn every_crash_point_of_a_refcount_table_grown_under_the_lock() {
+    let (case, mode) = (Case::table_locked(), TABLE_AHEAD_MODE);
+    let dry = Arc::new(FaultStorage::new(case.image.clone(), None));
+    run(dry.clone(), &case.ops, &case.start, mode);
+    let at = reftable_offset(&dry.crashed_image(CrashMode::AllWrites));
+    assert!(
+        at >= 16 << 20,
+        "the table should have grown under the lock, past 16 MiB (new table at {at:#x})"
+    );
+    crash_points(&case, mode);
+}
+
 impl Mode {
     fn plain(lazy: bool) -> Mode {
         Mode {
@@ -379,6 +394,20 @@ impl Case {
                 ops.push(Flush);
             }
         }
+        Case::table_prefilled(ops)
+    }
+
+    fn table_locked() -> Case {
+        use Op::*;
+        const K: u64 = 1024;
+        let ops = vec![WriteUnique(20 << 20, 240 * K, 60), Flush];
+        Case::table_prefilled(ops)
+    }
+
+    /// A plain image of 1 KiB clusters prefilled up to a little before the table growth's
+    /// trigger (`PREFILL_AHEAD`), for `ops`.
+    fn table_prefilled(ops: Vec<Op>) -> Case {
+        use Op::*;
         let o = CreateOptions {
             size: LINKS_TABLE_SIZE,
             cluster_bits: 10,
