@@ -220,7 +220,13 @@ impl Qcow2 {
         };
         let s = self.storage.as_ref();
         loop {
-            let r = match m.grow_file(s, step.end()) {
+            // Only the first step writes past what the file holds (the header step needs 0).
+            let grown = if step.end() > 0 {
+                m.grow_file(s, step.end())
+            } else {
+                Ok(())
+            };
+            let r = match grown {
                 Ok(()) => {
                     drop(m);
                     let r = step.run(s);

@@ -22,9 +22,8 @@ pub(crate) struct Growth {
     pub(super) b: u64,
     /// New blocks: `b..b + k`.
     pub(super) k: u64,
-    /// First cluster of the new blocks, then the table (`used` clusters in all).
+    /// First cluster of the new blocks, then the table.
     pub(super) at: u64,
-    pub(super) used: u64,
     /// The new table: where, how many clusters and entries.
     pub(super) table_off: u64,
     pub(super) t_clusters: u64,
@@ -54,12 +53,12 @@ pub(crate) struct TableStep {
     pub(super) id: u64,
     pub(super) work: Work,
     pub(super) slot: Arc<Mutex<HeaderSlot>>,
-    /// The end of the file the step needs.
+    /// The end of the file the step needs (0: within what an earlier step grew it to).
     pub(super) end: u64,
 }
 
 impl TableStep {
-    /// The file must be at least this long first.
+    /// The file must be at least this long first (0: nothing to grow).
     pub(crate) fn end(&self) -> u64 {
         self.end
     }

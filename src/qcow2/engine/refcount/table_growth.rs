@@ -89,7 +89,6 @@ impl Refcounts {
             b,
             k,
             at,
-            used,
             table_off,
             t_clusters,
             entries,
@@ -132,7 +131,6 @@ impl Refcounts {
         step: TableStep,
         ok: bool,
     ) -> Result<Option<TableStep>> {
-        let cs = self.cs();
         let Some(g) = self.growing.as_mut().filter(|g| g.id == step.id) else {
             // Applied by a growth under the lock meanwhile.
             return Ok(None);
@@ -172,7 +170,8 @@ impl Refcounts {
                 id: g.id,
                 work: Work::Writes(late),
                 slot: self.header_slot.clone(),
-                end: (g.at + g.used) * cs,
+                // Inside the table written by the first step: the file holds it.
+                end: 0,
             }));
         }
         g.header_pending = true;
@@ -228,9 +227,14 @@ impl Refcounts {
     /// The header points at `g`'s table: it replaces the old one, which is freed.
     fn apply_growth(&mut self, s: &dyn Storage, g: Growth) -> Result<()> {
         let cs = self.cs();
-        self.table.resize(g.entries as usize, 0);
+        // (Never shorter: only a growth under the lock lengthens the table, and it settles
+        // this one first.)
+        let len = (g.entries as usize).max(self.table.len());
+        self.table.resize(len, 0);
         for j in 0..g.k {
-            self.table[(g.b + j) as usize] = (g.at + j) * cs;
+            if let Some(e) = self.table.get_mut((g.b + j) as usize) {
+                *e = (g.at + j) * cs;
+            }
         }
         self.map.add(g.at, g.k, kind::REFCOUNT_BLOCK);
         self.map.add(g.at + g.k, g.t_clusters, kind::REFCOUNT_TABLE);
