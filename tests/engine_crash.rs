@@ -289,6 +289,13 @@ fn every_crash_point_of_links_while_the_refcount_table_grows() {
     crash_points(&Case::links_table(), Mode::background(true));
 }
 
+/// Where the refcount table is after `case`'s script has run without a crash.
+fn table_after(case: &Case, mode: Mode) -> u64 {
+    let dry = Arc::new(FaultStorage::new(case.image.clone(), None));
+    run(dry.clone(), &case.ops, &case.start, mode);
+    reftable_offset(&dry.crashed_image(CrashMode::AllWrites))
+}
+
 /// Small unique writes with flushes between, from a prefill that ends short of the second half
 /// of the table's last block but one: the refcount table grows ahead of the allocator, its steps
 /// outside the metadata lock (`Refcounts::table_to_grow`), among the script's own writes. Strict
@@ -299,9 +306,7 @@ fn every_crash_point_of_a_refcount_table_grown_ahead() {
     let (case, mode) = (Case::table_ahead(), TABLE_AHEAD_MODE);
     // Grown ahead, the new blocks and table sit at the start of the table's last block's area
     // (its entry was empty); grown under the lock, past it (16 MiB).
-    let dry = Arc::new(FaultStorage::new(case.image.clone(), None));
-    run(dry.clone(), &case.ops, &case.start, mode);
-    let at = reftable_offset(&dry.crashed_image(CrashMode::AllWrites));
+    let at = table_after(&case, mode);
     assert!(
         at > reftable_offset(&case.image) && at < 16 << 20,
         "the table should have grown ahead of the allocator (new table at {at:#x})"
@@ -314,9 +319,7 @@ fn every_crash_point_of_a_refcount_table_grown_ahead() {
 #[test]
 fn every_crash_point_of_a_refcount_table_grown_under_the_lock() {
     let (case, mode) = (Case::table_locked(), TABLE_AHEAD_MODE);
-    let dry = Arc::new(FaultStorage::new(case.image.clone(), None));
-    run(dry.clone(), &case.ops, &case.start, mode);
-    let at = reftable_offset(&dry.crashed_image(CrashMode::AllWrites));
+    let at = table_after(&case, mode);
     assert!(
         at >= 16 << 20,
         "the table should have grown under the lock, past 16 MiB (new table at {at:#x})"
