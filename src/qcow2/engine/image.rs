@@ -264,9 +264,8 @@ impl Qcow2 {
                 drop(m);
                 let r = s.flush();
                 // The refcount blocks the frees below need, read without the lock.
-                let mut m = self.lock();
-                let want = m.refcounts_to_load(false, Some(t.unlinked()));
-                let mut m = self.load_refcounts(m, want);
+                let m = self.lock();
+                let mut m = self.load_free_refcounts(m, t.unlinked());
                 let (r, runs) = m.flush_end_unpunched(s, t, r);
                 let sync_clear = m.take_sync_dirty_clear();
                 drop(m);

@@ -156,8 +156,17 @@ impl Qcow2 {
         m: MutexGuard<'a, State>,
         want: Vec<(u64, u64, u64)>,
     ) -> MutexGuard<'a, State> {
+        self.read_refcounts(m, want).0
+    }
+
+    /// `load_refcounts`, also telling whether every read succeeded.
+    fn read_refcounts<'a>(
+        &'a self,
+        m: MutexGuard<'a, State>,
+        want: Vec<(u64, u64, u64)>,
+    ) -> (MutexGuard<'a, State>, bool) {
         if want.is_empty() {
-            return m;
+            return (m, true);
         }
         drop(m);
         let s = self.storage.as_ref();
@@ -170,10 +179,39 @@ impl Qcow2 {
             })
             .collect();
         let mut m = self.lock();
+        let mut all = true;
         for (b, ticket, d) in got {
+            all &= d.is_some();
             m.rc.block_loaded(b, ticket, d);
         }
-        m
+        (m, all)
+    }
+
+    /// Every refcount block a flush's frees (`unlinked`, and those waiting for I/O) need,
+    /// read without the lock in rounds of `MAX_BLOCK_LOADS`: a large discard's frees spread
+    /// over many blocks (a dedup image's shared clusters, small clusters) no longer read the
+    /// rest under the lock when the frees are applied. At most half the clean cache in all,
+    /// so that the last rounds do not evict what the first ones read; the rounds stop at the
+    /// first failed read (the locked path reports it).
+    pub(super) fn load_free_refcounts<'a>(
+        &'a self,
+        mut m: MutexGuard<'a, State>,
+        unlinked: &[u64],
+    ) -> MutexGuard<'a, State> {
+        let mut budget = m.rc.clean_capacity() / 2;
+        loop {
+            let want = m.refcounts_to_load(false, Some(unlinked));
+            let n = want.len();
+            if n == 0 {
+                return m;
+            }
+            let (g, all) = self.read_refcounts(m, want);
+            m = g;
+            budget = budget.saturating_sub(n);
+            if !all || budget == 0 {
+                return m;
+            }
+        }
     }
 
     /// Create the refcount block the allocator will need soon (`Refcounts::block_to_create`),

@@ -221,11 +221,22 @@ impl Refcounts {
     /// Block `b` is in the table but not cached, and nobody reads it: its file offset, for a
     /// read without the lock (`block_loaded` then). None otherwise.
     pub(crate) fn block_to_load(&mut self, b: u64) -> Option<(u64, u64)> {
-        if self.dirty.contains_key(&b) || self.clean.contains(&b) || self.loading.contains(b) {
+        if !self.wants_load(b) {
             return None;
         }
         let off = self.table.get(b as usize).copied().filter(|&o| o != 0)?;
         Some((off, self.loading.start(b)))
+    }
+
+    /// Block `b` is not cached and nobody reads it (`block_to_load` would hand it out if the
+    /// table has it).
+    pub(crate) fn wants_load(&self, b: u64) -> bool {
+        !(self.dirty.contains_key(&b) || self.clean.contains(&b) || self.loading.contains(b))
+    }
+
+    /// How many clean blocks the cache keeps.
+    pub(crate) fn clean_capacity(&self) -> usize {
+        self.clean.cap().get()
     }
 
     /// The block of `block_to_load` was read (`data`, or None when the read failed): cached

@@ -12,6 +12,9 @@ use std::sync::atomic::Ordering;
 /// How many unapplied frees make the engine flush on its own.
 pub(crate) const PENDING_FREE_LIMIT: usize = 4096;
 
+/// How many refcount blocks one round of reads without the lock takes (`refcounts_to_load`).
+const MAX_BLOCK_LOADS: usize = 64;
+
 /// Punch the holes of freed cluster runs (first, count); a failure only keeps the old bytes
 /// (logged).
 /// Punch the holes of `runs` (first cluster, count); returns the runs punched.
@@ -67,14 +70,14 @@ impl Meta {
 
     /// Refcount blocks that are not cached but will be needed soon: where the next allocation
     /// searches (`alloc`), and with `unlinked` (a flush's) those of the frees waiting for I/O
-    /// and of these. At most `MAX_BLOCK_LOADS`, as (block, file offset), each marked as being
-    /// read (see `Refcounts::block_to_load`): the caller reads them without the lock.
+    /// and of these. At most `MAX_BLOCK_LOADS`, the lowest first, as (block, file offset,
+    /// ticket), each marked as being read (see `Refcounts::block_to_load`): the caller reads
+    /// them without the lock. Called again after those reads, it hands out the next ones.
     pub(crate) fn refcounts_to_load(
         &mut self,
         alloc: bool,
         unlinked: Option<&[u64]>,
     ) -> Vec<(u64, u64, u64)> {
-        const MAX_BLOCK_LOADS: usize = 64;
         let mut blocks: Vec<u64> = Vec::new();
         if alloc {
             blocks.push(self.rc.next_alloc_block());
@@ -87,11 +90,15 @@ impl Meta {
             .iter()
             .map(|&(_, c)| c)
             .chain(unlinked.iter().copied());
+        // Frees come in runs: a block is looked up once per run of its clusters, and only
+        // the missing ones are sorted.
+        let mut last = None;
         for c in frees {
-            if blocks.len() >= 4 * MAX_BLOCK_LOADS {
-                break;
+            let b = self.rc.block_of(c);
+            if last != Some(b) && self.rc.wants_load(b) {
+                blocks.push(b);
             }
-            blocks.push(self.rc.block_of(c));
+            last = Some(b);
         }
         blocks.sort_unstable();
         blocks.dedup();
