@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-mod frees;
 mod records_dirty;
+mod refcount_reads;
 mod table_growth;
 
 use common::hooked::Hooked;

@@ -3,6 +3,7 @@
 use super::dedup::ClusterGuard;
 use super::guard::{AllocGuard, IoTicket};
 use super::image::Qcow2;
+use super::meta::frees::MAX_BLOCK_LOADS;
 use super::meta::Meta;
 use super::state::State;
 use super::{compress, iov};
@@ -200,7 +201,7 @@ impl Qcow2 {
     ) -> MutexGuard<'a, State> {
         let mut budget = m.rc.clean_capacity() / 2;
         loop {
-            let want = m.refcounts_to_load(false, Some(unlinked));
+            let want = m.refcounts_to_load(unlinked);
             let n = want.len();
             if n == 0 {
                 return m;
@@ -212,6 +213,43 @@ impl Qcow2 {
                 return m;
             }
         }
+    }
+
+    /// Before an allocation of `n` clusters: move the allocator's search start past the
+    /// clusters in use and find a run of `n` free ones (`Refcounts::skip_allocated`),
+    /// reading the refcount blocks that takes without the lock. After an open the search starts at cluster 0, so the first allocation in a full
+    /// image goes through every block up to the first free cluster; read under the lock, those
+    /// reads stalled every queue. A round reads one block, then twice as many as the last
+    /// (up to `MAX_BLOCK_LOADS`) while the blocks read are full; a block another request is
+    /// reading is waited for. The rounds stop at the first failed read (the locked path
+    /// reports it).
+    pub(super) fn load_alloc_refcounts<'a>(
+        &'a self,
+        mut m: MutexGuard<'a, State>,
+        n: u64,
+    ) -> MutexGuard<'a, State> {
+        let mut ahead = 1usize;
+        let n = n.clamp(1, m.rc.max_run());
+        while let Some(b) = m.rc.skip_allocated(n) {
+            let want = m.rc.blocks_to_load_from(b, ahead);
+            if want.is_empty() {
+                // Block b is being read by another request, which wakes the waiters when
+                // done; the timeout covers a load under the lock that took it over.
+                m = self
+                    .cond
+                    .wait_timeout(m, std::time::Duration::from_millis(5))
+                    .map_or_else(|e| e.into_inner().0, |(g, _)| g);
+                continue;
+            }
+            let (g, all) = self.read_refcounts(m, want);
+            m = g;
+            self.cond.notify_all();
+            if !all {
+                break;
+            }
+            ahead = (ahead * 2).min(MAX_BLOCK_LOADS);
+        }
+        m
     }
 
     /// Create the refcount block the allocator will need soon (`Refcounts::block_to_create`),
@@ -524,9 +562,9 @@ impl Qcow2 {
         let cb = self.g.cluster_bits;
         let cs = self.g.cluster_size();
         let s = self.storage.as_ref();
-        let mut m = self.load_tables(self.lock(), offset, len)?;
-        let want = m.refcounts_to_load(true, None);
-        let m = self.load_refcounts(m, want);
+        let m = self.load_tables(self.lock(), offset, len)?;
+        // The data's clusters in one run (the tables they may need come first, one each).
+        let m = self.load_alloc_refcounts(m, len.div_ceil(cs));
         let mut m = self.create_refcount_block(m);
         'retry: loop {
             // Checked again after every wait: the image may have been marked meanwhile.

@@ -234,6 +234,72 @@ impl Refcounts {
         !(self.dirty.contains_key(&b) || self.clean.contains(&b) || self.loading.contains(b))
     }
 
+    /// Move the allocator's search start past the clusters in use, as far as the cached blocks
+    /// tell (it only ever passes clusters with a refcount, so "no free cluster below it"
+    /// stays true), then look on for a run of `n` free clusters. Returns the block where that
+    /// stopped when the table has the block and the cache lacks it: the caller reads it
+    /// (`blocks_to_load_from`) and asks again. None when a run was found, or the search
+    /// reached a block to create or being created (the allocator's own business). Clusters
+    /// the allocator skips for other reasons (reserved, being punched) count as free here:
+    /// this only reads ahead for `alloc`, which decides.
+    pub(crate) fn skip_allocated(&mut self, n: u64) -> Option<u64> {
+        let mut c = self.free_hint;
+        // Free clusters in a row just before `c`, and whether the search start is settled.
+        let (mut run, mut settled) = (0u64, false);
+        loop {
+            let b = c / self.epb;
+            if self.in_creating(c) || self.table.get(b as usize).is_none_or(|&o| o == 0) {
+                return None;
+            }
+            let data = match self.dirty.get(&b).or_else(|| self.clean.peek(&b)) {
+                Some(d) => d,
+                None => return Some(b),
+            };
+            let i = (c % self.epb) as usize;
+            let Some(z) = refblock::first_zero(data, i, self.order) else {
+                run = 0;
+                c = (b + 1) * self.epb;
+                if !settled {
+                    self.free_hint = c;
+                }
+                continue;
+            };
+            if z > i {
+                run = 0;
+            }
+            let zc = b * self.epb + z as u64;
+            if !settled {
+                self.free_hint = zc;
+                settled = true;
+            }
+            // Looked at only as far as the run needs (fresh space is whole blocks of zeros).
+            let lim = (z as u64).saturating_add(n - run).min(self.epb) as usize;
+            let e = refblock::first_nonzero(data, z, lim, self.order).unwrap_or(lim);
+            let end = b * self.epb + e as u64;
+            run += end - zc;
+            if run >= n {
+                return None;
+            }
+            c = end;
+        }
+    }
+
+    /// Up to `n` blocks from `b` on (while the table has them) that are not cached and that
+    /// nobody reads, as `refcounts_to_load` hands them out: (block, file offset, ticket).
+    pub(crate) fn blocks_to_load_from(&mut self, b: u64, n: usize) -> Vec<(u64, u64, u64)> {
+        let mut out = Vec::new();
+        let end = (self.table.len() as u64).min(b.saturating_add(n as u64));
+        for k in b..end {
+            if self.table.get(k as usize).is_none_or(|&o| o == 0) {
+                break;
+            }
+            if let Some((off, ticket)) = self.block_to_load(k) {
+                out.push((k, off, ticket));
+            }
+        }
+        out
+    }
+
     /// How many clean blocks the cache keeps.
     pub(crate) fn clean_capacity(&self) -> usize {
         self.clean.cap().get()
@@ -250,11 +316,6 @@ impl Refcounts {
                 self.clean.put(b, d);
             }
         }
-    }
-
-    /// The block the allocator looks at first (where its search starts).
-    pub(crate) fn next_alloc_block(&self) -> u64 {
-        self.free_hint / self.epb
     }
 
     /// The block that holds cluster `c`'s refcount.

@@ -39,6 +39,34 @@ pub fn get(block: &[u8], i: usize, order: u32) -> u64 {
     }
 }
 
+/// Index of the first entry at or after `from` whose refcount is 0 (None: every one is in
+/// use).
+pub fn first_zero(block: &[u8], from: usize, order: u32) -> Option<usize> {
+    first_where(block, from, usize::MAX, order, true)
+}
+
+/// Index of the first entry in `from..to` whose refcount is not 0 (None: every one there is
+/// free).
+pub fn first_nonzero(block: &[u8], from: usize, to: usize, order: u32) -> Option<usize> {
+    first_where(block, from, to, order, false)
+}
+
+fn first_where(block: &[u8], from: usize, to: usize, order: u32, zero: bool) -> Option<usize> {
+    let to = to.min((block.len() * 8) >> order);
+    if from >= to {
+        return None;
+    }
+    if order >= 3 {
+        let w = 1usize << (order - 3);
+        block[from * w..to * w]
+            .chunks_exact(w)
+            .position(|e| e.iter().all(|&b| b == 0) == zero)
+            .map(|p| from + p)
+    } else {
+        (from..to).find(|&i| (get(block, i, order) == 0) == zero)
+    }
+}
+
 /// Write entry `i` of a block. `value` must be <= `max_refcount(order)`.
 pub fn set(block: &mut [u8], i: usize, order: u32, value: u64) {
     debug_assert!(value <= max_refcount(order));
@@ -82,6 +110,29 @@ mod tests {
             assert_eq!(get(&b, 3, order), max);
             assert_eq!(get(&b, 2, order), 15 & max);
             assert_eq!(get(&b, 4, order), 29 & max);
+        }
+    }
+
+    #[test]
+    fn first_zero_and_nonzero_find_the_first_such_entry_at_or_after_from() {
+        for order in 0..=6u32 {
+            let mut b = vec![0u8; 64];
+            let n = (64 * 8) >> order;
+            for i in 0..n {
+                set(&mut b, i, order, 1);
+            }
+            assert_eq!(first_zero(&b, 0, order), None, "order {order} full");
+            set(&mut b, 5, order, 0);
+            set(&mut b, n - 1, order, 0);
+            assert_eq!(first_zero(&b, 0, order), Some(5), "order {order}");
+            assert_eq!(first_zero(&b, 5, order), Some(5), "order {order}");
+            assert_eq!(first_zero(&b, 6, order), Some(n - 1), "order {order}");
+            assert_eq!(first_zero(&b, n, order), None, "order {order} past the end");
+            assert_eq!(
+                first_zero(&b, usize::MAX, order),
+                None,
+                "order {order} far past"
+            );
         }
     }
 

@@ -359,8 +359,10 @@ impl Qcow2 {
                 }
                 None => self.hold_cluster_locked(gc),
             };
-            // The refcount block (or table) the allocator needs next, made without the lock
-            // (the cluster stays held), as on the plain write path.
+            // The refcount blocks the allocator searches, read, and the block (or table) it
+            // needs next, made, without the lock (the cluster stays held), as on the plain
+            // write path.
+            let m = self.load_alloc_refcounts(m, 1);
             let m = self.create_refcount_block(m);
             // One lock section from here to the release, but for the data write of a unique
             // cluster and the loads of its candidates.

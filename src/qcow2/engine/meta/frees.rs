@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 pub(crate) const PENDING_FREE_LIMIT: usize = 4096;
 
 /// How many refcount blocks one round of reads without the lock takes (`refcounts_to_load`).
-const MAX_BLOCK_LOADS: usize = 64;
+pub(crate) const MAX_BLOCK_LOADS: usize = 64;
 
 /// Punch the holes of freed cluster runs (first, count); a failure only keeps the old bytes
 /// (logged).
@@ -68,25 +68,15 @@ impl Meta {
         self.pending_unlink.len()
     }
 
-    /// Refcount blocks that are not cached but will be needed soon: where the next allocation
-    /// searches (`alloc`), and with `unlinked` (a flush's) those of the frees waiting for I/O
-    /// and of these. At most `MAX_BLOCK_LOADS`, the lowest first, as (block, file offset,
-    /// ticket), each marked as being read (see `Refcounts::block_to_load`): the caller reads
-    /// them without the lock. Called again after those reads, it hands out the next ones.
-    pub(crate) fn refcounts_to_load(
-        &mut self,
-        alloc: bool,
-        unlinked: Option<&[u64]>,
-    ) -> Vec<(u64, u64, u64)> {
+    /// Refcount blocks that are not cached but that a flush's frees need: those of the frees
+    /// waiting for I/O and of `unlinked` (the flush's). At most `MAX_BLOCK_LOADS`, the lowest
+    /// first, as (block, file offset, ticket), each marked as being read (see
+    /// `Refcounts::block_to_load`): the caller reads them without the lock. Called again
+    /// after those reads, it hands out the next ones.
+    pub(crate) fn refcounts_to_load(&mut self, unlinked: &[u64]) -> Vec<(u64, u64, u64)> {
         let mut blocks: Vec<u64> = Vec::new();
-        if alloc {
-            blocks.push(self.rc.next_alloc_block());
-        }
-        let (waiting, unlinked) = match unlinked {
-            Some(u) => (&self.pending_io[..], u),
-            None => (&self.pending_io[..0], &[][..]),
-        };
-        let frees = waiting
+        let frees = self
+            .pending_io
             .iter()
             .map(|&(_, c)| c)
             .chain(unlinked.iter().copied());

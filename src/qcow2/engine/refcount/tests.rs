@@ -420,3 +420,65 @@ fn a_failed_block_created_ahead_leaves_no_cluster_taken_for_zeros() {
         "cluster {at} of a failed block is taken for zeros"
     );
 }
+
+#[test]
+fn skip_allocated_passes_only_clusters_in_use_and_asks_for_missing_blocks() {
+    // 512-byte clusters, 16-bit refcounts: 256 per block.
+    let (s, mut r) = setup(9, 4);
+    r.note_allocated(0, 3);
+    for _ in 0..1200 {
+        r.alloc(&s, 1).unwrap();
+    }
+    r.set(&s, 600, 0).unwrap();
+    r.set(&s, 700, 0).unwrap();
+    r.set(&s, 701, 0).unwrap();
+    r.write_dirty(&s).unwrap();
+    r.clean.clear();
+    r.free_hint = 0;
+    let no_free_below = |r: &mut Refcounts, what: &str| {
+        for c in 0..r.free_hint {
+            assert_ne!(r.get(&s, c).unwrap(), 0, "{what}: cluster {c} is free");
+        }
+    };
+    // Nothing cached: the first block is asked for, the search start stays.
+    assert_eq!(r.skip_allocated(1), Some(0));
+    assert_eq!(r.free_hint, 0);
+    let mut rounds = 0;
+    let read = |r: &mut Refcounts, b: u64, n: usize| {
+        for (k, off, ticket) in r.blocks_to_load_from(b, n) {
+            let mut d = vec![0u8; 512];
+            s.read_at(&mut d, off).unwrap();
+            r.block_loaded(k, ticket, Some(d));
+        }
+    };
+    while let Some(b) = r.skip_allocated(1) {
+        read(&mut r, b, 1);
+        rounds += 1;
+        assert!(rounds < 10, "no progress at block {b}");
+    }
+    assert_eq!(r.free_hint, 600, "stops at the first free cluster");
+    // A run of two: the search start stays at 600, the run at 700 is in a cached block.
+    r.clean.clear();
+    r.free_hint = 0;
+    while let Some(b) = r.skip_allocated(2) {
+        read(&mut r, b, 2);
+    }
+    assert_eq!(r.free_hint, 600);
+    assert!(r.clean.contains(&2), "block 2 (clusters 512-767) was read");
+    // A run of three is not there before the end of what is allocated: the scan goes on to
+    // the last block the table has, reading each one.
+    r.clean.clear();
+    r.free_hint = 0;
+    let mut asked = Vec::new();
+    while let Some(b) = r.skip_allocated(3) {
+        asked.push(b);
+        read(&mut r, b, 1);
+    }
+    no_free_below(&mut r, "run of three");
+    assert_eq!(r.free_hint, 600);
+    let last = 1203u64.div_ceil(256) - 1;
+    assert_eq!(asked, (0..=last).collect::<Vec<u64>>());
+    // `alloc` agrees: the single free cluster first, then the pair.
+    assert_eq!(r.alloc(&s, 1).unwrap(), 600);
+    assert_eq!(r.alloc(&s, 2).unwrap(), 700);
+}
