@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod compare;
 mod records_dirty;
 mod refcount_reads;
 mod table_growth;
@@ -39,18 +40,22 @@ fn new_image(size: u64, dedup: bool) -> Arc<MemStorage> {
     mem
 }
 
-/// A 128 MiB dedup image whose L2 cache holds 16 of its 64 tables, with `first` written
-/// (offset, byte of a whole cluster), then a cluster under each table (unique contents),
-/// closed; reopened with the reads of the table of guest offset `slow` gated (closed).
-fn dedup_image_over_64_tables(first: &[(u64, u8)], slow: u64) -> (Arc<Qcow2>, ReadGate) {
-    let mem = new_image(128 << 20, true);
-    let opts = OpenOptions {
+/// The options of the images of `dedup_image_over_64_tables`: inline dedup, an L2 cache of
+/// 16 tables.
+fn dedup_over_64_tables_opts() -> OpenOptions {
+    OpenOptions {
         dedup_mode: Some(DedupMode::Inline),
         l2_cache_bytes: Some(16 * 4096),
         ..Default::default()
-    };
+    }
+}
+
+/// The bytes of a 128 MiB dedup image with `first` written (offset, byte of a whole cluster),
+/// then a cluster under each of its 64 tables (unique contents), closed.
+fn dedup_bytes_over_64_tables(first: &[(u64, u8)]) -> Vec<u8> {
+    let mem = new_image(128 << 20, true);
     {
-        let q = Qcow2::open_storage(mem.clone(), &opts, None, 0).unwrap();
+        let q = Qcow2::open_storage(mem.clone(), &dedup_over_64_tables_opts(), None, 0).unwrap();
         for &(off, b) in first {
             q.write_vectored(off, &[IoSlice::new(&[b; 4096])]).unwrap();
         }
@@ -61,10 +66,17 @@ fn dedup_image_over_64_tables(first: &[(u64, u8)], slow: u64) -> (Arc<Qcow2>, Re
         }
         q.close().unwrap();
     }
-    let img = mem.snapshot();
+    mem.snapshot()
+}
+
+/// A 128 MiB dedup image whose L2 cache holds 16 of its 64 tables, with `first` written
+/// (offset, byte of a whole cluster), then a cluster under each table (unique contents),
+/// closed; reopened with the reads of the table of guest offset `slow` gated (closed).
+fn dedup_image_over_64_tables(first: &[(u64, u8)], slow: u64) -> (Arc<Qcow2>, ReadGate) {
+    let img = dedup_bytes_over_64_tables(first);
     let slow_table = l2_offset(&img, slow / 4096);
     let (storage, gate) = ReadGate::storage(img, slow_table, true);
-    let q = Arc::new(Qcow2::open_storage(storage, &opts, None, 0).unwrap());
+    let q = Arc::new(Qcow2::open_storage(storage, &dedup_over_64_tables_opts(), None, 0).unwrap());
     (q, gate)
 }
 

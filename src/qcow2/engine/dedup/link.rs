@@ -309,6 +309,16 @@ impl Qcow2 {
         if io.end(&mut m) {
             self.cond.notify_all();
         }
+        // What the lookups below and the link need and the caches dropped during the read,
+        // read again without the lock (the candidate stays pinned meanwhile).
+        let reloaded = self.reload_for_link(m, gc, c.gc, hc);
+        let mut m = match reloaded {
+            Ok(m) => m,
+            Err(e) => {
+                self.lock().unpin(hc);
+                return Err(e);
+            }
+        };
         m.unpin(hc);
         let same = read.is_ok() && theirs == buf && m.rc.get(s, hc)? >= 1;
         if !same && copied && m.rc.get(s, hc)? == 1 {
@@ -317,6 +327,24 @@ impl Qcow2 {
         }
         read?;
         Ok((m, same))
+    }
+
+    /// The L2 tables of `gc` and of the candidate `cand`, and the refcount block of its host
+    /// cluster `hc`, read without the lock if the caches dropped them while a compare read
+    /// the candidate (a cache smaller than the image, other requests meanwhile).
+    fn reload_for_link<'a>(
+        &'a self,
+        m: MutexGuard<'a, State>,
+        gc: u64,
+        cand: u64,
+        hc: u64,
+    ) -> Result<MutexGuard<'a, State>> {
+        let cs = self.g.cluster_size();
+        let m = self.load_tables(m, gc * cs, cs)?;
+        let mut m = self.load_tables(m, cand * cs, cs)?;
+        let b = m.rc.block_of(hc);
+        let want = m.rc.block_to_load(b).map(|(off, t)| (b, off, t));
+        Ok(self.load_refcounts(m, want.into_iter().collect()))
     }
 
     /// Link `gc` to the proven candidate `c`: refcount + 1, the new entry without COPIED, the
