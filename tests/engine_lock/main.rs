@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-mod compare;
+mod dedup_lookups;
 mod records_dirty;
 mod refcount_reads;
 mod table_growth;

@@ -263,8 +263,8 @@ impl Qcow2 {
             } else {
                 drop(m);
                 let r = s.flush();
-                // The refcount blocks the frees below need, read without the lock.
-                let m = self.lock();
+                // The tables and refcount blocks the frees below need, read without the lock.
+                let m = self.load_free_tables(self.lock(), t.unlinked());
                 let mut m = self.load_free_refcounts(m, t.unlinked());
                 let (r, runs) = m.flush_end_unpunched(s, t, r);
                 let sync_clear = m.take_sync_dirty_clear();

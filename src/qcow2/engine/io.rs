@@ -215,6 +215,24 @@ impl Qcow2 {
         }
     }
 
+    /// The L2 tables a flush's frees may look up (`Meta::free_tables_to_load`: the sharers
+    /// of freed dedup clusters), read without the lock before the frees are applied; at most
+    /// half the cache. A table whose read fails is left to the locked lookup.
+    pub(super) fn load_free_tables<'a>(
+        &'a self,
+        mut m: MutexGuard<'a, State>,
+        unlinked: &[u64],
+    ) -> MutexGuard<'a, State> {
+        let cs = self.g.cluster_size();
+        for g in m.free_tables_to_load(unlinked) {
+            m = match self.load_tables(m, g * cs, cs) {
+                Ok(m) => m,
+                Err(_) => self.lock(),
+            };
+        }
+        m
+    }
+
     /// Before an allocation of `n` clusters: move the allocator's search start past the
     /// clusters in use and find a run of `n` free ones (`Refcounts::skip_allocated`),
     /// reading the refcount blocks that takes without the lock. After an open the search starts at cluster 0, so the first allocation in a full

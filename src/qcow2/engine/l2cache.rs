@@ -37,6 +37,11 @@ impl L2Cache {
         self.cap = cap.max(4);
     }
 
+    /// How many tables the cache keeps (before its slack).
+    pub(crate) fn cap(&self) -> usize {
+        self.cap
+    }
+
     pub(crate) fn contains(&self, off: u64) -> bool {
         self.map.contains(&off)
     }

@@ -24,6 +24,11 @@ impl Sharing {
         }
     }
 
+    /// The guest clusters noted as pointing at shared host cluster `hc`.
+    pub(crate) fn sharers(&self, hc: u64) -> impl Iterator<Item = u64> + '_ {
+        self.by_host.get(&hc).into_iter().flatten().copied()
+    }
+
     /// Host cluster `hc` is no longer shared (its refcount fell to 1 or 0): the guest clusters
     /// that were noted as pointing at it (some may have moved on since).
     pub(crate) fn take(&mut self, hc: u64) -> Option<ClusterSet> {

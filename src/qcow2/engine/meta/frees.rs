@@ -104,6 +104,37 @@ impl Meta {
         out
     }
 
+    /// Guest clusters whose L2 tables the frees of a flush may look up and the cache lacks,
+    /// one per table, at most half the cache: the sharers of the clusters freed, among which
+    /// `unref_ready` finds the one user left of a cluster whose refcount falls to 1. The
+    /// caller reads those tables without the lock.
+    pub(crate) fn free_tables_to_load(&self, unlinked: &[u64]) -> Vec<u64> {
+        let max = self.l2.cap() / 2;
+        let mut out = Vec::new();
+        let mut tables = std::collections::HashSet::new();
+        let frees = self
+            .pending_io
+            .iter()
+            .map(|&(_, c)| c)
+            .chain(unlinked.iter().copied());
+        for c in frees {
+            for g in self.sharing.sharers(c) {
+                let Ok(Some(off)) = self.l1_entry(g).map(|e| e.l2_offset) else {
+                    continue;
+                };
+                if self.l2.contains(off.0) || self.loading.contains(off.0) || !tables.insert(off.0)
+                {
+                    continue;
+                }
+                out.push(g);
+                if out.len() >= max {
+                    return out;
+                }
+            }
+        }
+        out
+    }
+
     /// Decrement the refcounts of clusters whose unlink is durable and that no in-flight I/O can
     /// still touch. Clusters that drop to zero are punched out of the file.
     pub(crate) fn apply_frees(&mut self, s: &dyn Storage) -> Result<()> {

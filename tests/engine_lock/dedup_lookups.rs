@@ -1,5 +1,5 @@
-//! What a dedup write's byte compare needs afterwards, when the caches dropped it while the
-//! compare read its candidate: read again without the metadata lock.
+//! Dedup's lookups of tables the cache dropped: after a byte compare, and when a free leaves
+//! one user of a shared cluster; read without the metadata lock.
 use super::*;
 
 /// The host offset of guest cluster `gc`'s data (4 KiB clusters).
@@ -86,6 +86,42 @@ fn a_table_dropped_during_a_compare_is_read_again_without_the_metadata_lock() {
     let stats = q.dedup_stats().unwrap();
     assert_eq!(stats.clusters_deduplicated, 1, "linked after the compare");
     q.read_vectored(mine, &mut [IoSliceMut::new(&mut buf)])
+        .unwrap();
+    assert!(buf.iter().all(|&x| x == 7));
+    q.close().unwrap();
+}
+
+/// A flush whose frees leave one user of a shared cluster looks that user's entry up (it
+/// gets COPIED back). Its table, dropped from the cache, is read before the frees are
+/// applied, without the lock: a read on another thread goes on while that read is gated.
+#[test]
+fn the_table_of_the_last_user_of_a_freed_shared_cluster_is_read_without_the_metadata_lock() {
+    let cand = 8u64 << 20; // under table 4, whose reads are gated
+    let mine = (63u64 << 21) + 3 * 4096;
+    let (q, gate) = dedup_image_over_64_tables(&[(cand, 7)], cand);
+    q.write_vectored(mine, &[IoSlice::new(&[7u8; 4096])])
+        .unwrap();
+    assert_eq!(q.dedup_stats().unwrap().clusters_deduplicated, 1, "linked");
+    let mut buf = [0u8; 4096];
+    for t in 32..48u64 {
+        q.read_vectored((t << 21) + 8192, &mut [IoSliceMut::new(&mut buf)])
+            .unwrap();
+    }
+    q.discard(mine, 4096).unwrap();
+    let reads = gate.reads();
+    let (took, first, r) = read_while_gated(&q, &gate, (40u64 << 21) + 8192, |q| q.flush_all());
+    r.unwrap();
+    assert_eq!(first, 50);
+    assert_eq!(
+        gate.reads(),
+        reads + 1,
+        "the flush read the survivor's table"
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "a read waited {took:?} for a flush's survivor lookup"
+    );
+    q.read_vectored(cand, &mut [IoSliceMut::new(&mut buf)])
         .unwrap();
     assert!(buf.iter().all(|&x| x == 7));
     q.close().unwrap();
