@@ -68,6 +68,14 @@ impl Meta {
         self.pending_unlink.len()
     }
 
+    /// The clusters a flush will free: those waiting for I/O, then `unlinked` (the flush's).
+    fn frees_with<'a>(&'a self, unlinked: &'a [u64]) -> impl Iterator<Item = u64> + 'a {
+        self.pending_io
+            .iter()
+            .map(|&(_, c)| c)
+            .chain(unlinked.iter().copied())
+    }
+
     /// Refcount blocks that are not cached but that a flush's frees need: those of the frees
     /// waiting for I/O and of `unlinked` (the flush's). At most `MAX_BLOCK_LOADS`, the lowest
     /// first, as (block, file offset, ticket), each marked as being read (see
@@ -75,15 +83,10 @@ impl Meta {
     /// after those reads, it hands out the next ones.
     pub(crate) fn refcounts_to_load(&mut self, unlinked: &[u64]) -> Vec<(u64, u64, u64)> {
         let mut blocks: Vec<u64> = Vec::new();
-        let frees = self
-            .pending_io
-            .iter()
-            .map(|&(_, c)| c)
-            .chain(unlinked.iter().copied());
         // Frees come in runs: a block is looked up once per run of its clusters, and only
         // the missing ones are sorted.
         let mut last = None;
-        for c in frees {
+        for c in self.frees_with(unlinked) {
             let b = self.rc.block_of(c);
             if last != Some(b) && self.rc.wants_load(b) {
                 blocks.push(b);
@@ -112,12 +115,7 @@ impl Meta {
         let max = self.l2.cap() / 2;
         let mut out = Vec::new();
         let mut tables = std::collections::HashSet::new();
-        let frees = self
-            .pending_io
-            .iter()
-            .map(|&(_, c)| c)
-            .chain(unlinked.iter().copied());
-        for c in frees {
+        for c in self.frees_with(unlinked) {
             for g in self.sharing.sharers(c) {
                 let Ok(Some(off)) = self.l1_entry(g).map(|e| e.l2_offset) else {
                     continue;
