@@ -10,12 +10,9 @@ fn host_of(img: &[u8], off: u64) -> u64 {
     be(l2 + (gc % 64) * 8) & 0x00ff_ffff_ffff_fe00
 }
 
-/// 512-byte clusters: a refcount block counts 256 clusters (128 KiB of the file). One cluster
-/// is discarded in each 128 KiB of 10 MiB of data, so the flush's frees need about 80 blocks,
-/// more than one round of reads takes (64). The block read last is gated: a read on another
-/// thread goes on while the flush waits for it.
-#[test]
-fn a_flush_reads_every_refcount_block_of_many_frees_without_the_metadata_lock() {
+/// A 16 MiB image of 512-byte clusters with its first 10 MiB written `bs` bytes at a time,
+/// each 64 KiB holding the byte (its offset >> 16) | 1; its bytes after a close.
+fn filled_image(bs: usize) -> Vec<u8> {
     let mem = Arc::new(MemStorage::new());
     let o = CreateOptions {
         size: 16 << 20,
@@ -23,16 +20,32 @@ fn a_flush_reads_every_refcount_block_of_many_frees_without_the_metadata_lock() 
         ..Default::default()
     };
     create(&*mem, &o).unwrap();
-    let spots: Vec<u64> = (1..80u64).map(|k| k << 17).collect();
-    {
-        let q = Qcow2::open_storage(mem.clone(), &OpenOptions::default(), None, 0).unwrap();
-        for chunk in 0..160u64 {
-            q.write_vectored(chunk << 16, &[IoSlice::new(&[chunk as u8 | 1; 65536])])
-                .unwrap();
-        }
-        q.close().unwrap();
+    let q = Qcow2::open_storage(mem.clone(), &OpenOptions::default(), None, 0).unwrap();
+    for off in (0..10u64 << 20).step_by(bs) {
+        q.write_vectored(off, &[IoSlice::new(&vec![(off >> 16) as u8 | 1; bs])])
+            .unwrap();
     }
-    let img = mem.snapshot();
+    q.close().unwrap();
+    mem.snapshot()
+}
+
+/// Close `q` (its last reference) and check the image in `storage`: no error, no leak.
+fn close_clean(q: Arc<Qcow2>, storage: &dyn Storage) {
+    use vhost_user_qcow2::qcow2::check::{check, CheckOptions};
+    q.close().unwrap();
+    drop(q);
+    let r = check(storage, &CheckOptions::default()).unwrap();
+    assert!(r.is_clean(), "{:?}", r.messages);
+}
+
+/// 512-byte clusters: a refcount block counts 256 clusters (128 KiB of the file). One cluster
+/// is discarded in each 128 KiB of 10 MiB of data, so the flush's frees need about 80 blocks,
+/// more than one round of reads takes (64). The block read last is gated: a read on another
+/// thread goes on while the flush waits for it.
+#[test]
+fn a_flush_reads_every_refcount_block_of_many_frees_without_the_metadata_lock() {
+    let img = filled_image(65536);
+    let spots: Vec<u64> = (1..80u64).map(|k| k << 17).collect();
     let be = |at: u64| u64::from_be_bytes(img[at as usize..at as usize + 8].try_into().unwrap());
     let blocks: std::collections::BTreeSet<u64> = spots
         .iter()
@@ -65,39 +78,17 @@ fn a_flush_reads_every_refcount_block_of_many_frees_without_the_metadata_lock() 
         q.read_vectored(g, &mut [IoSliceMut::new(&mut b)]).unwrap();
         assert!(b.iter().all(|&x| x == 0), "discarded {g}");
     }
-    q.close().unwrap();
-    drop(q);
-    use vhost_user_qcow2::qcow2::check::{check, CheckOptions};
-    let r = check(&*storage, &CheckOptions::default()).unwrap();
-    assert!(r.is_clean(), "{:?}", r.messages);
+    close_clean(q, &*storage);
 }
 
 /// After an open the allocator's search starts at cluster 0: the first allocation in a full
 /// image goes through every refcount block up to the first free cluster. 512-byte clusters,
-/// 10 MiB written 4 KiB at a time (about 80 full blocks), reopened with a block in the middle gated: a read on
-/// another thread goes on while the allocating write waits for it.
+/// 10 MiB written 4 KiB at a time (about 80 full blocks), reopened with a block in the middle
+/// gated: a read on another thread goes on while the allocating write waits for it.
 #[test]
 fn the_first_allocation_after_open_reads_full_blocks_without_the_metadata_lock() {
-    let mem = Arc::new(MemStorage::new());
-    let o = CreateOptions {
-        size: 16 << 20,
-        cluster_bits: 9,
-        ..Default::default()
-    };
-    create(&*mem, &o).unwrap();
-    {
-        let q = Qcow2::open_storage(mem.clone(), &OpenOptions::default(), None, 0).unwrap();
-        // 4 KiB at a time: runs of 8 clusters leave no free gap a later write could use.
-        for chunk in 0..2560u64 {
-            q.write_vectored(
-                chunk << 12,
-                &[IoSlice::new(&[(chunk >> 4) as u8 | 1; 4096])],
-            )
-            .unwrap();
-        }
-        q.close().unwrap();
-    }
-    let img = mem.snapshot();
+    // 4 KiB at a time: runs of 8 clusters leave no free gap a later write could use.
+    let img = filled_image(4096);
     let be = |at: u64| u64::from_be_bytes(img[at as usize..at as usize + 8].try_into().unwrap());
     let middle = be(be(48) + 40 * 8);
     assert_ne!(middle, 0);
@@ -123,9 +114,5 @@ fn the_first_allocation_after_open_reads_full_blocks_without_the_metadata_lock()
         "a read waited {took:?} for the allocator's refcount-block reads"
     );
     assert_reads(&q, &[(new, 7), (5 << 20, 81)], "after the write");
-    q.close().unwrap();
-    drop(q);
-    use vhost_user_qcow2::qcow2::check::{check, CheckOptions};
-    let r = check(&*storage, &CheckOptions::default()).unwrap();
-    assert!(r.is_clean(), "{:?}", r.messages);
+    close_clean(q, &*storage);
 }
