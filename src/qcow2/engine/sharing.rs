@@ -24,6 +24,11 @@ impl Sharing {
         }
     }
 
+    /// No host cluster is noted as shared (an image without dedup links).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.by_host.is_empty()
+    }
+
     /// The guest clusters noted as pointing at shared host cluster `hc`.
     pub(crate) fn sharers(&self, hc: u64) -> impl Iterator<Item = u64> + '_ {
         self.by_host.get(&hc).into_iter().flatten().copied()

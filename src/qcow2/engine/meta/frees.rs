@@ -112,8 +112,12 @@ impl Meta {
     /// `unref_ready` finds the one user left of a cluster whose refcount falls to 1. The
     /// caller reads those tables without the lock.
     pub(crate) fn free_tables_to_load(&self, unlinked: &[u64]) -> Vec<u64> {
-        let max = self.l2.cap() / 2;
         let mut out = Vec::new();
+        if self.sharing.is_empty() {
+            // No dedup link: no lookup per free under the lock on every flush.
+            return out;
+        }
+        let max = self.l2.cap() / 2;
         let mut tables = std::collections::HashSet::new();
         for c in self.frees_with(unlinked) {
             for g in self.sharing.sharers(c) {
