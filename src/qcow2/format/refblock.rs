@@ -133,6 +133,23 @@ mod tests {
                 None,
                 "order {order} far past"
             );
+            assert_eq!(first_nonzero(&b, 5, n, order), Some(6), "order {order}");
+            assert_eq!(
+                first_nonzero(&b, 5, 6, order),
+                None,
+                "order {order} up to 6"
+            );
+            assert_eq!(first_nonzero(&b, n - 1, n, order), None, "order {order}");
+            assert_eq!(
+                first_nonzero(&b, 0, usize::MAX, order),
+                Some(0),
+                "order {order}"
+            );
+            assert_eq!(
+                first_nonzero(&b, n, usize::MAX, order),
+                None,
+                "order {order}"
+            );
         }
     }
 
