@@ -29,6 +29,21 @@ fn filled_image(bs: usize) -> Vec<u8> {
     mem.snapshot()
 }
 
+/// The image `img` opened with the reads of its refcount block `block` gated (open at
+/// first), and the table of guest offset 0 cached (the timed read of `read_while_gated`).
+fn open_with_block_gated(img: Vec<u8>, block: u64) -> (Arc<Qcow2>, ReadGate, Arc<dyn Storage>) {
+    let be = |at: u64| u64::from_be_bytes(img[at as usize..at as usize + 8].try_into().unwrap());
+    let at = be(be(48) + block * 8);
+    assert_ne!(at, 0, "refcount block {block} exists");
+    let (storage, gate) = ReadGate::storage(img, at, true);
+    let q =
+        Arc::new(Qcow2::open_storage(storage.clone(), &OpenOptions::default(), None, 0).unwrap());
+    let mut buf = [0u8; 4096];
+    q.read_vectored(0, &mut [IoSliceMut::new(&mut buf)])
+        .unwrap();
+    (q, gate, storage)
+}
+
 /// Close `q` (its last reference) and check the image in `storage`: no error, no leak.
 fn close_clean(q: Arc<Qcow2>, storage: &dyn Storage) {
     use vhost_user_qcow2::qcow2::check::{check, CheckOptions};
@@ -46,21 +61,13 @@ fn close_clean(q: Arc<Qcow2>, storage: &dyn Storage) {
 fn a_flush_reads_every_refcount_block_of_many_frees_without_the_metadata_lock() {
     let img = filled_image(65536);
     let spots: Vec<u64> = (1..80u64).map(|k| k << 17).collect();
-    let be = |at: u64| u64::from_be_bytes(img[at as usize..at as usize + 8].try_into().unwrap());
     let blocks: std::collections::BTreeSet<u64> = spots
         .iter()
         .map(|&g| (host_of(&img, g) >> 9) / 256)
         .collect();
     assert!(blocks.len() > 64, "the frees touch {} blocks", blocks.len());
     let last = *blocks.iter().next_back().unwrap();
-    let last_at = be(be(48) + last * 8);
-    assert_ne!(last_at, 0);
-    let (storage, gate) = ReadGate::storage(img, last_at, true);
-    let q =
-        Arc::new(Qcow2::open_storage(storage.clone(), &OpenOptions::default(), None, 0).unwrap());
-    let mut buf = [0u8; 4096];
-    q.read_vectored(0, &mut [IoSliceMut::new(&mut buf)])
-        .unwrap();
+    let (q, gate, storage) = open_with_block_gated(img, last);
     for &g in &spots {
         q.discard(g, 512).unwrap();
     }
@@ -89,15 +96,7 @@ fn a_flush_reads_every_refcount_block_of_many_frees_without_the_metadata_lock() 
 fn the_first_allocation_after_open_reads_full_blocks_without_the_metadata_lock() {
     // 4 KiB at a time: runs of 8 clusters leave no free gap a later write could use.
     let img = filled_image(4096);
-    let be = |at: u64| u64::from_be_bytes(img[at as usize..at as usize + 8].try_into().unwrap());
-    let middle = be(be(48) + 40 * 8);
-    assert_ne!(middle, 0);
-    let (storage, gate) = ReadGate::storage(img, middle, true);
-    let q =
-        Arc::new(Qcow2::open_storage(storage.clone(), &OpenOptions::default(), None, 0).unwrap());
-    let mut buf = [0u8; 4096];
-    q.read_vectored(0, &mut [IoSliceMut::new(&mut buf)])
-        .unwrap();
+    let (q, gate, storage) = open_with_block_gated(img, 40);
     let new = 12 << 20;
     let (took, first, r) = read_while_gated(&q, &gate, 0, move |q| {
         q.write_vectored(new, &[IoSlice::new(&[7u8; 4096])])
