@@ -192,12 +192,22 @@ if [ "$MODE" = resize ]; then
     finish PASS
 fi
 if [ "$MODE" = crash ]; then
-    # Every write fio saw complete must read back, whatever the backend went through.
+    # Every write fio saw complete must read back, whatever the backend went through. Each
+    # round writes its own region, so every round allocates clusters (new L2 entries: the
+    # metadata a crash could lose), not only the first.
     r=1
     while [ "$r" -le "$ROUNDS" ]; do
         step "crash round $r of $ROUNDS: fio randwrite 4k iodepth 16 x $QUEUES jobs, verify crc32c"
+        case "$FIO_SIZE" in
+            *K) size_bytes=$(( ${FIO_SIZE%K} * 1024 )) ;;
+            *M) size_bytes=$(( ${FIO_SIZE%M} * 1048576 )) ;;
+            *G) size_bytes=$(( ${FIO_SIZE%G} * 1073741824 )) ;;
+            *) size_bytes=$FIO_SIZE ;;
+        esac
+        region=$(( (r - 1) * QUEUES * size_bytes ))
         /usr/bin/fio --name=crash-verify --filename=/dev/vda --ioengine=libaio --direct=1 \
-            --rw=randwrite --bs=4k --iodepth=16 --size="$FIO_SIZE" --offset_increment="$FIO_SIZE" \
+            --rw=randwrite --bs=4k --iodepth=16 --size="$FIO_SIZE" --offset="$region" \
+            --offset_increment="$FIO_SIZE" \
             --numjobs="$QUEUES" --cpus_allowed="$CPUS" --cpus_allowed_policy=split --randseed="$r" \
             --verify=crc32c --do_verify=1 --verify_fatal=1 --group_reporting \
             || fail "fio verify in crash round $r (exit $?)"
