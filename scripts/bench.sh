@@ -33,7 +33,8 @@
 #     IMAGE    fresh[:QEMU-IMG-OPTS] (empty image) or filled[:QEMU-IMG-OPTS] (random data over
 #              the whole disk, all clusters allocated), e.g. fresh:lazy_refcounts=on,cluster_size=4k
 #     QUEUES   virtqueues (daemon --num-queues, client --num-queues: one client thread each)
-#     PIN      pin: client and daemon on CPU 0 (taskset; for QD1 latency); nopin otherwise
+#     PIN      pin: client and daemon on CPU 0 (taskset; for QD1 latency); split: daemon on
+#              CPU 0, client on CPU 1 (for a busy-polling client); nopin otherwise
 #     VARIANT  LABEL=KIND[:EXTRA]; KIND is ours or qsd; EXTRA is added to the daemon command
 #              ({extra}), e.g. "ours-lazy=ours:--lazy-refcounts on" "qsd-lazy=qsd:,lazy-refcounts=on".
 #              Default variants: ours=ours qsd=qsd. The IOPS ratio is taken against "qsd".
@@ -262,6 +263,13 @@ define_cold_rows() {
         row "cold 4k randread QD32 ${q}q" cold "$q" nopin \
             "--workload randread --bs 4k --iodepth 32 --runtime {runtime}" "${direct[@]}"
     done
+    # What the QD1 latency is made of: the client busy-polls for completions (--poll; on CPU 1,
+    # the daemon on CPU 0) and our workers poll for 50 us, so no thread sleeps between a
+    # request and its completion. The difference to the row above is the wake-ups of sleeping
+    # threads; the difference to fio-raw is the vhost-user transport itself.
+    row "cold 4k randread QD1 1q polled" cold 1 split \
+        "--workload randread --bs 4k --iodepth 1 --poll --runtime {runtime}" \
+        "ours-poll=ours:--cache none --poll-us 50" "qsd=qsdd" "fio-raw=fio"
     row "cold 4k randwrite QD32 1q overwrite" cold 1 nopin \
         "--workload randwrite --bs 4k --iodepth 32 --runtime {runtime}" "${direct[@]}"
     row "cold 4k randread QD32 2q buffered" cold 2 nopin \
@@ -437,8 +445,9 @@ run_one() {
         return 0
     fi
 
-    local -a taskset_cmd=()
-    [ "$pin" = pin ] && taskset_cmd=(taskset -c 0)
+    local -a taskset_cmd=() client_taskset=()
+    [ "$pin" = pin ] && taskset_cmd=(taskset -c 0) client_taskset=(taskset -c 0)
+    [ "$pin" = split ] && taskset_cmd=(taskset -c 0) client_taskset=(taskset -c 1)
     daemon_cmd "$kind" "$extra" "$img" "$sock" "$queues"
     local load
     load=$(cut -d' ' -f1 /proc/loadavg)
@@ -454,7 +463,7 @@ run_one() {
     if [ -z "$error" ]; then
         local args=${client_args//\{runtime\}/$RUNTIME}
         # shellcheck disable=SC2086 # the row's client arguments are meant to be split
-        if ! client_out=$("${taskset_cmd[@]}" "$CLIENT" --socket "$sock" --num-queues "$queues" $args 2>>"$log"); then
+        if ! client_out=$("${client_taskset[@]}" "$CLIENT" --socket "$sock" --num-queues "$queues" $args 2>>"$log"); then
             error="client failed: $(tail -n 1 "$log")"
         fi
         if [[ $extra == *--control* ]] && [ -z "$error" ]; then

@@ -113,6 +113,10 @@ struct Cli {
     /// queues' requests are counted).
     #[arg(long)]
     interfere: bool,
+    /// Busy-poll for completions instead of sleeping until the daemon signals one (as a guest
+    /// driver in polling mode does): takes the client's own wake-up out of the latency.
+    #[arg(long)]
+    poll: bool,
     /// Instead of running a load: print the Markdown table for a results file of scripts/bench.sh.
     #[arg(long, conflicts_with = "socket")]
     report: Option<PathBuf>,
@@ -326,9 +330,16 @@ fn run_queue(
         if inflight == 0 {
             break;
         }
-        let n = q
-            .do_io(&mut comps, 1, None, None)
-            .map_err(|e| anyhow::anyhow!("queue {queue}: do_io: {e}"))?;
+        let min = usize::from(!cli.poll);
+        let n = loop {
+            let n = q
+                .do_io(&mut comps, min, None, None)
+                .map_err(|e| anyhow::anyhow!("queue {queue}: do_io: {e}"))?;
+            if n > 0 {
+                break n;
+            }
+            std::hint::spin_loop();
+        };
         let done_at = Instant::now();
         for c in &comps[..n] {
             // SAFETY: do_io initialised the first n completions.
