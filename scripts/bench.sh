@@ -298,12 +298,12 @@ print(json.dumps({"ios": ios, "bytes": byts, "errors": errs, "elapsed_s": secs,
     "lat_p50_us": max(p50) if p50 else None, "lat_p99_us": max(p99) if p99 else None}))'
 }
 
-# run_fio CLIENT-ARGS QUEUES RAW: fio on RAW with the bench client's workload (one job per
-# queue, O_DIRECT, io_uring), printing the client's JSON fields. With --interfere (the latency
+# run_fio CLIENT-ARGS QUEUES RAW PIN: fio on RAW with the bench client's workload (one job per
+# queue, O_DIRECT, io_uring; on CPU 0 when PIN is not nopin), printing the client's JSON fields. With --interfere (the latency
 # rows) the last queue's part is played by scripts/raw_interfere.py on the second half of RAW
 # instead (it prints the rate it wrote at), and one fio job reads the first half.
 run_fio() {
-    local args=$1 queues=$2 raw=$3 rw="" bs="" depth="" runtime="" size="" interfere=0
+    local args=$1 queues=$2 raw=$3 pin=$4 rw="" bs="" depth="" runtime="" size="" interfere=0
     read -r -a a <<<"$args"
     local k
     for ((k = 0; k < ${#a[@]}; k++)); do
@@ -324,8 +324,12 @@ run_fio() {
         python3 "$ROOT/scripts/raw_interfere.py" "$raw" "$half" "$half" "$((runtime + 2))" &
         ipid=$!
     fi
+    # A pinned row pins fio to the daemon's CPU too: which CPU takes the disk's interrupts
+    # moves a QD1 p50 by 15 us on the test VM, so only the same placement compares.
+    local -a fio_taskset=()
+    [ "$pin" != nopin ] && fio_taskset=(taskset -c 0)
     local out rc=0
-    out=$(fio --name=raw --filename="$raw" --direct=1 --ioengine=io_uring --rw="$rw" --bs="$bs" \
+    out=$("${fio_taskset[@]}" fio --name=raw --filename="$raw" --direct=1 --ioengine=io_uring --rw="$rw" --bs="$bs" \
         --iodepth="$depth" --numjobs="$jobs" --runtime="$runtime" --time_based \
         ${size:+--size="$size"} --randrepeat=0 --norandommap --group_reporting=0 \
         --output-format=json 2>/dev/null) || rc=$?
@@ -432,7 +436,7 @@ run_one() {
             cp "$WORK/base/fill.raw" "$raw"
             sync "$raw"
         fi
-        out=$(run_fio "$args" "$queues" "$raw") || err="fio failed"
+        out=$(run_fio "$args" "$queues" "$raw" "$pin") || err="fio failed"
         rm -f "$WORK/run.raw"
         [ -z "$out" ] && out=null
         {
