@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 mod dedup_lookups;
 mod records_dirty;
 mod refcount_reads;
+mod refcount_timer;
 mod table_growth;
 
 use common::hooked::Hooked;

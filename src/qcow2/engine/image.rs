@@ -328,11 +328,11 @@ impl Qcow2 {
     }
 
     /// Write the refcount changes that lazy refcounts held back and clear the DIRTY bit. The
-    /// daemon calls this from its timer. Its syncs run without the metadata lock, so other
-    /// queues go on meanwhile:
+    /// daemon calls this from its timer. Its writes and syncs run without the metadata lock,
+    /// so other queues go on meanwhile:
     /// 1. a flush (tables, data, frees) through the group commit;
-    /// 2. under the lock, the dirty refcount blocks are written and the count of table writes
-    ///    is noted;
+    /// 2. under the writeback lock, copies of the dirty refcount blocks are taken under the
+    ///    metadata lock (the count of table writes is noted) and written without it;
     /// 3. sync, without the lock;
     /// 4. under the lock, DIRTY is cleared (written, synced without the lock) only if no flush
     ///    wrote table entries since 2: then every entry in the file has its refcount in the
@@ -346,16 +346,21 @@ impl Qcow2 {
         self.flush_all()?;
         let seen = {
             let _wb = self.wb_lock();
-            let mut m = self.lock();
-            if m.is_corrupt() {
-                return Ok(());
-            }
-            if m.copied_window_open() {
-                // A COPIED change came in since: the locked path closes its window.
-                return self.note_error(m.write_refcounts(s));
-            }
-            m.write_dirty_refcounts(s)?;
-            m.tables_written()
+            let (copies, seen) = {
+                let mut m = self.lock();
+                if m.is_corrupt() {
+                    return Ok(());
+                }
+                if m.copied_window_open() {
+                    // A COPIED change came in since: the locked path closes its window.
+                    return self.note_error(m.write_refcounts(s));
+                }
+                (m.copy_dirty_refcounts()?, m.tables_written())
+            };
+            let r = copies.iter().try_for_each(|(off, b)| s.write_at(b, *off));
+            self.lock().refcount_copies_written(r.is_ok());
+            r?;
+            seen
         };
         s.flush()?;
         let cleared = {

@@ -515,13 +515,25 @@ impl Meta {
         self.copied_window
     }
 
-    /// Write the refcount blocks changed in memory (no sync).
-    pub(crate) fn write_dirty_refcounts(&mut self, s: &dyn Storage) -> Result<()> {
+    /// Copies of the refcount blocks changed in memory, (file offset, bytes), for the timer
+    /// to write without the metadata lock; its caller holds the writeback lock, and the
+    /// flushes this lock would run meanwhile wait for the next time (`flush_outside`), as
+    /// while a flush writes its copies. End with `refcount_copies_written`.
+    pub(crate) fn copy_dirty_refcounts(&mut self) -> Result<Vec<(u64, Vec<u8>)>> {
+        let copies = self.rc.copy_dirty()?;
         // The caller syncs without the lock: a flush or persister that writes tables before
         // that sync must sync first, or a table could reach the disk ahead of these refcounts
         // (found by tests/engine_crash_concurrent.rs with torn sectors).
         self.data_before_l2 = true;
-        self.rc.write_dirty(s)
+        self.flush_outside = true;
+        Ok(copies)
+    }
+
+    /// The copies of `copy_dirty_refcounts` are in the file (`ok`) or not: the blocks not
+    /// changed since become clean; on failure all stay dirty.
+    pub(crate) fn refcount_copies_written(&mut self, ok: bool) {
+        self.flush_outside = false;
+        self.rc.copies_written(ok);
     }
 
     /// Clear the DIRTY bit in the header without a sync (the caller syncs, outside the lock).
