@@ -108,12 +108,12 @@ fn the_table_of_the_last_user_of_a_freed_shared_cluster_is_read_without_the_meta
             .unwrap();
     }
     q.discard(mine, 4096).unwrap();
-    let reads = gate.reads();
+    let reads = gate.held();
     let (took, first, r) = read_while_gated(&q, &gate, (40u64 << 21) + 8192, |q| q.flush_all());
     r.unwrap();
     assert_eq!(first, 50);
     assert_eq!(
-        gate.reads(),
+        gate.held(),
         reads + 1,
         "the flush read the survivor's table"
     );

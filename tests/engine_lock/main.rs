@@ -73,10 +73,10 @@ fn dedup_bytes_over_64_tables(first: &[(u64, u8)]) -> Vec<u8> {
 /// A 128 MiB dedup image whose L2 cache holds 16 of its 64 tables, with `first` written
 /// (offset, byte of a whole cluster), then a cluster under each table (unique contents),
 /// closed; reopened with the reads of the table of guest offset `slow` gated (closed).
-fn dedup_image_over_64_tables(first: &[(u64, u8)], slow: u64) -> (Arc<Qcow2>, ReadGate) {
+fn dedup_image_over_64_tables(first: &[(u64, u8)], slow: u64) -> (Arc<Qcow2>, Gate) {
     let img = dedup_bytes_over_64_tables(first);
     let slow_table = l2_offset(&img, slow / 4096);
-    let (storage, gate) = ReadGate::storage(img, slow_table, true);
+    let (storage, gate) = Gate::storage(img, slow_table, true);
     let q = Arc::new(Qcow2::open_storage(storage, &dedup_over_64_tables_opts(), None, 0).unwrap());
     (q, gate)
 }
@@ -133,36 +133,52 @@ fn hold(gate: &AtomicBool) {
     }
 }
 
-/// A gate on the reads of one offset: while it is closed (false), a read there waits (at
-/// most 10 s) and is counted.
-struct ReadGate {
+/// A gate on the reads (or the writes) of one offset: while it is closed (false), such a call
+/// waits (at most 10 s) and is counted.
+struct Gate {
     open: Arc<AtomicBool>,
-    reads: Arc<std::sync::atomic::AtomicU64>,
+    held: Arc<std::sync::atomic::AtomicU64>,
 }
 
-impl ReadGate {
-    /// Storage over `img` whose reads at `at` wait for the gate (`open` at first).
-    fn storage(img: Vec<u8>, at: u64, open: bool) -> (Arc<dyn Storage>, ReadGate) {
-        let gate = ReadGate {
+impl Gate {
+    fn new(open: bool) -> Gate {
+        Gate {
             open: Arc::new(AtomicBool::new(open)),
-            reads: Arc::new(std::sync::atomic::AtomicU64::new(0)),
-        };
-        let mut hooked = Hooked::new(MemStorage::from_vec(img));
-        let (g, n) = (gate.open.clone(), gate.reads.clone());
-        hooked.on_read = Some(Box::new(move |off| {
+            held: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        }
+    }
+    /// A hook that waits at `at` while the gate is closed.
+    fn hook(&self, at: u64) -> impl Fn(u64) + Send + Sync + 'static {
+        let (g, n) = (self.open.clone(), self.held.clone());
+        move |off| {
             if off != at || g.load(Ordering::SeqCst) {
                 return;
             }
             n.fetch_add(1, Ordering::SeqCst);
             hold(&g);
-        }));
+        }
+    }
+    /// Storage over `img` whose reads at `at` wait for the gate (`open` at first).
+    fn storage(img: Vec<u8>, at: u64, open: bool) -> (Arc<dyn Storage>, Gate) {
+        let gate = Gate::new(open);
+        let mut hooked = Hooked::new(MemStorage::from_vec(img));
+        hooked.on_read = Some(Box::new(gate.hook(at)));
+        (Arc::new(hooked), gate)
+    }
+    /// Storage over `img` whose writes at `at` wait for the gate (`open` at first).
+    fn writes(img: Vec<u8>, at: u64, open: bool) -> (Arc<Hooked<MemStorage>>, Gate) {
+        let gate = Gate::new(open);
+        let mut hooked = Hooked::new(MemStorage::from_vec(img));
+        let hook = gate.hook(at);
+        hooked.on_write = Some(Box::new(move |_, off| hook(off)));
         (Arc::new(hooked), gate)
     }
     fn set(&self, open: bool) {
         self.open.store(open, Ordering::SeqCst);
     }
-    fn reads(&self) -> u64 {
-        self.reads.load(Ordering::SeqCst)
+    /// The calls that waited at the gate.
+    fn held(&self) -> u64 {
+        self.held.load(Ordering::SeqCst)
     }
 }
 
@@ -171,7 +187,7 @@ impl ReadGate {
 /// first byte and what `slow` returned.
 fn read_while_gated<T: Send + 'static>(
     q: &Arc<Qcow2>,
-    gate: &ReadGate,
+    gate: &Gate,
     at: u64,
     slow: impl FnOnce(Arc<Qcow2>) -> T + Send + 'static,
 ) -> (Duration, u8, T) {
@@ -264,7 +280,7 @@ fn an_l2_miss_is_read_without_the_metadata_lock() {
     let slow_table = l2_offset(&img, b / 4096);
     assert_ne!(slow_table, 0);
     // Reads of the second table wait for the gate.
-    let (storage, gate) = ReadGate::storage(img, slow_table, false);
+    let (storage, gate) = Gate::storage(img, slow_table, false);
     let q = Arc::new(Qcow2::open_storage(storage, &OpenOptions::default(), None, 0).unwrap());
     let q2 = q.clone();
     let slow = std::thread::spawn(move || {
@@ -366,7 +382,7 @@ fn a_dedup_write_reads_a_missing_table_without_the_metadata_lock() {
     q.read_vectored(b + 4096, &mut [IoSliceMut::new(&mut buf)])
         .unwrap();
     assert_eq!(buf[0], 3, "the dedup write landed");
-    assert_eq!(gate.reads(), 1, "the write read its table");
+    assert_eq!(gate.held(), 1, "the write read its table");
     assert!(
         took < Duration::from_secs(2),
         "a read of another table waited {took:?} for a dedup write's table read"
@@ -387,7 +403,7 @@ fn an_allocation_reads_a_missing_refcount_block_without_the_metadata_lock() {
     let be = |at: usize| u64::from_be_bytes(img[at..at + 8].try_into().unwrap());
     let block0 = be(be(48) as usize);
     assert_ne!(block0, 0);
-    let (storage, gate) = ReadGate::storage(img, block0, true);
+    let (storage, gate) = Gate::storage(img, block0, true);
     let q = Arc::new(Qcow2::open_storage(storage, &OpenOptions::default(), None, 0).unwrap());
     // a's table is cached before the gate closes.
     let mut buf = [0u8; 4096];
@@ -402,7 +418,7 @@ fn an_allocation_reads_a_missing_refcount_block_without_the_metadata_lock() {
     q.read_vectored(a + 4096, &mut [IoSliceMut::new(&mut buf)])
         .unwrap();
     assert_eq!(buf[0], 2, "the allocating write landed");
-    assert_eq!(gate.reads(), 1, "the allocation read its block");
+    assert_eq!(gate.held(), 1, "the allocation read its block");
     assert!(
         took < Duration::from_secs(2),
         "a read waited {took:?} for an allocation's refcount-block read"
@@ -590,7 +606,7 @@ fn a_flush_reads_the_refcount_block_of_its_frees_without_the_metadata_lock() {
     let img = mem.snapshot();
     let be = |at: usize| u64::from_be_bytes(img[at..at + 8].try_into().unwrap());
     let block0 = be(be(48) as usize);
-    let (storage, gate) = ReadGate::storage(img, block0, true);
+    let (storage, gate) = Gate::storage(img, block0, true);
     let q = Arc::new(Qcow2::open_storage(storage, &OpenOptions::default(), None, 0).unwrap());
     let mut buf = [0u8; 4096];
     q.read_vectored(a, &mut [IoSliceMut::new(&mut buf)])
@@ -601,7 +617,7 @@ fn a_flush_reads_the_refcount_block_of_its_frees_without_the_metadata_lock() {
     let (took, first, r) = read_while_gated(&q, &gate, a, |q| q.flush_all());
     r.unwrap();
     assert_eq!(first, 1);
-    assert_eq!(gate.reads(), 1, "the flush read the block");
+    assert_eq!(gate.held(), 1, "the flush read the block");
     assert!(
         took < Duration::from_secs(2),
         "a read waited {took:?} for a flush's refcount-block read"

@@ -7,7 +7,7 @@ use super::*;
 /// at +8 KiB, 40 of them, and byte 1 at 0), reopened with a cache of four index clusters
 /// that hold others, with reads of the index cluster holding guest cluster `slow_gc`'s record
 /// gated (the gate open until `set(false)`).
-fn records_image(slow_gc: u64) -> (Arc<Qcow2>, ReadGate) {
+fn records_image(slow_gc: u64) -> (Arc<Qcow2>, Gate) {
     use vhost_user_qcow2::qcow2::format::dedup::{DedupExtension, EXT_DEDUP};
     use vhost_user_qcow2::qcow2::format::Header;
     let mem = new_image(128 << 20, true);
@@ -32,7 +32,7 @@ fn records_image(slow_gc: u64) -> (Arc<Qcow2>, ReadGate) {
     let h = Header::decode(&img[..4096]).unwrap();
     let e = DedupExtension::decode(h.extension(EXT_DEDUP).unwrap()).unwrap();
     let slow_record = e.index_offset + slow_gc / 127 * 4096;
-    let (storage, gate) = ReadGate::storage(img, slow_record, true);
+    let (storage, gate) = Gate::storage(img, slow_record, true);
     let q = Arc::new(Qcow2::open_storage(storage, &opts, None, 0).unwrap());
     // The cache holds other index clusters now.
     for i in 30..40u64 {
@@ -59,7 +59,7 @@ fn a_dedup_write_reads_a_missing_record_without_the_metadata_lock() {
     );
     assert_eq!(first, 1);
     let mut buf = [0u8; 4096];
-    assert_eq!(gate.reads(), 1, "the write read its record");
+    assert_eq!(gate.held(), 1, "the write read its record");
     q.read_vectored(b + 4096, &mut [IoSliceMut::new(&mut buf)])
         .unwrap();
     assert_eq!(buf[0], 3, "the dedup write landed");
@@ -85,7 +85,7 @@ fn a_dedup_write_reads_its_candidates_record_without_the_metadata_lock() {
         "a read waited {took:?} for a dedup write's candidate record read"
     );
     assert_eq!(first, 1);
-    assert_eq!(gate.reads(), 1, "the write read its candidate's record");
+    assert_eq!(gate.held(), 1, "the write read its candidate's record");
     let st = q.dedup_stats().unwrap();
     assert_eq!(st.clusters_deduplicated, 1, "linked");
     // A record read from the image is not verified: the data was compared.
@@ -146,7 +146,7 @@ fn a_dedup_write_reads_its_candidates_table_without_the_metadata_lock() {
         "a read waited {took:?} for a dedup write's candidate table read"
     );
     assert_eq!(first, 62 + 10);
-    assert_eq!(gate.reads(), 1, "the write read its candidate's table");
+    assert_eq!(gate.held(), 1, "the write read its candidate's table");
     let mut buf = [0u8; 4096];
     assert_eq!(q.dedup_stats().unwrap().clusters_deduplicated, 1, "linked");
     q.read_vectored(mine, &mut [IoSliceMut::new(&mut buf)])
@@ -242,7 +242,7 @@ fn a_discard_reads_the_records_it_forgets_without_the_metadata_lock() {
     );
     assert_eq!(first, 1);
     let mut buf = [0u8; 4096];
-    assert_eq!(gate.reads(), 1, "the discard read the records it forgets");
+    assert_eq!(gate.held(), 1, "the discard read the records it forgets");
     q.read_vectored(b + 8192, &mut [IoSliceMut::new(&mut buf)])
         .unwrap();
     assert_eq!(buf[0], 0, "the discard dropped the cluster");
@@ -336,7 +336,7 @@ fn the_background_worker_reads_a_missing_table_without_the_metadata_lock() {
     }
     let target = (20u64 << 21) + 8192;
     let img = mem.snapshot();
-    let (storage, gate) = ReadGate::storage(img.clone(), l2_offset(&img, target / 4096), true);
+    let (storage, gate) = Gate::storage(img.clone(), l2_offset(&img, target / 4096), true);
     let opts = OpenOptions {
         dedup_mode: Some(DedupMode::Background),
         l2_cache_bytes: Some(16 * 4096),
@@ -362,7 +362,7 @@ fn the_background_worker_reads_a_missing_table_without_the_metadata_lock() {
         "a read waited {took:?} for the worker's table read"
     );
     assert_eq!(first, 1);
-    assert_eq!(gate.reads(), 1, "the worker read the table");
+    assert_eq!(gate.held(), 1, "the worker read the table");
     assert_eq!(q.dedup_pending(), 0);
     assert_eq!(q.stats().l2_misses, misses + 1, "the table was not cached");
     q.close().unwrap();

@@ -31,11 +31,11 @@ fn filled_image(bs: usize) -> Vec<u8> {
 
 /// The image `img` opened with the reads of its refcount block `block` gated (open at
 /// first), and the table of guest offset 0 cached (the timed read of `read_while_gated`).
-fn open_with_block_gated(img: Vec<u8>, block: u64) -> (Arc<Qcow2>, ReadGate, Arc<dyn Storage>) {
+fn open_with_block_gated(img: Vec<u8>, block: u64) -> (Arc<Qcow2>, Gate, Arc<dyn Storage>) {
     let be = |at: u64| u64::from_be_bytes(img[at as usize..at as usize + 8].try_into().unwrap());
     let at = be(be(48) + block * 8);
     assert_ne!(at, 0, "refcount block {block} exists");
-    let (storage, gate) = ReadGate::storage(img, at, true);
+    let (storage, gate) = Gate::storage(img, at, true);
     let q =
         Arc::new(Qcow2::open_storage(storage.clone(), &OpenOptions::default(), None, 0).unwrap());
     let mut buf = [0u8; 4096];
@@ -74,7 +74,7 @@ fn a_flush_reads_every_refcount_block_of_many_frees_without_the_metadata_lock() 
     let (took, first, r) = read_while_gated(&q, &gate, 0, |q| q.flush_all());
     r.unwrap();
     assert_eq!(first, 1);
-    assert_eq!(gate.reads(), 1, "the flush read the last block");
+    assert_eq!(gate.held(), 1, "the flush read the last block");
     assert!(
         took < Duration::from_secs(2),
         "a read waited {took:?} for a flush's refcount-block reads"
@@ -104,7 +104,7 @@ fn the_first_allocation_after_open_reads_full_blocks_without_the_metadata_lock()
     r.unwrap();
     assert_eq!(first, 1);
     assert_eq!(
-        gate.reads(),
+        gate.held(),
         1,
         "the allocation went through the middle block"
     );

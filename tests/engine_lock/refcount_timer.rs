@@ -12,20 +12,10 @@ fn refcount_block_0(img: &[u8]) -> u64 {
 
 #[test]
 fn the_refcount_timer_writes_blocks_without_the_metadata_lock() {
-    let mem = new_image(64 << 20, false);
-    let block = refcount_block_0(&mem.snapshot());
+    let img = new_image(64 << 20, false).snapshot();
+    let block = refcount_block_0(&img);
     assert_ne!(block, 0);
-    let open = Arc::new(AtomicBool::new(true));
-    let held = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let mut hooked = Hooked::new(MemStorage::from_vec(mem.snapshot()));
-    let (g, n) = (open.clone(), held.clone());
-    hooked.on_write = Some(Box::new(move |_, off| {
-        if off == block && !g.load(Ordering::SeqCst) {
-            n.fetch_add(1, Ordering::SeqCst);
-            hold(&g);
-        }
-    }));
-    let hooked = Arc::new(hooked);
+    let (hooked, gate) = Gate::writes(img, block, true);
     let opts = OpenOptions {
         lazy_refcounts: Some(true),
         ..Default::default()
@@ -39,31 +29,20 @@ fn the_refcount_timer_writes_blocks_without_the_metadata_lock() {
             .unwrap();
     }
     q.flush_all().unwrap();
-    open.store(false, Ordering::SeqCst);
-    let q2 = q.clone();
-    let timer = std::thread::spawn(move || q2.flush_refcounts());
-    let t0 = Instant::now();
-    while held.load(Ordering::SeqCst) == 0 && t0.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    assert_eq!(held.load(Ordering::SeqCst), 1, "the timer writes the block");
-    let t0 = Instant::now();
-    let mut buf = [0u8; 4096];
-    q.read_vectored(0, &mut [IoSliceMut::new(&mut buf)])
-        .unwrap();
-    let took = t0.elapsed();
-    open.store(true, Ordering::SeqCst);
-    timer.join().unwrap().unwrap();
-    assert_eq!(buf[0], 1);
+    let (took, first, timer) = read_while_gated(&q, &gate, 0, |q| q.flush_refcounts());
+    timer.unwrap();
+    assert_eq!(gate.held(), 1, "the timer wrote the block");
+    assert_eq!(first, 1);
     assert!(
         took < Duration::from_secs(2),
         "a read waited {took:?} for the timer's refcount-block write"
     );
-    // The block reached the file: the image is clean without a repair.
-    q.close().unwrap();
-    drop(q);
+    // The block reached the file and the timer cleared DIRTY: the file as it is now checks
+    // clean, with no repair.
     use vhost_user_qcow2::qcow2::check::{check, CheckOptions};
-    let img = MemStorage::from_vec(hooked.inner.snapshot());
-    let r = check(&img, &CheckOptions::default()).unwrap();
+    let now = hooked.inner.snapshot();
+    assert_eq!(now[79] & 1, 0, "DIRTY cleared");
+    let r = check(&MemStorage::from_vec(now), &CheckOptions::default()).unwrap();
     assert!(r.is_clean(), "{:?}", r.messages);
+    q.close().unwrap();
 }
