@@ -572,8 +572,9 @@ fn a_copied_change_during_the_window_flush_keeps_dirty() {
     gate.store(false, Ordering::SeqCst);
     let q2 = q.clone();
     let flusher = std::thread::spawn(move || q2.flush_all());
-    std::thread::sleep(Duration::from_millis(100)); // the flush waits in a sync now
-                                                    // A new window while it syncs: a link to the cluster of 4 MiB (COPIED goes from its entry).
+    // The flush waits in a sync now. A new window while it syncs: a link to the cluster of
+    // 4 MiB (COPIED goes from its entry).
+    std::thread::sleep(Duration::from_millis(100));
     let q3 = q.clone();
     let linker =
         std::thread::spawn(move || q3.write_vectored(12 << 20, &[IoSlice::new(&y)]).unwrap());

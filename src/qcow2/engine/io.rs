@@ -237,10 +237,10 @@ impl Qcow2 {
     /// clusters in use and find a run of `n` free ones (`Refcounts::skip_allocated`),
     /// reading the refcount blocks that takes without the lock. After an open the search
     /// starts at cluster 0, so the first allocation in a full image goes through every block
-    /// up to the first free cluster; read under the lock, those reads stalled every queue. A round reads one block, then twice as many as the last
-    /// (up to `MAX_BLOCK_LOADS`) while the blocks read are full; a block another request is
-    /// reading is waited for. The rounds stop at the first failed read (the locked path
-    /// reports it).
+    /// up to the first free cluster; read under the lock, those reads stalled every queue. A
+    /// round reads one block, then twice as many as the last (up to `MAX_BLOCK_LOADS`) while
+    /// the blocks read are full; a block another request is reading is waited for. The rounds
+    /// stop at the first failed read (the locked path reports it).
     pub(super) fn load_alloc_refcounts<'a>(
         &'a self,
         mut m: MutexGuard<'a, State>,
