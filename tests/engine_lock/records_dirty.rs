@@ -258,6 +258,35 @@ fn a_discard_reads_the_records_it_forgets_without_the_metadata_lock() {
 /// bit must still be in the file in the end (the flush writes the bits again under the lock).
 #[test]
 fn a_corrupt_mark_during_the_dirty_set_stays_in_the_file() {
+    corrupt_mark_during_header_write(
+        "the flush set DIRTY",
+        |q, a| q.write_vectored(a, &[IoSlice::new(&[1u8; 4096])]).unwrap(),
+        |q| q.flush_all(),
+    );
+}
+
+/// The same while the refcount timer clears DIRTY without the metadata lock: its header write
+/// lands after the mark, and the timer writes the bits again under the lock.
+#[test]
+fn a_corrupt_mark_during_the_timers_dirty_clear_stays_in_the_file() {
+    corrupt_mark_during_header_write(
+        "the timer cleared DIRTY",
+        |q, a| {
+            q.write_vectored(a, &[IoSlice::new(&[1u8; 4096])]).unwrap();
+            // Tables ahead of their refcounts: DIRTY set in the file for the timer to clear.
+            q.flush_all().unwrap();
+        },
+        |q| q.flush_refcounts(),
+    );
+}
+
+/// `prepare(q, a)`, then `slow` on another thread: its first header write waits while a write
+/// trips an overlap check (CORRUPT marked under the lock), then lands. CORRUPT must stay.
+fn corrupt_mark_during_header_write(
+    what: &str,
+    prepare: impl FnOnce(&Qcow2, u64),
+    slow: impl FnOnce(Arc<Qcow2>) -> vhost_user_qcow2::qcow2::error::Result<()> + Send + 'static,
+) {
     let mem = new_image(64 << 20, false);
     let (a, b, x) = (0u64, 8u64 << 20, 16u64 << 20);
     {
@@ -299,12 +328,12 @@ fn a_corrupt_mark_during_the_dirty_set_stays_in_the_file() {
         0,
         "DIRTY and CORRUPT clear"
     );
-    q.write_vectored(a, &[IoSlice::new(&[1u8; 4096])]).unwrap();
+    prepare(&q, a);
     armed.store(true, Ordering::SeqCst);
     let q2 = q.clone();
-    let flusher = std::thread::spawn(move || q2.flush_all());
-    std::thread::sleep(Duration::from_millis(100)); // its DIRTY write waits now
-    assert!(!armed.load(Ordering::SeqCst), "the flush set DIRTY");
+    let flusher = std::thread::spawn(move || slow(q2));
+    std::thread::sleep(Duration::from_millis(100)); // its header write waits now
+    assert!(!armed.load(Ordering::SeqCst), "{what}");
     let r = q.write_vectored(x, &[IoSlice::new(&[9u8; 4096])]);
     assert!(r.is_err() && q.is_corrupt(), "the overlap check fired");
     open.store(true, Ordering::SeqCst);

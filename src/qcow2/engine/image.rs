@@ -11,6 +11,7 @@ use super::state::State;
 use crate::block::{BlockDevice, BlockError, DirectPlan, Direction};
 use crate::qcow2::error::{Qcow2Error, Result};
 use crate::qcow2::format::dedup::DedupMode;
+use crate::qcow2::format::header::OFF_INCOMPATIBLE;
 use crate::qcow2::format::Header;
 use crate::storage::Storage;
 use std::io::{IoSlice, IoSliceMut};
@@ -334,10 +335,11 @@ impl Qcow2 {
     /// 2. under the writeback lock, copies of the dirty refcount blocks are taken under the
     ///    metadata lock (the count of table writes is noted) and written without it;
     /// 3. sync, without the lock;
-    /// 4. under the lock, DIRTY is cleared (written, synced without the lock) only if no flush
-    ///    wrote table entries since 2: then every entry in the file has its refcount in the
-    ///    file. Otherwise the next tick tries again. A flush that later writes tables ahead of
-    ///    their refcounts sets DIRTY first, as always.
+    /// 4. under the writeback lock, DIRTY is cleared only if no flush wrote table entries
+    ///    since 2: then every entry in the file has its refcount in the file. The header is
+    ///    written and synced without the metadata lock; the locked flushes wait for it
+    ///    (`Meta::clear_ahead`). Otherwise the next tick tries again. A flush that later
+    ///    writes tables ahead of their refcounts sets DIRTY first, as always.
     pub fn flush_refcounts(&self) -> Result<()> {
         if self.read_only {
             return Ok(());
@@ -363,14 +365,21 @@ impl Qcow2 {
             seen
         };
         s.flush()?;
-        let cleared = {
+        let wb = self.wb_lock();
+        let ahead = {
             let mut m = self.lock();
             if m.tables_written() != seen || m.copied_window_open() {
                 return Ok(());
             }
-            m.clear_dirty_unsynced(s)?
+            match m.clear_ahead() {
+                Some(ahead) => ahead,
+                None => return Ok(()),
+            }
         };
-        if cleared {
+        let r = s.write_at(&ahead.0.to_be_bytes(), OFF_INCOMPATIBLE);
+        if self.lock().clear_ahead_done(s, ahead, r)? {
+            // A flush that sets DIRTY again from here on syncs its own write after ours.
+            drop(wb);
             s.flush()?;
         }
         Ok(())

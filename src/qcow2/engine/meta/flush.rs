@@ -433,8 +433,8 @@ impl Meta {
     }
 
     /// The bits of `dirty_ahead` were written and synced with result `r`. If a write under
-    /// the lock changed the bits in the file meanwhile (a CORRUPT mark, the timer's clear of
-    /// DIRTY, a locked flush's own set), either may have landed last, ours included when it
+    /// the lock changed the bits in the file meanwhile (a CORRUPT mark, a locked flush's own
+    /// set), either may have landed last, ours included when it
     /// failed part way: the bits memory holds are written again, under the lock, with DIRTY
     /// when ours succeeded (a CORRUPT mark is never lost).
     pub(crate) fn dirty_ahead_done(
@@ -536,9 +536,9 @@ impl Meta {
         self.rc.copies_written(ok);
     }
 
-    /// Clear the DIRTY bit in the header without a sync (the caller syncs, outside the lock).
-    /// Only when every table entry in the file has its refcount in the file: see
-    /// `Qcow2::flush_refcounts`.
+    /// Clear the DIRTY bit in the header without a sync (the caller syncs, outside the lock),
+    /// for the flush that closes a COPIED window of strict refcounts: every table entry in the
+    /// file then has its refcount in the file.
     pub(crate) fn clear_dirty_unsynced(&mut self, s: &dyn Storage) -> Result<bool> {
         if self.corrupt || self.incompatible & INCOMPAT_DIRTY == 0 {
             return Ok(false);
@@ -546,6 +546,47 @@ impl Meta {
         let bits = self.incompatible & !INCOMPAT_DIRTY;
         self.incompat_writes += 1;
         s.write_at(&bits.to_be_bytes(), OFF_INCOMPATIBLE)?;
+        self.incompatible = bits;
+        Ok(true)
+    }
+
+    /// For the refcount timer, holding the writeback lock, once its refcount blocks are in
+    /// the file and synced: the bits to write without DIRTY, and the count of locked writes of
+    /// them, when DIRTY may be cleared (set, no corruption). Until `clear_ahead_done` the
+    /// locked flushes wait (`flush_outside`) and memory keeps DIRTY, so no table reaches the
+    /// file meanwhile: the writeback lock keeps out the flushes and persisters that write
+    /// without this lock, and the ones under it see a flush writing.
+    pub(crate) fn clear_ahead(&mut self) -> Option<(u64, u64)> {
+        if self.corrupt || self.incompatible & INCOMPAT_DIRTY == 0 || self.flush_outside {
+            return None;
+        }
+        self.flush_outside = true;
+        Some((self.incompatible & !INCOMPAT_DIRTY, self.incompat_writes))
+    }
+
+    /// The bits of `clear_ahead` were written (not synced) with result `r`; true when DIRTY
+    /// is now clear in memory too (the caller syncs). If a write under the lock changed the
+    /// bits meanwhile (a CORRUPT mark), either may have landed last: the bits memory holds,
+    /// DIRTY still among them, are written again under the lock.
+    pub(crate) fn clear_ahead_done(
+        &mut self,
+        s: &dyn Storage,
+        (bits, writes): (u64, u64),
+        r: std::io::Result<()>,
+    ) -> Result<bool> {
+        self.flush_outside = false;
+        if self.incompat_writes != writes {
+            let corrupt = if self.corrupt { INCOMPAT_CORRUPT } else { 0 };
+            self.set_incompatible(s, self.incompatible | corrupt)?;
+            r?;
+            return Ok(false);
+        }
+        if r.is_err() {
+            // Part of it may have landed: DIRTY again, from memory (which still has it).
+            self.set_incompatible(s, self.incompatible)?;
+            r?;
+        }
+        self.incompat_writes += 1;
         self.incompatible = bits;
         Ok(true)
     }
