@@ -30,22 +30,27 @@ fn the_refcount_timer_writes_blocks_without_the_metadata_lock() {
             .unwrap();
     }
     q.flush_all().unwrap();
-    let (took, first, timer) = read_while_gated(&q, &gate, 0, |q| q.flush_refcounts());
+    timer_while_gated(&q, &gate, &hooked, "refcount-block write");
+    q.close().unwrap();
+}
+
+/// Runs the timer with `gate` closed and reads cluster 0 (written with 1s) meanwhile: the
+/// timer waited at the gate once (its `what`), the read did not wait for it. Then the file as
+/// the timer left it has DIRTY clear and checks clean, with no repair.
+fn timer_while_gated(q: &Arc<Qcow2>, gate: &Gate, hooked: &Hooked<MemStorage>, what: &str) {
+    let (took, first, timer) = read_while_gated(q, gate, 0, |q| q.flush_refcounts());
     timer.unwrap();
-    assert_eq!(gate.held(), 1, "the timer wrote the block");
+    assert_eq!(gate.held(), 1, "the timer's {what} waited at the gate");
     assert_eq!(first, 1);
     assert!(
         took < Duration::from_secs(2),
-        "a read waited {took:?} for the timer's refcount-block write"
+        "a read waited {took:?} for the timer's {what}"
     );
-    // The block reached the file and the timer cleared DIRTY: the file as it is now checks
-    // clean, with no repair.
     use vhost_user_qcow2::qcow2::check::{check, CheckOptions};
     let now = hooked.inner.snapshot();
     assert_eq!(now[79] & 1, 0, "DIRTY cleared");
     let r = check(&MemStorage::from_vec(now), &CheckOptions::default()).unwrap();
     assert!(r.is_clean(), "{:?}", r.messages);
-    q.close().unwrap();
 }
 
 /// The timer's last step, the header write that clears DIRTY, runs without the metadata lock
@@ -66,19 +71,7 @@ fn the_refcount_timer_clears_dirty_without_the_metadata_lock() {
     }
     q.flush_all().unwrap();
     assert_eq!(hooked.inner.snapshot()[79] & 1, 1, "DIRTY set");
-    let (took, first, timer) = read_while_gated(&q, &gate, 0, |q| q.flush_refcounts());
-    timer.unwrap();
-    assert_eq!(gate.held(), 1, "the timer wrote the header");
-    assert_eq!(first, 1);
-    assert!(
-        took < Duration::from_secs(2),
-        "a read waited {took:?} for the timer's DIRTY clear"
-    );
-    use vhost_user_qcow2::qcow2::check::{check, CheckOptions};
-    let now = hooked.inner.snapshot();
-    assert_eq!(now[79] & 1, 0, "DIRTY cleared");
-    let r = check(&MemStorage::from_vec(now), &CheckOptions::default()).unwrap();
-    assert!(r.is_clean(), "{:?}", r.messages);
+    timer_while_gated(&q, &gate, &hooked, "DIRTY clear");
     // A later allocation and flush set DIRTY again before their tables go out.
     q.write_vectored(20 * 4096, &[IoSlice::new(&[2u8; 4096])])
         .unwrap();
