@@ -205,8 +205,11 @@ define_rows() {
     # fio-raw: the same reads on a raw file (O_DIRECT), alone and while scripts/raw_interfere.py
     # writes and punches 8 MiB ranges of its other half the same way: what the disk and the
     # file system allow (ext4 serializes O_DIRECT reads of a file with its allocating writes).
+    # fio-raw-buf: the same through the page cache (buffered reads of the copy, buffered writes
+    # and punches): the floor of the writeback variant.
     local half lazy=("ours=ours:--lazy-refcounts on --refcount-flush-interval 1"
-        "none=ours:--cache none --lazy-refcounts on --refcount-flush-interval 1" "fio-raw=fio")
+        "none=ours:--cache none --lazy-refcounts on --refcount-flush-interval 1" "fio-raw=fio"
+        "fio-raw-buf=fio:buffered")
     half=$(($(numfmt --from=iec "$FILL_SIZE") / 2))
     row "lat 4k randread QD1 alone" filled:lazy_refcounts=on 1 nopin \
         "--workload randread --bs 4k --iodepth 1 --size $half --runtime {runtime}" "${lazy[@]}"
@@ -301,12 +304,14 @@ print(json.dumps({"ios": ios, "bytes": byts, "errors": errs, "elapsed_s": secs,
     "lat_p50_us": max(p50) if p50 else None, "lat_p99_us": max(p99) if p99 else None}))'
 }
 
-# run_fio CLIENT-ARGS QUEUES RAW PIN: fio on RAW with the bench client's workload (one job per
-# queue, O_DIRECT, io_uring; on CPU 0 when PIN is not nopin), printing the client's JSON fields. With --interfere (the latency
+# run_fio CLIENT-ARGS QUEUES RAW PIN [buffered]: fio on RAW with the bench client's workload (one
+# job per queue, O_DIRECT unless "buffered", io_uring; on CPU 0 when PIN is not nopin), printing
+# the client's JSON fields. With --interfere (the latency
 # rows) the last queue's part is played by scripts/raw_interfere.py on the second half of RAW
 # instead (it prints the rate it wrote at), and one fio job reads the first half.
 run_fio() {
-    local args=$1 queues=$2 raw=$3 pin=$4 rw="" bs="" depth="" runtime="" size="" interfere=0
+    local args=$1 queues=$2 raw=$3 pin=$4 direct=1 rw="" bs="" depth="" runtime="" size="" interfere=0
+    [ "${5:-}" = buffered ] && direct=0
     read -r -a a <<<"$args"
     local k
     for ((k = 0; k < ${#a[@]}; k++)); do
@@ -324,7 +329,8 @@ run_fio() {
         half=$(($(stat -c %s "$raw") / 2))
         size=$half
         jobs=$((queues - 1))
-        python3 "$ROOT/scripts/raw_interfere.py" "$raw" "$half" "$half" "$((runtime + 2))" &
+        python3 "$ROOT/scripts/raw_interfere.py" "$raw" "$half" "$half" "$((runtime + 2))" \
+            ${5:+"$5"} &
         ipid=$!
     fi
     # A pinned row pins fio to the daemon's CPU too: which CPU takes the disk's interrupts
@@ -332,7 +338,7 @@ run_fio() {
     local -a fio_taskset=()
     [ "$pin" != nopin ] && fio_taskset=(taskset -c 0)
     local out rc=0
-    out=$("${fio_taskset[@]}" fio --name=raw --filename="$raw" --direct=1 --ioengine=io_uring --rw="$rw" --bs="$bs" \
+    out=$("${fio_taskset[@]}" fio --name=raw --filename="$raw" --direct="$direct" --ioengine=io_uring --rw="$rw" --bs="$bs" \
         --iodepth="$depth" --numjobs="$jobs" --runtime="$runtime" --time_based --lat_percentiles=1 \
         ${size:+--size="$size"} --randrepeat=0 --norandommap --group_reporting=0 \
         --output-format=json 2>/dev/null) || rc=$?
@@ -439,7 +445,7 @@ run_one() {
             cp "$WORK/base/fill.raw" "$raw"
             sync "$raw"
         fi
-        out=$(run_fio "$args" "$queues" "$raw" "$pin") || err="fio failed"
+        out=$(run_fio "$args" "$queues" "$raw" "$pin" "$extra") || err="fio failed"
         rm -f "$WORK/run.raw"
         [ -z "$out" ] && out=null
         {

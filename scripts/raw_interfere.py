@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """The bench client's --interfere queue on a raw file, for the latency rows' fio-raw floor.
 
-Usage: raw_interfere.py RAW OFFSET LENGTH SECONDS
+Usage: raw_interfere.py RAW OFFSET LENGTH SECONDS [buffered]
 
-Writes 8 MiB of RAW from OFFSET (1 MiB O_DIRECT writes, one at a time), punches the 8 MiB
-out (fallocate PUNCH_HOLE), goes on with the next 8 MiB (wrapping inside LENGTH) until
-SECONDS have passed, then prints the rate it wrote at to stderr. One process, no gaps
-between steps: the most a direct user of the file could do to its readers.
+Writes 8 MiB of RAW from OFFSET (1 MiB O_DIRECT writes, one at a time; through the page
+cache with "buffered"), punches the 8 MiB out (fallocate PUNCH_HOLE), goes on with the next
+8 MiB (wrapping inside LENGTH) until SECONDS have passed, then prints the rate it wrote at to
+stderr. One process, no gaps between steps: the most a direct user of the file could do to its
+readers.
 """
 import ctypes
 import mmap
@@ -25,7 +26,8 @@ def main():
         sys.exit("raw_interfere.py: LENGTH must be at least 8 MiB")
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-    fd = os.open(raw, os.O_WRONLY | os.O_DIRECT)
+    direct = 0 if sys.argv[5:6] == ["buffered"] else os.O_DIRECT
+    fd = os.open(raw, os.O_WRONLY | direct)
     buf = mmap.mmap(-1, MIB)  # page-aligned, as O_DIRECT needs
     buf.write(b"\x5a" * MIB)
     t0, k, written = time.monotonic(), 0, 0
