@@ -434,9 +434,9 @@ impl Meta {
 
     /// The bits of `dirty_ahead` were written and synced with result `r`. If a write under
     /// the lock changed the bits in the file meanwhile (a CORRUPT mark, a locked flush's own
-    /// set), either may have landed last, ours included when it
-    /// failed part way: the bits memory holds are written again, under the lock, with DIRTY
-    /// when ours succeeded (a CORRUPT mark is never lost).
+    /// set), either may have landed last, ours included when it failed part way: the bits
+    /// memory holds are written again, under the lock, with DIRTY when ours succeeded (a
+    /// CORRUPT mark is never lost).
     pub(crate) fn dirty_ahead_done(
         &mut self,
         s: &dyn Storage,
@@ -581,10 +581,10 @@ impl Meta {
             r?;
             return Ok(false);
         }
-        if r.is_err() {
+        if let Err(e) = r {
             // Part of it may have landed: DIRTY again, from memory (which still has it).
             self.set_incompatible(s, self.incompatible)?;
-            r?;
+            return Err(e.into());
         }
         self.incompat_writes += 1;
         self.incompatible = bits;
