@@ -37,6 +37,9 @@
 #              CPU 0, client on CPU 1 (for a busy-polling client); nopin otherwise
 #     VARIANT  LABEL=KIND[:EXTRA]; KIND is ours or qsd; EXTRA is added to the daemon command
 #              ({extra}), e.g. "ours-lazy=ours:--lazy-refcounts on" "qsd-lazy=qsd:,lazy-refcounts=on".
+#              KIND qsdd: qemu-storage-daemon with O_DIRECT and io_uring. KIND fio: fio on a raw
+#              file instead of a daemon (see run_fio), O_DIRECT, or through the page cache with
+#              EXTRA "buffered".
 #              Default variants: ours=ours qsd=qsd. The IOPS ratio is taken against "qsd".
 #   The client gets --socket and --num-queues from here; the row passes the rest
 #   (see examples/bench/main.rs for the options: --workload --bs --iodepth --stride --no-repeat
@@ -306,9 +309,9 @@ print(json.dumps({"ios": ios, "bytes": byts, "errors": errs, "elapsed_s": secs,
 
 # run_fio CLIENT-ARGS QUEUES RAW PIN [buffered]: fio on RAW with the bench client's workload (one
 # job per queue, O_DIRECT unless "buffered", io_uring; on CPU 0 when PIN is not nopin), printing
-# the client's JSON fields. With --interfere (the latency
-# rows) the last queue's part is played by scripts/raw_interfere.py on the second half of RAW
-# instead (it prints the rate it wrote at), and one fio job reads the first half.
+# the client's JSON fields. With --interfere (the latency rows) the last queue's part is played
+# by scripts/raw_interfere.py on the second half of RAW instead (it prints the rate it wrote at;
+# buffered too with "buffered"), and one fio job reads the first half.
 run_fio() {
     local args=$1 queues=$2 raw=$3 pin=$4 direct=1 rw="" bs="" depth="" runtime="" size="" interfere=0
     [ "${5:-}" = buffered ] && direct=0
