@@ -400,17 +400,20 @@ fn reconnect_after_a_daemon_crash_runs_requests_in_flight_again() {
     let proto = ch.acked_protocol;
     io_on_all_queues(&mem, &mut rings, 5);
 
+    // Kill points from just after the kick to well past the batch's end: how long the batch
+    // takes depends on the machine (on an idle CI machine all of it completed within 0.5 ms).
+    const KILL_AFTER_US: [u64; 10] = [50, 150, 300, 500, 800, 1200, 1900, 2600, 3300, 4000];
     let mut caught_in_flight = 0;
-    for attempt in 0..6u8 {
+    for (attempt, after) in (0u8..).zip(KILL_AFTER_US) {
         post_batch(&mem, &mut rings, attempt);
-        std::thread::sleep(Duration::from_micros(500 + 700 * u64::from(attempt)));
+        std::thread::sleep(Duration::from_micros(after));
         s.daemon.kill9();
         let flagged: usize = (0..QUEUES).map(|q| inflight.flagged(q).len()).sum();
         let used: Vec<u16> = rings.iter().map(|r| r.used_idx(&mem)).collect();
         let posted: Vec<u16> = rings.iter().map(|r| r.avail_idx(&mem)).collect();
         eprintln!(
-            "attempt {attempt}: killed with {flagged} requests flagged in flight, used {used:?}, \
-             posted {posted:?}"
+            "attempt {attempt}: killed {after} us after the kick with {flagged} requests flagged \
+             in flight, used {used:?}, posted {posted:?}"
         );
         caught_in_flight += usize::from(flagged > 0);
 
