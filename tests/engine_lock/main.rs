@@ -125,6 +125,12 @@ fn time_while_writer_held(
     took
 }
 
+/// The host offset of refcount block 0 (from the header's refcount table).
+fn refcount_block_0(img: &[u8]) -> u64 {
+    let be = |at: usize| u64::from_be_bytes(img[at..at + 8].try_into().unwrap());
+    be(be(48) as usize)
+}
+
 /// Wait while `gate` is closed (false), at most 10 s.
 fn hold(gate: &AtomicBool) {
     let t0 = Instant::now();
@@ -400,8 +406,7 @@ fn an_allocation_reads_a_missing_refcount_block_without_the_metadata_lock() {
         q.close().unwrap();
     }
     let img = mem.snapshot();
-    let be = |at: usize| u64::from_be_bytes(img[at..at + 8].try_into().unwrap());
-    let block0 = be(be(48) as usize);
+    let block0 = refcount_block_0(&img);
     assert_ne!(block0, 0);
     let (storage, gate) = Gate::storage(img, block0, true);
     let q = Arc::new(Qcow2::open_storage(storage, &OpenOptions::default(), None, 0).unwrap());
@@ -605,8 +610,7 @@ fn a_flush_reads_the_refcount_block_of_its_frees_without_the_metadata_lock() {
         q.close().unwrap();
     }
     let img = mem.snapshot();
-    let be = |at: usize| u64::from_be_bytes(img[at..at + 8].try_into().unwrap());
-    let block0 = be(be(48) as usize);
+    let block0 = refcount_block_0(&img);
     let (storage, gate) = Gate::storage(img, block0, true);
     let q = Arc::new(Qcow2::open_storage(storage, &OpenOptions::default(), None, 0).unwrap());
     let mut buf = [0u8; 4096];

@@ -5,12 +5,6 @@
 use super::*;
 use vhost_user_qcow2::qcow2::format::header::OFF_INCOMPATIBLE;
 
-/// The host offset of refcount block 0 (from the header's refcount table).
-fn refcount_block_0(img: &[u8]) -> u64 {
-    let be = |at: usize| u64::from_be_bytes(img[at..at + 8].try_into().unwrap());
-    be(be(48) as usize)
-}
-
 #[test]
 fn the_refcount_timer_writes_blocks_without_the_metadata_lock() {
     let img = new_image(64 << 20, false).snapshot();
